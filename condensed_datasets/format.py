@@ -1,0 +1,278 @@
+"""The condensed-set file format: one safetensors file, metadata as sorted JSON under one key."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as _safetensors_load
+from safetensors.torch import save as _safetensors_save
+
+from condensed_datasets._atomic import atomic_write_bytes
+from condensed_datasets.sources import SOURCES, get_source
+
+FORMAT_VERSION = 1
+SUPPORTED_FORMAT_VERSIONS = frozenset({1})
+METADATA_KEY = "condensed_datasets"
+METHODS = ("random", "herding", "kcenter", "dd", "dc", "dsa", "dm", "mtt", "datm", "dq")
+
+_REQUIRED_TENSORS = {"images": torch.float32, "labels": torch.int64}
+_OPTIONAL_TENSORS = {"soft_labels": torch.float32, "lr": torch.float32, "indices": torch.int64}
+_ALL_TENSORS = {**_REQUIRED_TENSORS, **_OPTIONAL_TENSORS}
+_HEADER_LIMIT = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+
+
+class CondensedSetError(ValueError):
+    """A condensed set (in memory or on disk) that breaks the format."""
+
+
+def class_contiguous_labels(num_classes: int, ipc: int) -> torch.Tensor:
+    """Labels in the format's order: ``ipc`` of class 0, then class 1, ..."""
+    return torch.arange(num_classes, dtype=torch.int64).repeat_interleave(ipc)
+
+
+def encode_metadata(metadata: dict[str, Any]) -> str:
+    """Sorted, strict JSON (no NaN), so the same metadata always gives the same bytes."""
+    try:
+        return json.dumps(metadata, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise CondensedSetError(f"metadata is not plain JSON (str, int, float, bool, list, dict): {exc}") from exc
+
+
+class CondensedSet:
+    """A condensed set in memory: images, labels, optional soft labels / learned lr / coreset indices, metadata."""
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        source: str,
+        method: str,
+        ipc: int,
+        soft_labels: torch.Tensor | None = None,
+        lr: torch.Tensor | float | None = None,
+        indices: torch.Tensor | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        meta = dict(metadata or {})
+        meta["source"] = str(source).lower()
+        meta["method"] = str(method)
+        meta["ipc"] = int(ipc)
+        meta.setdefault("format_version", FORMAT_VERSION)
+        if "classes" not in meta:
+            if meta["source"] not in SOURCES:
+                raise CondensedSetError(
+                    f"source {source!r} is not a known source ({', '.join(SOURCES)}); "
+                    "pass metadata={'classes': [...]} to name its classes"
+                )
+            meta["classes"] = list(get_source(meta["source"]).classes)
+        if "normalization" not in meta and meta["source"] in SOURCES:
+            info = get_source(meta["source"])
+            meta["normalization"] = {"mean": list(info.mean), "std": list(info.std)}
+        images = torch.as_tensor(images).detach().cpu().contiguous()
+        meta["image_shape"] = list(images.shape[1:])
+        if lr is not None:
+            lr = torch.as_tensor(lr, dtype=torch.float32).detach().cpu().contiguous()
+        tensors = {
+            "images": images,
+            "labels": torch.as_tensor(labels).detach().cpu().contiguous(),
+            "soft_labels": None if soft_labels is None else soft_labels.detach().cpu().contiguous(),
+            "lr": lr,
+            "indices": None if indices is None else torch.as_tensor(indices).detach().cpu().contiguous(),
+        }
+        tensors = {k: v for k, v in tensors.items() if v is not None}
+        problem = _first_problem(tensors, meta)
+        if problem:
+            raise CondensedSetError(problem)
+        self.images: torch.Tensor = tensors["images"]
+        self.labels: torch.Tensor = tensors["labels"]
+        self.soft_labels: torch.Tensor | None = tensors.get("soft_labels")
+        self.lr: torch.Tensor | None = tensors.get("lr")
+        self.indices: torch.Tensor | None = tensors.get("indices")
+        self.metadata: dict[str, Any] = json.loads(encode_metadata(meta))
+
+    # -- derived facts -------------------------------------------------------------------
+    @property
+    def source(self) -> str:
+        return self.metadata["source"]
+
+    @property
+    def method(self) -> str:
+        return self.metadata["method"]
+
+    @property
+    def ipc(self) -> int:
+        return self.metadata["ipc"]
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.metadata["classes"])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.metadata["classes"])
+
+    @property
+    def evaluation(self) -> dict[str, Any] | None:
+        return self.metadata.get("evaluation")
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def __repr__(self) -> str:
+        return (
+            f"CondensedSet(source={self.source!r}, method={self.method!r}, ipc={self.ipc}, "
+            f"images={tuple(self.images.shape)}, soft_labels={self.soft_labels is not None})"
+        )
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors as they are written to the file."""
+        out = {"images": self.images, "labels": self.labels}
+        for name in _OPTIONAL_TENSORS:
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
+        return out
+
+    def with_metadata(self, **updates: Any) -> "CondensedSet":
+        """A copy whose metadata has ``updates`` merged in at the top level."""
+        meta = {**self.metadata, **updates}
+        return CondensedSet(
+            self.images, self.labels, source=self.source, method=self.method, ipc=self.ipc,
+            soft_labels=self.soft_labels, lr=self.lr, indices=self.indices, metadata=meta,
+        )
+
+    # -- disk ----------------------------------------------------------------------------
+    def to_bytes(self) -> bytes:
+        """The file's bytes: the same set always gives the same bytes."""
+        return _safetensors_save(self.tensors(), metadata={METADATA_KEY: encode_metadata(self.metadata)})
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the set atomically (temporary file in the same folder, fsync, rename)."""
+        return atomic_write_bytes(path, self.to_bytes())
+
+    @classmethod
+    def from_bytes(cls, data: bytes, name: str = "<bytes>") -> "CondensedSet":
+        """Parse and validate a file's bytes; ``name`` is used in error messages."""
+        metadata = _read_header_metadata(data, name)
+        try:
+            tensors = _safetensors_load(data)
+        except Exception as exc:  # safetensors raises its own error types
+            raise CondensedSetError(f"{name}: not a readable safetensors file ({exc})") from exc
+        unknown = sorted(set(tensors) - set(_ALL_TENSORS))
+        if unknown:
+            raise CondensedSetError(f"{name}: unexpected tensors {unknown}; valid: {sorted(_ALL_TENSORS)}")
+        problem = _first_problem(tensors, metadata)
+        if problem:
+            raise CondensedSetError(f"{name}: {problem}")
+        return cls(
+            tensors["images"], tensors["labels"], source=metadata["source"], method=metadata["method"],
+            ipc=metadata["ipc"], soft_labels=tensors.get("soft_labels"), lr=tensors.get("lr"),
+            indices=tensors.get("indices"), metadata=metadata,
+        )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "CondensedSet":
+        """Read and validate a set; refuses anything that is not a well-formed condensed set."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no condensed set at {path}")
+        return cls.from_bytes(path.read_bytes(), str(path))
+
+
+def _read_header_metadata(data: bytes, name: str) -> dict[str, Any]:
+    """Check the safetensors framing by hand (so nothing else is ever parsed) and return our metadata."""
+    if len(data) < 8:
+        raise CondensedSetError(f"{name}: file is truncated or empty ({len(data)} bytes); not a safetensors file")
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if header_len > _HEADER_LIMIT or header_len > len(data) - 8:
+        raise CondensedSetError(
+            f"{name}: not a safetensors file (its first 8 bytes give a header of {header_len} bytes "
+            f"in a file of {len(data)}); condensed sets are never pickles — rebuild or re-download it"
+        )
+    try:
+        header = json.loads(data[8 : 8 + header_len].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CondensedSetError(f"{name}: not a safetensors file (header is not JSON: {exc})") from exc
+    if not isinstance(header, dict):
+        raise CondensedSetError(f"{name}: not a safetensors file (header is not a JSON object)")
+    end = 0
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            end = max(end, int(entry["data_offsets"][1]))
+        except (KeyError, TypeError, IndexError, ValueError) as exc:
+            raise CondensedSetError(f"{name}: malformed safetensors header entry {key!r}") from exc
+    if 8 + header_len + end != len(data):
+        raise CondensedSetError(
+            f"{name}: file is truncated or padded (tensor data needs {8 + header_len + end} bytes, "
+            f"file has {len(data)}); download or build it again"
+        )
+    raw = (header.get("__metadata__") or {}).get(METADATA_KEY)
+    if raw is None:
+        raise CondensedSetError(f"{name}: safetensors file without '{METADATA_KEY}' metadata; not a condensed set")
+    try:
+        metadata = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise CondensedSetError(f"{name}: '{METADATA_KEY}' metadata is not JSON ({exc})") from exc
+    if not isinstance(metadata, dict):
+        raise CondensedSetError(f"{name}: '{METADATA_KEY}' metadata is not a JSON object")
+    return metadata
+
+
+def _first_problem(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> str | None:
+    """The first way ``tensors`` and ``meta`` break the format, or None."""
+    version = meta.get("format_version")
+    if version is None:
+        return "metadata has no format_version"
+    if version not in SUPPORTED_FORMAT_VERSIONS:
+        return (
+            f"unknown format_version {version!r} (this package reads {sorted(SUPPORTED_FORMAT_VERSIONS)}); "
+            "upgrade condensed-datasets"
+        )
+    for key in ("source", "method", "ipc", "classes"):
+        if key not in meta:
+            return f"metadata has no {key!r}"
+    if not isinstance(meta["ipc"], int) or isinstance(meta["ipc"], bool) or meta["ipc"] < 1:
+        return f"ipc must be a positive int, got {meta['ipc']!r}"
+    if not isinstance(meta["classes"], list) or not meta["classes"]:
+        return "metadata 'classes' must be a non-empty list of class names"
+    for name, dtype in _REQUIRED_TENSORS.items():
+        if name not in tensors:
+            return f"missing tensor {name!r}"
+    for name, dtype in _ALL_TENSORS.items():
+        if name in tensors and tensors[name].dtype != dtype:
+            return f"tensor {name!r} has dtype {tensors[name].dtype}, expected {dtype}"
+    images, labels = tensors["images"], tensors["labels"]
+    if images.dim() != 4:
+        return f"images must be [N,C,H,W], got shape {tuple(images.shape)}"
+    if labels.dim() != 1 or labels.shape[0] != images.shape[0]:
+        return f"labels must be [N] with N={images.shape[0]}, got shape {tuple(labels.shape)}"
+    shape = meta.get("image_shape")
+    if shape is not None and list(images.shape[1:]) != list(shape):
+        return f"images have shape {list(images.shape[1:])} per image, metadata says {shape}"
+    k, ipc, n = len(meta["classes"]), meta["ipc"], images.shape[0]
+    if n != k * ipc:
+        return f"{n} images, but {k} classes x ipc {ipc} = {k * ipc}"
+    if n and (labels.min() < 0 or labels.max() >= k):
+        return f"labels out of range [0, {k}): min {int(labels.min())}, max {int(labels.max())}"
+    if not torch.equal(labels, class_contiguous_labels(k, ipc)):
+        return f"labels are not class-contiguous (expected {ipc} of class 0, then class 1, ...)"
+    if not torch.isfinite(images).all():
+        return "images contain NaN or inf"
+    soft = tensors.get("soft_labels")
+    if soft is not None and (soft.dim() != 2 or tuple(soft.shape) != (n, k)):
+        return f"soft_labels must be [N, K] = [{n}, {k}], got {tuple(soft.shape)}"
+    lr = tensors.get("lr")
+    if lr is not None and lr.dim() > 1:
+        return f"lr must be a scalar or 1-D (one per step), got shape {tuple(lr.shape)}"
+    indices = tensors.get("indices")
+    if indices is not None and tuple(indices.shape) != (n,):
+        return f"indices must be [N] = [{n}], got {tuple(indices.shape)}"
+    return None
