@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import gzip
+import os
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from condensed_datasets._atomic import atomic_write_bytes
 
 
 @dataclass(frozen=True)
@@ -36,6 +44,31 @@ _CIFAR100_CLASSES = (
     "tiger tractor train trout tulip turtle wardrobe whale willow_tree wolf woman worm"
 ).split()
 
+# The 200 Tiny-ImageNet wnids in sorted order: the class order of ImageFolder over ``train/`` and of the
+# dataset-condensation papers (class index = position in this list).
+_TINYIMAGENET_WNIDS = (
+    "n01443537 n01629819 n01641577 n01644900 n01698640 n01742172 n01768244 n01770393 n01774384 n01774750 "
+    "n01784675 n01855672 n01882714 n01910747 n01917289 n01944390 n01945685 n01950731 n01983481 n01984695 "
+    "n02002724 n02056570 n02058221 n02074367 n02085620 n02094433 n02099601 n02099712 n02106662 n02113799 "
+    "n02123045 n02123394 n02124075 n02125311 n02129165 n02132136 n02165456 n02190166 n02206856 n02226429 "
+    "n02231487 n02233338 n02236044 n02268443 n02279972 n02281406 n02321529 n02364673 n02395406 n02403003 "
+    "n02410509 n02415577 n02423022 n02437312 n02480495 n02481823 n02486410 n02504458 n02509815 n02666196 "
+    "n02669723 n02699494 n02730930 n02769748 n02788148 n02791270 n02793495 n02795169 n02802426 n02808440 "
+    "n02814533 n02814860 n02815834 n02823428 n02837789 n02841315 n02843684 n02883205 n02892201 n02906734 "
+    "n02909870 n02917067 n02927161 n02948072 n02950826 n02963159 n02977058 n02988304 n02999410 n03014705 "
+    "n03026506 n03042490 n03085013 n03089624 n03100240 n03126707 n03160309 n03179701 n03201208 n03250847 "
+    "n03255030 n03355925 n03388043 n03393912 n03400231 n03404251 n03424325 n03444034 n03447447 n03544143 "
+    "n03584254 n03599486 n03617480 n03637318 n03649909 n03662601 n03670208 n03706229 n03733131 n03763968 "
+    "n03770439 n03796401 n03804744 n03814639 n03837869 n03838899 n03854065 n03891332 n03902125 n03930313 "
+    "n03937543 n03970156 n03976657 n03977966 n03980874 n03983396 n03992509 n04008634 n04023962 n04067472 "
+    "n04070727 n04074963 n04099969 n04118538 n04133789 n04146614 n04149813 n04179913 n04251144 n04254777 "
+    "n04259630 n04265275 n04275548 n04285008 n04311004 n04328186 n04356056 n04366367 n04371430 n04376876 "
+    "n04398044 n04399382 n04417672 n04456115 n04465501 n04486054 n04487081 n04501370 n04507155 n04532106 "
+    "n04532670 n04540053 n04560804 n04562935 n04596742 n04597913 n06596364 n07579787 n07583066 n07614500 "
+    "n07615774 n07695742 n07711569 n07715103 n07720875 n07734744 n07747607 n07749582 n07753592 n07768694 "
+    "n07871810 n07873807 n07875152 n07920052 n09193705 n09246464 n09256479 n09332890 n09428293 n12267677"
+).split()
+
 SOURCES: dict[str, SourceInfo] = {
     info.name: info
     for info in (
@@ -65,6 +98,10 @@ SOURCES: dict[str, SourceInfo] = {
             "cifar100", 3, 32, tuple(_CIFAR100_CLASSES),
             (0.5071, 0.4866, 0.4409), (0.2673, 0.2564, 0.2762),
         ),
+        SourceInfo(
+            "tinyimagenet", 3, 64, tuple(_TINYIMAGENET_WNIDS),
+            (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
+        ),
     )
 }
 
@@ -75,3 +112,259 @@ def get_source(name: str) -> SourceInfo:
     if key not in SOURCES:
         raise ValueError(f"unknown source {name!r}; valid sources: {', '.join(SOURCES)}")
     return SOURCES[key]
+
+
+# -- loading the real splits ---------------------------------------------------------------------
+
+FASHION_MNIST_ENV = "CONDENSED_FASHION_MNIST_DIR"
+SYSTEM_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+_MNIST_FILES = (
+    "train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte",
+)
+
+TINYIMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+TINYIMAGENET_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
+TINYIMAGENET_FOLDER = "tiny-imagenet-200"
+_IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
+
+
+def load_split(
+    name: str, root: str | os.PathLike, train: bool = True, download: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One split of a real source under ``root``: images uint8 [N,C,H,W] and targets int64 [N].
+
+    ``train=False`` is the test split (for Tiny-ImageNet, the labelled ``val`` split, as the papers use).
+    Data is looked for where torchvision looks for it under ``root``; ``download=True`` fetches it
+    with torchvision's own download code. Fashion-MNIST falls back to a system copy (see
+    :func:`system_fashion_mnist_dir`). Missing data is a ``RuntimeError`` naming the path looked in.
+    """
+    info = get_source(name)
+    root = Path(root).expanduser()
+    if info.name == "tinyimagenet":
+        return _load_tinyimagenet(root, train, download)
+    if info.name == "fashionmnist":
+        return _load_fashion_mnist(root, train, download)
+    if info.name == "mnist":
+        from torchvision.datasets import MNIST
+
+        ds = _torchvision_split(info.name, MNIST, root / "MNIST" / "raw", dict(root=root, train=train), download)
+        return _mnist_tensors(ds)
+    if info.name == "svhn":
+        from torchvision.datasets import SVHN
+
+        split = "train" if train else "test"
+        try:
+            ds = _torchvision_split(
+                info.name, SVHN, root / f"{split}_32x32.mat", dict(root=root, split=split), download
+            )
+        except ImportError as exc:  # torchvision reads SVHN's .mat files with scipy
+            raise ImportError(f"reading SVHN needs scipy ({exc}); install it with `pip install scipy`") from exc
+        return torch.from_numpy(ds.data).contiguous(), torch.from_numpy(ds.labels).to(torch.int64)
+    if info.name in ("cifar10", "cifar100"):
+        from torchvision.datasets import CIFAR10, CIFAR100
+
+        cls = CIFAR10 if info.name == "cifar10" else CIFAR100
+        ds = _torchvision_split(info.name, cls, root / cls.base_folder, dict(root=root, train=train), download)
+        images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+        return images, torch.as_tensor(ds.targets, dtype=torch.int64)
+    raise ValueError(f"no loader for source {info.name!r}")  # pragma: no cover - SOURCES and loaders agree
+
+
+def _torchvision_split(name: str, cls: type, where: Path, kwargs: dict, download: bool):
+    """Construct a torchvision dataset; its 'not found' error is re-raised naming the path looked in."""
+    try:
+        return cls(download=download, **kwargs)
+    except RuntimeError as exc:
+        if download:
+            raise RuntimeError(f"{name}: could not download into {where}: {exc}") from exc
+        raise RuntimeError(
+            f"{name}: dataset not found or corrupted at {where}. You can use download=True to download it"
+        ) from exc
+
+
+def _mnist_tensors(ds) -> tuple[torch.Tensor, torch.Tensor]:
+    """MNIST-style ``data`` [N,H,W] uint8 and ``targets`` -> [N,1,H,W] uint8 and int64."""
+    return ds.data.unsqueeze(1).contiguous(), ds.targets.to(torch.int64)
+
+
+# -- Fashion-MNIST, with the system copy --------------------------------------------------------------
+
+
+def system_fashion_mnist_dir() -> Path:
+    """Folder holding a system copy of Fashion-MNIST's gzipped IDX files (env CONDENSED_FASHION_MNIST_DIR)."""
+    return Path(os.environ.get(FASHION_MNIST_ENV) or SYSTEM_FASHION_MNIST_DIR)
+
+
+def _mnist_raw_complete(raw: Path) -> bool:
+    return all((raw / f).is_file() for f in _MNIST_FILES)
+
+
+def install_system_fashion_mnist(root: str | os.PathLike) -> bool:
+    """Un-gzip the system copy of Fashion-MNIST into ``{root}/FashionMNIST/raw/``; False if there is none.
+
+    Files already there are kept; each new file is written atomically, so concurrent callers are safe.
+    """
+    src = system_fashion_mnist_dir()
+    if not all((src / f"{f}.gz").is_file() for f in _MNIST_FILES):
+        return False
+    raw = Path(root).expanduser() / "FashionMNIST" / "raw"
+    for f in _MNIST_FILES:
+        if not (raw / f).is_file():
+            with gzip.open(src / f"{f}.gz", "rb") as handle:
+                atomic_write_bytes(raw / f, handle.read())
+    return True
+
+
+def _load_fashion_mnist(root: Path, train: bool, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    from torchvision.datasets import FashionMNIST
+
+    raw = root / "FashionMNIST" / "raw"
+    kwargs = dict(root=root, train=train)
+    if not _mnist_raw_complete(raw):
+        if download:
+            try:
+                return _mnist_tensors(FashionMNIST(download=True, **kwargs))
+            except (RuntimeError, OSError) as exc:  # no network: fall back to the system copy
+                if not install_system_fashion_mnist(root):
+                    raise RuntimeError(
+                        f"fashionmnist: could not download into {raw} ({exc}) and no system copy in "
+                        f"{system_fashion_mnist_dir()} (set {FASHION_MNIST_ENV} to its folder)"
+                    ) from exc
+        elif not install_system_fashion_mnist(root):
+            raise RuntimeError(
+                f"fashionmnist: dataset not found at {raw}, nor a system copy in {system_fashion_mnist_dir()} "
+                f"(set {FASHION_MNIST_ENV}). You can use download=True to download it"
+            )
+    return _mnist_tensors(_torchvision_split("fashionmnist", FashionMNIST, raw, kwargs, download=False))
+
+
+# -- Tiny-ImageNet ----------------------------------------------------------------------------------------
+
+
+def _load_tinyimagenet(root: Path, train: bool, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tiny-ImageNet from the standard ``tiny-imagenet-200`` layout, decoded once and cached as safetensors."""
+    base = root / TINYIMAGENET_FOLDER
+    split = "train" if train else "val"
+    if not _tiny_layout_complete(base, split) and download:
+        from torchvision.datasets.utils import download_and_extract_archive
+
+        download_and_extract_archive(TINYIMAGENET_URL, download_root=str(root), md5=TINYIMAGENET_MD5)
+    if not _tiny_layout_complete(base, split):
+        raise RuntimeError(
+            f"tinyimagenet: dataset not found at {base} (expected wnids.txt, train/<wnid>/images/, "
+            "val/images/ and val/val_annotations.txt). You can use download=True to download it"
+        )
+    wnids = tinyimagenet_wnids(base)
+    cache = base / f"{split}_uint8.safetensors"
+    cached = _read_tiny_cache(cache, wnids)
+    if cached is not None:
+        return cached
+    files, labels = _tiny_listing(base, split, wnids)
+    images = _decode_images(files, get_source("tinyimagenet").image_size)
+    targets = torch.as_tensor(labels, dtype=torch.int64)
+    _write_tiny_cache(cache, images, targets, wnids)
+    return images, targets
+
+
+def tinyimagenet_wnids(base: str | os.PathLike) -> list[str]:
+    """The class wnids of a ``tiny-imagenet-200`` folder, from its ``wnids.txt``, sorted (index = class)."""
+    path = Path(base) / "wnids.txt"
+    wnids = sorted({line.strip() for line in path.read_text().splitlines() if line.strip()})
+    if not wnids:
+        raise RuntimeError(f"tinyimagenet: {path} lists no classes")
+    return wnids
+
+
+def _tiny_layout_complete(base: Path, split: str) -> bool:
+    if not (base / "wnids.txt").is_file():
+        return False
+    if split == "train":
+        return (base / "train").is_dir()
+    return (base / "val" / "val_annotations.txt").is_file() and (base / "val" / "images").is_dir()
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in _IMAGE_SUFFIXES
+
+
+def _tiny_listing(base: Path, split: str, wnids: list[str]) -> tuple[list[Path], list[int]]:
+    """Image files and class indices of a split, ordered by class, then file name."""
+    index = {w: i for i, w in enumerate(wnids)}
+    rows: list[tuple[int, str, Path]] = []
+    if split == "train":
+        for wnid in wnids:
+            folder = base / "train" / wnid / "images"
+            if not folder.is_dir():
+                raise RuntimeError(f"tinyimagenet: class {wnid} from wnids.txt has no folder {folder}")
+            rows += [(index[wnid], p.name, p) for p in folder.iterdir() if _is_image(p)]
+    else:
+        annotations = base / "val" / "val_annotations.txt"
+        for number, line in enumerate(annotations.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            fields = line.split("\t")
+            if len(fields) < 2 or fields[1] not in index:
+                raise RuntimeError(f"tinyimagenet: {annotations} line {number} names no class from wnids.txt: {line!r}")
+            rows.append((index[fields[1]], fields[0], base / "val" / "images" / fields[0]))
+    if not rows:
+        raise RuntimeError(f"tinyimagenet: no images found for split {split!r} under {base}")
+    rows.sort(key=lambda r: (r[0], r[1]))
+    return [r[2] for r in rows], [r[0] for r in rows]
+
+
+def _decode_images(files: list[Path], size: int) -> torch.Tensor:
+    """Decode image files to one uint8 [N,3,size,size] tensor (grayscale images become RGB)."""
+    import numpy as np
+    from PIL import Image
+
+    out = torch.empty((len(files), 3, size, size), dtype=torch.uint8)
+    for i, path in enumerate(files):
+        try:
+            with Image.open(path) as img:
+                array = np.array(img.convert("RGB"), dtype=np.uint8)
+        except OSError as exc:
+            raise RuntimeError(f"tinyimagenet: cannot decode {path}: {exc}") from exc
+        if array.shape != (size, size, 3):
+            raise RuntimeError(f"tinyimagenet: {path} is {array.shape[1]}x{array.shape[0]}, expected {size}x{size}")
+        out[i] = torch.from_numpy(array).permute(2, 0, 1)
+    return out
+
+
+def _read_tiny_cache(path: Path, wnids: list[str]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The cached decode, or None when there is none or it does not match (then it is rebuilt)."""
+    import json
+
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+            if json.loads(meta.get("wnids", "null")) != wnids:
+                return None
+            images, targets = handle.get_tensor("images"), handle.get_tensor("targets")
+    except Exception:  # a damaged cache is rebuilt, never trusted
+        return None
+    if images.dtype != torch.uint8 or targets.dtype != torch.int64 or images.shape[0] != targets.shape[0]:
+        return None
+    return images, targets
+
+
+def _write_tiny_cache(path: Path, images: torch.Tensor, targets: torch.Tensor, wnids: list[str]) -> None:
+    """Write the decode cache atomically (temporary file, then rename)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({"images": images, "targets": targets}, tmp, metadata={"wnids": json.dumps(wnids)})
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise

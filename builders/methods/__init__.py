@@ -1,0 +1,21 @@
+"""The registry of condensation methods by name."""
+
+from __future__ import annotations
+
+from builders.methods.base import BuildContext, Method, SetContents
+from builders.methods.coreset import HerdingCoreset, KCenterCoreset, RandomCoreset
+from builders.methods.dm import DistributionMatching
+
+METHODS: dict[str, type[Method]] = {
+    cls.name: cls for cls in (RandomCoreset, HerdingCoreset, KCenterCoreset, DistributionMatching)
+}
+
+
+def get_method(name: str) -> type[Method]:
+    """The method class for ``name``; ValueError lists the methods this package can build."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; buildable methods: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+__all__ = ["BuildContext", "Method", "SetContents", "METHODS", "get_method"]

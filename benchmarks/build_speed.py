@@ -1,0 +1,78 @@
+"""Iterations per second and peak memory of a build, for a recipe.
+
+    python benchmarks/build_speed.py recipes/dm_cifar10.yaml --iterations 50 [--set KEY=VALUE ...]
+
+Runs the engine for a few iterations (no evaluation, nothing written beside the set's usual place
+except under --out), then prints and (with --record) writes a JSON record to benchmarks/results/
+with the device, command and date.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import click
+import torch
+
+from builders.engine import Engine
+from builders.recipe import load_recipe, parse_overrides
+
+
+@click.command()
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--iterations", type=int, default=20, show_default=True)
+@click.option("--warmup", type=int, default=2, show_default=True, help="Iterations not timed.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
+@click.option("--device", default="auto")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("out/bench"))
+@click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None)
+@click.option("--record", is_flag=True, help="Write the result to benchmarks/results/.")
+def main(recipe: Path, iterations: int, warmup: int, overrides: tuple[str, ...], device: str, out: Path,
+         data_root: Path | None, record: bool) -> None:
+    """Time RECIPE's build loop."""
+    pairs = parse_overrides(overrides) + [("iterations", warmup + iterations), ("checkpoint_every", 0)]
+    r = load_recipe(recipe, pairs)
+    engine = Engine(r, out_root=out, data_root=data_root, device=device, evaluate=False, progress=False)
+    stamps: list[float] = []
+
+    def tick(iteration: int, loss: float) -> None:
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize()
+        stamps.append(time.perf_counter())
+
+    if engine.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    engine.run(on_iteration=tick)
+    timed = stamps[warmup:]
+    rate = (len(timed) - 1) / (timed[-1] - timed[0]) if len(timed) > 1 else float("nan")
+    result = {
+        "recipe": str(recipe),
+        "method": r.method, "source": r.source, "ipc": r.ipc, "model": r.model,
+        "overrides": list(overrides),
+        "iterations_timed": len(timed) - 1,
+        "iterations_per_second": round(rate, 4),
+        "device": torch.cuda.get_device_name() if engine.device.type == "cuda" else
+                  f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
+        "peak_memory_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if engine.device.type == "cuda"
+                           else round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_memory_kind": "torch.cuda.max_memory_allocated" if engine.device.type == "cuda" else "process max RSS",
+        "torch": torch.__version__,
+        "command": " ".join(["python", *sys.argv]),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    click.echo(json.dumps(result, indent=2))
+    if record:
+        folder = Path(__file__).parent / "results"
+        folder.mkdir(exist_ok=True)
+        name = f"speed_{r.method}_{r.source}_ipc{r.ipc}_{engine.device.type}_{result['date']}.json"
+        (folder / name).write_text(json.dumps(result, indent=2) + "\n")
+        click.echo(f"recorded {folder / name}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""Real training data for a build: uint8 on the device, normalised on the fly, indexed per class."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from condensed_datasets.sources import SourceInfo, get_source, load_split
+
+
+class RealData:
+    """One split of a real source held as uint8 on ``device``, with per-class row indices."""
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        info: SourceInfo,
+        device: torch.device | str = "cpu",
+        source_rows: torch.Tensor | None = None,
+    ) -> None:
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError(f"real images must be uint8 [N,C,H,W], got {images.dtype} {tuple(images.shape)}")
+        self.info = info
+        self.device = torch.device(device)
+        self.images = images.to(self.device)
+        self.labels = labels.to(torch.int64).to(self.device)
+        self.source_rows = (
+            torch.arange(len(labels), dtype=torch.int64) if source_rows is None else source_rows.to(torch.int64)
+        )
+        self.mean = torch.tensor(info.mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self.std = torch.tensor(info.std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        labels_cpu = self.labels.cpu()
+        self.class_indices: list[torch.Tensor] = [
+            torch.nonzero(labels_cpu == c, as_tuple=False).flatten() for c in range(info.num_classes)
+        ]
+        empty = [c for c, idx in enumerate(self.class_indices) if len(idx) == 0]
+        if empty:
+            raise ValueError(f"{info.name}: no real images for classes {empty}")
+
+    @classmethod
+    def from_source(
+        cls,
+        source: str,
+        root: str | os.PathLike,
+        *,
+        train: bool = True,
+        device: torch.device | str = "cpu",
+        per_class: int | None = None,
+        download: bool = False,
+    ) -> "RealData":
+        """Load a split of ``source`` under ``root``; ``per_class`` keeps the first that many images per class."""
+        info = get_source(source)
+        images, labels = load_split(info.name, root, train=train, download=download)
+        rows = torch.arange(len(labels), dtype=torch.int64)
+        if per_class is not None:
+            keep = torch.cat([torch.nonzero(labels == c).flatten()[:per_class] for c in range(info.num_classes)])
+            keep, _ = torch.sort(keep)
+            images, labels, rows = images[keep], labels[keep], rows[keep]
+        return cls(images, labels, info, device, source_rows=rows)
+
+    @property
+    def num_classes(self) -> int:
+        return self.info.num_classes
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])  # type: ignore[return-value]
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images (any device) -> float32 images in the set's space."""
+        return (images.to(self.device, torch.float32) / 255.0 - self.mean) / self.std
+
+    def denormalize(self, images: torch.Tensor) -> torch.Tensor:
+        """Float images in the set's space -> [0,1] pixel values (unclamped)."""
+        return images.to(self.device) * self.std + self.mean
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """Normalised images at positions ``idx`` of this split."""
+        return self.normalize(self.images[idx.to(self.device)])
+
+    def sample_class(self, c: int, n: int, generator: torch.Generator) -> torch.Tensor:
+        """``n`` random images of class ``c`` without replacement (all of them if the class has fewer)."""
+        pool = self.class_indices[c]
+        pick = pool[torch.randperm(len(pool), generator=generator)[:n]]
+        return self.rows(pick)
+
+    def random_class_balanced(self, ipc: int, generator: torch.Generator) -> torch.Tensor:
+        """Positions of ``ipc`` random images per class, class-contiguous."""
+        picks = []
+        for c, pool in enumerate(self.class_indices):
+            if len(pool) < ipc:
+                raise ValueError(f"class {c} has {len(pool)} real images, fewer than ipc {ipc}")
+            picks.append(pool[torch.randperm(len(pool), generator=generator)[:ipc]])
+        return torch.cat(picks)

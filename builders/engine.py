@@ -1,0 +1,262 @@
+"""The one build loop every method runs in: progress, log, checkpoints, resume, NaN guard, evaluation, write."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+import condensed_datasets
+from builders.augment import Augmenter
+from builders.checkpoint import CheckpointError, load_checkpoint, restore_checkpoint, save_checkpoint
+from builders.data import RealData
+from builders.evaluate import evaluate_set
+from builders.methods import BuildContext, SetContents, get_method
+from builders.recipe import Recipe
+from condensed_datasets._atomic import atomic_write_bytes
+from condensed_datasets.datasets import set_path
+from condensed_datasets.format import CondensedSet, class_contiguous_labels
+
+
+class BuildError(RuntimeError):
+    """A build that cannot go on (non-finite loss, incompatible checkpoint, ...)."""
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' -> cuda when available, else cpu; 'cuda' without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise BuildError("--device cuda: no CUDA device is available here; use --device cpu or auto")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise BuildError(f"--device: unknown {name!r}; valid: auto, cpu, cuda")
+    return torch.device(name)
+
+
+@dataclass
+class BuildPaths:
+    """Where a build writes: the set, its checkpoint, its log and its image grid."""
+
+    set: Path
+
+    @classmethod
+    def for_recipe(cls, recipe: Recipe, out_root: str | os.PathLike) -> "BuildPaths":
+        return cls(set_path(out_root, recipe.source, recipe.method, recipe.ipc))
+
+    def _beside(self, suffix: str) -> Path:
+        return self.set.with_name(self.set.name.removesuffix(".safetensors") + suffix)
+
+    @property
+    def checkpoint(self) -> Path:
+        return self._beside(".checkpoint.safetensors")
+
+    @property
+    def log(self) -> Path:
+        return self._beside(".log.jsonl")
+
+    @property
+    def grid(self) -> Path:
+        return self._beside(".png")
+
+
+def _reproducible_clock() -> float | None:
+    """SOURCE_DATE_EPOCH, when set: timestamps come from it and durations are left out (same bytes)."""
+    value = os.environ.get("SOURCE_DATE_EPOCH")
+    return float(value) if value else None
+
+
+class Engine:
+    """Runs one recipe to a saved, evaluated condensed set."""
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        *,
+        out_root: str | os.PathLike | None = None,
+        device: str = "auto",
+        resume: bool = False,
+        evaluate: bool = True,
+        progress: bool = True,
+        data_root: str | os.PathLike | None = None,
+        download: bool = False,
+    ) -> None:
+        self.recipe = recipe
+        self.out_root = Path(out_root if out_root is not None else recipe.root)
+        self.data_root = Path(data_root if data_root is not None else recipe.root)
+        self.device = resolve_device(device)
+        self.resume = resume
+        self.evaluate = evaluate
+        self.progress = progress
+        self.download = download
+        self.paths = BuildPaths.for_recipe(recipe, self.out_root)
+        self._test: RealData | None = None
+
+    # -- pieces ----------------------------------------------------------------------------
+    def _context(self) -> BuildContext:
+        r = self.recipe
+        real = RealData.from_source(r.source, self.data_root, train=True, device=self.device,
+                                    per_class=r.real_per_class, download=self.download)
+        augmenter = Augmenter(r.augment) if r.augment != "none" else None
+        return BuildContext(r, real, self.device, torch.Generator().manual_seed(r.seed), augmenter)
+
+    def _test_split(self) -> RealData:
+        if self._test is None:
+            self._test = RealData.from_source(self.recipe.source, self.data_root, train=False,
+                                              device=self.device, download=self.download,
+                                              per_class=self.recipe.eval.test_per_class)
+        return self._test
+
+    def _log(self, entry: dict[str, Any]) -> None:
+        with open(self.paths.log, "a") as handle:
+            handle.write(json.dumps(entry, sort_keys=True) + "\n")
+
+    def _truncate_log(self, iteration: int) -> None:
+        """Keep the log lines of iterations up to ``iteration`` (a resumed build rewrites the rest)."""
+        if not self.paths.log.exists():
+            return
+        kept = [line for line in self.paths.log.read_text().splitlines()
+                if line and json.loads(line).get("iteration", 0) <= iteration]
+        atomic_write_bytes(self.paths.log, ("\n".join(kept) + "\n" if kept else "").encode())
+
+    def _evaluation(self, contents: SetContents, ctx: BuildContext) -> dict[str, Any]:
+        r, ev = self.recipe, self.recipe.eval
+        return evaluate_set(
+            contents.images.to(self.device), class_contiguous_labels(ctx.num_classes, r.ipc),
+            soft_labels=contents.soft_labels, lr=contents.lr, ipc=r.ipc, model=r.eval_model,
+            models=ev.models, runs=ev.runs, epochs=ev.epochs, default_lr=ev.lr, batch=ev.batch,
+            augment=r.eval_augment, seed=r.seed, train=ctx.real, test=self._test_split(),
+            random_baseline=ev.random_baseline,
+        )
+
+    # -- the loop ----------------------------------------------------------------------------
+    def run(self, on_iteration: Callable[[int, float], None] | None = None) -> CondensedSet:
+        """Build, evaluate and save the set; returns it."""
+        r = self.recipe
+        clock = _reproducible_clock()
+        started = time.time()
+        self.paths.set.parent.mkdir(parents=True, exist_ok=True)
+        ctx = self._context()
+        method = get_method(r.method)(ctx)
+        start_iteration = 0
+        if not method.iterative:
+            contents = method.select()
+            iterations_run = 0
+        else:
+            state = method.initial_state()
+            optimizers = method.optimizers(state)
+            if self.resume and self.paths.checkpoint.exists():
+                start_iteration = self._restore(state, optimizers, ctx)
+            elif not self.resume and self.paths.log.exists():
+                self.paths.log.unlink()
+            self._loop(method, state, optimizers, ctx, start_iteration, on_iteration)
+            contents = method.finalize(state)
+            iterations_run = r.iterations
+        if not torch.isfinite(contents.images).all():
+            raise BuildError("the final images contain NaN or inf; nothing was written")
+        metadata: dict[str, Any] = {
+            "recipe": r.to_dict(),
+            "seed": r.seed,
+            "versions": {"condensed_datasets": condensed_datasets.__version__, "torch": torch.__version__,
+                         "python": platform.python_version()},
+            "device": self.device.type if clock is not None else _device_name(self.device),
+            "build": {"iterations": iterations_run, "method": contents.metadata,
+                      "finished_at": _iso(clock if clock is not None else time.time())},
+        }
+        if clock is None:
+            metadata["build"]["wall_time_s"] = round(time.time() - started, 3)
+        if self.evaluate:
+            metadata["evaluation"] = self._evaluation(contents, ctx)
+        cset = CondensedSet(
+            contents.images.cpu(), class_contiguous_labels(ctx.num_classes, r.ipc),
+            source=r.source, method=r.method, ipc=r.ipc, soft_labels=contents.soft_labels,
+            lr=contents.lr, indices=contents.indices, metadata=metadata,
+        )
+        cset.save(self.paths.set)
+        from builders.show import save_grid
+
+        save_grid(cset, self.paths.grid)
+        return cset
+
+    def _restore(self, state, optimizers, ctx: BuildContext) -> int:
+        try:
+            meta, tensors = load_checkpoint(self.paths.checkpoint)
+        except CheckpointError as exc:
+            raise BuildError(str(exc)) from exc
+        saved, now = meta["recipe"], self.recipe.to_dict()
+        ignore = {"iterations", "checkpoint_every", "eval", "root", "notes"}
+        differ = sorted(k for k in set(saved) | set(now) if k not in ignore and saved.get(k) != now.get(k))
+        if differ:
+            raise BuildError(f"{self.paths.checkpoint} was made by a different recipe (keys {', '.join(differ)} "
+                             "differ); resume with the same recipe, or build without --resume to start over")
+        try:
+            iteration = restore_checkpoint(meta, tensors, state=state, optimizers=optimizers, generator=ctx.generator)
+        except CheckpointError as exc:
+            raise BuildError(f"{self.paths.checkpoint}: {exc}") from exc
+        self._truncate_log(iteration)
+        return iteration
+
+    def _checkpoint(self, iteration: int, state, optimizers, ctx: BuildContext) -> None:
+        save_checkpoint(self.paths.checkpoint, iteration=iteration, state=state, optimizers=optimizers,
+                        generator=ctx.generator, recipe=self.recipe.to_dict())
+
+    def _loop(self, method, state, optimizers, ctx: BuildContext, start: int, on_iteration) -> None:
+        r = self.recipe
+        t0 = time.perf_counter()
+        bar = tqdm(range(start, r.iterations), initial=start, total=r.iterations, disable=not self.progress,
+                   desc=f"{r.method} {r.source} ipc{r.ipc}", unit="it", dynamic_ncols=True)
+        for iteration in bar:
+            total, steps = 0.0, 0
+            for loss in method.losses(state, iteration):
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    self._fail_nonfinite(iteration, "loss", state, optimizers, ctx, start, good=steps == 0)
+                for opt in optimizers.values():
+                    opt.zero_grad(set_to_none=True)
+                loss.backward()
+                for opt in optimizers.values():
+                    opt.step()
+                total += value
+                steps += 1
+            if not all(torch.isfinite(t).all() for t in state.values()):
+                self._fail_nonfinite(iteration, "synthetic tensors", state, optimizers, ctx, start, good=False)
+            done = iteration + 1
+            self._log({"iteration": done, "loss": total, "time_s": round(time.perf_counter() - t0, 4)})
+            bar.set_postfix(loss=f"{total:.4g}")
+            if on_iteration is not None:
+                on_iteration(done, total)
+            if r.checkpoint_every and done % r.checkpoint_every == 0 and done < r.iterations:
+                self._checkpoint(done, state, optimizers, ctx)
+            if self.evaluate and r.eval.every and done % r.eval.every == 0 and done < r.iterations:
+                self._log({"iteration": done, "eval": self._evaluation(method.finalize(state), ctx)})
+        bar.close()
+        if r.checkpoint_every:
+            self._checkpoint(r.iterations, state, optimizers, ctx)
+
+    def _fail_nonfinite(self, iteration, what, state, optimizers, ctx, start, good: bool = True) -> None:
+        """Stop with a clear error; when the state is still good, checkpoint it first."""
+        if good and self.recipe.checkpoint_every:
+            self._checkpoint(iteration, state, optimizers, ctx)
+        where = (f"last good checkpoint: {self.paths.checkpoint}" if self.paths.checkpoint.exists()
+                 else "no checkpoint was written (set checkpoint_every)")
+        raise BuildError(
+            f"{what} became NaN or inf at iteration {iteration + 1}; {where}. "
+            "Lower the method's learning rates (params.lr_img, ...) and build again, or --resume."
+        )
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    return f"cpu: {platform.processor() or platform.machine()}"
+
+
+def _iso(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))

@@ -1,0 +1,183 @@
+"""The evaluation protocol: train fresh networks on a set, test them on the real test split.
+
+Nothing is selected on the test split: each run trains for a fixed schedule and is tested once.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from builders.augment import Augmenter
+from builders.data import RealData
+from builders.networks import build_network
+
+
+@dataclass
+class TrainSettings:
+    """The papers' training protocol for a network on a (small) set."""
+
+    epochs: int
+    lr: float = 0.01
+    batch: int = 256
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    augmenter: Augmenter | None = None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "optimizer": "SGD",
+            "epochs": self.epochs,
+            "lr": self.lr,
+            "lr_schedule": f"x0.1 after epoch {self.epochs // 2}",
+            "batch": self.batch,
+            "momentum": self.momentum,
+            "weight_decay": self.weight_decay,
+            "augment": self.augmenter.strategy if self.augmenter else "none",
+        }
+
+
+def label_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against class indices (int64) or probability vectors (float)."""
+    if targets.dtype == torch.int64:
+        return F.cross_entropy(logits, targets)
+    return -(targets * F.log_softmax(logits, dim=1)).sum(1).mean()
+
+
+def train_network(
+    net: nn.Module,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    settings: TrainSettings,
+    generator: torch.Generator,
+) -> nn.Module:
+    """Train ``net`` in place on ``images``/``targets`` (same device) with ``settings``; returns it."""
+    opt = torch.optim.SGD(
+        net.parameters(), lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
+    )
+    n = images.shape[0]
+    net.train()
+    for epoch in range(settings.epochs):
+        if epoch == settings.epochs // 2 and settings.epochs > 1:
+            for group in opt.param_groups:
+                group["lr"] = settings.lr * 0.1
+        order = torch.randperm(n, generator=generator).to(images.device)
+        for start in range(0, n, settings.batch):
+            idx = order[start : start + settings.batch]
+            x = images[idx]
+            if settings.augmenter is not None:
+                x = settings.augmenter(x, generator)
+            loss = label_loss(net(x), targets[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return net
+
+
+@torch.no_grad()
+def test_accuracy(net: nn.Module, test: RealData, batch: int = 1024) -> float:
+    """Top-1 accuracy (percent) of ``net`` on a real split."""
+    net.eval()
+    correct = 0
+    for start in range(0, len(test), batch):
+        pos = torch.arange(start, min(start + batch, len(test)))
+        pred = net(test.rows(pos)).argmax(1)
+        correct += int((pred == test.labels[pos.to(test.device)]).sum())
+    return 100.0 * correct / len(test)
+
+
+def _summary(accuracies: list[float]) -> dict[str, Any]:
+    return {
+        "accuracies": [round(a, 4) for a in accuracies],
+        "accuracy_mean": round(statistics.fmean(accuracies), 4),
+        "accuracy_std": round(statistics.pstdev(accuracies), 4) if len(accuracies) > 1 else 0.0,
+    }
+
+
+def run_seeds(seed: int, runs: int) -> list[int]:
+    """The evaluation seeds of a build: recorded, derived from the recipe seed, never the clock."""
+    return [seed * 1000 + 17 + r for r in range(runs)]
+
+
+def evaluate_images(
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    model: str,
+    settings: TrainSettings,
+    test: RealData,
+    seeds: list[int],
+) -> list[float]:
+    """Accuracy (percent) of one freshly initialised ``model`` per seed, trained on ``images``."""
+    c, h, w = test.image_shape
+    accuracies = []
+    for seed in seeds:
+        generator = torch.Generator().manual_seed(seed)
+        net = build_network(model, c, test.num_classes, (h, w), seed=seed).to(test.device)
+        train_network(net, images.to(test.device), targets.to(test.device), settings, generator)
+        accuracies.append(test_accuracy(net, test))
+    return accuracies
+
+
+def evaluate_set(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    soft_labels: torch.Tensor | None,
+    lr: torch.Tensor | None,
+    ipc: int,
+    model: str,
+    models: list[str],
+    runs: int,
+    epochs: int,
+    default_lr: float,
+    batch: int,
+    augment: str,
+    seed: int,
+    train: RealData,
+    test: RealData,
+    random_baseline: bool = True,
+) -> dict[str, Any]:
+    """The ``evaluation`` block of a set's metadata: per-run, mean and std accuracy, the random
+    real baseline of the same ipc under the same protocol, and cross-architecture results."""
+    augmenter = Augmenter(augment) if augment and augment != "none" else None
+    learned_lr = lr is not None and lr.numel() == 1
+    settings = TrainSettings(epochs=epochs, lr=float(lr) if learned_lr else default_lr, batch=batch, augmenter=augmenter)
+    targets = torch.softmax(soft_labels, dim=1) if soft_labels is not None else labels
+    seeds = run_seeds(seed, runs)
+    result: dict[str, Any] = {
+        "model": model,
+        "runs": runs,
+        "epochs": epochs,
+        "seeds": seeds,
+        "protocol": {
+            **settings.describe(),
+            "lr_source": "learned (set's lr)" if learned_lr else "fixed",
+            "label_loss": "soft cross-entropy on softmax(soft_labels)" if soft_labels is not None else "cross-entropy",
+            "test_split": f"{test.info.name} test, {len(test)} images",
+        },
+        **_summary(evaluate_images(images, targets, model=model, settings=settings, test=test, seeds=seeds)),
+    }
+    if random_baseline:
+        baseline = TrainSettings(epochs=epochs, lr=default_lr, batch=batch, augmenter=augmenter)
+        rand_acc = []
+        for s in seeds:
+            pos = train.random_class_balanced(ipc, torch.Generator().manual_seed(s + 7919))
+            rand_acc += evaluate_images(train.rows(pos), train.labels[pos.to(train.device)], model=model,
+                                        settings=baseline, test=test, seeds=[s])
+        rand = _summary(rand_acc)
+        result["random_accuracies"] = rand["accuracies"]
+        result["random_accuracy_mean"] = rand["accuracy_mean"]
+        result["random_accuracy_std"] = rand["accuracy_std"]
+        result["improvement_over_random"] = round(result["accuracy_mean"] - rand["accuracy_mean"], 4)
+    if models:
+        result["cross_architecture"] = {
+            name: _summary(evaluate_images(images, targets, model=name, settings=settings, test=test, seeds=seeds))
+            for name in models
+        }
+    return result

@@ -1,0 +1,150 @@
+"""What a condensation method is to the engine: its state, its optimisers, the losses of one iteration."""
+
+from __future__ import annotations
+
+from abc import ABC
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator
+
+import torch
+from torch import nn
+
+from builders.networks import build_network
+
+if TYPE_CHECKING:
+    from builders.augment import Augmenter
+    from builders.data import RealData
+    from builders.recipe import Recipe
+
+
+def draw_seed(generator: torch.Generator) -> int:
+    """A 63-bit seed drawn from ``generator`` (for sub-streams such as a network's initialisation)."""
+    return int(torch.randint(0, 2**62, (1,), generator=generator).item())
+
+
+INITS = ("real", "noise")
+
+
+def check_init(init: str) -> None:
+    """RecipeError unless ``init`` names a way to start the synthetic images."""
+    from builders.recipe import RecipeError
+
+    if init not in INITS:
+        raise RecipeError(f"params.init: unknown {init!r}; valid: {', '.join(INITS)}")
+
+
+@dataclass
+class BuildContext:
+    """Everything a method may use: the recipe, real data, device, the build's one RNG, DSA."""
+
+    recipe: "Recipe"
+    real: "RealData"
+    device: torch.device
+    generator: torch.Generator
+    augmenter: "Augmenter | None" = None
+
+    @property
+    def num_classes(self) -> int:
+        return self.real.num_classes
+
+    @property
+    def ipc(self) -> int:
+        return self.recipe.ipc
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return self.recipe.params
+
+    def new_network(self, name: str | None = None) -> nn.Module:
+        """A freshly initialised network (seeded from the build's RNG) on the build's device."""
+        c, h, w = self.real.image_shape
+        net = build_network(name or self.recipe.model, c, self.num_classes, (h, w), seed=draw_seed(self.generator))
+        return net.to(self.device)
+
+    def augment_siamese(self, *batches: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """One DSA draw applied to every batch (identity when the recipe has no augmentation)."""
+        if self.augmenter is None:
+            return batches
+        return self.augmenter.siamese(self.generator, *batches)
+
+    def augment_each(self, batch: torch.Tensor) -> torch.Tensor:
+        """Per-sample DSA (identity when the recipe has no augmentation)."""
+        if self.augmenter is None:
+            return batch
+        return self.augmenter(batch, self.generator)
+
+    def class_slice(self, c: int) -> slice:
+        """Rows of class ``c`` in a class-contiguous set."""
+        return slice(c * self.ipc, (c + 1) * self.ipc)
+
+    def hard_labels(self) -> torch.Tensor:
+        """Class-contiguous labels of the synthetic set, on the device."""
+        return torch.arange(self.num_classes, device=self.device).repeat_interleave(self.ipc)
+
+    def initial_images(self, init: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Starting synthetic images: 'real' (random real images per class) or 'noise' (standard normal).
+
+        Returns the images (a leaf tensor that requires grad) and, for 'real', the rows they came from.
+        """
+        if init == "real":
+            pos = self.real.random_class_balanced(self.ipc, self.generator)
+            images = self.real.rows(pos)
+            rows = self.real.source_rows[pos.cpu()]
+        elif init == "noise":
+            shape = (self.num_classes * self.ipc, *self.real.image_shape)
+            images = torch.randn(shape, generator=self.generator).to(self.device)
+            rows = None
+        else:
+            raise ValueError(f"init: unknown {init!r}; valid: real, noise")
+        return images.detach().clone().requires_grad_(True), rows
+
+
+@dataclass
+class SetContents:
+    """What a method hands the engine at the end: the set's tensors and its own metadata."""
+
+    images: torch.Tensor
+    soft_labels: torch.Tensor | None = None
+    lr: torch.Tensor | None = None
+    indices: torch.Tensor | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+class Method(ABC):
+    """A condensation method: its own maths only; the engine runs the loop around it.
+
+    Iterative methods implement ``initial_state``, ``optimizers``, ``losses`` and ``finalize``;
+    one-shot methods (coresets) set ``iterative = False`` and implement ``select``.
+    """
+
+    name: ClassVar[str]
+    defaults: ClassVar[dict[str, Any]] = {}
+    iterative: ClassVar[bool] = True
+
+    def __init__(self, ctx: BuildContext) -> None:
+        self.ctx = ctx
+        self.params = ctx.recipe.params
+
+    @classmethod
+    def check_recipe(cls, recipe: "Recipe") -> None:
+        """Raise RecipeError for recipe values this method cannot build with (beyond type checks)."""
+
+    def initial_state(self) -> dict[str, torch.Tensor]:
+        """The learnable tensors (leaf tensors that require grad), by name; 'images' is required."""
+        raise NotImplementedError(f"{self.name} is not iterative")
+
+    def optimizers(self, state: dict[str, torch.Tensor]) -> dict[str, torch.optim.Optimizer]:
+        """Optimisers over ``state``, by name (the engine checkpoints and steps them)."""
+        raise NotImplementedError(f"{self.name} is not iterative")
+
+    def losses(self, state: dict[str, torch.Tensor], iteration: int) -> Iterator[torch.Tensor]:
+        """The losses of one iteration; after each yielded loss the engine backpropagates and steps."""
+        raise NotImplementedError(f"{self.name} is not iterative")
+
+    def finalize(self, state: dict[str, torch.Tensor]) -> SetContents:
+        """The set's tensors from the final state."""
+        return SetContents(images=state["images"].detach())
+
+    def select(self) -> SetContents:
+        """One-shot methods: choose the set."""
+        raise NotImplementedError(f"{self.name} is iterative")

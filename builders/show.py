@@ -1,0 +1,36 @@
+"""Pictures of a condensed set: a PNG grid, one row per class."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torchvision.utils import save_image
+
+from condensed_datasets.format import CondensedSet
+
+
+def to_pixels(cset: CondensedSet) -> torch.Tensor:
+    """The set's images mapped back to [0,1] pixels through its recorded normalisation."""
+    images = cset.images
+    norm = cset.metadata.get("normalization")
+    if norm:
+        mean = torch.tensor(norm["mean"]).view(1, -1, 1, 1)
+        std = torch.tensor(norm["std"]).view(1, -1, 1, 1)
+        images = images * std + mean
+    else:  # no recorded space: stretch to the set's own range
+        images = (images - images.min()) / (images.max() - images.min()).clamp_min(1e-12)
+    return images.clamp(0, 1)
+
+
+def save_grid(cset: CondensedSet, path: str | os.PathLike, max_per_class: int = 10) -> Path:
+    """Write a PNG grid: one row per class, at most ``max_per_class`` images per row."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    per_row = min(cset.ipc, max_per_class)
+    pick = torch.cat([torch.arange(c * cset.ipc, c * cset.ipc + per_row) for c in range(cset.num_classes)])
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    save_image(to_pixels(cset)[pick], tmp, nrow=per_row, padding=2, pad_value=1.0)
+    os.replace(tmp, path)
+    return path

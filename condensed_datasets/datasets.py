@@ -1,0 +1,256 @@
+"""torchvision-style Dataset classes over condensed sets: one thin subclass per real source."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch.utils.data import Dataset
+from torchvision.datasets import VisionDataset
+
+from condensed_datasets.format import METHODS, CondensedSet
+from condensed_datasets.sources import get_source, load_split
+
+TARGET_TYPES = ("auto", "hard", "soft")
+_SET_FILE = re.compile(r"^(?P<method>[a-z0-9_]+)_ipc(?P<ipc>[1-9][0-9]*)\.safetensors$")
+
+
+def set_path(root: str | os.PathLike, source: str, method: str, ipc: int) -> Path:
+    """Where a set lives: ``{root}/condensed/{source}/{method}_ipc{ipc}.safetensors`` (source in lower case)."""
+    return Path(root).expanduser() / "condensed" / get_source(source).name / f"{method}_ipc{int(ipc)}.safetensors"
+
+
+def available_sets(root: str | os.PathLike, source: str) -> dict[str, list[int]]:
+    """The sets of ``source`` present under ``root``: method -> sorted ipcs (from the file names only)."""
+    folder = set_path(root, source, "x", 1).parent
+    found: dict[str, list[int]] = {}
+    if folder.is_dir():
+        for path in folder.iterdir():
+            match = _SET_FILE.match(path.name)
+            if match and path.is_file():
+                found.setdefault(match["method"], []).append(int(match["ipc"]))
+    return {method: sorted(ipcs) for method, ipcs in sorted(found.items())}
+
+
+def _describe_sets(sets: dict[str, list[int]]) -> str:
+    if not sets:
+        return "none"
+    return "; ".join(f"{method} ipc {', '.join(map(str, ipcs))}" for method, ipcs in sets.items())
+
+
+class SetSpace:
+    """The map from real uint8 images into a condensed set's own input space, built from its metadata.
+
+    Today that is ``(x / 255 - mean) / std`` with the set's recorded normalisation. It is the one place
+    that knows the set's space: a whitening step (ZCA) recorded in the metadata belongs here too.
+    Picklable, so it can travel to DataLoader workers; usable as a transform on uint8 tensors.
+    """
+
+    def __init__(self, metadata: dict[str, Any]) -> None:
+        norm = metadata.get("normalization")
+        if norm is None:
+            info = get_source(metadata["source"])
+            norm = {"mean": list(info.mean), "std": list(info.std)}
+        self.mean = torch.tensor(norm["mean"], dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(norm["std"], dtype=torch.float32).view(-1, 1, 1)
+        self.image_shape = tuple(metadata.get("image_shape") or ())
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images [C,H,W] or [N,C,H,W] -> float32 images in the set's space, same shape."""
+        if images.dtype != torch.uint8:
+            raise TypeError(f"real images must be uint8 (0..255), got {images.dtype}")
+        return (images.to(torch.float32) / 255.0 - self.mean) / self.std
+
+    def __repr__(self) -> str:
+        return f"SetSpace(mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()})"
+
+
+class RealImages(Dataset):
+    """Real uint8 images and int labels, served as (float tensor [C,H,W] in a set's space, int)."""
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, to_space: Callable[[torch.Tensor], torch.Tensor]):
+        self.images = images
+        self.targets = targets
+        self.to_space = to_space
+
+    def __len__(self) -> int:
+        return int(self.targets.shape[0])
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.to_space(self.images[index]), int(self.targets[index])
+
+
+class CondensedVisionDataset(VisionDataset):
+    """A condensed set read from ``{root}/condensed/{source}/{method}_ipc{ipc}.safetensors``.
+
+    ``ds[i]`` is ``(image, target)``: image a float tensor [C,H,W] in the set's own space; target an int,
+    or the soft-label probability vector when ``target_type="soft"`` (the default ``"auto"`` uses soft
+    labels when the set has them; ``"hard"`` forces ints). ``build=True`` builds a missing set on demand.
+    """
+
+    source: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        method: str,
+        ipc: int,
+        transform: Callable | None = None,
+        target_transform: Callable | None = None,
+        target_type: str = "auto",
+        build: bool = False,
+    ) -> None:
+        super().__init__(root, transform=transform, target_transform=target_transform)
+        if not self.source:
+            raise TypeError("CondensedVisionDataset is a base class; use a subclass such as CondensedCIFAR10")
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
+        if not isinstance(ipc, int) or isinstance(ipc, bool) or ipc < 1:
+            raise ValueError(f"ipc must be a positive int, got {ipc!r}")
+        if target_type not in TARGET_TYPES:
+            raise ValueError(f"unknown target_type {target_type!r}; valid: {', '.join(TARGET_TYPES)}")
+
+        path = self._locate(method, ipc, build)
+        cset = CondensedSet.load(path)
+        if (cset.source, cset.method, cset.ipc) != (self.source, method, ipc):
+            raise RuntimeError(
+                f"{path} holds source={cset.source!r} method={cset.method!r} ipc={cset.ipc}, not the requested "
+                f"source={self.source!r} method={method!r} ipc={ipc}; the file is misnamed or damaged — "
+                "delete it and build or download it again"
+            )
+        if target_type == "soft" and cset.soft_labels is None:
+            raise ValueError(f"target_type='soft' but {path} has no soft labels; use 'hard' or 'auto'")
+
+        self.path = path
+        self.method = method
+        self.ipc = ipc
+        self.metadata: dict[str, Any] = cset.metadata
+        self.data: torch.Tensor = cset.images
+        self.targets: list[int] = cset.labels.tolist()
+        self.soft_targets: torch.Tensor | None = (
+            None if cset.soft_labels is None else torch.softmax(cset.soft_labels, dim=1)
+        )
+        self.lr: torch.Tensor | None = cset.lr
+        self.classes: list[str] = cset.classes
+        self.class_to_idx: dict[str, int] = {name: i for i, name in enumerate(self.classes)}
+        self.target_type = (
+            ("soft" if self.soft_targets is not None else "hard") if target_type == "auto" else target_type
+        )
+
+    # -- lookup ---------------------------------------------------------------------------------------
+    def _locate(self, method: str, ipc: int, build: bool) -> Path:
+        """The file to read: the local one, else one built on demand, else a clear error."""
+        path = set_path(self.root, self.source, method, ipc)
+        if path.is_file():
+            return path
+        if build:
+            from builders.ondemand import build_set  # lazy: only build-on-demand needs builders
+
+            built = Path(build_set(self.source, method, ipc, self.root))
+            if not built.is_file():
+                raise RuntimeError(f"building {method} ipc {ipc} for {self.source} did not produce {built}")
+            return built
+        local = available_sets(self.root, self.source)
+        recipe = f"recipes/{method}_{self.source}.yaml"
+        if local.get(method):
+            raise ValueError(
+                f"no {method} set with ipc {ipc} for {self.source} under {path.parent}; available ipcs for "
+                f"{method}: {', '.join(map(str, local[method]))}. To get ipc {ipc}, pass build=True or run "
+                f"`condensed-build {recipe} --out {self.root}` with ipc: {ipc}"
+            )
+        raise RuntimeError(
+            f"Condensed set not found at {path}. You can use build=True to build it, or run "
+            f"`condensed-build {recipe} --out {self.root}`. Sets present for {self.source}: {_describe_sets(local)}"
+        )
+
+    # -- Dataset -----------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        image = self.data[index].clone()
+        target: Any
+        if self.target_type == "soft":
+            assert self.soft_targets is not None
+            target = self.soft_targets[index].clone()
+        else:
+            target = self.targets[index]
+        if self.transform is not None:
+            image = self.transform(image)
+        if self.target_transform is not None:
+            target = self.target_transform(target)
+        return image, target
+
+    def extra_repr(self) -> str:
+        lines = [f"Source: {self.source}", f"Method: {self.method}", f"IPC: {self.ipc}", f"Targets: {self.target_type}"]
+        evaluation = self.metadata.get("evaluation") or {}
+        if "accuracy_mean" in evaluation:
+            accuracy = f"{float(evaluation['accuracy_mean']):.2f}"
+            if evaluation.get("accuracy_std") is not None:
+                accuracy += f" ± {float(evaluation['accuracy_std']):.2f}"
+            accuracy += " %"
+            details = [str(evaluation[k]) for k in ("model",) if evaluation.get(k)]
+            if evaluation.get("runs"):
+                details.append(f"{evaluation['runs']} runs")
+            lines.append(f"Recorded accuracy: {accuracy}" + (f" ({', '.join(details)})" if details else ""))
+        return "\n".join(lines)
+
+    # -- the real data, in the set's space ------------------------------------------------------------------
+    @property
+    def set_space(self) -> SetSpace:
+        """The transform that maps real uint8 images into this set's space (from its metadata)."""
+        return SetSpace(self.metadata)
+
+    def real_to_set_space(self, images: torch.Tensor) -> torch.Tensor:
+        """Real uint8 images [C,H,W] or [N,C,H,W] -> float images as this set's images are."""
+        return self.set_space(images)
+
+    def real_test_set(self, download: bool = False) -> Dataset:
+        """The real test split of the source (under the same root), items (float [C,H,W] in the set's space, int)."""
+        images, targets = load_split(self.source, self.root, train=False, download=download)
+        space = self.set_space
+        if space.image_shape and tuple(images.shape[1:]) != space.image_shape:
+            raise ValueError(
+                f"real {self.source} test images are {tuple(images.shape[1:])}, "
+                f"the set's images are {space.image_shape}"
+            )
+        return RealImages(images, targets, space)
+
+
+class CondensedMNIST(CondensedVisionDataset):
+    """Condensed MNIST (1x28x28, 10 classes)."""
+
+    source = "mnist"
+
+
+class CondensedFashionMNIST(CondensedVisionDataset):
+    """Condensed Fashion-MNIST (1x28x28, 10 classes)."""
+
+    source = "fashionmnist"
+
+
+class CondensedSVHN(CondensedVisionDataset):
+    """Condensed SVHN (3x32x32, 10 classes)."""
+
+    source = "svhn"
+
+
+class CondensedCIFAR10(CondensedVisionDataset):
+    """Condensed CIFAR-10 (3x32x32, 10 classes)."""
+
+    source = "cifar10"
+
+
+class CondensedCIFAR100(CondensedVisionDataset):
+    """Condensed CIFAR-100 (3x32x32, 100 classes)."""
+
+    source = "cifar100"
+
+
+class CondensedTinyImageNet(CondensedVisionDataset):
+    """Condensed Tiny-ImageNet (3x64x64, 200 classes)."""
+
+    source = "tinyimagenet"

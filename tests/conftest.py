@@ -1,0 +1,130 @@
+"""Shared fixtures: the Fashion-MNIST system copy under a temporary root, and small random condensed sets."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+
+from condensed_datasets.datasets import set_path
+from condensed_datasets.format import CondensedSet
+from condensed_datasets.sources import get_source, install_system_fashion_mnist, system_fashion_mnist_dir
+
+_FMNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+# Where the Makefile says Fashion-MNIST tests look when there is no system copy: ./data, as torchvision lays it out.
+REPO_DATA = Path(__file__).resolve().parent.parent / "data"
+
+
+def _system_copy() -> Path | None:
+    folder = system_fashion_mnist_dir()
+    return folder if all((folder / f"{f}.gz").is_file() for f in _FMNIST_FILES) else None
+
+
+def _repo_copy() -> Path | None:
+    raw = REPO_DATA / "FashionMNIST" / "raw"
+    return raw if all((raw / f).is_file() for f in _FMNIST_FILES) else None
+
+
+_SKIP_REASON = (
+    f"no Fashion-MNIST: neither a system copy in {system_fashion_mnist_dir()} (install the Debian package "
+    "dataset-fashion-mnist, or point CONDENSED_FASHION_MNIST_DIR at the gzipped IDX files) nor "
+    f"{REPO_DATA / 'FashionMNIST' / 'raw'}"
+)
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_system_dir() -> Path:
+    """The folder of the system copy's gzipped Fashion-MNIST IDX files (skips when absent)."""
+    folder = _system_copy()
+    if folder is None:
+        pytest.skip(
+            f"needs the system copy of Fashion-MNIST in {system_fashion_mnist_dir()} (Debian package "
+            "dataset-fashion-mnist, or CONDENSED_FASHION_MNIST_DIR pointing at the gzipped IDX files)"
+        )
+    return folder
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_files() -> dict[str, Path]:
+    """The four Fashion-MNIST IDX files by name (``train-images-idx3-ubyte`` ...), gzipped or not."""
+    system, repo = _system_copy(), _repo_copy()
+    if system is not None:
+        return {f: system / f"{f}.gz" for f in _FMNIST_FILES}
+    if repo is not None:
+        return {f: repo / f for f in _FMNIST_FILES}
+    pytest.skip(_SKIP_REASON)
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_root(tmp_path_factory: pytest.TempPathFactory, fashion_mnist_files: dict[str, Path]) -> Path:
+    """A temporary data root (shared by the session: do not write sets into it) where
+    ``load_split('fashionmnist', root, ...)`` works: ``{root}/FashionMNIST/raw`` is filled from the system
+    copy, or linked to ``./data/FashionMNIST`` when only that holds the files."""
+    root = tmp_path_factory.mktemp("fmnist_root")
+    if _system_copy() is None:
+        (root / "FashionMNIST").symlink_to(REPO_DATA / "FashionMNIST", target_is_directory=True)
+    else:
+        install_system_fashion_mnist(root)
+    return root
+
+
+def read_idx(path: Path) -> tuple[tuple[int, ...], bytes]:
+    """Parse an IDX file (gzipped or not) by hand: its dimensions and raw uint8 payload."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as handle:
+        data = handle.read()
+    zero, dtype, ndim = struct.unpack(">HBB", data[:4])
+    assert zero == 0 and dtype == 0x08, "expected an unsigned-byte IDX file"
+    dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    return dims, data[4 + 4 * ndim :]
+
+
+@pytest.fixture(scope="session")
+def idx_reader() -> Callable[[Path], tuple[tuple[int, ...], bytes]]:
+    """The hand-written IDX parser, for tests that check loaders against the raw files."""
+    return read_idx
+
+
+MakeSet = Callable[..., Path]
+
+
+@pytest.fixture
+def make_set() -> MakeSet:
+    """Factory: write a small random, valid condensed set under ``root`` where the Dataset classes look.
+
+    ``make_set(root, source, method="dm", ipc=1, soft=False, lr=None, evaluation=None, metadata=None, seed=0)``
+    returns the file's path.
+    """
+
+    def _make(
+        root: Path,
+        source: str,
+        method: str = "dm",
+        ipc: int = 1,
+        *,
+        soft: bool = False,
+        lr: float | None = None,
+        evaluation: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+        seed: int = 0,
+        path: Path | None = None,
+    ) -> Path:
+        info = get_source(source)
+        g = torch.Generator().manual_seed(seed)
+        n = info.num_classes * ipc
+        images = torch.randn((n, *info.image_shape), generator=g)
+        labels = torch.arange(info.num_classes).repeat_interleave(ipc)
+        soft_labels = torch.randn((n, info.num_classes), generator=g) * 2 if soft else None
+        meta = dict(metadata or {})
+        if evaluation is not None:
+            meta["evaluation"] = evaluation
+        cset = CondensedSet(
+            images, labels, source=info.name, method=method, ipc=ipc, soft_labels=soft_labels, lr=lr, metadata=meta
+        )
+        return cset.save(path or set_path(root, info.name, method, ipc))
+
+    return _make

@@ -1,0 +1,121 @@
+"""The engine on real Fashion-MNIST at tiny scale: builds, resume, NaN guard, reproducibility."""
+
+import json
+
+import pytest
+import torch
+
+from builders.checkpoint import load_checkpoint
+from builders.engine import BuildError, Engine
+from builders.methods.dm import DistributionMatching
+from builders.recipe import recipe_from_dict
+from condensed_datasets.format import CondensedSet
+from condensed_datasets.sources import load_split
+
+TINY = {
+    "source": "fashionmnist", "method": "dm", "ipc": 2, "model": "ConvNetW32", "seed": 3,
+    "iterations": 6, "checkpoint_every": 2, "augment": "color_crop_cutout_flip_scale_rotate",
+    "real_per_class": 12, "params": {"batch_real": 8},
+    "eval": {"runs": 1, "epochs": 2, "test_per_class": 5},
+}
+
+
+def engine(root, out, evaluate=False, **changes):
+    return Engine(recipe_from_dict({**TINY, **changes}), out_root=out, data_root=root, device="cpu",
+                  evaluate=evaluate, progress=False)
+
+
+@pytest.fixture
+def reproducible(monkeypatch):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+
+
+def test_dm_build_writes_an_evaluated_set_a_grid_a_log_and_a_checkpoint(fashion_mnist_root, tmp_path):
+    e = engine(fashion_mnist_root, tmp_path, evaluate=True)
+    cset = e.run()
+    assert e.paths.set == tmp_path / "condensed" / "fashionmnist" / "dm_ipc2.safetensors"
+    loaded = CondensedSet.load(e.paths.set)
+    assert loaded.images.shape == (20, 1, 28, 28) and loaded.labels.tolist() == [c for c in range(10) for _ in (0, 1)]
+    ev = loaded.metadata["evaluation"]
+    assert ev["runs"] == 1 and len(ev["accuracies"]) == 1 and "improvement_over_random" in ev
+    assert loaded.metadata["recipe"]["params"]["batch_real"] == 8 and loaded.metadata["seed"] == 3
+    assert loaded.metadata["build"]["iterations"] == 6 and "wall_time_s" in loaded.metadata["build"]
+    assert {"torch", "condensed_datasets"} <= set(loaded.metadata["versions"])
+    assert e.paths.grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lines = [json.loads(l) for l in e.paths.log.read_text().splitlines()]
+    assert [l["iteration"] for l in lines] == [1, 2, 3, 4, 5, 6] and all("loss" in l for l in lines)
+    meta, _ = load_checkpoint(e.paths.checkpoint)
+    assert meta["iteration"] == 6
+    assert torch.equal(cset.images, loaded.images)
+
+
+def test_same_recipe_and_seed_give_the_same_bytes(fashion_mnist_root, tmp_path, reproducible):
+    a = engine(fashion_mnist_root, tmp_path / "a")
+    b = engine(fashion_mnist_root, tmp_path / "b")
+    a.run(), b.run()
+    assert a.paths.set.read_bytes() == b.paths.set.read_bytes()
+    c = engine(fashion_mnist_root, tmp_path / "c", seed=4)
+    c.run()
+    assert not torch.equal(CondensedSet.load(a.paths.set).images, CondensedSet.load(c.paths.set).images)
+
+
+class Killed(Exception):
+    pass
+
+
+def test_a_killed_build_resumes_to_the_same_bytes(fashion_mnist_root, tmp_path, reproducible):
+    whole = engine(fashion_mnist_root, tmp_path / "whole")
+    whole.run()
+
+    part = engine(fashion_mnist_root, tmp_path / "part")
+
+    def kill(iteration, loss):
+        if iteration == 5:  # after the checkpoint at 4, before the one at 6
+            raise Killed
+
+    with pytest.raises(Killed):
+        part.run(on_iteration=kill)
+    assert not part.paths.set.exists()
+    assert load_checkpoint(part.paths.checkpoint)[0]["iteration"] == 4
+    resumed = engine(fashion_mnist_root, tmp_path / "part")
+    resumed.resume = True
+    resumed.run()
+    assert resumed.paths.set.read_bytes() == whole.paths.set.read_bytes()
+    iterations = [json.loads(l)["iteration"] for l in resumed.paths.log.read_text().splitlines()]
+    assert iterations == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_refuses_a_checkpoint_of_another_recipe(fashion_mnist_root, tmp_path):
+    engine(fashion_mnist_root, tmp_path).run()
+    other = engine(fashion_mnist_root, tmp_path, params={"batch_real": 8, "lr_img": 2.0})
+    other.resume = True
+    with pytest.raises(BuildError, match="different recipe.*params"):
+        other.run()
+
+
+def test_nan_stops_the_build_and_keeps_the_last_good_checkpoint(fashion_mnist_root, tmp_path, monkeypatch):
+    original = DistributionMatching.losses
+
+    def poisoned(self, state, iteration):
+        for loss in original(self, state, iteration):
+            yield loss * float("nan") if iteration == 4 else loss
+
+    monkeypatch.setattr(DistributionMatching, "losses", poisoned)
+    e = engine(fashion_mnist_root, tmp_path)
+    with pytest.raises(BuildError, match="NaN or inf at iteration 5.*last good checkpoint"):
+        e.run()
+    assert not e.paths.set.exists()
+    meta, tensors = load_checkpoint(e.paths.checkpoint)
+    assert meta["iteration"] == 4 and torch.isfinite(tensors["state.images"]).all()
+
+
+@pytest.mark.parametrize("method", ["random", "herding", "kcenter"])
+def test_coresets_store_real_rows_and_their_indices(fashion_mnist_root, tmp_path, method):
+    params = {} if method == "random" else {"features": "network", "feature_epochs": 0}
+    e = engine(fashion_mnist_root, tmp_path, method=method, iterations=0, params=params)
+    cset = e.run()
+    assert cset.indices is not None and cset.indices.shape == (20,)
+    images, labels = load_split("fashionmnist", fashion_mnist_root, train=True)
+    assert labels[cset.indices].tolist() == cset.labels.tolist()
+    mean, std = 0.2861, 0.3530
+    torch.testing.assert_close(cset.images, (images[cset.indices].float() / 255 - mean) / std)

@@ -1,0 +1,87 @@
+"""The evaluation protocol: label losses by hand, the schedule, and a real tiny evaluation."""
+
+import math
+
+import pytest
+import torch
+
+from builders.data import RealData
+from builders.evaluate import TrainSettings, evaluate_set, label_loss, run_seeds, train_network
+from condensed_datasets.sources import get_source
+
+
+def test_label_loss_hard_and_soft_by_hand():
+    logits = torch.tensor([[0.0, math.log(3.0)]])  # softmax = (1/4, 3/4)
+    assert math.isclose(label_loss(logits, torch.tensor([1])).item(), -math.log(0.75), rel_tol=1e-6)
+    soft = torch.tensor([[0.5, 0.5]])
+    expected = -(0.5 * math.log(0.25) + 0.5 * math.log(0.75))
+    assert math.isclose(label_loss(logits, soft).item(), expected, rel_tol=1e-6)
+
+
+def test_lr_drops_tenfold_at_half_the_epochs():
+    seen = []
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    images, targets = torch.randn(8, 1, 2, 2), torch.randint(0, 2, (8,))
+    settings = TrainSettings(epochs=4, lr=0.1, batch=8)
+    orig_step = torch.optim.SGD.step
+
+    def step(self, *a, **k):
+        seen.append(self.param_groups[0]["lr"])
+        return orig_step(self, *a, **k)
+
+    torch.optim.SGD.step = step
+    try:
+        train_network(net, images, targets, settings, torch.Generator().manual_seed(0))
+    finally:
+        torch.optim.SGD.step = orig_step
+    assert [round(x, 6) for x in seen] == [0.1, 0.1, 0.01, 0.01]
+
+
+def test_seeds_come_from_the_recipe_seed():
+    assert run_seeds(3, 2) == run_seeds(3, 2) and run_seeds(3, 2) != run_seeds(4, 2)
+
+
+def _separable_data(n_per_class, seed):
+    """Two classes of 8x8 images that differ in brightness: learnable in a few epochs."""
+    g = torch.Generator().manual_seed(seed)
+    info = get_source("mnist")
+    dark = torch.randint(0, 60, (n_per_class, 1, 8, 8), generator=g, dtype=torch.uint8)
+    light = torch.randint(190, 256, (n_per_class, 1, 8, 8), generator=g, dtype=torch.uint8)
+    labels = torch.tensor([0] * n_per_class + [1] * n_per_class)
+    return torch.cat([dark, light]), labels, info
+
+
+def test_evaluate_set_reports_the_protocol_and_the_random_baseline(monkeypatch):
+    images, labels, info = _separable_data(20, 0)
+    two = info.__class__("mnist", 1, 8, ("dark", "light"), info.mean, info.std)
+    train = RealData(images, labels, two)
+    test = RealData(*_separable_data(30, 1)[:2], two)
+    syn = train.rows(train.random_class_balanced(2, torch.Generator().manual_seed(5)))
+    result = evaluate_set(
+        syn, torch.tensor([0, 0, 1, 1]), soft_labels=None, lr=None, ipc=2, model="MLP", models=["ConvNetW32"], runs=2, epochs=20, default_lr=0.01, batch=256,
+        augment="none", seed=0, train=train, test=test,
+    )
+    for key in ("model", "runs", "epochs", "accuracies", "accuracy_mean", "accuracy_std",
+                "random_accuracy_mean", "improvement_over_random", "seeds", "protocol"):
+        assert key in result
+    assert len(result["accuracies"]) == 2 and result["accuracy_mean"] > 90.0
+    assert result["protocol"]["lr"] == 0.01 and result["protocol"]["momentum"] == 0.9
+    assert result["protocol"]["weight_decay"] == 5e-4 and result["protocol"]["batch"] == 256
+    assert "ConvNetW32" in result["cross_architecture"]
+    assert math.isclose(result["improvement_over_random"],
+                        result["accuracy_mean"] - result["random_accuracy_mean"], abs_tol=1e-3)
+
+
+def test_a_learned_lr_is_used_and_soft_labels_train_with_soft_loss():
+    images, labels, info = _separable_data(20, 0)
+    two = info.__class__("mnist", 1, 8, ("dark", "light"), info.mean, info.std)
+    train = RealData(images, labels, two)
+    syn = train.rows(train.random_class_balanced(1, torch.Generator().manual_seed(5)))
+    result = evaluate_set(
+        syn, torch.tensor([0, 1]), soft_labels=torch.tensor([[2.0, -2.0], [-2.0, 2.0]]), lr=torch.tensor(0.05),
+        ipc=1, model="MLP", models=[], runs=1, epochs=5, default_lr=0.01, batch=256, augment="none",
+        seed=0, train=train, test=train, random_baseline=False,
+    )
+    assert result["protocol"]["lr"] == pytest.approx(0.05) and "learned" in result["protocol"]["lr_source"]
+    assert "soft" in result["protocol"]["label_loss"]
+    assert "random_accuracy_mean" not in result
