@@ -12,6 +12,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from condensed_datasets._atomic import atomic_write_bytes
+from condensed_datasets.format import read_safetensors_metadata
 
 CHECKPOINT_KEY = "condensed_datasets_checkpoint"
 CHECKPOINT_VERSION = 1
@@ -83,16 +84,11 @@ def save_checkpoint(
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(metadata, tensors) of a checkpoint; CheckpointError if it is not one."""
     path = Path(path)
+    data = path.read_bytes()
     try:
-        data = path.read_bytes()
+        raw = read_safetensors_metadata(data, str(path)).get(CHECKPOINT_KEY)
         tensors = st_load(data)
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
-            raw = (handle.metadata() or {}).get(CHECKPOINT_KEY)
-    except FileNotFoundError:
-        raise
-    except Exception as exc:
+    except Exception as exc:  # framing errors and safetensors' own error types
         raise CheckpointError(f"{path}: not a readable checkpoint ({exc}); delete it to start over") from exc
     if raw is None:
         raise CheckpointError(f"{path}: not a condensed-datasets checkpoint")

@@ -1,6 +1,13 @@
 """The evaluation protocol: train fresh networks on a set, test them on the real test split.
 
 Nothing is selected on the test split: each run trains for a fixed schedule and is tested once.
+
+A set whose ``lr`` is one value (a scalar, or one element) is trained with the fixed protocol at that
+lr. A set whose ``lr`` is 1-D with several values (one per unrolled step, as Dataset Distillation
+learns them) is evaluated as that paper does, by replaying its steps: ``len(lr)`` plain gradient steps
+(no momentum, no weight decay, no lr decay; ``epochs`` and ``batch`` do not apply), step ``t`` on the
+images whose within-class index is ``t mod ipc`` (one image per class of the class-contiguous set) with
+learning rate ``lr[t]``; per-sample augmentation applies when the protocol has one.
 """
 
 from __future__ import annotations
@@ -28,8 +35,22 @@ class TrainSettings:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     augmenter: Augmenter | None = None
+    step_lrs: tuple[float, ...] | None = None  # learned per-step lrs: replay them instead (see module doc)
+    ipc: int = 1  # images per class of the set; picks each replayed step's images
 
     def describe(self) -> dict[str, Any]:
+        if self.step_lrs is not None:
+            return {
+                "optimizer": "SGD",
+                "steps": len(self.step_lrs),
+                "lr": "learned per step",
+                "lrs": [round(v, 8) for v in self.step_lrs],
+                "lr_schedule": "replay of the set's per-step lrs, in order, once",
+                "batch": "step t: image (t mod ipc) of every class",
+                "momentum": 0.0,
+                "weight_decay": 0.0,
+                "augment": self.augmenter.strategy if self.augmenter else "none",
+            }
         return {
             "optimizer": "SGD",
             "epochs": self.epochs,
@@ -57,6 +78,8 @@ def train_network(
     generator: torch.Generator,
 ) -> nn.Module:
     """Train ``net`` in place on ``images``/``targets`` (same device) with ``settings``; returns it."""
+    if settings.step_lrs is not None:
+        return replay_steps(net, images, targets, settings, generator)
     opt = torch.optim.SGD(
         net.parameters(), lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
     )
@@ -76,6 +99,36 @@ def train_network(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+    return net
+
+
+def replay_steps(
+    net: nn.Module,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    settings: TrainSettings,
+    generator: torch.Generator,
+) -> nn.Module:
+    """Train ``net`` in place by replaying learned per-step lrs: step ``t`` is one plain gradient step
+    with lr ``settings.step_lrs[t]`` on image ``t mod ipc`` of every class (class-contiguous set)."""
+    assert settings.step_lrs is not None
+    ipc = settings.ipc
+    if images.shape[0] % ipc:
+        raise ValueError(f"{images.shape[0]} images are not a class-contiguous set of ipc {ipc}")
+    first = torch.arange(0, images.shape[0], ipc, device=images.device)
+    opt = torch.optim.SGD(net.parameters(), lr=settings.step_lrs[0], momentum=0.0, weight_decay=0.0)
+    net.train()
+    for t, lr in enumerate(settings.step_lrs):
+        for group in opt.param_groups:
+            group["lr"] = lr
+        rows = first + t % ipc
+        x = images[rows]
+        if settings.augmenter is not None:
+            x = settings.augmenter(x, generator)
+        loss = label_loss(net(x), targets[rows])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
     return net
 
 
@@ -147,7 +200,10 @@ def evaluate_set(
     real baseline of the same ipc under the same protocol, and cross-architecture results."""
     augmenter = Augmenter(augment) if augment and augment != "none" else None
     learned_lr = lr is not None and lr.numel() == 1
-    settings = TrainSettings(epochs=epochs, lr=float(lr) if learned_lr else default_lr, batch=batch, augmenter=augmenter)
+    per_step = lr is not None and lr.dim() == 1 and lr.numel() > 1
+    settings = TrainSettings(epochs=epochs, lr=float(lr) if learned_lr else default_lr, batch=batch,
+                             augmenter=augmenter, ipc=ipc,
+                             step_lrs=tuple(float(v) for v in lr.tolist()) if per_step else None)
     targets = torch.softmax(soft_labels, dim=1) if soft_labels is not None else labels
     seeds = run_seeds(seed, runs)
     result: dict[str, Any] = {
@@ -157,7 +213,8 @@ def evaluate_set(
         "seeds": seeds,
         "protocol": {
             **settings.describe(),
-            "lr_source": "learned (set's lr)" if learned_lr else "fixed",
+            "lr_source": ("learned per step (replayed)" if per_step else "learned (set's lr)" if learned_lr
+                          else "fixed"),
             "label_loss": "soft cross-entropy on softmax(soft_labels)" if soft_labels is not None else "cross-entropy",
             "test_split": f"{test.info.name} test, {len(test)} images",
         },

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -14,6 +15,7 @@ from safetensors.torch import save as _safetensors_save
 
 from condensed_datasets._atomic import atomic_write_bytes
 from condensed_datasets.sources import SOURCES, get_source
+from condensed_datasets.zca import ZCA
 
 FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = frozenset({1})
@@ -21,7 +23,15 @@ METADATA_KEY = "condensed_datasets"
 METHODS = ("random", "herding", "kcenter", "dd", "dc", "dsa", "dm", "mtt", "datm", "dq")
 
 _REQUIRED_TENSORS = {"images": torch.float32, "labels": torch.int64}
-_OPTIONAL_TENSORS = {"soft_labels": torch.float32, "lr": torch.float32, "indices": torch.int64}
+_OPTIONAL_TENSORS = {
+    "soft_labels": torch.float32,
+    "lr": torch.float32,
+    "indices": torch.int64,
+    # ZCA whitening that maps a normalised real image into the set's space (both or neither):
+    # mean [D] and symmetric transform [D, D], D = C*H*W; metadata "zca" records its eps.
+    "zca_mean": torch.float32,
+    "zca_transform": torch.float32,
+}
 _ALL_TENSORS = {**_REQUIRED_TENSORS, **_OPTIONAL_TENSORS}
 _HEADER_LIMIT = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 
@@ -44,7 +54,8 @@ def encode_metadata(metadata: dict[str, Any]) -> str:
 
 
 class CondensedSet:
-    """A condensed set in memory: images, labels, optional soft labels / learned lr / coreset indices, metadata."""
+    """A condensed set in memory: images, labels, optional soft labels / learned lr / coreset indices /
+    ZCA whitening, metadata."""
 
     def __init__(
         self,
@@ -58,8 +69,11 @@ class CondensedSet:
         lr: torch.Tensor | float | None = None,
         indices: torch.Tensor | None = None,
         metadata: dict[str, Any] | None = None,
+        zca: ZCA | None = None,
     ) -> None:
         meta = dict(metadata or {})
+        if zca is not None:
+            meta["zca"] = {**(meta.get("zca") or {}), "eps": float(zca.eps)}
         meta["source"] = str(source).lower()
         meta["method"] = str(method)
         meta["ipc"] = int(ipc)
@@ -84,6 +98,7 @@ class CondensedSet:
             "soft_labels": None if soft_labels is None else soft_labels.detach().cpu().contiguous(),
             "lr": lr,
             "indices": None if indices is None else torch.as_tensor(indices).detach().cpu().contiguous(),
+            **(zca.tensors() if zca is not None else {}),
         }
         tensors = {k: v for k, v in tensors.items() if v is not None}
         problem = _first_problem(tensors, meta)
@@ -94,6 +109,8 @@ class CondensedSet:
         self.soft_labels: torch.Tensor | None = tensors.get("soft_labels")
         self.lr: torch.Tensor | None = tensors.get("lr")
         self.indices: torch.Tensor | None = tensors.get("indices")
+        self.zca_mean: torch.Tensor | None = tensors.get("zca_mean")
+        self.zca_transform: torch.Tensor | None = tensors.get("zca_transform")
         self.metadata: dict[str, Any] = json.loads(encode_metadata(meta))
 
     # -- derived facts -------------------------------------------------------------------
@@ -116,6 +133,13 @@ class CondensedSet:
     @property
     def num_classes(self) -> int:
         return len(self.metadata["classes"])
+
+    @property
+    def zca(self) -> ZCA | None:
+        """The whitening that maps normalised real images into the set's space, or None."""
+        if self.zca_mean is None or self.zca_transform is None:
+            return None
+        return ZCA.from_tensors(self.zca_mean, self.zca_transform, self.metadata["zca"]["eps"])
 
     @property
     def evaluation(self) -> dict[str, Any] | None:
@@ -144,7 +168,7 @@ class CondensedSet:
         meta = {**self.metadata, **updates}
         return CondensedSet(
             self.images, self.labels, source=self.source, method=self.method, ipc=self.ipc,
-            soft_labels=self.soft_labels, lr=self.lr, indices=self.indices, metadata=meta,
+            soft_labels=self.soft_labels, lr=self.lr, indices=self.indices, metadata=meta, zca=self.zca,
         )
 
     # -- disk ----------------------------------------------------------------------------
@@ -174,6 +198,8 @@ class CondensedSet:
             tensors["images"], tensors["labels"], source=metadata["source"], method=metadata["method"],
             ipc=metadata["ipc"], soft_labels=tensors.get("soft_labels"), lr=tensors.get("lr"),
             indices=tensors.get("indices"), metadata=metadata,
+            zca=ZCA.from_tensors(tensors["zca_mean"], tensors["zca_transform"], metadata["zca"]["eps"])
+            if "zca_mean" in tensors else None,
         )
 
     @classmethod
@@ -185,8 +211,8 @@ class CondensedSet:
         return cls.from_bytes(path.read_bytes(), str(path))
 
 
-def _read_header_metadata(data: bytes, name: str) -> dict[str, Any]:
-    """Check the safetensors framing by hand (so nothing else is ever parsed) and return our metadata."""
+def read_safetensors_metadata(data: bytes, name: str) -> dict[str, str]:
+    """Check a safetensors file's framing by hand (so nothing else is ever parsed); return its metadata map."""
     if len(data) < 8:
         raise CondensedSetError(f"{name}: file is truncated or empty ({len(data)} bytes); not a safetensors file")
     (header_len,) = struct.unpack("<Q", data[:8])
@@ -214,7 +240,12 @@ def _read_header_metadata(data: bytes, name: str) -> dict[str, Any]:
             f"{name}: file is truncated or padded (tensor data needs {8 + header_len + end} bytes, "
             f"file has {len(data)}); download or build it again"
         )
-    raw = (header.get("__metadata__") or {}).get(METADATA_KEY)
+    return header.get("__metadata__") or {}
+
+
+def _read_header_metadata(data: bytes, name: str) -> dict[str, Any]:
+    """Our metadata (the JSON under METADATA_KEY) of a safetensors file's bytes."""
+    raw = read_safetensors_metadata(data, name).get(METADATA_KEY)
     if raw is None:
         raise CondensedSetError(f"{name}: safetensors file without '{METADATA_KEY}' metadata; not a condensed set")
     try:
@@ -275,4 +306,25 @@ def _first_problem(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> st
     indices = tensors.get("indices")
     if indices is not None and tuple(indices.shape) != (n,):
         return f"indices must be [N] = [{n}], got {tuple(indices.shape)}"
+    return _zca_problem(tensors, meta, math.prod(images.shape[1:]))
+
+
+def _zca_problem(tensors: dict[str, torch.Tensor], meta: dict[str, Any], d: int) -> str | None:
+    """The first way the optional ZCA tensors and metadata break the format, or None."""
+    mean, transform, info = tensors.get("zca_mean"), tensors.get("zca_transform"), meta.get("zca")
+    if mean is None and transform is None:
+        if info is not None:
+            return "metadata 'zca' is set but the tensors zca_mean / zca_transform are missing"
+        return None
+    if mean is None or transform is None:
+        return "zca_mean and zca_transform come together: the file has only one of them"
+    if tuple(mean.shape) != (d,):
+        return f"zca_mean must be [D] = [{d}] (C*H*W of the images), got {tuple(mean.shape)}"
+    if tuple(transform.shape) != (d, d):
+        return f"zca_transform must be [D, D] = [{d}, {d}], got {tuple(transform.shape)}"
+    if not (torch.isfinite(mean).all() and torch.isfinite(transform).all()):
+        return "zca_mean / zca_transform contain NaN or inf"
+    eps = info.get("eps") if isinstance(info, dict) else None
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        return f"metadata 'zca' must be a mapping with a positive 'eps', got {info!r}"
     return None

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 from builders.methods.base import BuildContext, Method, SetContents
 from builders.methods.coreset import HerdingCoreset, KCenterCoreset, RandomCoreset
+from builders.methods.dc import GradientMatching, SiameseGradientMatching
+from builders.methods.dd import DatasetDistillation
 from builders.methods.dm import DistributionMatching
 
 METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (RandomCoreset, HerdingCoreset, KCenterCoreset, DistributionMatching)
+    cls.name: cls
+    for cls in (
+        RandomCoreset, HerdingCoreset, KCenterCoreset, DistributionMatching,
+        GradientMatching, SiameseGradientMatching, DatasetDistillation,
+    )
 }
 
 

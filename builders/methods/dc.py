@@ -1,0 +1,212 @@
+"""DC: Dataset Condensation with Gradient Matching (Zhao, Mopuri & Bilen, ICLR 2021), and DSA:
+Dataset Condensation with Differentiable Siamese Augmentation (Zhao & Bilen, ICML 2021).
+
+One engine iteration draws a freshly initialised network and runs ``outer_loop`` matching steps.
+Each matching step yields one loss, the sum over classes of the distance (``params.distance``)
+between the gradient of the network's cross-entropy on a real batch of the class (detached) and
+on the synthetic images of the class (differentiable, ``create_graph=True``); the engine then steps
+the images. Between two matching steps, and not after the last, the network itself is trained for
+``inner_loop`` epochs over the (detached) synthetic set with plain SGD (``lr_net``, batches of
+``batch_train``; one epoch is one step while the set has at most ``batch_train`` images).
+
+Networks with BatchNorm: before every matching step the BatchNorm statistics are set from a real
+batch of ``bn_batch_per_class`` images of every class and frozen (eval mode) while gradients are
+matched; the inner training runs in train mode.
+
+DSA is the same loop with one siamese DSA draw per class applied to the real and the synthetic
+batch before matching, and per-sample DSA while the inner network trains.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from builders.methods.base import Method, SetContents
+from builders.methods.matching import (
+    DISTANCES,
+    batch_norm_layers,
+    freeze_batch_norm,
+    gradient_distance,
+    outer_inner_loops,
+)
+
+if TYPE_CHECKING:
+    from builders.methods.base import BuildContext
+    from builders.recipe import Recipe
+
+INITS: tuple[str, ...] = ("noise", "real")
+
+
+def class_gradient(
+    net: nn.Module, params: Sequence[torch.Tensor], images: torch.Tensor, label: int, create_graph: bool
+) -> tuple[torch.Tensor, ...]:
+    """Gradient of the mean cross-entropy of ``net`` on ``images`` (all of class ``label``) w.r.t. ``params``."""
+    targets = torch.full((images.shape[0],), label, dtype=torch.int64, device=images.device)
+    loss = F.cross_entropy(net(images), targets)
+    return torch.autograd.grad(loss, list(params), create_graph=create_graph, allow_unused=True,
+                               materialize_grads=True)
+
+
+def class_matching_loss(
+    net: nn.Module,
+    real_batches: Sequence[torch.Tensor],
+    syn_batches: Sequence[torch.Tensor],
+    metric: str = "ours",
+) -> torch.Tensor:
+    """Sum over classes ``c`` of the distance between the gradients on ``real_batches[c]`` and ``syn_batches[c]``.
+
+    The real gradients are detached; the synthetic ones keep their graph, so the result backpropagates
+    into the synthetic images.
+    """
+    params = [p for p in net.parameters() if p.requires_grad]
+    total = None
+    for c, (real, syn) in enumerate(zip(real_batches, syn_batches)):
+        g_real = [g.detach() for g in class_gradient(net, params, real, c, create_graph=False)]
+        g_syn = class_gradient(net, params, syn, c, create_graph=True)
+        dist = gradient_distance(g_real, g_syn, metric)
+        total = dist if total is None else total + dist
+    assert total is not None, "no classes to match"
+    return total
+
+
+def _check_choice(key: str, value: str, valid: tuple[str, ...]) -> None:
+    from builders.recipe import RecipeError
+
+    if value not in valid:
+        raise RecipeError(f"params.{key}: unknown {value!r}; valid: {', '.join(valid)}")
+
+
+class GradientMatching(Method):
+    """DC: images learned so that a network's gradients on them match its gradients on real data."""
+
+    name: ClassVar[str] = "dc"
+    defaults: ClassVar[dict[str, Any]] = {
+        "lr_img": 0.1,
+        "momentum": 0.5,  # of the images' SGD
+        "lr_net": 0.01,
+        "batch_real": 256,  # real images per class per matching step
+        "batch_train": 256,  # batch of the inner network training
+        "init": "noise",
+        "distance": "ours",
+        "outer_loop": 0,  # 0: by ipc, see outer_inner_loops
+        "inner_loop": 0,  # 0: by ipc
+        "bn_batch_per_class": 16,  # real images per class that set BatchNorm statistics
+    }
+    #: DSA: a siamese draw per class while matching, per-sample DSA while the inner net trains.
+    augmented: ClassVar[bool] = False
+
+    @classmethod
+    def check_recipe(cls, recipe: "Recipe") -> None:
+        from builders.recipe import RecipeError
+
+        p = recipe.params
+        _check_choice("init", p["init"], INITS)
+        _check_choice("distance", p["distance"], DISTANCES)
+        for key in ("outer_loop", "inner_loop"):
+            if p[key] < 0:
+                raise RecipeError(f"params.{key}: must be >= 0 (0: the paper's value for the ipc), got {p[key]}")
+        for key in ("batch_real", "batch_train", "bn_batch_per_class"):
+            if p[key] < 1:
+                raise RecipeError(f"params.{key}: must be >= 1, got {p[key]}")
+        if not cls.augmented and recipe.augment != "none":
+            raise RecipeError(
+                f"augment: method dc matches gradients without augmentation, got {recipe.augment!r}; use "
+                "method dsa for differentiable siamese augmentation, or eval.augment to augment the evaluation"
+            )
+
+    def __init__(self, ctx: "BuildContext") -> None:
+        super().__init__(ctx)
+        outer, inner = outer_inner_loops(ctx.ipc)
+        self.outer_loop: int = self.params["outer_loop"] or outer
+        self.inner_loop: int = self.params["inner_loop"] or inner
+
+    def initial_state(self) -> dict[str, torch.Tensor]:
+        images, self.init_rows = self.ctx.initial_images(self.params["init"])
+        return {"images": images}
+
+    def optimizers(self, state: dict[str, torch.Tensor]) -> dict[str, torch.optim.Optimizer]:
+        sgd = torch.optim.SGD([state["images"]], lr=self.params["lr_img"], momentum=self.params["momentum"])
+        return {"images": sgd}
+
+    # -- pieces ----------------------------------------------------------------------------
+    def matching_batches(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per class: a real batch and the synthetic images (with one siamese DSA draw each for dsa)."""
+        ctx = self.ctx
+        real_batches, syn_batches = [], []
+        for c in range(ctx.num_classes):
+            real = ctx.real.sample_class(c, self.params["batch_real"], ctx.generator)
+            syn = images[ctx.class_slice(c)]
+            if self.augmented:
+                real, syn = ctx.augment_siamese(real, syn)
+            real_batches.append(real)
+            syn_batches.append(syn)
+        return real_batches, syn_batches
+
+    def train_inner(self, net: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor) -> None:
+        """``inner_loop`` epochs of ``net`` on the detached synthetic set (per-sample DSA for dsa)."""
+        ctx = self.ctx
+        data, labels = images.detach(), ctx.hard_labels()
+        batch = self.params["batch_train"]
+        net.train()
+        for _ in range(self.inner_loop):
+            order = torch.randperm(data.shape[0], generator=ctx.generator).to(data.device)
+            for start in range(0, data.shape[0], batch):
+                idx = order[start : start + batch]
+                x = ctx.augment_each(data[idx]) if self.augmented else data[idx]
+                loss = F.cross_entropy(net(x), labels[idx])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+
+    # -- one iteration ---------------------------------------------------------------------
+    def losses(self, state: dict[str, torch.Tensor], iteration: int) -> Iterator[torch.Tensor]:
+        ctx = self.ctx
+        net = ctx.new_network()
+        net.train()
+        optimizer = torch.optim.SGD(net.parameters(), lr=self.params["lr_net"])
+        has_bn = bool(batch_norm_layers(net))
+        for outer in range(self.outer_loop):
+            if has_bn:
+                n = self.params["bn_batch_per_class"]
+                freeze_batch_norm(net, torch.cat([ctx.real.sample_class(c, n, ctx.generator)
+                                                  for c in range(ctx.num_classes)]))
+            real_batches, syn_batches = self.matching_batches(state["images"])
+            yield class_matching_loss(net, real_batches, syn_batches, self.params["distance"])
+            if outer == self.outer_loop - 1:
+                break  # the paper does not train the network after the last matching step
+            self.train_inner(net, optimizer, state["images"])
+
+    def finalize(self, state: dict[str, torch.Tensor]) -> SetContents:
+        return SetContents(
+            images=state["images"].detach(),
+            metadata={"init": self.params["init"], "distance": self.params["distance"],
+                      "outer_loop": self.outer_loop, "inner_loop": self.inner_loop},
+        )
+
+
+class SiameseGradientMatching(GradientMatching):
+    """DSA: DC with differentiable siamese augmentation; needs an augmentation strategy."""
+
+    name: ClassVar[str] = "dsa"
+    defaults: ClassVar[dict[str, Any]] = {**GradientMatching.defaults, "init": "real"}
+    augmented: ClassVar[bool] = True
+
+    @classmethod
+    def check_recipe(cls, recipe: "Recipe") -> None:
+        from builders.recipe import RecipeError
+
+        if recipe.augment == "none":
+            raise RecipeError(
+                "augment: method dsa needs a DSA strategy (e.g. color_crop_cutout_flip_scale_rotate, or "
+                "color_crop_cutout_scale_rotate for digits), got 'none'; use method dc for no augmentation"
+            )
+        super().check_recipe(recipe)
+
+    def finalize(self, state: dict[str, torch.Tensor]) -> SetContents:
+        contents = super().finalize(state)
+        contents.metadata["augment"] = self.ctx.recipe.augment
+        return contents

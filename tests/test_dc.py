@@ -1,0 +1,240 @@
+"""DC and DSA: the gradient distances by hand, the loop schedule, the matching loss, BatchNorm, builds."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from builders.data import RealData
+from builders.engine import Engine
+from builders.methods.base import BuildContext
+from builders.methods.dc import GradientMatching, SiameseGradientMatching, class_gradient, class_matching_loss
+from builders.methods.matching import freeze_batch_norm, gradient_distance, layerwise_distance, outer_inner_loops
+from builders.networks import build_network
+from builders.recipe import RecipeError, load_recipe, recipe_from_dict
+from condensed_datasets.sources import get_source
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+DSA = "color_crop_cutout_flip_scale_rotate"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors on a shared 2-core machine: one thread avoids OpenMP contention (100x faster here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# -- the distances by hand -------------------------------------------------------------------------
+
+
+def test_layerwise_distance_of_a_2x2_weight_is_one_minus_cos_per_row_summed():
+    real = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    syn = torch.tensor([[1.0, 1.0], [0.0, 2.0]])
+    # row 0: cos = 1 / (1 * sqrt 2); row 1: cos = 2 / (1 * 2) = 1
+    expected = (1 - 1 / (math.sqrt(2) + 1e-6)) + (1 - 2 / (2 + 1e-6))
+    assert math.isclose(layerwise_distance(real, syn).item(), expected, rel_tol=1e-6)
+    # a conv kernel [out, in, k, k] is compared row by output channel: [2,1,1,2] is the same 2x2 case
+    assert math.isclose(layerwise_distance(real.view(2, 1, 1, 2), syn.view(2, 1, 1, 2)).item(), expected, rel_tol=1e-6)
+
+
+def test_biases_and_other_1d_tensors_are_ignored_by_the_layerwise_distance():
+    w_real, w_syn = torch.tensor([[1.0, 2.0], [3.0, -1.0]]), torch.tensor([[0.5, 2.0], [1.0, 1.0]])
+    b_real, b_syn = torch.tensor([1.0, -5.0]), torch.tensor([-7.0, 3.0])
+    assert layerwise_distance(b_real, b_syn).item() == 0.0
+    with_bias = gradient_distance([w_real, b_real], [w_syn, b_syn], "ours")
+    assert with_bias.item() == layerwise_distance(w_real, w_syn).item()
+
+
+def test_mse_and_cos_compare_all_gradients_as_one_vector():
+    real = [torch.tensor([1.0, 2.0]), torch.tensor([[3.0]])]
+    syn = [torch.tensor([0.0, 2.0]), torch.tensor([[5.0]])]
+    assert gradient_distance(real, syn, "mse").item() == 1.0 + 0.0 + 4.0
+    # (1,2,3).(0,2,5) = 19, norms sqrt 14 and sqrt 29; biases count here
+    expected = 1 - 19 / (math.sqrt(14 * 29) + 1e-6)
+    assert math.isclose(gradient_distance(real, syn, "cos").item(), expected, abs_tol=1e-6)
+    with pytest.raises(ValueError, match="valid: ours, mse, cos"):
+        gradient_distance(real, syn, "l1")
+
+
+@pytest.mark.parametrize("ipc, loops", [(1, (1, 1)), (10, (10, 50)), (20, (20, 25)), (30, (30, 20)),
+                                        (40, (40, 15)), (50, (50, 10))])
+def test_outer_inner_loops_of_the_listed_ipcs_are_the_papers(ipc, loops):
+    assert outer_inner_loops(ipc) == loops
+
+
+@pytest.mark.parametrize("ipc, like", [(2, 1), (5, 1), (9, 1), (11, 10), (19, 10), (25, 20), (49, 40), (51, 50),
+                                       (1000, 50)])
+def test_outer_inner_loops_of_other_ipcs_take_the_nearest_listed_ipc_below(ipc, like):
+    assert outer_inner_loops(ipc) == outer_inner_loops(like)
+
+
+def test_outer_inner_loops_refuses_ipc_below_one():
+    with pytest.raises(ValueError):
+        outer_inner_loops(0)
+
+
+# -- the method on a tiny context ------------------------------------------------------------------
+
+
+def _tiny_context(method="dc", ipc=2, per_class=3, augment="none", model="ConvNetW32", **params):
+    info = get_source("fashionmnist")
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (10 * per_class, 1, 8, 8), generator=g, dtype=torch.uint8)
+    real = RealData(images, torch.arange(10).repeat_interleave(per_class), info)
+    recipe = recipe_from_dict({"source": "fashionmnist", "method": method, "ipc": ipc, "augment": augment,
+                               "model": model, "params": params})
+    return BuildContext(recipe, real, torch.device("cpu"), torch.Generator().manual_seed(1)), real
+
+
+def test_dc_loss_is_the_sum_over_classes_of_the_gradient_distance():
+    ctx, real = _tiny_context(batch_real=256)
+    net = build_network("ConvNetW32", 1, 10, (8, 8), seed=5)
+    ctx.new_network = lambda name=None: net
+    method = GradientMatching(ctx)
+    state = method.initial_state()
+    loss = next(iter(method.losses(state, 0)))
+    # batch_real 256 > 3 per class: each class's real batch is all its images (order does not matter)
+    params = list(net.parameters())
+    expected = 0.0
+    for c in range(10):
+        g_real = class_gradient(net, params, real.rows(real.class_indices[c]), c, create_graph=False)
+        g_syn = class_gradient(net, params, state["images"].detach()[2 * c : 2 * c + 2], c, create_graph=False)
+        expected += gradient_distance(g_real, g_syn).item()
+    assert math.isclose(loss.item(), expected, rel_tol=1e-4)
+    loss.backward()
+    assert (state["images"].grad.flatten(1).abs().sum(1) > 0).all()
+
+
+@pytest.mark.parametrize("distance", ["ours", "mse", "cos"])
+def test_dc_gradients_reach_every_synthetic_image(distance):
+    ctx, _ = _tiny_context(distance=distance)
+    method = GradientMatching(ctx)
+    state = method.initial_state()
+    loss = next(iter(method.losses(state, 0)))
+    loss.backward()
+    assert torch.isfinite(loss) and loss.item() > 0
+    assert (state["images"].grad.flatten(1).abs().sum(1) > 0).all()
+
+
+def test_dsa_augments_siamese_while_matching_and_per_sample_while_training():
+    ctx, _ = _tiny_context(method="dsa", augment=DSA, outer_loop=2, inner_loop=3)
+    siamese, each = [], []
+    real_siamese, real_each = ctx.augment_siamese, ctx.augment_each
+    ctx.augment_siamese = lambda *b: siamese.append(len(b)) or real_siamese(*b)
+    ctx.augment_each = lambda b: each.append(b.shape[0]) or real_each(b)
+    method = SiameseGradientMatching(ctx)
+    state = method.initial_state()
+    assert method.params["init"] == "real"
+    for loss in method.losses(state, 0):
+        state["images"].grad = None
+        loss.backward()
+        assert (state["images"].grad.flatten(1).abs().sum(1) > 0).all()
+    assert siamese == [2] * 20  # one draw per class, for its real and synthetic batch, per outer step
+    assert each == [20] * 3  # the inner training between the two outer steps: 3 epochs of one batch
+
+
+def test_the_network_trains_between_matching_steps_and_not_after_the_last():
+    ctx, _ = _tiny_context(outer_loop=3, inner_loop=2)
+    net = build_network("ConvNetW32", 1, 10, (8, 8), seed=5)
+    ctx.new_network = lambda name=None: net
+    method = GradientMatching(ctx)
+    state = method.initial_state()
+    snapshots = []
+    for loss in method.losses(state, 0):
+        snapshots.append([p.detach().clone() for p in net.parameters()])
+        loss.backward()
+    snapshots.append([p.detach().clone() for p in net.parameters()])
+    changed = [any(not torch.equal(a, b) for a, b in zip(s, t)) for s, t in zip(snapshots, snapshots[1:])]
+    assert changed == [True, True, False]
+
+
+def test_freeze_batch_norm_uses_the_real_batch_statistics_and_eval_mode():
+    net = nn.Sequential(nn.Conv2d(1, 3, 1), nn.BatchNorm2d(3), nn.Flatten(), nn.Linear(12, 2))
+    net.train()
+    real = torch.randn(8, 1, 2, 2, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    freeze_batch_norm(net, real)
+    bn = net[1]
+    with torch.no_grad():
+        feats = net[0](real)
+    torch.testing.assert_close(bn.running_mean, feats.mean((0, 2, 3)))
+    torch.testing.assert_close(bn.running_var, feats.var((0, 2, 3), unbiased=True))
+    assert not bn.training and net[0].training and bn.momentum == 0.1
+    net.train()
+    assert bn.training
+
+
+def test_dc_with_batch_norm_matches_with_frozen_statistics():
+    ctx, _ = _tiny_context(model="ConvNetBN", ipc=1)
+    seen = []
+    net = build_network("ConvNetBN", 1, 10, (8, 8), seed=5)
+    ctx.new_network = lambda name=None: net
+    method = GradientMatching(ctx)
+    state = method.initial_state()
+    for loss in method.losses(state, 0):
+        seen.append([m.training for m in net.modules() if isinstance(m, nn.BatchNorm2d)])
+        loss.backward()
+    assert seen == [[False, False, False]]
+    assert (state["images"].grad.flatten(1).abs().sum(1) > 0).all()
+
+
+# -- recipes -----------------------------------------------------------------------------------------
+
+
+def test_dsa_without_augmentation_is_a_recipe_error():
+    with pytest.raises(RecipeError, match="dsa needs a DSA strategy"):
+        recipe_from_dict({"source": "fashionmnist", "method": "dsa", "ipc": 1, "augment": "none"})
+
+
+def test_dc_refuses_augmentation_and_unknown_choices():
+    with pytest.raises(RecipeError, match="method dsa"):
+        recipe_from_dict({"source": "fashionmnist", "method": "dc", "ipc": 1, "augment": DSA})
+    with pytest.raises(RecipeError, match="params.distance"):
+        recipe_from_dict({"source": "fashionmnist", "method": "dc", "ipc": 1, "params": {"distance": "l1"}})
+    with pytest.raises(RecipeError, match="params.init"):
+        recipe_from_dict({"source": "fashionmnist", "method": "dsa", "ipc": 1, "augment": DSA,
+                          "params": {"init": "zeros"}})
+
+
+@pytest.mark.parametrize("path", sorted(RECIPES.glob("d[cds]*_*.yaml")), ids=lambda p: p.name)
+def test_every_dc_dsa_dd_recipe_loads(path):
+    recipe = load_recipe(path)
+    assert recipe.method in ("dc", "dsa", "dd") and path.name == f"{recipe.method}_{recipe.source}.yaml"
+    assert recipe.iterations > 0 and "Evaluation protocol" in path.read_text()
+
+
+def test_recipes_exist_for_every_source():
+    for method in ("dc", "dsa", "dd"):
+        for source in ("mnist", "fashionmnist", "svhn", "cifar10", "cifar100", "tinyimagenet"):
+            assert (RECIPES / f"{method}_{source}.yaml").is_file()
+
+
+# -- tiny builds on Fashion-MNIST ---------------------------------------------------------------------
+
+
+def _fixed_matching_loss(images: torch.Tensor, real: RealData, ipc: int) -> float:
+    """The matching loss of ``images`` on one fixed network and fixed real batches (all real images)."""
+    net = build_network("ConvNetW32", 1, 10, (28, 28), seed=12345)
+    real_batches = [real.rows(real.class_indices[c]) for c in range(10)]
+    syn_batches = [images[c * ipc : (c + 1) * ipc] for c in range(10)]
+    return class_matching_loss(net, real_batches, syn_batches).item()
+
+
+@pytest.mark.parametrize("method, augment", [("dc", "none"), ("dsa", DSA)])
+def test_a_tiny_build_lowers_the_matching_loss(method, augment, fashion_mnist_root, tmp_path):
+    recipe = {"source": "fashionmnist", "method": method, "ipc": 1, "model": "ConvNetW32", "seed": 0,
+              "augment": augment, "real_per_class": 10, "params": {"batch_real": 10, "init": "noise"}}
+    sets = {}
+    for iterations in (0, 12):
+        engine = Engine(recipe_from_dict({**recipe, "iterations": iterations}), out_root=tmp_path / str(iterations),
+                        data_root=fashion_mnist_root, device="cpu", evaluate=False, progress=False)
+        sets[iterations] = engine.run()
+    assert sets[12].images.shape == (10, 1, 28, 28) and sets[12].method == method
+    assert not torch.equal(sets[0].images, sets[12].images)
+    real = RealData.from_source("fashionmnist", fashion_mnist_root, per_class=10)
+    before, after = (_fixed_matching_loss(sets[i].images, real, 1) for i in (0, 12))
+    assert after < before, (before, after)
