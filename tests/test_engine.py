@@ -119,3 +119,24 @@ def test_coresets_store_real_rows_and_their_indices(fashion_mnist_root, tmp_path
     assert labels[cset.indices].tolist() == cset.labels.tolist()
     mean, std = 0.2861, 0.3530
     torch.testing.assert_close(cset.images, (images[cset.indices].float() / 255 - mean) / std)
+
+
+def test_a_damaged_checkpoint_is_a_clear_error(fashion_mnist_root, tmp_path):
+    e = engine(fashion_mnist_root, tmp_path)
+    e.paths.checkpoint.parent.mkdir(parents=True)
+    e.paths.checkpoint.write_bytes(b"\x80\x04not a checkpoint")
+    e.resume = True
+    with pytest.raises(BuildError, match="not a readable checkpoint"):
+        e.run()
+
+
+def test_periodic_evaluation_is_logged_and_does_not_change_the_result(fashion_mnist_root, tmp_path, reproducible):
+    plain = engine(fashion_mnist_root, tmp_path / "plain")
+    plain.run()
+    watched = engine(fashion_mnist_root, tmp_path / "watched", eval={"runs": 1, "epochs": 1, "every": 3,
+                                                                      "test_per_class": 2, "random_baseline": False})
+    watched.evaluate = True
+    cset = watched.run()
+    evals = [json.loads(l) for l in watched.paths.log.read_text().splitlines() if "eval" in l]
+    assert [e["iteration"] for e in evals] == [3] and "accuracy_mean" in evals[0]["eval"]
+    assert torch.equal(cset.images, CondensedSet.load(plain.paths.set).images)
