@@ -1,0 +1,308 @@
+"""What sets exist where: the hub repositories' ``index.json``, published folders, local roots, embedded sets.
+
+Names used everywhere:
+
+- a hub repository per source: ``{org}/condensed-{source}`` (dataset repo). ``org`` is the environment
+  variable ``CONDENSED_DATASETS_ORG`` when set, else :data:`DEFAULT_ORG`;
+- a set's file name in a repository (and under ``{root}/condensed/{source}/``): ``{method}_ipc{ipc}.safetensors``;
+- ``index.json`` beside the sets: the machine-readable catalogue of the repository (see :func:`index_entry`);
+- embedded sets: ``condensed_datasets/embedded/{source}/{method}_ipc{ipc}.safetensors`` inside the package
+  (folder overridable with ``CONDENSED_DATASETS_EMBEDDED_DIR`` or by setting :data:`EMBEDDED_DIR`).
+
+This module reads only file headers (never the tensors) to list local sets, and never touches the network
+itself: hub listings go through :mod:`condensed_datasets.hub`, imported lazily.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from pathlib import Path
+from typing import Any
+
+from condensed_datasets.format import FORMAT_VERSION, METADATA_KEY, METHODS, CondensedSetError
+from condensed_datasets.sources import get_source
+
+#: The hub organisation (user or org) whose ``condensed-{source}`` dataset repositories are used by default.
+DEFAULT_ORG = "condensed-datasets"
+#: Environment variable that replaces :data:`DEFAULT_ORG` (e.g. a mirror's or your own organisation).
+ORG_ENV = "CONDENSED_DATASETS_ORG"
+#: The catalogue file of a repository or published folder.
+INDEX_NAME = "index.json"
+#: The dataset card of a repository or published folder.
+CARD_NAME = "README.md"
+#: Version of the ``index.json`` layout written by :func:`make_index`.
+INDEX_VERSION = 1
+#: Environment variable naming another folder of embedded sets (laid out as ``{source}/{method}_ipc{ipc}.safetensors``).
+EMBEDDED_DIR_ENV = "CONDENSED_DATASETS_EMBEDDED_DIR"
+#: The package's own folder of embedded sets (tests may monkeypatch this attribute).
+EMBEDDED_DIR: Path = Path(__file__).resolve().parent / "embedded"
+
+_SET_FILE = re.compile(r"^(?P<method>[a-z0-9_]+)_ipc(?P<ipc>[1-9][0-9]*)\.safetensors$")
+_HEADER_LIMIT = 100 * 1024 * 1024
+
+
+# -- names -------------------------------------------------------------------------------------------------
+def hub_org() -> str:
+    """The hub organisation: ``$CONDENSED_DATASETS_ORG`` or :data:`DEFAULT_ORG`."""
+    return os.environ.get(ORG_ENV, "").strip().strip("/") or DEFAULT_ORG
+
+
+def default_repo_id(source: str) -> str:
+    """The dataset repository of ``source``: ``{org}/condensed-{source}``."""
+    return f"{hub_org()}/condensed-{get_source(source).name}"
+
+
+def set_filename(method: str, ipc: int) -> str:
+    """A set's file name: ``{method}_ipc{ipc}.safetensors``."""
+    return f"{method}_ipc{int(ipc)}.safetensors"
+
+
+def parse_set_filename(name: str) -> tuple[str, int] | None:
+    """``(method, ipc)`` of a set file name, or None when ``name`` is not one."""
+    match = _SET_FILE.match(name)
+    return (match["method"], int(match["ipc"])) if match else None
+
+
+def _method_rank(method: str) -> int:
+    return METHODS.index(method) if method in METHODS else len(METHODS)
+
+
+def sort_key(entry: dict[str, Any]) -> tuple[Any, ...]:
+    """Order of listings and card tables: source, method in the project's order, ipc, location."""
+    return (entry.get("source", ""), _method_rank(entry.get("method", "")), entry.get("method", ""),
+            int(entry.get("ipc", 0)), entry.get("where", ""))
+
+
+def describe_sets(sets: dict[str, list[int]]) -> str:
+    """``{"dm": [1, 10]}`` -> ``"dm ipc 1, 10"`` (``"none"`` when empty)."""
+    if not sets:
+        return "none"
+    ordered = sorted(sets.items(), key=lambda kv: (_method_rank(kv[0]), kv[0]))
+    return "; ".join(f"{method} ipc {', '.join(map(str, sorted(ipcs)))}" for method, ipcs in ordered)
+
+
+def sets_by_method(entries: list[dict[str, Any]]) -> dict[str, list[int]]:
+    """Listing entries -> ``{method: sorted ipcs}``."""
+    out: dict[str, list[int]] = {}
+    for entry in entries:
+        out.setdefault(entry["method"], []).append(int(entry["ipc"]))
+    return {method: sorted(set(ipcs)) for method, ipcs in out.items()}
+
+
+# -- headers and entries -------------------------------------------------------------------------------------
+def read_set_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``condensed_datasets`` metadata of a set file, reading only its header (not the tensors).
+
+    Checks the safetensors framing (header length, tensor extents against the file size) so a truncated
+    file is reported; full validation is :meth:`CondensedSet.load`.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            raise CondensedSetError(f"{path}: file is truncated or empty ({size} bytes); not a safetensors file")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > _HEADER_LIMIT or header_len > size - 8:
+            raise CondensedSetError(f"{path}: not a safetensors file (header of {header_len} bytes in {size})")
+        raw = handle.read(header_len)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        meta = json.loads(header["__metadata__"][METADATA_KEY])
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, IndexError) as exc:
+        raise CondensedSetError(f"{path}: not a condensed set (unreadable header: {exc})") from exc
+    if 8 + header_len + end != size:
+        raise CondensedSetError(f"{path}: file is truncated or padded ({size} bytes, expected {8 + header_len + end})")
+    if not isinstance(meta, dict):
+        raise CondensedSetError(f"{path}: '{METADATA_KEY}' metadata is not a JSON object")
+    return meta
+
+
+def _num(value: Any) -> float | None:
+    return None if value is None or isinstance(value, bool) else float(value)
+
+
+def recipe_summary(metadata: dict[str, Any]) -> dict[str, Any]:
+    """The short form of a set's recipe for catalogues: model, iterations, seed (and its name when recorded)."""
+    recipe = metadata.get("recipe") or {}
+    out: dict[str, Any] = {}
+    for key in ("name", "model", "iterations", "augment"):
+        if recipe.get(key) not in (None, ""):
+            out[key] = recipe[key]
+    seed = metadata.get("seed", recipe.get("seed"))
+    if seed is not None:
+        out["seed"] = seed
+    if metadata.get("recipe_file"):
+        out["file"] = metadata["recipe_file"]
+    return out
+
+
+def index_entry(metadata: dict[str, Any], *, sha256: str | None, size: int) -> dict[str, Any]:
+    """One set's entry of ``index.json`` (and of listings): what a catalogue needs, from the set's metadata.
+
+    Keys: source, method, ipc, sha256, size, num_images, image_shape, soft_labels, format_version,
+    accuracy_mean, accuracy_std, improvement_over_random, random_accuracy_mean, evaluation (model, runs,
+    epochs) and recipe (short form, :func:`recipe_summary`). Missing evaluations are ``None``.
+    """
+    ev = metadata.get("evaluation") or {}
+    classes = metadata.get("classes") or []
+    return {
+        "source": metadata["source"],
+        "method": metadata["method"],
+        "ipc": int(metadata["ipc"]),
+        "sha256": sha256,
+        "size": int(size),
+        "num_images": len(classes) * int(metadata["ipc"]),
+        "image_shape": list(metadata.get("image_shape") or []),
+        "format_version": metadata.get("format_version", FORMAT_VERSION),
+        "accuracy_mean": _num(ev.get("accuracy_mean")),
+        "accuracy_std": _num(ev.get("accuracy_std")),
+        "improvement_over_random": _num(ev.get("improvement_over_random")),
+        "random_accuracy_mean": _num(ev.get("random_accuracy_mean")),
+        "evaluation": {k: ev[k] for k in ("model", "runs", "epochs") if ev.get(k) is not None},
+        "recipe": recipe_summary(metadata),
+    }
+
+
+# -- index.json ----------------------------------------------------------------------------------------------
+def make_index(files: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """An ``index.json`` document from ``{file name: entry}``."""
+    return {"index_version": INDEX_VERSION, "files": {name: dict(files[name]) for name in sorted(files)}}
+
+
+def index_to_bytes(index: dict[str, Any]) -> bytes:
+    """``index.json``'s bytes: sorted keys, two-space indent, newline at the end (stable for the same content)."""
+    return (json.dumps(index, sort_keys=True, indent=2, allow_nan=False) + "\n").encode("utf-8")
+
+
+def parse_index(data: bytes | str, name: str = INDEX_NAME) -> dict[str, Any]:
+    """Parse and check an ``index.json`` document; raises ValueError naming ``name`` when it is malformed."""
+    try:
+        index = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{name} is not JSON: {exc}") from exc
+    if not isinstance(index, dict) or not isinstance(index.get("files"), dict):
+        raise ValueError(f"{name} is not a condensed-datasets index (no 'files' mapping)")
+    version = index.get("index_version")
+    if not isinstance(version, int) or version > INDEX_VERSION:
+        raise ValueError(f"{name} has index_version {version!r}; this package reads up to {INDEX_VERSION} "
+                         "(upgrade condensed-datasets)")
+    for fname, entry in index["files"].items():
+        if not isinstance(entry, dict) or parse_set_filename(fname) is None:
+            raise ValueError(f"{name}: bad entry {fname!r}")
+        for key in ("source", "method", "ipc", "sha256", "size"):
+            if key not in entry:
+                raise ValueError(f"{name}: entry {fname!r} has no {key!r}")
+    return index
+
+
+def index_listing(index: dict[str, Any], *, where: str, location: str,
+                  source: str | None = None) -> list[dict[str, Any]]:
+    """The entries of an index as listing rows (``file``, ``where``, ``location`` added), optionally one source."""
+    rows = []
+    for fname, entry in index["files"].items():
+        if source is not None and entry.get("source") != get_source(source).name:
+            continue
+        rows.append({**entry, "file": fname, "where": where, "location": location})
+    return sorted(rows, key=sort_key)
+
+
+# -- local roots, folders, embedded sets ------------------------------------------------------------------------
+def _scan_folder(folder: Path, *, where: str, source: str | None = None) -> list[dict[str, Any]]:
+    """Listing rows for the set files directly in ``folder`` (headers only; unreadable files are skipped)."""
+    rows: list[dict[str, Any]] = []
+    if not folder.is_dir():
+        return rows
+    for path in sorted(folder.iterdir()):
+        if parse_set_filename(path.name) is None or not path.is_file():
+            continue
+        try:
+            meta = read_set_metadata(path)
+            entry = index_entry(meta, sha256=None, size=path.stat().st_size)
+        except (CondensedSetError, OSError, KeyError, TypeError, ValueError):
+            continue
+        if source is not None and entry["source"] != get_source(source).name:
+            continue
+        rows.append({**entry, "file": path.name, "where": where, "location": str(path)})
+    return rows
+
+
+def list_local(root: str | os.PathLike, source: str | None = None) -> list[dict[str, Any]]:
+    """The sets under ``{root}/condensed/{source}/`` (every source when ``source`` is None), from their headers."""
+    base = Path(root).expanduser() / "condensed"
+    names = [get_source(source).name] if source else (sorted(p.name for p in base.iterdir() if p.is_dir())
+                                                      if base.is_dir() else [])
+    rows: list[dict[str, Any]] = []
+    for name in names:
+        rows += _scan_folder(base / name, where="local", source=name)
+    return sorted(rows, key=sort_key)
+
+
+def list_folder(folder: str | os.PathLike, source: str | None = None) -> list[dict[str, Any]]:
+    """The sets of a published folder (``condensed-publish --to-dir``): its ``index.json``, else its files."""
+    folder = Path(folder).expanduser()
+    index_path = folder / INDEX_NAME
+    if index_path.is_file():
+        index = parse_index(index_path.read_bytes(), str(index_path))
+        return index_listing(index, where="folder", location=str(folder), source=source)
+    return sorted(_scan_folder(folder, where="folder", source=source), key=sort_key)
+
+
+def embedded_dir() -> Path:
+    """The folder of embedded sets: ``$CONDENSED_DATASETS_EMBEDDED_DIR`` or :data:`EMBEDDED_DIR`."""
+    override = os.environ.get(EMBEDDED_DIR_ENV)
+    return Path(override).expanduser() if override else EMBEDDED_DIR
+
+
+def embedded_path(source: str, method: str, ipc: int) -> Path | None:
+    """The embedded file of ``source``/``method``/``ipc``, or None when the package ships none."""
+    path = embedded_dir() / get_source(source).name / set_filename(method, ipc)
+    return path if path.is_file() else None
+
+
+def list_embedded(source: str | None = None) -> list[dict[str, Any]]:
+    """The sets shipped inside the package (``embedded/{source}/``), from their headers."""
+    base = embedded_dir()
+    names = [get_source(source).name] if source else (sorted(p.name for p in base.iterdir() if p.is_dir())
+                                                      if base.is_dir() else [])
+    rows: list[dict[str, Any]] = []
+    for name in names:
+        rows += _scan_folder(base / name, where="embedded", source=name)
+    return sorted(rows, key=sort_key)
+
+
+def list_hub(repo_id: str, revision: str | None = None, source: str | None = None) -> list[dict[str, Any]]:
+    """The sets of a hub repository, from its ``index.json`` (or its file list when it has none).
+
+    Raises :class:`condensed_datasets.hub.HubError` subclasses when the repository cannot be read.
+    """
+    from condensed_datasets import hub  # lazy: keeps huggingface_hub off the import path
+
+    return hub.list_repo(repo_id, revision=revision, source=source)
+
+
+def available(
+    source: str,
+    root: str | os.PathLike | None = None,
+    repo_id: str | None = None,
+    revision: str | None = None,
+    download: bool = False,
+) -> list[dict[str, Any]]:
+    """Every set of ``source`` that can be loaded: local (under ``root``), embedded, and, with
+    ``download=True``, those of the hub repository (``repo_id``, default ``{org}/condensed-{source}``).
+
+    Each row: source, method, ipc, file, where (``local``/``embedded``/``hub``), location (path or repo id),
+    size, sha256 (hub rows), accuracy_mean, accuracy_std, improvement_over_random, ...
+    """
+    name = get_source(source).name
+    rows: list[dict[str, Any]] = []
+    if root is not None:
+        rows += list_local(root, name)
+    rows += list_embedded(name)
+    if download:
+        rows += list_hub(repo_id or default_repo_id(name), revision=revision, source=name)
+    return sorted(rows, key=sort_key)

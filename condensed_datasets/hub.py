@@ -1,0 +1,485 @@
+"""Download condensed sets from a Hugging Face Hub dataset repository (or a mirror that speaks its protocol).
+
+Where a set comes from: the dataset repository ``{org}/condensed-{source}`` (see
+:func:`condensed_datasets.catalogue.default_repo_id`; ``org`` is ``$CONDENSED_DATASETS_ORG`` or
+``condensed-datasets``), file ``{method}_ipc{ipc}.safetensors``, revision ``main`` unless one is given.
+Everything goes through ``huggingface_hub.hf_hub_download``, so the usual variables apply and are read
+*at call time*: ``HF_ENDPOINT`` (a mirror), ``HF_HOME`` / ``HF_HUB_CACHE`` (the download cache),
+``HF_HUB_OFFLINE`` (no network), ``HF_TOKEN`` (private repositories).
+
+The download lands in the Hugging Face cache, is checked, then copied atomically to
+``{root}/condensed/{source}/{method}_ipc{ipc}.safetensors`` (temporary file + rename), under a lock file
+beside it (``.{file}.lock``), so concurrent downloads of one set end with one good file.
+
+Integrity: the file's SHA-256 must equal the hub's. The hub's SHA-256 is the LFS object id the server
+reports for the file (``X-Linked-Etag`` of the ``resolve`` HEAD response; the Hub stores ``*.safetensors``
+in LFS/Xet, whose id is the file's SHA-256). When the server reports no SHA-256 (a file kept in plain
+git, whose ETag is a git blob id), the ``sha256`` of the file's entry in the repository's ``index.json``
+at the same commit is used instead. With neither, the download is refused. A downloaded file leaves a
+record beside it (``.{file}.hub.json``: repository, revision, commit, sha256); a local file with such a
+record is compared with the hub again on every ``download=True`` lookup and replaced when it differs
+(damaged, or the revision moved). Offline, a local copy is validated by :meth:`CondensedSet.load` and
+compared with its record; a damaged one is restored from the Hugging Face cache or refused, never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+from filelock import Timeout as LockTimeout
+from huggingface_hub import HfApi, constants, get_hf_file_metadata, hf_hub_download, hf_hub_url
+from huggingface_hub import errors as hf_errors
+
+from condensed_datasets._atomic import atomic_write_bytes
+from condensed_datasets.catalogue import (
+    INDEX_NAME,
+    default_repo_id,
+    describe_sets,
+    index_listing,
+    parse_index,
+    parse_set_filename,
+    set_filename,
+    sort_key,
+)
+from condensed_datasets.format import CondensedSet, CondensedSetError
+from condensed_datasets.sources import get_source
+
+__all__ = [
+    "DEFAULT_REVISION",
+    "HubError",
+    "HubIntegrityError",
+    "HubNotFoundError",
+    "HubOfflineError",
+    "RemoteFile",
+    "download_set",
+    "fetch_index",
+    "hub_cache_dir",
+    "hub_endpoint",
+    "hub_offline",
+    "is_hub_copy",
+    "list_repo",
+    "read_record",
+    "record_path",
+    "remote_file",
+    "repo_sets",
+    "sha256_file",
+]
+
+DEFAULT_REVISION = "main"
+REPO_TYPE = "dataset"
+LOCK_TIMEOUT_S = 600.0
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+_TRUE = {"1", "ON", "YES", "TRUE"}
+
+RepositoryNotFoundError = hf_errors.RepositoryNotFoundError
+RevisionNotFoundError = hf_errors.RevisionNotFoundError
+LocalEntryNotFoundError = hf_errors.LocalEntryNotFoundError
+# huggingface_hub >= 1.0 splits remote/local "entry not found"; older versions have one HTTP error class.
+RemoteEntryNotFoundError: type[Exception] = getattr(hf_errors, "RemoteEntryNotFoundError", hf_errors.EntryNotFoundError)
+
+
+class HubError(RuntimeError):
+    """A set could not be obtained from the hub; the message says why and how to get it otherwise."""
+
+
+class HubNotFoundError(HubError):
+    """The repository, the revision or the file does not exist (or is not visible with the token sent).
+
+    ``kind`` says which: ``"repository"``, ``"revision"`` or ``"file"``.
+    """
+
+    def __init__(self, message: str, kind: str = "file") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class HubOfflineError(HubError):
+    """Offline (``HF_HUB_OFFLINE``) or the hub is unreachable, and the set is not in the cache."""
+
+
+class HubIntegrityError(HubError):
+    """A file whose SHA-256 or content does not match what the hub says it is."""
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """What the hub says about one file at one revision (from a HEAD on its ``resolve`` URL)."""
+
+    repo_id: str
+    revision: str
+    filename: str
+    commit: str | None
+    etag: str | None
+    sha256: str | None  # the LFS object id when the server reports one, else None
+    size: int | None
+
+
+# -- environment, read at call time --------------------------------------------------------------------------
+def hub_endpoint() -> str:
+    """The hub's base URL: ``$HF_ENDPOINT`` now, else what huggingface_hub read at import (huggingface.co)."""
+    return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+
+
+def hub_offline() -> bool:
+    """True when ``HF_HUB_OFFLINE`` is set now or was set when huggingface_hub was imported."""
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in _TRUE
+
+
+def hub_cache_dir() -> str:
+    """The Hugging Face download cache: ``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else huggingface_hub's default."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.path.expanduser(os.environ["HF_HUB_CACHE"])
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.path.expanduser(os.environ["HF_HOME"]), "hub")
+    return constants.HF_HUB_CACHE
+
+
+def _library() -> dict[str, str]:
+    version = getattr(sys.modules.get("condensed_datasets"), "__version__", "0")
+    return {"library_name": "condensed-datasets", "library_version": str(version)}
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean "the hub could not be reached" (whatever HTTP client huggingface_hub uses)."""
+    errors: list[type[BaseException]] = [OSError]
+    for module, name in (("httpx2", "TransportError"), ("httpx", "TransportError"), ("requests", "RequestException")):
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type) and issubclass(cls, BaseException):
+            errors.append(cls)
+    return tuple(errors)
+
+
+# -- small helpers -------------------------------------------------------------------------------------------
+def sha256_file(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file, hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def record_path(path: str | os.PathLike) -> Path:
+    """Where the download record of a set file lives: ``.{name}.hub.json`` beside it."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.hub.json")
+
+
+def read_record(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The download record of a set file (repo_id, revision, commit, sha256, ...), or None (not a download)."""
+    try:
+        record = json.loads(record_path(path).read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("sha256"), str) else None
+
+
+def is_hub_copy(path: str | os.PathLike) -> bool:
+    """True when ``path`` was downloaded from a hub (it has a download record)."""
+    return read_record(path) is not None
+
+
+def _write_record(path: Path, **fields: Any) -> None:
+    atomic_write_bytes(record_path(path), (json.dumps(fields, sort_keys=True, indent=2) + "\n").encode("utf-8"))
+
+
+def _where(repo_id: str, revision: str) -> str:
+    return f"{repo_id}@{revision}"
+
+
+def how_to_get(root: str | os.PathLike | None, source: str, method: str, ipc: int) -> str:
+    """The advice that ends every "could not get it" message: build it instead."""
+    out = f" --out {root}" if root is not None else ""
+    return (f"You can pass build=True to build it here, or run "
+            f"`condensed-build recipes/{method}_{get_source(source).name}.yaml{out} --set ipc={int(ipc)}`.")
+
+
+# -- talking to the hub ----------------------------------------------------------------------------------------
+def _not_found(exc: Exception, repo_id: str, revision: str, filename: str) -> HubNotFoundError:
+    """A clear HubNotFoundError for huggingface_hub's repository / revision / entry errors."""
+    endpoint = hub_endpoint()
+    if isinstance(exc, RepositoryNotFoundError):
+        return HubNotFoundError(
+            f"no dataset repository {repo_id!r} at {endpoint} (or it is private or gated and no valid token "
+            "was sent: run `hf auth login` or set HF_TOKEN). Choose another with repo_id=... or "
+            "CONDENSED_DATASETS_ORG, or HF_ENDPOINT for a mirror.",
+            kind="repository",
+        )
+    if isinstance(exc, RevisionNotFoundError):
+        return HubNotFoundError(
+            f"dataset repository {repo_id!r} at {endpoint} has no revision {revision!r}; "
+            f"its branches and tags: {_refs_text(repo_id)}.",
+            kind="revision",
+        )
+    sets = repo_sets(repo_id, revision)
+    listing = describe_sets(sets) if sets is not None else "(could not list its files)"
+    return HubNotFoundError(f"{_where(repo_id, revision)} at {endpoint} has no {filename}; it has: {listing}.")
+
+
+def _refs_text(repo_id: str) -> str:
+    try:
+        refs = HfApi(endpoint=hub_endpoint()).list_repo_refs(repo_id, repo_type=REPO_TYPE)
+    except Exception:  # noqa: BLE001 - only decorates an error message
+        return "(could not be listed)"
+    names = [b.name for b in refs.branches] + [t.name for t in refs.tags]
+    return ", ".join(sorted(names)) or "none"
+
+
+def remote_file(repo_id: str, filename: str, revision: str | None = None) -> RemoteFile:
+    """HEAD the file's ``resolve`` URL: commit, ETag, SHA-256 (LFS id, when reported) and size.
+
+    Raises HubNotFoundError for a missing repository / revision / file, and huggingface_hub's or the HTTP
+    client's own errors when the hub cannot be reached.
+    """
+    revision = revision or DEFAULT_REVISION
+    endpoint = hub_endpoint()
+    url = hf_hub_url(repo_id, filename, repo_type=REPO_TYPE, revision=revision, endpoint=endpoint)
+    try:
+        meta = get_hf_file_metadata(url, endpoint=endpoint, **_library())
+    except (RepositoryNotFoundError, RevisionNotFoundError, RemoteEntryNotFoundError) as exc:
+        if isinstance(exc, LocalEntryNotFoundError):
+            raise
+        raise _not_found(exc, repo_id, revision, filename) from None
+    etag = (meta.etag or "").strip('"').lower() or None
+    return RemoteFile(repo_id=repo_id, revision=revision, filename=filename, commit=meta.commit_hash, etag=etag,
+                      sha256=etag if etag and _SHA256.match(etag) else None, size=meta.size)
+
+
+def _hf_download(repo_id: str, filename: str, revision: str, *, local_only: bool = False,
+                 force: bool = False) -> Path:
+    """``hf_hub_download`` of one file of the dataset repository into the Hugging Face cache."""
+    path = hf_hub_download(
+        repo_id, filename, repo_type=REPO_TYPE, revision=revision, endpoint=hub_endpoint(),
+        cache_dir=hub_cache_dir(), local_files_only=local_only or hub_offline(), force_download=force, **_library(),
+    )
+    return Path(path)
+
+
+def fetch_index(repo_id: str, revision: str | None = None) -> dict[str, Any] | None:
+    """The repository's ``index.json`` (through the cache; offline, the cached copy), or None when it has none.
+
+    Raises HubNotFoundError (repository / revision), HubOfflineError (offline or unreachable, not cached).
+    """
+    revision = revision or DEFAULT_REVISION
+    try:
+        path = _hf_download(repo_id, INDEX_NAME, revision)
+    except LocalEntryNotFoundError as exc:
+        raise HubOfflineError(
+            f"cannot read {INDEX_NAME} of {_where(repo_id, revision)}: "
+            f"{'HF_HUB_OFFLINE is set' if hub_offline() else f'{hub_endpoint()} could not be reached'} "
+            f"and it is not in the Hugging Face cache ({hub_cache_dir()})"
+        ) from exc
+    except RemoteEntryNotFoundError:
+        return None
+    except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
+        raise _not_found(exc, repo_id, revision, INDEX_NAME) from None
+    return parse_index(path.read_bytes(), f"{INDEX_NAME} of {_where(repo_id, revision)}")
+
+
+def repo_sets(repo_id: str, revision: str | None = None) -> dict[str, list[int]] | None:
+    """``{method: ipcs}`` a repository holds (from its index.json, else its file list); None if unreadable."""
+    try:
+        rows = list_repo(repo_id, revision)
+    except (HubError, ValueError, *_network_errors()):
+        return None
+    out: dict[str, list[int]] = {}
+    for row in rows:
+        out.setdefault(row["method"], []).append(int(row["ipc"]))
+    return {m: sorted(set(v)) for m, v in out.items()}
+
+
+def list_repo(repo_id: str, revision: str | None = None, source: str | None = None) -> list[dict[str, Any]]:
+    """Listing rows (see :func:`condensed_datasets.catalogue.available`) of a hub repository.
+
+    From its ``index.json``; a repository without one is listed from its file names (no accuracies).
+    """
+    revision = revision or DEFAULT_REVISION
+    location = repo_id if revision == DEFAULT_REVISION else _where(repo_id, revision)
+    index = fetch_index(repo_id, revision)
+    if index is not None:
+        return index_listing(index, where="hub", location=location, source=source)
+    try:
+        files = HfApi(endpoint=hub_endpoint()).list_repo_files(repo_id, repo_type=REPO_TYPE, revision=revision)
+    except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
+        raise _not_found(exc, repo_id, revision, INDEX_NAME) from None
+    guess = repo_id.rsplit("/", 1)[-1].removeprefix("condensed-")
+    rows = []
+    for name in files:
+        parsed = parse_set_filename(name.rsplit("/", 1)[-1]) if "/" not in name else None
+        if parsed is None:
+            continue
+        row_source = source or guess
+        rows.append({"source": row_source, "method": parsed[0], "ipc": parsed[1], "file": name, "where": "hub",
+                     "location": location, "sha256": None, "size": None, "accuracy_mean": None,
+                     "accuracy_std": None, "improvement_over_random": None})
+    return sorted(rows, key=sort_key)
+
+
+# -- the download ------------------------------------------------------------------------------------------------
+def download_set(
+    root: str | os.PathLike,
+    source: str,
+    method: str,
+    ipc: int,
+    *,
+    repo_id: str | None = None,
+    revision: str | None = None,
+) -> Path:
+    """Make ``{root}/condensed/{source}/{method}_ipc{ipc}.safetensors`` the hub's file and return its path.
+
+    Online: HEAD the file; a local copy with the hub's SHA-256 is kept (no download), otherwise the file
+    is downloaded (through the Hugging Face cache), checked (SHA-256, format, source/method/ipc) and
+    written atomically. Offline or unreachable: the local copy if it is sound, else the cached one, else
+    HubOfflineError. Missing repository / revision / file: HubNotFoundError listing what exists.
+    """
+    name = get_source(source).name
+    repo = repo_id or default_repo_id(name)
+    rev = revision or DEFAULT_REVISION
+    filename = set_filename(method, ipc)
+    from condensed_datasets.datasets import set_path  # lazy: datasets imports this module lazily too
+
+    dest = set_path(root, name, method, ipc)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(dest.parent / f".{filename}.lock"), timeout=LOCK_TIMEOUT_S)
+    try:
+        with lock:
+            return _download_locked(dest, root, name, method, int(ipc), repo, rev, filename)
+    except LockTimeout:
+        raise HubError(
+            f"another process has been downloading {dest} for more than {LOCK_TIMEOUT_S:.0f} s "
+            f"(lock {lock.lock_file}); if none is, delete the lock file and retry"
+        ) from None
+
+
+def _download_locked(dest: Path, root: str | os.PathLike, source: str, method: str, ipc: int, repo: str,
+                     rev: str, filename: str) -> Path:
+    hint = how_to_get(root, source, method, ipc)
+    if hub_offline():
+        return _from_cache(dest, repo, rev, filename, source, method, ipc,
+                           reason="HF_HUB_OFFLINE is set",
+                           hint=f"Unset HF_HUB_OFFLINE (and connect) to download it. {hint}")
+    try:
+        remote = remote_file(repo, filename, rev)
+    except HubNotFoundError as exc:
+        raise HubNotFoundError(f"{exc} {hint}", kind=exc.kind) from None
+    except _network_errors() as exc:
+        return _from_cache(dest, repo, rev, filename, source, method, ipc,
+                           reason=f"the hub at {hub_endpoint()} could not be reached ({type(exc).__name__}: {exc})",
+                           hint=f"Check the connection or HF_ENDPOINT. {hint}")
+    expected, hash_from = remote.sha256, "LFS sha256"
+    if expected is None:
+        expected, hash_from = _index_sha256(repo, remote.commit or rev, filename), f"{INDEX_NAME} sha256"
+    if expected is None:
+        raise HubIntegrityError(
+            f"{_where(repo, rev)} at {hub_endpoint()} gives no SHA-256 for {filename} (no LFS id, and no "
+            f"{INDEX_NAME} entry), so the download cannot be checked; refusing it. {hint}"
+        )
+    if dest.is_file() and sha256_file(dest) == expected:
+        _record(dest, repo, rev, remote.commit, filename, expected)
+        return dest
+    try:
+        cached = _hf_download(repo, filename, rev)
+        data = cached.read_bytes()
+        if _sha256(data) != expected:  # a damaged cache entry: fetch it again once
+            cached = _hf_download(repo, filename, rev, force=True)
+            data = cached.read_bytes()
+    except (LocalEntryNotFoundError, *_network_errors()) as exc:
+        raise HubError(f"downloading {filename} from {_where(repo, rev)} at {hub_endpoint()} failed "
+                       f"({type(exc).__name__}: {exc}). Retry, or: {hint}") from exc
+    got = _sha256(data)
+    if got != expected:
+        raise HubIntegrityError(
+            f"{filename} from {_where(repo, rev)} has SHA-256 {got}, but the hub's ({hash_from}) is {expected}; "
+            "the download is damaged or the server is inconsistent — nothing was written. Retry later."
+        )
+    _check_content(data, f"{repo}/{filename}", source, method, ipc)
+    atomic_write_bytes(dest, data)
+    _record(dest, repo, rev, remote.commit, filename, expected)
+    return dest
+
+
+def _from_cache(dest: Path, repo: str, rev: str, filename: str, source: str, method: str, ipc: int, *,
+                reason: str, hint: str) -> Path:
+    """No network: keep a sound local copy, else restore the cached download, else HubOfflineError."""
+    problem = ""
+    if dest.is_file():
+        problem = _local_problem(dest)
+        if not problem:
+            return dest
+    try:
+        cached = _hf_download(repo, filename, rev, local_only=True)
+    except (LocalEntryNotFoundError, FileNotFoundError):
+        raise HubOfflineError(
+            f"{reason}, and {filename} of {_where(repo, rev)} is not in the Hugging Face cache "
+            f"({hub_cache_dir()}).{(' ' + problem) if problem else ''} {hint}"
+        ) from None
+    data = cached.read_bytes()
+    blob = Path(os.path.realpath(cached)).name
+    got = _sha256(data)
+    if _SHA256.match(blob) and got != blob:
+        raise HubIntegrityError(f"the cached copy {cached} is damaged (SHA-256 {got}, expected {blob}); "
+                                f"delete it and download again when online. {hint}")
+    _check_content(data, str(cached), source, method, ipc)
+    atomic_write_bytes(dest, data)
+    commit = cached.parent.name if _COMMIT.match(cached.parent.name) else None
+    _record(dest, repo, rev, commit, filename, got)
+    return dest
+
+
+def _local_problem(dest: Path) -> str:
+    """Why a local copy must not be used ("" when it is sound): invalid file, or not what was downloaded."""
+    try:
+        CondensedSet.load(dest)
+    except (CondensedSetError, OSError) as exc:
+        return f"The local file {dest} is not a valid set ({exc}); it is not used."
+    record = read_record(dest)
+    if record is not None:
+        got = sha256_file(dest)
+        if got != record["sha256"]:
+            return (f"The local file {dest} differs from the copy downloaded from {record.get('repo_id')} "
+                    f"(SHA-256 {got}, recorded {record['sha256']}): it was changed or damaged; it is not used.")
+    return ""
+
+
+def _index_sha256(repo: str, revision: str, filename: str) -> str | None:
+    try:
+        index = fetch_index(repo, revision)
+    except HubError:
+        return None
+    entry = (index or {}).get("files", {}).get(filename) or {}
+    sha = str(entry.get("sha256") or "").lower()
+    return sha if _SHA256.match(sha) else None
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _check_content(data: bytes, name: str, source: str, method: str, ipc: int) -> None:
+    """Refuse bytes that are not a valid set of ``source``/``method``/``ipc``."""
+    try:
+        cset = CondensedSet.from_bytes(data, name)
+    except CondensedSetError as exc:
+        raise HubIntegrityError(f"{name} is not a valid condensed set: {exc}") from None
+    if (cset.source, cset.method, cset.ipc) != (source, method, ipc):
+        raise HubIntegrityError(
+            f"{name} holds source={cset.source!r} method={cset.method!r} ipc={cset.ipc}, not "
+            f"source={source!r} method={method!r} ipc={ipc}; the repository is misnamed"
+        )
+
+
+def _record(dest: Path, repo: str, rev: str, commit: str | None, filename: str, sha: str) -> None:
+    fields = {"repo_id": repo, "revision": rev, "commit": commit, "filename": filename, "sha256": sha,
+              "endpoint": hub_endpoint()}
+    if read_record(dest) != fields:
+        _write_record(dest, **fields)
