@@ -32,8 +32,9 @@ from builders.recipe import load_recipe, parse_overrides
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("out/bench"))
 @click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None)
 @click.option("--record", is_flag=True, help="Write the result to benchmarks/results/.")
+@click.option("--note", default="", help="Conditions worth recording (e.g. other load on the machine).")
 def main(recipe: Path, iterations: int, warmup: int, overrides: tuple[str, ...], device: str, out: Path,
-         data_root: Path | None, record: bool) -> None:
+         data_root: Path | None, record: bool, note: str) -> None:
     """Time RECIPE's build loop."""
     pairs = parse_overrides(overrides) + [("iterations", warmup + iterations), ("checkpoint_every", 0)]
     r = load_recipe(recipe, pairs)
@@ -64,6 +65,7 @@ def main(recipe: Path, iterations: int, warmup: int, overrides: tuple[str, ...],
         "torch": torch.__version__,
         "command": " ".join(["python", *sys.argv]),
         "date": time.strftime("%Y-%m-%d"),
+        "note": note,
     }
     click.echo(json.dumps(result, indent=2))
     if record:
