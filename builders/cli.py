@@ -69,6 +69,12 @@ def build_command(recipe: Path, overrides: tuple[str, ...], out_root: Path | Non
     r = load_recipe(recipe, parse_overrides(overrides))
     engine = Engine(r, out_root=out_root, data_root=data_root, device=device, resume=resume,
                     evaluate=not no_eval, progress=not quiet, download=download)
+    from builders.methods import get_method
+
+    if not getattr(get_method(r.method), "produces_set", True):  # e.g. expert trajectories
+        click.echo(f"running {r.method} on {r.source}, model {r.model}, device {engine.device}, seed {r.seed}")
+        click.echo(engine.run().summary())
+        return
     click.echo(f"building {r.method} on {r.source}, ipc {r.ipc}, {r.iterations} iterations, "
                f"model {r.model}, device {engine.device}, seed {r.seed}")
     cset = engine.run()
@@ -113,6 +119,8 @@ def eval_command(set_file: Path, model: str | None, models: str, runs: int | Non
     data_root = root or Path(recipe.get("root", "data"))
     train = RealData.from_source(cset.source, data_root, train=True, device=dev)
     test = RealData.from_source(cset.source, data_root, train=False, device=dev)
+    train.set_zca(cset.zca)  # a set built in ZCA space is evaluated on whitened real images
+    test.set_zca(cset.zca)
     augment = ev.get("augment") or recipe.get("augment") or "none"
     result = evaluate_set(
         cset.images.to(dev), cset.labels, soft_labels=cset.soft_labels, lr=cset.lr, ipc=cset.ipc, model=model,
@@ -141,3 +149,114 @@ def show_command(set_file: Path, output: Path, per_class: int) -> None:
     click.echo(f"{cset.source} {cset.method} ipc {cset.ipc}: {len(cset)} images {tuple(cset.images.shape[1:])}")
     click.echo(format_evaluation(cset.evaluation))
     click.echo(f"wrote {output}")
+
+
+@click.command(name="condensed-publish")
+@click.argument("set_file", metavar="SET", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--repo", "repo_id", default=None, metavar="ORG/NAME",
+              help="Dataset repository (default: ORG/condensed-SOURCE, ORG from CONDENSED_DATASETS_ORG, "
+                   "else condensed-datasets).")
+@click.option("--revision", default=None, metavar="BRANCH",
+              help="Branch to commit to (default: main; created if missing).")
+@click.option("--private", is_flag=True, help="Create the repository private (when it does not exist yet).")
+@click.option("--dry-run", is_flag=True, help="Print what would be published (files, card, index); change nothing.")
+@click.option("--force", is_flag=True, help="Replace a different file already published under the same name.")
+@click.option("--to-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write the repository layout to this folder instead of the hub (mirrors, air-gapped sites).")
+@click.option("--license", "license_", default=None, help="License in the card (default: the source dataset's).")
+@_user_errors
+def publish_command(set_file: Path, repo_id: str | None, revision: str | None, private: bool, dry_run: bool,
+                    force: bool, to_dir: Path | None, license_: str | None) -> None:
+    """Publish a condensed SET with an updated dataset card and index.json: to a hub dataset repository in
+    one commit, or with --to-dir to a folder laid out the same way. The same bytes again is a no-op."""
+    from builders.publish import publish_to_dir, publish_to_hub
+    from condensed_datasets.catalogue import index_to_bytes
+
+    if to_dir is not None:
+        if revision is not None or private:
+            raise click.UsageError("--revision and --private apply to the hub, not to --to-dir")
+        result = publish_to_dir(set_file, to_dir, repo_id=repo_id, dry_run=dry_run, force=force, license=license_)
+    else:
+        result = publish_to_hub(set_file, repo_id, revision=revision, private=private, dry_run=dry_run,
+                                force=force, license=license_)
+    plan = result.plan
+    if dry_run:
+        click.echo(f"dry run: nothing was changed. Publishing to {result.target} would write:")
+    click.echo(plan.describe())
+    if not plan.changed:
+        return
+    if dry_run:
+        click.echo(f"\n----- README.md -----\n{plan.card}")
+        click.echo(f"----- index.json -----\n{index_to_bytes(plan.index).decode()}", nl=False)
+    elif result.commit_url:
+        click.echo(f"committed to {result.target}: {result.commit_url}")
+    else:
+        click.echo(f"wrote {len(result.written)} files to {result.target}")
+
+
+def _size_text(size: Any) -> str:
+    if size is None:
+        return "-"
+    size = float(size)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return "-"
+
+
+from condensed_datasets.sources import SOURCES as _SOURCES  # noqa: E402 - used by condensed-list's argument
+
+
+@click.command(name="condensed-list")
+@click.argument("source", required=False, type=click.Choice(sorted(_SOURCES), case_sensitive=False))
+@click.option("--repo", "repo_id", default=None, metavar="ORG/NAME",
+              help="List a hub dataset repository (its index.json).")
+@click.option("--revision", default=None, help="Revision of --repo (default: main).")
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="List the sets under a local root (ROOT/condensed/SOURCE/).")
+@click.option("--dir", "folder", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="List a published folder (condensed-publish --to-dir).")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+@_user_errors
+def list_command(source: str | None, repo_id: str | None, revision: str | None, root: Path | None,
+                 folder: Path | None, as_json: bool) -> None:
+    """List condensed sets (method, ipc, accuracy, size): of a hub repository, a published folder or a local
+    root; with none of those, the sets embedded in the package and, given SOURCE, its default hub repository."""
+    from condensed_datasets import catalogue
+
+    rows: list[dict[str, Any]] = []
+    if repo_id:
+        rows += catalogue.list_hub(repo_id, revision=revision, source=source)
+    if folder is not None:
+        rows += catalogue.list_folder(folder, source)
+    if root is not None:
+        rows += catalogue.list_local(root, source)
+    if not (repo_id or folder is not None or root is not None):
+        rows += catalogue.list_embedded(source)
+        if source:
+            from condensed_datasets.hub import HubError
+
+            default = catalogue.default_repo_id(source)
+            try:
+                rows += catalogue.list_hub(default, revision=revision, source=source)
+            except HubError as exc:
+                click.echo(f"note: {default} not listed: {exc}", err=True)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, sort_keys=True))
+        return
+    if not rows:
+        click.echo("no sets found")
+        return
+    header = ("where", "location", "source", "method", "ipc", "accuracy (%)", "vs random", "size")
+    table = [header] + [(
+        r["where"], str(r.get("location", "")), r["source"], r["method"], str(r["ipc"]),
+        "-" if r.get("accuracy_mean") is None else f"{r['accuracy_mean']:.2f}"
+        + ("" if r.get("accuracy_std") is None else f" ± {r['accuracy_std']:.2f}"),
+        "-" if r.get("improvement_over_random") is None else f"{r['improvement_over_random']:+.2f}",
+        _size_text(r.get("size")),
+    ) for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        click.echo("  ".join(cell.ljust(w) if i < 4 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+                   .rstrip())

@@ -7,10 +7,15 @@ import os
 import torch
 
 from condensed_datasets.sources import SourceInfo, get_source, load_split
+from condensed_datasets.zca import ZCA
 
 
 class RealData:
-    """One split of a real source held as uint8 on ``device``, with per-class row indices."""
+    """One split of a real source held as uint8 on ``device``, with per-class row indices.
+
+    ``zca`` (None by default; set it with :meth:`set_zca`) whitens every image this split hands out,
+    after the normalisation: builds in ZCA space see whitened real images everywhere.
+    """
 
     def __init__(
         self,
@@ -31,6 +36,7 @@ class RealData:
         )
         self.mean = torch.tensor(info.mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         self.std = torch.tensor(info.std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self.zca: ZCA | None = None
         labels_cpu = self.labels.cpu()
         self.class_indices: list[torch.Tensor] = [
             torch.nonzero(labels_cpu == c, as_tuple=False).flatten() for c in range(info.num_classes)
@@ -71,13 +77,21 @@ class RealData:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    def set_zca(self, zca: ZCA | None) -> None:
+        """Whiten every image handed out from now on with ``zca`` (None: no whitening)."""
+        self.zca = None if zca is None else zca.to(self.device)
+
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 images (any device) -> float32 images in the set's space."""
-        return (images.to(self.device, torch.float32) / 255.0 - self.mean) / self.std
+        """uint8 images (any device) -> float32 images in the set's space (whitened when ``zca`` is set)."""
+        out = (images.to(self.device, torch.float32) / 255.0 - self.mean) / self.std
+        return out if self.zca is None else self.zca(out)
 
     def denormalize(self, images: torch.Tensor) -> torch.Tensor:
-        """Float images in the set's space -> [0,1] pixel values (unclamped)."""
-        return images.to(self.device) * self.std + self.mean
+        """Float images in the set's space -> [0,1] pixel values (unclamped; un-whitened when ``zca`` is set)."""
+        images = images.to(self.device)
+        if self.zca is not None:
+            images = self.zca.invert(images)
+        return images * self.std + self.mean
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         """Normalised images at positions ``idx`` of this split."""

@@ -105,7 +105,8 @@ class Engine:
         real = RealData.from_source(r.source, self.data_root, train=True, device=self.device,
                                     per_class=r.real_per_class, download=self.download)
         augmenter = Augmenter(r.augment) if r.augment != "none" else None
-        return BuildContext(r, real, self.device, torch.Generator().manual_seed(r.seed), augmenter)
+        return BuildContext(r, real, self.device, torch.Generator().manual_seed(r.seed), augmenter,
+                            out_root=self.out_root)
 
     def _test_split(self) -> RealData:
         if self._test is None:
@@ -128,18 +129,23 @@ class Engine:
 
     def _evaluation(self, contents: SetContents, ctx: BuildContext) -> dict[str, Any]:
         r, ev = self.recipe, self.recipe.eval
+        test = self._test_split()
+        test.set_zca(ctx.real.zca)  # a set built in ZCA space is tested on whitened real images
         return evaluate_set(
             contents.images.to(self.device), class_contiguous_labels(ctx.num_classes, r.ipc),
             soft_labels=contents.soft_labels, lr=contents.lr, ipc=r.ipc, model=r.eval_model,
             models=ev.models, runs=ev.runs, epochs=ev.epochs, default_lr=ev.lr, batch=ev.batch,
-            augment=r.eval_augment, seed=r.seed, train=ctx.real, test=self._test_split(),
+            augment=r.eval_augment, seed=r.seed, train=ctx.real, test=test,
             random_baseline=ev.random_baseline,
         )
 
     # -- the loop ----------------------------------------------------------------------------
-    def run(self, on_iteration: Callable[[int, float], None] | None = None) -> CondensedSet:
-        """Build, evaluate and save the set; returns it."""
+    def run(self, on_iteration: Callable[[int, float], None] | None = None) -> CondensedSet | Any:
+        """Build, evaluate and save the set; returns it. A method that produces no set
+        (``produces_set = False``, e.g. ``experts``) runs its own ``run(engine)`` and returns its result."""
         r = self.recipe
+        if not getattr(get_method(r.method), "produces_set", True):
+            return get_method(r.method)(self._context()).run(self)
         clock = _reproducible_clock()
         started = time.time()
         self.paths.set.parent.mkdir(parents=True, exist_ok=True)
@@ -177,7 +183,7 @@ class Engine:
         cset = CondensedSet(
             contents.images.cpu(), class_contiguous_labels(ctx.num_classes, r.ipc),
             source=r.source, method=r.method, ipc=r.ipc, soft_labels=contents.soft_labels,
-            lr=contents.lr, indices=contents.indices, metadata=metadata,
+            lr=contents.lr, indices=contents.indices, metadata=metadata, zca=ctx.real.zca,
         )
         cset.save(self.paths.set)
         from builders.show import save_grid

@@ -13,6 +13,7 @@ from torchvision.datasets import VisionDataset
 
 from condensed_datasets.format import METHODS, CondensedSet
 from condensed_datasets.sources import get_source, load_split
+from condensed_datasets.zca import ZCA
 
 TARGET_TYPES = ("auto", "hard", "soft")
 _SET_FILE = re.compile(r"^(?P<method>[a-z0-9_]+)_ipc(?P<ipc>[1-9][0-9]*)\.safetensors$")
@@ -35,6 +36,22 @@ def available_sets(root: str | os.PathLike, source: str) -> dict[str, list[int]]
     return {method: sorted(ipcs) for method, ipcs in sorted(found.items())}
 
 
+def _needs_hub_check(path: Path) -> bool:
+    """With ``download=True``: is this local file one to check against the hub (a download, or a broken file)?
+
+    A valid file without a download record was built here and is used as it is.
+    """
+    from condensed_datasets.hub import is_hub_copy
+
+    if is_hub_copy(path):
+        return True
+    try:
+        CondensedSet.load(path)
+    except (ValueError, OSError):
+        return True
+    return False
+
+
 def _describe_sets(sets: dict[str, list[int]]) -> str:
     if not sets:
         return "none"
@@ -44,12 +61,14 @@ def _describe_sets(sets: dict[str, list[int]]) -> str:
 class SetSpace:
     """The map from real uint8 images into a condensed set's own input space, built from its metadata.
 
-    Today that is ``(x / 255 - mean) / std`` with the set's recorded normalisation. It is the one place
-    that knows the set's space: a whitening step (ZCA) recorded in the metadata belongs here too.
+    That is ``(x / 255 - mean) / std`` with the set's recorded normalisation, then, for a set built in
+    ZCA space (metadata ``zca``), the set's whitening ``(x - zca_mean) @ zca_transform`` on the flattened
+    image. The whitening's tensors live in the set's file, not in its metadata: pass them as ``zca``
+    (a :class:`~condensed_datasets.zca.ZCA`); metadata that names a ZCA without one is an error.
     Picklable, so it can travel to DataLoader workers; usable as a transform on uint8 tensors.
     """
 
-    def __init__(self, metadata: dict[str, Any]) -> None:
+    def __init__(self, metadata: dict[str, Any], zca: ZCA | None = None) -> None:
         norm = metadata.get("normalization")
         if norm is None:
             info = get_source(metadata["source"])
@@ -57,15 +76,21 @@ class SetSpace:
         self.mean = torch.tensor(norm["mean"], dtype=torch.float32).view(-1, 1, 1)
         self.std = torch.tensor(norm["std"], dtype=torch.float32).view(-1, 1, 1)
         self.image_shape = tuple(metadata.get("image_shape") or ())
+        if metadata.get("zca") is not None and zca is None:
+            raise ValueError("this set lives in ZCA-whitened space (metadata 'zca'); pass its whitening, "
+                             "e.g. SetSpace(cset.metadata, zca=cset.zca)")
+        self.zca: ZCA | None = zca
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images [C,H,W] or [N,C,H,W] -> float32 images in the set's space, same shape."""
         if images.dtype != torch.uint8:
             raise TypeError(f"real images must be uint8 (0..255), got {images.dtype}")
-        return (images.to(torch.float32) / 255.0 - self.mean) / self.std
+        out = (images.to(torch.float32) / 255.0 - self.mean) / self.std
+        return out if self.zca is None else self.zca(out)
 
     def __repr__(self) -> str:
-        return f"SetSpace(mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()})"
+        whitening = "" if self.zca is None else f", zca(eps={self.zca.eps}, dim={self.zca.dim})"
+        return f"SetSpace(mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}{whitening})"
 
 
 class RealImages(Dataset):
@@ -88,7 +113,13 @@ class CondensedVisionDataset(VisionDataset):
 
     ``ds[i]`` is ``(image, target)``: image a float tensor [C,H,W] in the set's own space; target an int,
     or the soft-label probability vector when ``target_type="soft"`` (the default ``"auto"`` uses soft
-    labels when the set has them; ``"hard"`` forces ints). ``build=True`` builds a missing set on demand.
+    labels when the set has them; ``"hard"`` forces ints).
+
+    Where the set comes from, in order: the local file; a set embedded in the package (only when no
+    ``repo_id``/``revision`` is asked for); with ``download=True``, the hub dataset repository ``repo_id``
+    (default ``{org}/condensed-{source}``, see :mod:`condensed_datasets.hub`) at ``revision`` (default
+    ``main``), checked against the hub's SHA-256 and saved under ``root``; with ``build=True``, a build
+    on demand with the shipped recipe; else a RuntimeError that says how to get it.
     """
 
     source: ClassVar[str] = ""
@@ -101,7 +132,10 @@ class CondensedVisionDataset(VisionDataset):
         transform: Callable | None = None,
         target_transform: Callable | None = None,
         target_type: str = "auto",
+        download: bool = False,
         build: bool = False,
+        repo_id: str | None = None,
+        revision: str | None = None,
     ) -> None:
         super().__init__(root, transform=transform, target_transform=target_transform)
         if not self.source:
@@ -113,7 +147,7 @@ class CondensedVisionDataset(VisionDataset):
         if target_type not in TARGET_TYPES:
             raise ValueError(f"unknown target_type {target_type!r}; valid: {', '.join(TARGET_TYPES)}")
 
-        path = self._locate(method, ipc, build)
+        path = self._locate(method, ipc, download=download, build=build, repo_id=repo_id, revision=revision)
         cset = CondensedSet.load(path)
         if (cset.source, cset.method, cset.ipc) != (self.source, method, ipc):
             raise RuntimeError(
@@ -134,6 +168,7 @@ class CondensedVisionDataset(VisionDataset):
             None if cset.soft_labels is None else torch.softmax(cset.soft_labels, dim=1)
         )
         self.lr: torch.Tensor | None = cset.lr
+        self.zca: ZCA | None = cset.zca  # the set's whitening, when it was built in ZCA space
         self.classes: list[str] = cset.classes
         self.class_to_idx: dict[str, int] = {name: i for i, name in enumerate(self.classes)}
         self.target_type = (
@@ -141,11 +176,28 @@ class CondensedVisionDataset(VisionDataset):
         )
 
     # -- lookup ---------------------------------------------------------------------------------------
-    def _locate(self, method: str, ipc: int, build: bool) -> Path:
-        """The file to read: the local one, else one built on demand, else a clear error."""
+    def _locate(self, method: str, ipc: int, *, download: bool = False, build: bool = False,
+                repo_id: str | None = None, revision: str | None = None) -> Path:
+        """The file to read: local file -> embedded set -> hub download -> build on demand -> clear error."""
         path = set_path(self.root, self.source, method, ipc)
         if path.is_file():
-            return path
+            # With download=True a downloaded file is checked against the hub, a broken one replaced.
+            if not (download and _needs_hub_check(path)):
+                return path
+        elif repo_id is None and revision is None:
+            from condensed_datasets.catalogue import embedded_path
+
+            embedded = embedded_path(self.source, method, ipc)
+            if embedded is not None:
+                return embedded
+        if download:
+            from condensed_datasets.hub import HubNotFoundError, HubOfflineError, download_set  # lazy import
+
+            try:
+                return download_set(self.root, self.source, method, ipc, repo_id=repo_id, revision=revision)
+            except (HubNotFoundError, HubOfflineError):
+                if not build:
+                    raise
         if build:
             from builders.ondemand import build_set  # lazy: only build-on-demand needs builders
 
@@ -162,9 +214,29 @@ class CondensedVisionDataset(VisionDataset):
                 f"`condensed-build {recipe} --out {self.root}` with ipc: {ipc}"
             )
         raise RuntimeError(
-            f"Condensed set not found at {path}. You can use build=True to build it, or run "
+            f"Condensed set not found at {path}. You can use download=True to download it, "
+            f"build=True to build it, or run "
             f"`condensed-build {recipe} --out {self.root}`. Sets present for {self.source}: {_describe_sets(local)}"
         )
+
+    @classmethod
+    def available(
+        cls,
+        root: str | os.PathLike | None = None,
+        repo_id: str | None = None,
+        revision: str | None = None,
+        download: bool = False,
+    ) -> list[dict[str, Any]]:
+        """The sets of this source that can be loaded: local (under ``root``), embedded, and with
+        ``download=True`` those listed in the hub repository's ``index.json`` (``repo_id``, default
+        ``{org}/condensed-{source}``). One dict per set: source, method, ipc, where, location, size,
+        accuracy_mean, accuracy_std, improvement_over_random, ... (:func:`condensed_datasets.catalogue.available`).
+        """
+        if not cls.source:
+            raise TypeError("CondensedVisionDataset is a base class; use a subclass such as CondensedCIFAR10")
+        from condensed_datasets.catalogue import available
+
+        return available(cls.source, root=root, repo_id=repo_id, revision=revision, download=download)
 
     # -- Dataset -----------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -202,7 +274,7 @@ class CondensedVisionDataset(VisionDataset):
     @property
     def set_space(self) -> SetSpace:
         """The transform that maps real uint8 images into this set's space (from its metadata)."""
-        return SetSpace(self.metadata)
+        return SetSpace(self.metadata, zca=self.zca)
 
     def real_to_set_space(self, images: torch.Tensor) -> torch.Tensor:
         """Real uint8 images [C,H,W] or [N,C,H,W] -> float images as this set's images are."""

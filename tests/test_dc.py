@@ -20,14 +20,6 @@ RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 DSA = "color_crop_cutout_flip_scale_rotate"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors on a shared 2-core machine: one thread avoids OpenMP contention (100x faster here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # -- the distances by hand -------------------------------------------------------------------------
 

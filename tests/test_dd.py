@@ -18,14 +18,6 @@ from builders.recipe import RecipeError, recipe_from_dict
 from condensed_datasets.sources import get_source
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors on a shared 2-core machine: one thread avoids OpenMP contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _tiny_problem(ipc=2, classes=2, seed=0):
     """A double-precision MLP on 1x4x4 images, a class-contiguous synthetic set and a real batch."""

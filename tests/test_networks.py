@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from typing import Iterator
 
 import pytest
 import torch
@@ -54,14 +53,6 @@ EXPECTED_FEATURES: dict[str, tuple[int, int, int]] = {
 
 BATCHNORM_NETS = {"ConvNetBN", "AlexNetBN", "VGG11BN", "ResNet18BN", "ResNet18BN_AP"}
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread: steadier and faster on a small shared CPU; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _n_params(net: nn.Module) -> int:

@@ -149,7 +149,7 @@ def _mini_tiny_imagenet(root: Path) -> Path:
 
 
 def test_tinyimagenet_miniature_layout(tmp_path: Path) -> None:
-    base = _mini_tiny_imagenet(tmp_path)
+    _mini_tiny_imagenet(tmp_path)
     x, y = load_split("tinyimagenet", tmp_path, train=True)
     assert x.shape == (6, 3, 64, 64) and x.dtype == torch.uint8 and y.dtype == torch.int64
     assert y.tolist() == [0, 0, 1, 1, 2, 2]  # by sorted wnid, then file name

@@ -6,13 +6,17 @@ from builders.methods.base import BuildContext, Method, SetContents
 from builders.methods.coreset import HerdingCoreset, KCenterCoreset, RandomCoreset
 from builders.methods.dc import GradientMatching, SiameseGradientMatching
 from builders.methods.dd import DatasetDistillation
+from builders.methods.datm import DifficultyAlignedTrajectoryMatching
 from builders.methods.dm import DistributionMatching
+from builders.methods.experts import ExpertTrajectories
+from builders.methods.mtt import TrajectoryMatching
 
 METHODS: dict[str, type[Method]] = {
     cls.name: cls
     for cls in (
         RandomCoreset, HerdingCoreset, KCenterCoreset, DistributionMatching,
         GradientMatching, SiameseGradientMatching, DatasetDistillation,
+        TrajectoryMatching, DifficultyAlignedTrajectoryMatching, ExpertTrajectories,
     )
 }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Iterator
 
 import torch
@@ -42,6 +43,7 @@ class BuildContext:
     device: torch.device
     generator: torch.Generator
     augmenter: "Augmenter | None" = None
+    out_root: Path | None = None  # where the build writes (expert trajectories live under it); None: recipe.root
 
     @property
     def num_classes(self) -> int:

@@ -1,0 +1,415 @@
+"""Expert trajectories for trajectory matching (MTT, DATM): training them and the store they live in.
+
+An *expert* is a network trained on the real training split with plain SGD (the papers' buffer
+settings: lr ``lr_teacher`` = 0.01, no momentum, no weight decay, batch 256, per-sample DSA).
+Its *trajectory* is its flattened parameters (``torch.cat`` of ``net.parameters()`` in order) at
+initialisation and after every epoch: a float32 tensor ``[epochs + 1, P]``.
+
+The store, one folder per (source, model, ZCA on/off)::
+
+    ROOT/experts/{source}/{model}/{zca|plain}/
+        index.json                  what the store holds (below); rewritten atomically per expert
+        expert_0000.safetensors     tensor "trajectory" [E+1, P] float32, metadata JSON
+        expert_0001.safetensors     ...
+        zca.safetensors             the whitening (zca_mean [D], zca_transform [D,D]) when zca is on
+
+``index.json`` records: format version, source, model, zca (and its eps), epochs, parameter count
+and the parameter names/shapes, the training settings (optimizer, lr, momentum, weight decay,
+batch, augmentation, real images per class), the recipe seed, and one entry per finished expert:
+its file, its seeds (initialisation and data order / augmentation) and its test accuracy.
+
+No pickle anywhere: trajectories are safetensors, the index is JSON. Every file is written
+atomically, so an interrupted run leaves complete experts only; running the recipe again skips
+them (each expert's seeds derive from the recipe seed and its number alone, so the store does not
+depend on where a run was interrupted).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import nn
+
+from condensed_datasets._atomic import atomic_write_bytes
+from condensed_datasets.format import read_safetensors_metadata
+from condensed_datasets.zca import DEFAULT_EPS, ZCA, fit_zca
+
+if TYPE_CHECKING:
+    from builders.augment import Augmenter
+    from builders.data import RealData
+
+STORE_VERSION = 1
+INDEX_NAME = "index.json"
+ZCA_NAME = "zca.safetensors"
+EXPERT_KEY = "condensed_datasets_expert"
+ZCA_KEY = "condensed_datasets_zca"
+
+
+class ExpertStoreError(RuntimeError):
+    """A missing, incomplete or incompatible expert store (the message says how to build one)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# flat parameters
+
+
+@dataclass(frozen=True)
+class ParamLayout:
+    """Names and shapes of a network's parameters, in ``named_parameters()`` order: how a flat vector
+    of ``numel`` values splits back into tensors."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def of(cls, net: nn.Module) -> "ParamLayout":
+        named = list(net.named_parameters())
+        return cls(tuple(n for n, _ in named), tuple(tuple(p.shape) for _, p in named))
+
+    @property
+    def sizes(self) -> list[int]:
+        out = []
+        for shape in self.shapes:
+            n = 1
+            for s in shape:
+                n *= s
+            out.append(n)
+        return out
+
+    @property
+    def numel(self) -> int:
+        return sum(self.sizes)
+
+    def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Views of ``flat`` [P] shaped as the parameters, by name (differentiable, no copies)."""
+        if flat.dim() != 1 or flat.shape[0] != self.numel:
+            raise ValueError(f"flat parameters must be [{self.numel}], got {tuple(flat.shape)}")
+        return {name: part.view(shape) for name, part, shape in zip(self.names, flat.split(self.sizes), self.shapes)}
+
+    def describe(self) -> list[list[Any]]:
+        """[[name, shape], ...] for JSON."""
+        return [[n, list(s)] for n, s in zip(self.names, self.shapes)]
+
+
+def flat_parameters(net: nn.Module) -> torch.Tensor:
+    """All of ``net``'s parameters, detached and concatenated in order: [P]."""
+    return torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+
+
+# --------------------------------------------------------------------------------------------------
+# where stores live
+
+
+def expert_dir(root: str | os.PathLike, source: str, model: str, zca: bool) -> Path:
+    """The default store folder: ``ROOT/experts/{source}/{model}/{zca|plain}``."""
+    return Path(root).expanduser() / "experts" / source / model / ("zca" if zca else "plain")
+
+
+#: The network each shipped experts recipe trains (the papers': ConvNetD4 for 64x64 Tiny-ImageNet).
+DEFAULT_EXPERT_MODEL = {"tinyimagenet": "ConvNetD4"}
+#: Epochs per expert of the shipped experts recipes unless named here.
+DEFAULT_EXPERT_EPOCHS = {"cifar100": 100, "tinyimagenet": 100}
+
+
+def build_command(source: str, model: str, zca: bool, min_epochs: int = 0, out: str | os.PathLike | None = None) -> str:
+    """The command that builds the store a trajectory-matching recipe needs (shipped experts recipe plus
+    the overrides that make it fit: model, zca, epochs, output root)."""
+    parts = [f"condensed-build recipes/experts_{source}.yaml"]
+    if model != DEFAULT_EXPERT_MODEL.get(source, "ConvNet"):
+        parts.append(f"--set model={model}")
+    parts.append(f"--set params.zca={'true' if zca else 'false'}")
+    if min_epochs > DEFAULT_EXPERT_EPOCHS.get(source, 50):
+        parts.append(f"--set params.epochs={min_epochs}")
+    if out is not None:
+        parts.append(f"--out {out}")
+    return " ".join(parts)
+
+
+def derive_seed(recipe_seed: int, expert: int, purpose: str) -> int:
+    """A 63-bit seed for expert ``expert``'s ``purpose`` ('init' or 'train'), from the recipe seed alone."""
+    digest = hashlib.sha256(f"experts:{recipe_seed}:{expert}:{purpose}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+# --------------------------------------------------------------------------------------------------
+# the store
+
+
+class ExpertStore:
+    """One folder of expert trajectories with its JSON index (see the module docstring)."""
+
+    def __init__(self, path: str | os.PathLike, index: dict[str, Any]) -> None:
+        self.path = Path(path)
+        self.index = index
+
+    # -- opening ---------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "ExpertStore":
+        """Read an existing store; ExpertStoreError if there is none or its index is unreadable."""
+        path = Path(path)
+        index_path = path / INDEX_NAME
+        if not index_path.is_file():
+            raise ExpertStoreError(f"no expert trajectories at {path} ({INDEX_NAME} is missing)")
+        try:
+            index = json.loads(index_path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ExpertStoreError(f"{index_path}: unreadable expert index ({exc}); delete the folder and "
+                                   "build the experts again") from exc
+        if not isinstance(index, dict) or index.get("format_version") != STORE_VERSION:
+            raise ExpertStoreError(f"{index_path}: not an expert index of format version {STORE_VERSION}")
+        return cls(path, index)
+
+    @classmethod
+    def create_or_extend(cls, path: str | os.PathLike, header: dict[str, Any]) -> "ExpertStore":
+        """The store at ``path`` for experts trained as ``header`` says: opened when it exists and
+        matches, created empty when absent; ExpertStoreError when it holds experts trained otherwise."""
+        path = Path(path)
+        if (path / INDEX_NAME).is_file():
+            store = cls.open(path)
+            differ = sorted(k for k in header if store.index.get(k) != header[k])
+            if differ:
+                detail = "; ".join(f"{k}: store {store.index.get(k)!r}, recipe {header[k]!r}" for k in differ)
+                raise ExpertStoreError(
+                    f"{path} holds experts trained differently ({detail}). Delete that folder to retrain, "
+                    "or write these experts elsewhere with --set params.expert_dir=PATH"
+                )
+            return store
+        store = cls(path, {**header, "experts": []})
+        store._write_index()
+        return store
+
+    # -- facts -----------------------------------------------------------------------------------
+    @property
+    def experts(self) -> list[dict[str, Any]]:
+        """One entry per finished expert, by expert number."""
+        return sorted(self.index.get("experts", []), key=lambda e: e["index"])
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.index.get("experts", []))
+
+    @property
+    def epochs(self) -> int:
+        return int(self.index["epochs"])
+
+    @property
+    def parameter_count(self) -> int:
+        return int(self.index["parameter_count"])
+
+    @property
+    def model(self) -> str:
+        return str(self.index["model"])
+
+    @property
+    def zca_enabled(self) -> bool:
+        return bool(self.index["zca"])
+
+    def has(self, expert: int) -> bool:
+        """True when expert number ``expert`` is finished and its file is present."""
+        return any(e["index"] == expert and (self.path / e["file"]).is_file() for e in self.experts)
+
+    def file(self, position: int) -> Path:
+        """The trajectory file of the ``position``-th finished expert (0-based, in expert order)."""
+        return self.path / self.experts[position]["file"]
+
+    def summary(self) -> str:
+        """One line per fact, for the command line."""
+        accs = [e["test_accuracy"] for e in self.experts]
+        mean = sum(accs) / len(accs) if accs else float("nan")
+        return (f"{self.num_experts} experts x {self.epochs} epochs of {self.model} on {self.index['source']} "
+                f"(zca {'on' if self.zca_enabled else 'off'}, {self.parameter_count} parameters) at {self.path}\n"
+                f"test accuracy of the experts: mean {mean:.2f} %, min {min(accs, default=float('nan')):.2f} %, "
+                f"max {max(accs, default=float('nan')):.2f} %")
+
+    # -- reading trajectories --------------------------------------------------------------------
+    def snapshots(self, position: int, epochs: list[int]) -> torch.Tensor:
+        """Rows ``epochs`` of the ``position``-th expert's trajectory, [len(epochs), P] float32 (only those
+        rows are read from disk)."""
+        path = self.file(position)
+        top = self.epochs
+        bad = [e for e in epochs if not 0 <= e <= top]
+        if bad:
+            raise ExpertStoreError(f"{path}: epochs {bad} outside the stored 0..{top}")
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                view = handle.get_slice("trajectory")
+                rows = [view[e : e + 1] for e in epochs]
+        except Exception as exc:  # safetensors' own error types
+            raise ExpertStoreError(f"{path}: unreadable trajectory ({exc}); delete it and run the experts "
+                                   "recipe again (finished experts are kept)") from exc
+        out = torch.cat(rows)
+        if out.shape[1] != self.parameter_count:
+            raise ExpertStoreError(f"{path}: {out.shape[1]} parameters, the index says {self.parameter_count}")
+        return out
+
+    def trajectory(self, position: int) -> torch.Tensor:
+        """The whole trajectory of the ``position``-th expert, [E+1, P] float32 (validated)."""
+        path = self.file(position)
+        data = path.read_bytes()
+        read_safetensors_metadata(data, str(path))  # framing check before parsing
+        tensors = st_load(data)
+        traj = tensors.get("trajectory")
+        if traj is None or traj.dtype != torch.float32 or tuple(traj.shape) != (self.epochs + 1, self.parameter_count):
+            raise ExpertStoreError(f"{path}: expected a float32 'trajectory' [{self.epochs + 1}, "
+                                   f"{self.parameter_count}]")
+        return traj
+
+    def load_zca(self) -> ZCA | None:
+        """The store's whitening (None when zca is off)."""
+        if not self.zca_enabled:
+            return None
+        path = self.path / ZCA_NAME
+        if not path.is_file():
+            raise ExpertStoreError(f"{path} is missing: this store was trained in ZCA space; rebuild it")
+        data = path.read_bytes()
+        meta = json.loads(read_safetensors_metadata(data, str(path)).get(ZCA_KEY, "{}"))
+        tensors = st_load(data)
+        return ZCA.from_tensors(tensors["zca_mean"], tensors["zca_transform"], meta.get("eps", DEFAULT_EPS))
+
+    # -- writing ---------------------------------------------------------------------------------
+    def save_zca(self, zca: ZCA, fitted_on: str) -> None:
+        """Write the whitening the experts were trained in (atomically)."""
+        data = st_save(zca.tensors(), metadata={ZCA_KEY: json.dumps({"eps": zca.eps, "fitted_on": fitted_on},
+                                                                    sort_keys=True)})
+        atomic_write_bytes(self.path / ZCA_NAME, data)
+
+    def add(self, expert: int, trajectory: torch.Tensor, record: dict[str, Any]) -> None:
+        """Write expert ``expert``'s trajectory [E+1, P] and enter it (with ``record``) in the index."""
+        expected = (self.epochs + 1, self.parameter_count)
+        if tuple(trajectory.shape) != expected:
+            raise ValueError(f"trajectory must be {list(expected)}, got {list(trajectory.shape)}")
+        name = f"expert_{expert:04d}.safetensors"
+        meta = {"expert": expert, "source": self.index["source"], "model": self.model, "epochs": self.epochs,
+                "parameter_count": self.parameter_count, **record}
+        data = st_save({"trajectory": trajectory.detach().to("cpu", torch.float32).contiguous()},
+                       metadata={EXPERT_KEY: json.dumps(meta, sort_keys=True)})
+        atomic_write_bytes(self.path / name, data)
+        entries = [e for e in self.index.get("experts", []) if e["index"] != expert]
+        entries.append({"index": expert, "file": name, **record})
+        self.index["experts"] = sorted(entries, key=lambda e: e["index"])
+        self.index["num_experts"] = len(entries)
+        self._write_index()
+
+    def _write_index(self) -> None:
+        self.index["num_experts"] = len(self.index.get("experts", []))
+        atomic_write_bytes(self.path / INDEX_NAME, (json.dumps(self.index, indent=2, sort_keys=True) + "\n").encode())
+
+    # -- checking a store against what a recipe needs --------------------------------------------
+    def check_compatible(self, *, source: str, model: str, zca: bool, parameter_count: int,
+                         min_epochs: int, build_hint: str) -> None:
+        """ExpertStoreError naming the mismatch and ``build_hint`` unless this store serves the recipe."""
+        problems = []
+        if self.index.get("source") != source:
+            problems.append(f"source {self.index.get('source')!r}, the recipe needs {source!r}")
+        if self.model != model:
+            problems.append(f"model {self.model!r}, the recipe needs {model!r}")
+        if self.zca_enabled != zca:
+            problems.append(f"zca {'on' if self.zca_enabled else 'off'}, the recipe needs it "
+                            f"{'on' if zca else 'off'}")
+        if self.parameter_count != parameter_count:
+            problems.append(f"{self.parameter_count} parameters per network, the recipe's network has "
+                            f"{parameter_count}")
+        if self.epochs < min_epochs:
+            problems.append(f"{self.epochs} epochs per expert, the recipe reaches epoch {min_epochs} "
+                            "(max_start_epoch + expert_epochs)")
+        if self.num_experts == 0:
+            problems.append("no finished expert")
+        if problems:
+            raise ExpertStoreError(f"the expert trajectories at {self.path} do not fit this recipe: "
+                                   f"{'; '.join(problems)}. Build fitting ones with `{build_hint}`")
+
+
+def open_for_recipe(path: Path, *, source: str, model: str, zca: bool, parameter_count: int,
+                    min_epochs: int, build_hint: str) -> ExpertStore:
+    """The store a trajectory-matching recipe reads, checked; ExpertStoreError (with the command that
+    builds it) when it is missing or does not fit."""
+    try:
+        store = ExpertStore.open(path)
+    except ExpertStoreError as exc:
+        raise ExpertStoreError(f"{exc}. Trajectory matching needs expert trajectories first: run "
+                               f"`{build_hint}` (or point params.expert_dir at a store)") from exc
+    store.check_compatible(source=source, model=model, zca=zca, parameter_count=parameter_count,
+                           min_epochs=min_epochs, build_hint=build_hint)
+    return store
+
+
+# --------------------------------------------------------------------------------------------------
+# training one expert
+
+
+@dataclass
+class ExpertSettings:
+    """How an expert trains: the papers' buffer settings (SGD without momentum or weight decay)."""
+
+    epochs: int
+    lr: float = 0.01
+    batch: int = 256
+    augmenter: "Augmenter | None" = None
+
+    def describe(self) -> dict[str, Any]:
+        return {"optimizer": "SGD", "lr": self.lr, "momentum": 0.0, "weight_decay": 0.0, "batch": self.batch,
+                "lr_schedule": "constant",
+                "augment": self.augmenter.strategy if self.augmenter is not None else "none"}
+
+
+def train_expert(
+    net: nn.Module,
+    real: "RealData",
+    settings: ExpertSettings,
+    generator: torch.Generator,
+    *,
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> tuple[torch.Tensor, float]:
+    """Train ``net`` in place on every image of ``real``; return its trajectory [epochs+1, P] (float32, CPU)
+    and its training accuracy (percent) over the last epoch's augmented batches."""
+    opt = torch.optim.SGD(net.parameters(), lr=settings.lr, momentum=0.0, weight_decay=0.0)
+    n = len(real)
+    snapshots = [flat_parameters(net).cpu()]
+    accuracy = 0.0
+    net.train()
+    for epoch in range(settings.epochs):
+        order = torch.randperm(n, generator=generator)
+        correct = 0
+        for start in range(0, n, settings.batch):
+            pos = order[start : start + settings.batch]
+            x = real.rows(pos)
+            y = real.labels[pos.to(real.device)]
+            if settings.augmenter is not None:
+                x = settings.augmenter(x, generator)
+            logits = net(x)
+            loss = F.cross_entropy(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            correct += int((logits.detach().argmax(1) == y).sum())
+        accuracy = 100.0 * correct / n
+        snapshots.append(flat_parameters(net).cpu())
+        if on_epoch is not None:
+            on_epoch(epoch + 1, accuracy)
+    return torch.stack(snapshots), accuracy
+
+
+# --------------------------------------------------------------------------------------------------
+# the recipe method
+
+
+def fit_split_zca(real: "RealData", eps: float = DEFAULT_EPS, chunk: int = 4096) -> ZCA:
+    """Fit the whitening on every image of ``real`` (normalised, not whitened), in chunks."""
+    if real.zca is not None:
+        raise ValueError("fit the ZCA on un-whitened images (this split already has one set)")
+
+    def batches() -> Iterator[torch.Tensor]:
+        for start in range(0, len(real), chunk):
+            yield real.rows(torch.arange(start, min(start + chunk, len(real))))
+
+    return fit_zca(batches(), eps, device=real.device)

@@ -1,0 +1,339 @@
+"""MTT: Dataset Distillation by Matching Training Trajectories (Cazenavette et al., CVPR 2022).
+
+Each iteration picks an expert (uniformly) and a start epoch ``s`` in ``[0, max_start_epoch)`` with the
+build's generator, and starts a *student* at the expert's parameters after epoch ``s``. The student
+takes ``syn_steps`` plain gradient steps on batches of ``batch_syn`` synthetic images (random order,
+reshuffled whenever the images run out; per-sample DSA) with the learnable step size ``syn_lr``.
+The loss is the normalised parameter distance
+
+    ||theta_student_end - theta_expert[s + M]||^2 / ||theta_expert[s] - theta_expert[s + M]||^2,
+
+``M = expert_epochs``. Backpropagating it reaches the images and ``syn_lr`` through every student step.
+Images and ``syn_lr`` are optimised by SGD with momentum 0.5 (``lr_img``, ``lr_lr``).
+
+Students are functional: parameters are one flat vector, split into the network's shapes
+(:class:`builders.experts.ParamLayout`) and applied with :func:`torch.func.functional_call`; the
+network module only supplies the architecture. Networks with BatchNorm work (their batch statistics
+are used; running statistics are ignored), as in the reference.
+
+The step size is positive by construction. The state holds ``syn_lr_raw`` and the step size is
+
+    syn_lr = floor + softplus_beta(syn_lr_raw),  floor = 1e-4 * lr_teacher,  beta = 100 / lr_teacher,
+
+``softplus_beta(r) = log(1 + exp(beta r)) / beta``. Torch's softplus is exactly linear for
+``beta r > 20``, so for step sizes above ``0.2 lr_teacher + floor`` the raw value is the step size
+minus the floor: the papers' ``lr_lr`` keeps its meaning (a step on the raw value is the same step on
+syn_lr). Below that the map bends smoothly toward ``floor``; no gradient step, however large, can make
+the step size zero or negative. It starts at ``lr_teacher``. The set stores the final value as ``lr``.
+
+Memory (``params.memory``): ``unrolled`` keeps every student step's graph (memory grows with
+``syn_steps``); ``constant`` computes the same gradients with one step's graph alive at a time
+(:mod:`builders.methods.tesla`). Both draw the same batches and augmentations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from builders.augment import AugmentDraw, Augmenter
+from builders.experts import ExpertStore, ParamLayout, build_command, expert_dir, open_for_recipe
+from builders.methods.base import BuildContext, Method, SetContents, check_init
+from builders.networks import build_network
+
+if TYPE_CHECKING:
+    from builders.recipe import Recipe
+
+MEMORY_MODES: tuple[str, ...] = ("unrolled", "constant")
+LR_FLOOR = 1e-4  # times lr_teacher: the least step size
+LR_BETA = 100.0  # divided by lr_teacher: softplus sharpness
+
+
+# --------------------------------------------------------------------------------------------------
+# the learnable step size
+
+
+def syn_lr_from_raw(raw: torch.Tensor, lr_teacher: float) -> torch.Tensor:
+    """The positive step size ``floor + softplus_beta(raw)`` (see the module docstring)."""
+    return LR_FLOOR * lr_teacher + F.softplus(raw, beta=LR_BETA / lr_teacher)
+
+
+def raw_from_syn_lr(lr: float, lr_teacher: float) -> torch.Tensor:
+    """The raw value whose step size is ``lr`` (float32 scalar); ``lr`` must exceed the floor."""
+    floor, beta = LR_FLOOR * lr_teacher, LR_BETA / lr_teacher
+    if not lr > floor:
+        raise ValueError(f"a step size must exceed the floor {floor:g}, got {lr}")
+    value = torch.tensor(lr - floor, dtype=torch.float64)
+    raw = torch.where(value * beta > 20, value, torch.log(torch.expm1(value * beta)) / beta)
+    return raw.to(torch.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# one student trajectory
+
+
+@dataclass
+class InnerPlan:
+    """The random choices of one student trajectory, drawn before it runs so that every way of
+    computing its gradient (unrolled, constant memory, recomputation) sees the same ones."""
+
+    batches: list[torch.Tensor]  # per step: positions in the synthetic set (CPU int64)
+    draws: list[AugmentDraw | None]  # per step: its per-sample augmentation, or None
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def make_plan(
+    num_images: int,
+    steps: int,
+    batch: int,
+    generator: torch.Generator,
+    augmenter: Augmenter | None = None,
+) -> InnerPlan:
+    """``steps`` batches of ``batch`` synthetic positions: a random permutation cut into chunks, a new
+    permutation when one runs out; one per-sample augmentation draw per step (as ``ctx.augment_each``)."""
+    batch = min(batch, num_images) if batch > 0 else num_images
+    batches: list[torch.Tensor] = []
+    draws: list[AugmentDraw | None] = []
+    chunks: list[torch.Tensor] = []
+    for _ in range(steps):
+        if not chunks:
+            chunks = list(torch.randperm(num_images, generator=generator).split(batch))
+        idx = chunks.pop(0)
+        batches.append(idx)
+        draws.append(augmenter.sample(generator, len(idx)) if augmenter is not None else None)
+    return InnerPlan(batches, draws)
+
+
+def soft_cross_entropy(logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of ``-sum softmax(target_logits) * log_softmax(logits)``."""
+    return -(F.softmax(target_logits, dim=1) * F.log_softmax(logits, dim=1)).sum(1).mean()
+
+
+@dataclass
+class StudentTrajectory:
+    """One student run: the architecture, the expert's start and target parameters and the plan.
+
+    ``labels`` passed to the methods are int64 class indices (cross-entropy) or float logits (soft
+    cross-entropy against their softmax, as DATM's learned soft labels).
+    """
+
+    net: nn.Module
+    layout: ParamLayout
+    start: torch.Tensor  # [P]
+    target: torch.Tensor  # [P]
+    plan: InnerPlan
+    augmenter: Augmenter | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def batch(self, images: torch.Tensor, labels: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step ``step``'s (augmented images, labels)."""
+        idx = self.plan.batches[step].to(images.device)
+        x = images[idx]
+        draw = self.plan.draws[step]
+        if draw is not None:
+            assert self.augmenter is not None
+            x = self.augmenter.apply(x, draw)
+        return x, labels[idx]
+
+    def step_loss(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The student's training loss at flat parameters ``theta`` on the batch (x, y)."""
+        logits = functional_call(self.net, self.layout.unflatten(theta), (x,))
+        if y.dtype == torch.int64:
+            return F.cross_entropy(logits, y)
+        return soft_cross_entropy(logits, y)
+
+    def distance(self, end: torch.Tensor) -> torch.Tensor:
+        """The normalised matching loss of a student that ends at ``end``."""
+        return normalised_distance(end, self.start, self.target)
+
+
+def normalised_distance(end: torch.Tensor, start: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``||end - target||^2 / ||start - target||^2`` (MTT's loss; the papers' division of both by
+    the parameter count cancels)."""
+    return ((end - target) ** 2).sum() / ((start - target) ** 2).sum()
+
+
+def unrolled_matching_loss(
+    traj: StudentTrajectory, images: torch.Tensor, lr: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
+    """The matching loss with every student step kept in the autograd graph (memory grows with steps)."""
+    theta = traj.start.detach().clone().requires_grad_(True)
+    for step in range(len(traj.plan)):
+        x, y = traj.batch(images, labels, step)
+        (grad,) = torch.autograd.grad(traj.step_loss(theta, x, y), theta, create_graph=True)
+        theta = theta - lr * grad
+    return traj.distance(theta)
+
+
+def matching_loss(
+    traj: StudentTrajectory, images: torch.Tensor, lr: torch.Tensor, labels: torch.Tensor, memory: str = "unrolled"
+) -> torch.Tensor:
+    """The matching loss whose ``.backward()`` fills the gradients of images, lr and (float) labels;
+    ``memory`` 'unrolled' or 'constant' (same gradients, see :mod:`builders.methods.tesla`)."""
+    if memory == "unrolled":
+        return unrolled_matching_loss(traj, images, lr, labels)
+    if memory == "constant":
+        from builders.methods.tesla import constant_memory_matching_loss
+
+        return constant_memory_matching_loss(traj, images, lr, labels)
+    raise ValueError(f"memory: unknown {memory!r}; valid: {', '.join(MEMORY_MODES)}")
+
+
+# --------------------------------------------------------------------------------------------------
+# the method
+
+
+class TrajectoryMatching(Method):
+    """MTT: learn images and a step size so that student training on them follows the experts."""
+
+    name: ClassVar[str] = "mtt"
+    defaults: ClassVar[dict[str, Any]] = {
+        "syn_steps": 20,
+        "expert_epochs": 3,
+        "max_start_epoch": 20,
+        "lr_img": 1000.0,
+        "lr_lr": 1e-05,
+        "lr_teacher": 0.01,
+        "batch_syn": 0,  # 0: all synthetic images in every step
+        "memory": "unrolled",
+        "zca": False,
+        "expert_dir": "",  # "" -> OUT_ROOT/experts/{source}/{model}/{zca|plain}
+        "init": "real",
+    }
+    momentum: ClassVar[float] = 0.5
+
+    @classmethod
+    def check_recipe(cls, recipe: "Recipe") -> None:
+        from builders.recipe import RecipeError
+
+        p = recipe.params
+        if p["memory"] not in MEMORY_MODES:
+            raise RecipeError(f"params.memory: unknown {p['memory']!r}; valid: {', '.join(MEMORY_MODES)}")
+        for key in ("syn_steps", "expert_epochs", "max_start_epoch"):
+            if p[key] < 1:
+                raise RecipeError(f"params.{key}: must be >= 1, got {p[key]}")
+        if p["batch_syn"] < 0:
+            raise RecipeError(f"params.batch_syn: must be >= 0 (0: all images), got {p['batch_syn']}")
+        for key in ("lr_img", "lr_lr", "lr_teacher"):
+            if p[key] < 0 or (key == "lr_teacher" and p[key] == 0):
+                raise RecipeError(f"params.{key}: must be {'> 0' if key == 'lr_teacher' else '>= 0'}, got {p[key]}")
+        cls._check_init(p)
+
+    @classmethod
+    def _check_init(cls, params: dict[str, Any]) -> None:
+        check_init(params["init"])
+
+    # -- what the experts must provide ---------------------------------------------------------
+    def start_window(self, iteration: int) -> tuple[int, int]:
+        """Start epochs are drawn in ``[low, high)`` at ``iteration``."""
+        return 0, self.params["max_start_epoch"]
+
+    def max_epoch_needed(self) -> int:
+        """The latest expert epoch a student's target can be."""
+        return self.params["max_start_epoch"] - 1 + self.params["expert_epochs"]
+
+    def store_path(self) -> Path:
+        """params.expert_dir, else ``OUT_ROOT/experts/{source}/{model}/{zca|plain}``."""
+        if self.params["expert_dir"]:
+            return Path(self.params["expert_dir"]).expanduser()
+        r = self.ctx.recipe
+        root = self.ctx.out_root if self.ctx.out_root is not None else r.root
+        return expert_dir(root, r.source, r.model, self.params["zca"])
+
+    def _open_store(self) -> ExpertStore:
+        r, p = self.ctx.recipe, self.params
+        root = self.ctx.out_root if self.ctx.out_root is not None else r.root
+        hint = build_command(r.source, r.model, p["zca"], self.max_epoch_needed(),
+                             None if str(root) == str(r.root) else root)
+        if p["expert_dir"]:
+            hint += f" --set params.expert_dir={p['expert_dir']}"
+        store = open_for_recipe(self.store_path(), source=r.source, model=r.model, zca=p["zca"],
+                                parameter_count=self.layout.numel, min_epochs=self.max_epoch_needed(),
+                                build_hint=hint)
+        if store.index.get("parameters") != self.layout.describe():
+            raise RuntimeError(f"the expert trajectories at {store.path} were trained on a network whose parameter "
+                               f"names/shapes differ from {r.model}'s; rebuild them with `{hint}`")
+        return store
+
+    # -- engine interface ----------------------------------------------------------------------
+    def __init__(self, ctx: BuildContext) -> None:
+        super().__init__(ctx)
+        c, h, w = ctx.real.image_shape
+        # The student's architecture; its own weights are never used (students start at expert snapshots).
+        self.net = build_network(ctx.recipe.model, c, ctx.num_classes, (h, w), seed=0).to(ctx.device)
+        self.net.train()
+        for p in self.net.parameters():
+            p.requires_grad_(False)
+        self.layout = ParamLayout.of(self.net)
+        self.store = self._open_store()
+        if self.params["zca"]:
+            ctx.real.set_zca(self.store.load_zca())
+        self.labels = ctx.hard_labels()
+
+    def initial_state(self) -> dict[str, torch.Tensor]:
+        images, self.init_rows = self.ctx.initial_images(self.params["init"])
+        return self.initial_state_with(images)
+
+    def initial_state_with(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The state for starting images ``images`` (a leaf that requires grad): step size lr_teacher."""
+        raw = raw_from_syn_lr(self.params["lr_teacher"], self.params["lr_teacher"]).to(self.ctx.device)
+        return {"images": images, "syn_lr_raw": raw.requires_grad_(True)}
+
+    def optimizers(self, state: dict[str, torch.Tensor]) -> dict[str, torch.optim.Optimizer]:
+        p = self.params
+        return {
+            "images": torch.optim.SGD([state["images"]], lr=p["lr_img"], momentum=self.momentum),
+            "syn_lr": torch.optim.SGD([state["syn_lr_raw"]], lr=p["lr_lr"], momentum=self.momentum),
+        }
+
+    def syn_lr(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The current (positive) student step size, differentiable in ``syn_lr_raw``."""
+        return syn_lr_from_raw(state["syn_lr_raw"], self.params["lr_teacher"])
+
+    def student(self, state: dict[str, torch.Tensor], iteration: int) -> StudentTrajectory:
+        """Draw this iteration's expert, start epoch and plan (all from the build's generator)."""
+        ctx, p = self.ctx, self.params
+        expert = int(torch.randint(self.store.num_experts, (1,), generator=ctx.generator))
+        low, high = self.start_window(iteration)
+        start_epoch = int(torch.randint(low, high, (1,), generator=ctx.generator))
+        rows = self.store.snapshots(expert, [start_epoch, start_epoch + p["expert_epochs"]]).to(ctx.device)
+        plan = make_plan(state["images"].shape[0], p["syn_steps"], p["batch_syn"], ctx.generator, ctx.augmenter)
+        return StudentTrajectory(self.net, self.layout, rows[0], rows[1], plan, ctx.augmenter,
+                                 extra={"expert": expert, "start_epoch": start_epoch})
+
+    def targets(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The labels the student trains with: class indices (MTT)."""
+        return self.labels
+
+    def losses(self, state: dict[str, torch.Tensor], iteration: int) -> Iterator[torch.Tensor]:
+        traj = self.student(state, iteration)
+        yield matching_loss(traj, state["images"], self.syn_lr(state), self.targets(state), self.params["memory"])
+
+    def finalize(self, state: dict[str, torch.Tensor]) -> SetContents:
+        lr = self.syn_lr(state).detach().to("cpu", torch.float32).reshape(())
+        return SetContents(images=state["images"].detach(), lr=lr, metadata=self.build_metadata(state))
+
+    def build_metadata(self, state: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """What the set records about this build beyond the recipe."""
+        accs = [e["test_accuracy"] for e in self.store.experts]
+        return {
+            "init": self.params["init"],
+            "memory": self.params["memory"],
+            "syn_lr": float(self.syn_lr(state).detach()),
+            "syn_lr_parametrisation": (f"syn_lr = {LR_FLOOR:g}*lr_teacher + softplus(raw, beta={LR_BETA:g}/lr_teacher)"),
+            "experts": {
+                "dir": str(self.store.path),
+                "num_experts": self.store.num_experts,
+                "epochs": self.store.epochs,
+                "zca": self.store.zca_enabled,
+                "test_accuracy_mean": round(sum(accs) / len(accs), 4) if accs else None,
+            },
+        }

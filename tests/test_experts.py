@@ -1,0 +1,115 @@
+"""Expert trajectories: flat parameters, the store's files and index, resume, incompatibility, the CLI."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+from torch.func import functional_call
+
+from builders.cli import build_command
+from builders.engine import Engine
+from builders.experts import ExpertStore, ExpertStoreError, ParamLayout, expert_dir, flat_parameters
+from builders.networks import build_network
+from builders.recipe import recipe_from_dict
+from condensed_datasets.format import read_safetensors_metadata
+
+
+
+EXPERTS = {
+    "source": "fashionmnist", "method": "experts", "ipc": 1, "model": "ConvNetW32", "seed": 5,
+    "real_per_class": 10, "augment": "color_crop_cutout_flip_scale_rotate",
+    "params": {"num_experts": 2, "epochs": 2, "batch": 32},
+    "eval": {"test_per_class": 10},
+}
+
+
+def run_experts(data_root, out, **params):
+    recipe = recipe_from_dict({**EXPERTS, "params": {**EXPERTS["params"], **params}})
+    return Engine(recipe, out_root=out, data_root=data_root, device="cpu", progress=False).run()
+
+
+def test_param_layout_unflattens_into_the_networks_shapes():
+    net = build_network("ConvNetW32", 1, 10, (28, 28), seed=3)
+    layout = ParamLayout.of(net)
+    flat = flat_parameters(net)
+    assert layout.numel == flat.numel() == sum(p.numel() for p in net.parameters())
+    x = torch.randn(2, 1, 28, 28)
+    torch.testing.assert_close(functional_call(net, layout.unflatten(flat), (x,)), net(x))
+    with pytest.raises(ValueError, match="flat parameters"):
+        layout.unflatten(flat[:-1])
+
+
+def test_experts_are_stored_as_safetensors_trajectories_with_an_index(fashion_mnist_root, tmp_path):
+    store = run_experts(fashion_mnist_root, tmp_path)
+    assert store.path == expert_dir(tmp_path, "fashionmnist", "ConvNetW32", False)
+    assert store.path == tmp_path / "experts" / "fashionmnist" / "ConvNetW32" / "plain"
+    index = json.loads((store.path / "index.json").read_text())
+    p = ParamLayout.of(build_network("ConvNetW32", 1, 10, (28, 28), seed=0)).numel
+    assert index["model"] == "ConvNetW32" and index["source"] == "fashionmnist" and index["zca"] is False
+    assert index["epochs"] == 2 and index["num_experts"] == 2 and index["parameter_count"] == p
+    assert index["training"]["lr"] == 0.01 and index["training"]["momentum"] == 0.0
+    assert index["training"]["weight_decay"] == 0.0 and index["training"]["batch"] == 32
+    assert [e["index"] for e in index["experts"]] == [0, 1]
+    for entry in index["experts"]:
+        assert 0.0 <= entry["test_accuracy"] <= 100.0 and entry["init_seed"] != entry["train_seed"]
+        path = store.path / entry["file"]
+        data = path.read_bytes()
+        meta = json.loads(read_safetensors_metadata(data, str(path))["condensed_datasets_expert"])
+        assert meta["test_accuracy"] == entry["test_accuracy"]
+        traj = load_file(path)["trajectory"]
+        assert traj.shape == (3, p) and traj.dtype == torch.float32
+        # Row 0 is the initialisation the recorded seed gives; training moved the parameters.
+        init = flat_parameters(build_network("ConvNetW32", 1, 10, (28, 28), seed=entry["init_seed"]))
+        torch.testing.assert_close(traj[0], init)
+        assert not torch.equal(traj[0], traj[2])
+    reopened = ExpertStore.open(store.path)
+    torch.testing.assert_close(reopened.snapshots(1, [2, 0]), reopened.trajectory(1)[[2, 0]])
+    assert "2 experts x 2 epochs" in reopened.summary()
+
+
+def test_resume_skips_finished_experts_and_recomputes_missing_ones_identically(fashion_mnist_root, tmp_path):
+    store = run_experts(fashion_mnist_root, tmp_path)
+    first = (store.path / "expert_0000.safetensors").read_bytes()
+    second = (store.path / "expert_0001.safetensors").read_bytes()
+    # Simulate a run killed during expert 1: its file and index entry are gone.
+    (store.path / "expert_0001.safetensors").unlink()
+    index = json.loads((store.path / "index.json").read_text())
+    index["experts"] = index["experts"][:1]
+    (store.path / "index.json").write_text(json.dumps(index))
+    stamp = (store.path / "expert_0000.safetensors").stat().st_mtime_ns
+
+    resumed = run_experts(fashion_mnist_root, tmp_path, num_experts=3)
+    assert resumed.num_experts == 3
+    assert (store.path / "expert_0000.safetensors").stat().st_mtime_ns == stamp  # skipped, not rewritten
+    assert (store.path / "expert_0000.safetensors").read_bytes() == first
+    assert (store.path / "expert_0001.safetensors").read_bytes() == second  # same seeds, same trajectory
+
+
+def test_a_store_trained_otherwise_is_refused(fashion_mnist_root, tmp_path):
+    run_experts(fashion_mnist_root, tmp_path, num_experts=1, epochs=1)
+    with pytest.raises(ExpertStoreError, match="trained differently.*lr"):
+        run_experts(fashion_mnist_root, tmp_path, num_experts=1, epochs=1, lr_teacher=0.02)
+    with pytest.raises(ExpertStoreError, match="no expert trajectories"):
+        ExpertStore.open(tmp_path / "nowhere")
+
+
+def test_experts_with_zca_store_the_whitening(fashion_mnist_root, tmp_path):
+    store = run_experts(fashion_mnist_root, tmp_path, num_experts=1, epochs=1, zca=True)
+    assert store.path.name == "zca" and store.zca_enabled
+    zca = store.load_zca()
+    assert zca.transform.shape == (784, 784) and zca.eps == 0.1
+
+
+def test_condensed_build_runs_an_experts_recipe(fashion_mnist_root, tmp_path):
+    recipe = tmp_path / "experts.yaml"
+    import yaml
+
+    recipe.write_text(yaml.safe_dump({**EXPERTS, "params": {**EXPERTS["params"], "num_experts": 1, "epochs": 1}}))
+    result = CliRunner().invoke(build_command, [str(recipe), "--out", str(tmp_path / "out"), "--data-root",
+                                                str(fashion_mnist_root), "--device", "cpu", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "1 experts x 1 epochs of ConvNetW32" in result.output
+    assert (tmp_path / "out" / "experts" / "fashionmnist" / "ConvNetW32" / "plain" / "expert_0000.safetensors").is_file()
+    assert not (tmp_path / "out" / "condensed").exists()
