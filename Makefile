@@ -30,7 +30,7 @@ test: setup
 	$(PY) -m pytest -q
 
 quickstart: setup
-	$(VENV)/bin/condensed-build recipes/quickstart.yaml --out data
+	$(VENV)/bin/condensed-build recipes/quickstart.yaml --out data --overwrite
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -56,18 +56,19 @@ def format_evaluation(ev: dict[str, Any] | None) -> str:
               help="Where the real data lives (default: the recipe's root).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint beside the output.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing set (and start over from no checkpoint).")
 @click.option("--no-eval", is_flag=True, help="Skip the evaluation.")
 @click.option("--download", is_flag=True, help="Download the real data if it is missing.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_user_errors
 def build_command(recipe: Path, overrides: tuple[str, ...], out_root: Path | None, data_root: Path | None,
-                  device: str, resume: bool, no_eval: bool, download: bool, quiet: bool) -> None:
+                  device: str, resume: bool, overwrite: bool, no_eval: bool, download: bool, quiet: bool) -> None:
     """Build the condensed set a RECIPE (YAML) describes, evaluate it and save it."""
     from builders.engine import Engine
     from builders.recipe import load_recipe, parse_overrides
 
     r = load_recipe(recipe, parse_overrides(overrides))
-    engine = Engine(r, out_root=out_root, data_root=data_root, device=device, resume=resume,
+    engine = Engine(r, out_root=out_root, data_root=data_root, device=device, resume=resume, overwrite=overwrite,
                     evaluate=not no_eval, progress=not quiet, download=download)
     from builders.methods import get_method
 

@@ -83,6 +83,7 @@ class Engine:
         out_root: str | os.PathLike | None = None,
         device: str = "auto",
         resume: bool = False,
+        overwrite: bool = False,
         evaluate: bool = True,
         progress: bool = True,
         data_root: str | os.PathLike | None = None,
@@ -93,6 +94,7 @@ class Engine:
         self.data_root = Path(data_root if data_root is not None else recipe.root)
         self.device = resolve_device(device)
         self.resume = resume
+        self.overwrite = overwrite
         self.evaluate = evaluate
         self.progress = progress
         self.download = download
@@ -146,6 +148,7 @@ class Engine:
         r = self.recipe
         if not getattr(get_method(r.method), "produces_set", True):
             return get_method(r.method)(self._context()).run(self)
+        self._refuse_to_clobber()
         clock = _reproducible_clock()
         started = time.time()
         self.paths.set.parent.mkdir(parents=True, exist_ok=True)
@@ -190,6 +193,17 @@ class Engine:
 
         save_grid(cset, self.paths.grid)
         return cset
+
+    def _refuse_to_clobber(self) -> None:
+        """Never replace a finished set or an unfinished build's checkpoint unless asked to."""
+        if self.overwrite or self.resume:
+            return
+        if self.paths.set.exists():
+            raise BuildError(f"{self.paths.set} already exists; pass --overwrite to replace it, "
+                             "or --out to build somewhere else")
+        if self.paths.checkpoint.exists():
+            raise BuildError(f"an earlier build left a checkpoint at {self.paths.checkpoint}; pass --resume to "
+                             "continue it, or --overwrite to start over")
 
     def _restore(self, state, optimizers, ctx: BuildContext) -> int:
         try:

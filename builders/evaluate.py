@@ -92,14 +92,19 @@ def train_network(
         order = torch.randperm(n, generator=generator).to(images.device)
         for start in range(0, n, settings.batch):
             idx = order[start : start + settings.batch]
-            x = images[idx]
-            if settings.augmenter is not None:
-                x = settings.augmenter(x, generator)
-            loss = label_loss(net(x), targets[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            _train_step(net, opt, images[idx], targets[idx], settings.augmenter, generator)
     return net
+
+
+def _train_step(net: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, targets: torch.Tensor,
+                augmenter: Augmenter | None, generator: torch.Generator) -> None:
+    """One optimiser step on a batch, with per-sample augmentation when given."""
+    if augmenter is not None:
+        x = augmenter(x, generator)
+    loss = label_loss(net(x), targets)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
 
 
 def replay_steps(
@@ -122,13 +127,7 @@ def replay_steps(
         for group in opt.param_groups:
             group["lr"] = lr
         rows = first + t % ipc
-        x = images[rows]
-        if settings.augmenter is not None:
-            x = settings.augmenter(x, generator)
-        loss = label_loss(net(x), targets[rows])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        _train_step(net, opt, images[rows], targets[rows], settings.augmenter, generator)
     return net
 
 

@@ -159,6 +159,11 @@ def recipe_from_dict(data: dict[str, Any]) -> Recipe:
 
     data = copy.deepcopy(data)
     _unknown("the recipe", set(data), _TOP_KEYS)
+    try:  # methods that build no set (expert trajectories) need no ipc
+        if not getattr(get_method(str(data.get("method"))), "produces_set", True):
+            data.setdefault("ipc", 1)
+    except ValueError:
+        pass  # an unknown method is reported below, after the required keys
     for key in _REQUIRED:
         if key not in data:
             raise RecipeError(f"missing key {key!r} (a recipe needs {', '.join(_REQUIRED)})")

@@ -12,8 +12,8 @@ from condensed_datasets.format import CondensedSet
 
 
 def to_pixels(cset: CondensedSet) -> torch.Tensor:
-    """The set's images mapped back to [0,1] pixels through its recorded normalisation."""
-    images = cset.images
+    """The set's images mapped back to [0,1] pixels: un-whitened (ZCA sets), then un-normalised."""
+    images = cset.images if cset.zca is None else cset.zca.invert(cset.images)
     norm = cset.metadata.get("normalization")
     if norm:
         mean = torch.tensor(norm["mean"]).view(1, -1, 1, 1)

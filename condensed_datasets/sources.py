@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -355,16 +354,7 @@ def _write_tiny_cache(path: Path, images: torch.Tensor, targets: torch.Tensor, w
     """Write the decode cache atomically (temporary file, then rename)."""
     import json
 
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({"images": images, "targets": targets}, tmp, metadata={"wnids": json.dumps(wnids)})
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_write_bytes(path, save({"images": images.contiguous(), "targets": targets.contiguous()},
+                                  metadata={"wnids": json.dumps(wnids)}))

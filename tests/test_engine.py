@@ -140,3 +140,19 @@ def test_periodic_evaluation_is_logged_and_does_not_change_the_result(fashion_mn
     evals = [json.loads(l) for l in watched.paths.log.read_text().splitlines() if "eval" in l]
     assert [e["iteration"] for e in evals] == [3] and "accuracy_mean" in evals[0]["eval"]
     assert torch.equal(cset.images, CondensedSet.load(plain.paths.set).images)
+
+
+def test_a_finished_set_or_an_unfinished_checkpoint_is_never_replaced_silently(fashion_mnist_root, tmp_path):
+    first = engine(fashion_mnist_root, tmp_path)
+    first.run()
+    before = first.paths.set.read_bytes()
+    with pytest.raises(BuildError, match="already exists; pass --overwrite"):
+        engine(fashion_mnist_root, tmp_path).run()
+    assert first.paths.set.read_bytes() == before
+    first.paths.set.unlink()  # as after a killed build: only the checkpoint is left
+    with pytest.raises(BuildError, match="left a checkpoint.*--resume.*--overwrite"):
+        engine(fashion_mnist_root, tmp_path).run()
+    again = engine(fashion_mnist_root, tmp_path)
+    again.overwrite = True
+    again.run()
+    assert again.paths.set.exists()

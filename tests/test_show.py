@@ -1,0 +1,25 @@
+"""The image grid maps a set back to pixels through its own space (normalisation, then ZCA)."""
+
+import torch
+
+from builders.show import save_grid, to_pixels
+from condensed_datasets.format import CondensedSet, class_contiguous_labels
+from condensed_datasets.zca import fit_zca
+
+
+def test_pixels_undo_the_normalisation_by_hand(tmp_path):
+    pixels = torch.rand(10, 1, 4, 4)
+    images = (pixels - 0.2861) / 0.3530
+    cset = CondensedSet(images, class_contiguous_labels(10, 1), source="fashionmnist", method="dm", ipc=1)
+    torch.testing.assert_close(to_pixels(cset), pixels, atol=1e-6, rtol=0)
+    path = save_grid(cset, tmp_path / "grid.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_pixels_undo_zca_first():
+    pixels = torch.rand(20, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    normalised = (pixels - 0.2861) / 0.3530
+    zca = fit_zca(normalised)
+    cset = CondensedSet(zca(normalised), class_contiguous_labels(10, 2), source="fashionmnist", method="mtt",
+                        ipc=2, zca=zca)
+    torch.testing.assert_close(to_pixels(cset), pixels, atol=1e-4, rtol=0)
