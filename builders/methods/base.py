@@ -26,12 +26,30 @@ def draw_seed(generator: torch.Generator) -> int:
 INITS = ("real", "noise")
 
 
-def check_init(init: str) -> None:
-    """RecipeError unless ``init`` names a way to start the synthetic images."""
+def check_choice(key: str, value: str, valid: tuple[str, ...]) -> None:
+    """RecipeError naming ``params.key`` unless ``value`` is one of ``valid``."""
     from builders.recipe import RecipeError
 
-    if init not in INITS:
-        raise RecipeError(f"params.init: unknown {init!r}; valid: {', '.join(INITS)}")
+    if value not in valid:
+        raise RecipeError(f"params.{key}: unknown {value!r}; valid: {', '.join(valid)}")
+
+
+def check_at_least(params: dict[str, Any], keys: tuple[str, ...], low: float, *, strict: bool = False,
+                   meaning: str = "") -> None:
+    """RecipeError naming the first of ``params[keys]`` below ``low`` (or not above it, when ``strict``)."""
+    from builders.recipe import RecipeError
+
+    for key in keys:
+        value = params[key]
+        if value <= low if strict else value < low:
+            low_text = f"{low:g}" if isinstance(low, float) else str(low)
+            raise RecipeError(f"params.{key}: must be {'>' if strict else '>='} {low_text}"
+                              f"{f' ({meaning})' if meaning else ''}, got {value}")
+
+
+def check_init(init: str) -> None:
+    """RecipeError unless ``init`` names a way to start the synthetic images."""
+    check_choice("init", init, INITS)
 
 
 @dataclass

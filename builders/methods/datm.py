@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Iterator
 import torch
 from torch.func import functional_call
 
-from builders.methods.base import SetContents
+from builders.methods.base import SetContents, check_at_least, check_choice
 from builders.methods.mtt import TrajectoryMatching, matching_loss
 
 if TYPE_CHECKING:
@@ -125,20 +125,13 @@ class DifficultyAlignedTrajectoryMatching(TrajectoryMatching):
                     "params.current_max_start_epoch: with sequential_generation it must lie in "
                     f"(min_start_epoch={p['min_start_epoch']}, max_start_epoch={p['max_start_epoch']}], "
                     f"got {p['current_max_start_epoch']}")
-            if p["expansion_end_epoch"] < 1:
-                raise RecipeError(f"params.expansion_end_epoch: must be >= 1, got {p['expansion_end_epoch']}")
-        for key in ("lr_y", "threshold"):
-            if p[key] < 0:
-                raise RecipeError(f"params.{key}: must be >= 0, got {p[key]}")
-        if p["label_experts"] < 0:
-            raise RecipeError(f"params.label_experts: must be >= 0 (0: all), got {p['label_experts']}")
+            check_at_least(p, ("expansion_end_epoch",), 1)
+        check_at_least(p, ("lr_y", "threshold"), 0)
+        check_at_least(p, ("label_experts",), 0, meaning="0: all")
 
     @classmethod
     def _check_init(cls, params: dict[str, Any]) -> None:
-        from builders.recipe import RecipeError
-
-        if params["init"] not in DATM_INITS:
-            raise RecipeError(f"params.init: unknown {params['init']!r}; valid: {', '.join(DATM_INITS)}")
+        check_choice("init", params["init"], DATM_INITS)
 
     def start_window(self, iteration: int) -> tuple[int, int]:
         p = self.params

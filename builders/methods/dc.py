@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from builders.methods.base import Method, SetContents
+from builders.methods.base import Method, SetContents, check_at_least, check_choice
 from builders.methods.matching import (
     DISTANCES,
     batch_norm_layers,
@@ -73,13 +73,6 @@ def class_matching_loss(
     return total
 
 
-def _check_choice(key: str, value: str, valid: tuple[str, ...]) -> None:
-    from builders.recipe import RecipeError
-
-    if value not in valid:
-        raise RecipeError(f"params.{key}: unknown {value!r}; valid: {', '.join(valid)}")
-
-
 class GradientMatching(Method):
     """DC: images learned so that a network's gradients on them match its gradients on real data."""
 
@@ -104,14 +97,10 @@ class GradientMatching(Method):
         from builders.recipe import RecipeError
 
         p = recipe.params
-        _check_choice("init", p["init"], INITS)
-        _check_choice("distance", p["distance"], DISTANCES)
-        for key in ("outer_loop", "inner_loop"):
-            if p[key] < 0:
-                raise RecipeError(f"params.{key}: must be >= 0 (0: the paper's value for the ipc), got {p[key]}")
-        for key in ("batch_real", "batch_train", "bn_batch_per_class"):
-            if p[key] < 1:
-                raise RecipeError(f"params.{key}: must be >= 1, got {p[key]}")
+        check_choice("init", p["init"], INITS)
+        check_choice("distance", p["distance"], DISTANCES)
+        check_at_least(p, ("outer_loop", "inner_loop"), 0, meaning="0: the paper's value for the ipc")
+        check_at_least(p, ("batch_real", "batch_train", "bn_batch_per_class"), 1)
         if not cls.augmented and recipe.augment != "none":
             raise RecipeError(
                 f"augment: method dc matches gradients without augmentation, got {recipe.augment!r}; use "

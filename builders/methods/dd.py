@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from builders.methods.base import Method, SetContents
+from builders.methods.base import Method, SetContents, check_at_least, check_choice
 from builders.methods.matching import batch_norm_layers
 
 if TYPE_CHECKING:
@@ -107,16 +107,10 @@ class DatasetDistillation(Method):
         from condensed_datasets.sources import get_source
 
         p = recipe.params
-        if p["init"] not in INITS:
-            raise RecipeError(f"params.init: unknown {p['init']!r}; valid: {', '.join(INITS)}")
-        for key in ("lr_img", "lr_lr", "lr_init", "decay_factor"):
-            if p[key] <= 0:
-                raise RecipeError(f"params.{key}: must be > 0, got {p[key]}")
-        for key in ("distill_epochs", "batch_real"):
-            if p[key] < 1:
-                raise RecipeError(f"params.{key}: must be >= 1, got {p[key]}")
-        if p["decay_every"] < 0:
-            raise RecipeError(f"params.decay_every: must be >= 0 (0: no decay), got {p['decay_every']}")
+        check_choice("init", p["init"], INITS)
+        check_at_least(p, ("lr_img", "lr_lr", "lr_init", "decay_factor"), 0, strict=True)
+        check_at_least(p, ("distill_epochs", "batch_real"), 1)
+        check_at_least(p, ("decay_every",), 0, meaning="0: no decay")
         if recipe.ipc * p["distill_epochs"] < 2:
             raise RecipeError(
                 f"params.distill_epochs: dd needs at least 2 unrolled steps (ipc x distill_epochs), got "

@@ -27,7 +27,7 @@ from builders.experts import (
     fit_split_zca,
     train_expert,
 )
-from builders.methods.base import Method
+from builders.methods.base import Method, check_at_least
 from builders.networks import build_network
 from condensed_datasets.zca import DEFAULT_EPS
 
@@ -54,14 +54,9 @@ class ExpertTrajectories(Method):
 
     @classmethod
     def check_recipe(cls, recipe: "Recipe") -> None:
-        from builders.recipe import RecipeError
-
         p = recipe.params
-        for key in ("num_experts", "epochs", "batch"):
-            if p[key] < 1:
-                raise RecipeError(f"params.{key}: must be >= 1, got {p[key]}")
-        if not p["lr_teacher"] > 0:
-            raise RecipeError(f"params.lr_teacher: must be > 0, got {p['lr_teacher']}")
+        check_at_least(p, ("num_experts", "epochs", "batch"), 1)
+        check_at_least(p, ("lr_teacher",), 0, strict=True)
 
     def select(self):  # pragma: no cover - the engine dispatches on produces_set first
         raise NotImplementedError("expert training produces trajectories, not a set; Engine.run calls run()")

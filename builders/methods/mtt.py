@@ -44,7 +44,7 @@ from torch.func import functional_call
 
 from builders.augment import AugmentDraw, Augmenter
 from builders.experts import ExpertStore, ParamLayout, build_command, expert_dir, open_for_recipe
-from builders.methods.base import BuildContext, Method, SetContents, check_init
+from builders.methods.base import BuildContext, Method, SetContents, check_at_least, check_choice, check_init
 from builders.networks import build_network
 
 if TYPE_CHECKING:
@@ -212,19 +212,12 @@ class TrajectoryMatching(Method):
 
     @classmethod
     def check_recipe(cls, recipe: "Recipe") -> None:
-        from builders.recipe import RecipeError
-
         p = recipe.params
-        if p["memory"] not in MEMORY_MODES:
-            raise RecipeError(f"params.memory: unknown {p['memory']!r}; valid: {', '.join(MEMORY_MODES)}")
-        for key in ("syn_steps", "expert_epochs", "max_start_epoch"):
-            if p[key] < 1:
-                raise RecipeError(f"params.{key}: must be >= 1, got {p[key]}")
-        if p["batch_syn"] < 0:
-            raise RecipeError(f"params.batch_syn: must be >= 0 (0: all images), got {p['batch_syn']}")
-        for key in ("lr_img", "lr_lr", "lr_teacher"):
-            if p[key] < 0 or (key == "lr_teacher" and p[key] == 0):
-                raise RecipeError(f"params.{key}: must be {'> 0' if key == 'lr_teacher' else '>= 0'}, got {p[key]}")
+        check_choice("memory", p["memory"], MEMORY_MODES)
+        check_at_least(p, ("syn_steps", "expert_epochs", "max_start_epoch"), 1)
+        check_at_least(p, ("batch_syn",), 0, meaning="0: all images")
+        check_at_least(p, ("lr_img", "lr_lr"), 0)
+        check_at_least(p, ("lr_teacher",), 0, strict=True)
         cls._check_init(p)
 
     @classmethod
