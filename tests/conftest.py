@@ -131,3 +131,48 @@ def make_set() -> MakeSet:
         return cset.save(path or set_path(root, info.name, method, ipc))
 
     return _make
+
+
+TINY_EXPERTS = {
+    "source": "fashionmnist", "method": "experts", "model": "ConvNetW32", "seed": 1,
+    "real_per_class": 10, "augment": "color_crop_cutout_flip_scale_rotate",
+    "params": {"num_experts": 2, "epochs": 3, "batch": 25}, "eval": {"test_per_class": 10},
+}
+
+
+@pytest.fixture(scope="session")
+def expert_store(fashion_mnist_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A tiny trajectory store (2 ConvNetW32 experts x 3 epochs on a Fashion-MNIST subset) for MTT/DATM."""
+    from builders.engine import Engine
+    from builders.recipe import recipe_from_dict
+
+    out = tmp_path_factory.mktemp("experts_out")
+    return Engine(recipe_from_dict(TINY_EXPERTS), out_root=out, data_root=fashion_mnist_root, device="cpu",
+                  progress=False).run()
+
+
+class _Killed(Exception):
+    """Stands in for a build killed mid-way."""
+
+
+def assert_resume_is_identical(make_engine: Callable[[Path], Any], tmp: Path, kill_after: int) -> None:
+    """A build killed after ``kill_after`` iterations and resumed gives the bytes of an uninterrupted one.
+
+    ``make_engine(out)`` returns a fresh Engine writing under ``out``; set SOURCE_DATE_EPOCH first so the
+    metadata's timestamps agree.
+    """
+    whole = make_engine(tmp / "whole")
+    whole.run()
+
+    def kill(iteration: int, loss: float) -> None:
+        if iteration == kill_after:
+            raise _Killed
+
+    part = make_engine(tmp / "part")
+    with pytest.raises(_Killed):
+        part.run(on_iteration=kill)
+    assert not part.paths.set.exists()
+    resumed = make_engine(tmp / "part")
+    resumed.resume = True
+    resumed.run()
+    assert resumed.paths.set.read_bytes() == whole.paths.set.read_bytes()

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from builders.engine import Engine
+from conftest import assert_resume_is_identical
 from builders.experts import ExpertStoreError
 from builders.methods.datm import (
     DifficultyAlignedTrajectoryMatching,
@@ -74,11 +75,6 @@ def test_recipe_checks_the_window():
 
 # -- builds ----------------------------------------------------------------------------------------
 
-EXPERTS = {
-    "source": "fashionmnist", "method": "experts", "ipc": 1, "model": "ConvNetW32", "seed": 1,
-    "real_per_class": 10, "augment": "color_crop_cutout_flip_scale_rotate",
-    "params": {"num_experts": 2, "epochs": 3, "batch": 25}, "eval": {"test_per_class": 10},
-}
 DATM = {
     "source": "fashionmnist", "method": "datm", "ipc": 2, "model": "ConvNetW32", "seed": 4,
     "real_per_class": 10, "iterations": 3, "augment": "color_crop_cutout_flip_scale_rotate",
@@ -89,16 +85,20 @@ DATM = {
 }
 
 
-@pytest.fixture(scope="module")
-def expert_store(fashion_mnist_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("datm_experts")
-    return Engine(recipe_from_dict(EXPERTS), out_root=out, data_root=fashion_mnist_root, device="cpu",
-                  progress=False).run()
-
-
 def datm_engine(root, out, store, **params):
     recipe = recipe_from_dict({**DATM, "params": {**DATM["params"], "expert_dir": str(store.path), **params}})
     return Engine(recipe, out_root=out, data_root=root, device="cpu", progress=False, evaluate=False)
+
+
+def test_a_killed_datm_build_resumes_to_the_same_bytes(fashion_mnist_root, tmp_path, expert_store, monkeypatch):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    extra = {"iterations": 4, "checkpoint_every": 2}
+
+    def make(out):
+        recipe = recipe_from_dict({**DATM, **extra, "params": {**DATM["params"], "expert_dir": str(expert_store.path)}})
+        return Engine(recipe, out_root=out, data_root=fashion_mnist_root, device="cpu", progress=False, evaluate=False)
+
+    assert_resume_is_identical(make, tmp_path, 3)
 
 
 def test_initial_images_are_ones_the_experts_classify_correctly(fashion_mnist_root, tmp_path, expert_store):

@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from builders.checkpoint import load_checkpoint
-from builders.engine import BuildError, Engine
+from builders.engine import BuildError, BuildPaths, Engine
 from builders.methods.dm import DistributionMatching
 from builders.recipe import recipe_from_dict
 from condensed_datasets.format import CondensedSet
 from condensed_datasets.sources import load_split
+from conftest import assert_resume_is_identical
 
 TINY = {
     "source": "fashionmnist", "method": "dm", "ipc": 2, "model": "ConvNetW32", "seed": 3,
@@ -59,30 +60,28 @@ def test_same_recipe_and_seed_give_the_same_bytes(fashion_mnist_root, tmp_path, 
     assert not torch.equal(CondensedSet.load(a.paths.set).images, CondensedSet.load(c.paths.set).images)
 
 
-class Killed(Exception):
-    pass
-
-
 def test_a_killed_build_resumes_to_the_same_bytes(fashion_mnist_root, tmp_path, reproducible):
-    whole = engine(fashion_mnist_root, tmp_path / "whole")
-    whole.run()
+    killed = tmp_path / "part"
 
-    part = engine(fashion_mnist_root, tmp_path / "part")
+    def make(out):
+        return engine(fashion_mnist_root, out)
 
-    def kill(iteration, loss):
-        if iteration == 5:  # after the checkpoint at 4, before the one at 6
-            raise Killed
+    assert_resume_is_identical(make, tmp_path, 5)  # after the checkpoint at 4, before the one at 6
+    assert load_checkpoint(BuildPaths.for_recipe(make(killed).recipe, killed).checkpoint)[0]["iteration"] == 6
+    log = BuildPaths.for_recipe(make(killed).recipe, killed).log
+    assert [json.loads(l)["iteration"] for l in log.read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
 
-    with pytest.raises(Killed):
-        part.run(on_iteration=kill)
-    assert not part.paths.set.exists()
-    assert load_checkpoint(part.paths.checkpoint)[0]["iteration"] == 4
-    resumed = engine(fashion_mnist_root, tmp_path / "part")
-    resumed.resume = True
-    resumed.run()
-    assert resumed.paths.set.read_bytes() == whole.paths.set.read_bytes()
-    iterations = [json.loads(l)["iteration"] for l in resumed.paths.log.read_text().splitlines()]
-    assert iterations == [1, 2, 3, 4, 5, 6]
+
+@pytest.mark.parametrize("method, params, augment", [
+    ("dc", {"batch_real": 8}, "none"),
+    ("dsa", {"batch_real": 8}, "color_crop_cutout_flip_scale_rotate"),
+    ("dd", {"batch_real": 16}, "none"),
+])
+def test_every_method_resumes_to_the_same_bytes(fashion_mnist_root, tmp_path, reproducible, method, params, augment):
+    def make(out):
+        return engine(fashion_mnist_root, out, method=method, params=params, augment=augment, iterations=4)
+
+    assert_resume_is_identical(make, tmp_path, 3)
 
 
 def test_resume_refuses_a_checkpoint_of_another_recipe(fashion_mnist_root, tmp_path):

@@ -9,6 +9,7 @@ from torch import nn
 
 from builders.augment import Augmenter
 from builders.engine import Engine
+from conftest import TINY_EXPERTS, assert_resume_is_identical
 from builders.experts import ExpertStoreError, ParamLayout, flat_parameters
 from builders.methods.mtt import (
     InnerPlan,
@@ -141,11 +142,6 @@ def test_constant_memory_gradients_equal_unrolled_on_a_convnet_with_dsa():
 
 # -- builds through the engine ---------------------------------------------------------------------
 
-EXPERTS = {
-    "source": "fashionmnist", "method": "experts", "ipc": 1, "model": "ConvNetW32", "seed": 1,
-    "real_per_class": 10, "augment": "color_crop_cutout_flip_scale_rotate",
-    "params": {"num_experts": 2, "epochs": 2, "batch": 50}, "eval": {"test_per_class": 10},
-}
 MTT = {
     "source": "fashionmnist", "method": "mtt", "ipc": 2, "model": "ConvNetW32", "seed": 2,
     "real_per_class": 10, "iterations": 4, "checkpoint_every": 2,
@@ -154,13 +150,6 @@ MTT = {
                "lr_lr": 1e-6},
     "eval": {"runs": 1, "epochs": 2, "test_per_class": 10},
 }
-
-
-@pytest.fixture(scope="module")
-def expert_store(fashion_mnist_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("experts_out")
-    return Engine(recipe_from_dict(EXPERTS), out_root=out, data_root=fashion_mnist_root, device="cpu",
-                  progress=False).run()
 
 
 def mtt_engine(root, out, store, evaluate=False, **params):
@@ -193,27 +182,11 @@ def test_constant_memory_build_follows_the_unrolled_one(fashion_mnist_root, tmp_
 
 def test_a_killed_mtt_build_resumes_to_the_same_bytes(fashion_mnist_root, tmp_path, expert_store, monkeypatch):
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
-    whole = mtt_engine(fashion_mnist_root, tmp_path / "whole", expert_store)
-    whole.run()
-
-    class Killed(Exception):
-        pass
-
-    def kill(iteration, loss):
-        if iteration == 3:
-            raise Killed
-
-    part = mtt_engine(fashion_mnist_root, tmp_path / "part", expert_store)
-    with pytest.raises(Killed):
-        part.run(on_iteration=kill)
-    resumed = mtt_engine(fashion_mnist_root, tmp_path / "part", expert_store)
-    resumed.resume = True
-    resumed.run()
-    assert resumed.paths.set.read_bytes() == whole.paths.set.read_bytes()
+    assert_resume_is_identical(lambda out: mtt_engine(fashion_mnist_root, out, expert_store), tmp_path, 3)
 
 
 def test_a_zca_build_carries_the_experts_whitening_into_the_set(fashion_mnist_root, tmp_path):
-    experts = {**EXPERTS, "params": {**EXPERTS["params"], "num_experts": 1, "zca": True}}
+    experts = {**TINY_EXPERTS, "params": {**TINY_EXPERTS["params"], "num_experts": 1, "zca": True}}
     store = Engine(recipe_from_dict(experts), out_root=tmp_path, data_root=fashion_mnist_root, device="cpu",
                    progress=False).run()
     e = mtt_engine(fashion_mnist_root, tmp_path, store, evaluate=True, zca=True)
@@ -237,8 +210,8 @@ def test_missing_or_unfit_experts_say_which_recipe_builds_them(fashion_mnist_roo
     with pytest.raises(ExpertStoreError, match=r"no expert trajectories at .*condensed-build "
                                                r"recipes/experts_fashionmnist\.yaml --set model=ConvNetW32"):
         e.run()
-    with pytest.raises(ExpertStoreError, match="reaches epoch 3.*condensed-build recipes/experts_fashionmnist"):
-        mtt_engine(fashion_mnist_root, tmp_path, expert_store, max_start_epoch=2, expert_epochs=2).run()
+    with pytest.raises(ExpertStoreError, match="reaches epoch 4.*condensed-build recipes/experts_fashionmnist"):
+        mtt_engine(fashion_mnist_root, tmp_path, expert_store, max_start_epoch=3, expert_epochs=2).run()
     with pytest.raises(ExpertStoreError, match="zca off, the recipe needs it on"):
         mtt_engine(fashion_mnist_root, tmp_path, expert_store, zca=True).run()
     with pytest.raises(RecipeError, match="params.memory"):
