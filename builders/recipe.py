@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,9 @@ _EVAL_KEYS = {f for f in EvalSpec.__dataclass_fields__}
 _REQUIRED = ("source", "method", "ipc")
 
 
+_YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _check_type(key: str, value: Any, expected: Any) -> Any:
     """Coerce ``value`` to the type of ``expected`` (int->float allowed) or raise naming ``key``."""
     if expected is None:
@@ -87,6 +91,8 @@ def _check_type(key: str, value: Any, expected: Any) -> Any:
             raise RecipeError(f"{key}: expected an integer, got {value!r}")
         return value
     if isinstance(expected, float):
+        if isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-5 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RecipeError(f"{key}: expected a number, got {value!r}")
         return float(value)

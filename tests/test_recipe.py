@@ -83,3 +83,11 @@ def test_not_a_mapping_and_missing_file(tmp_path):
 def test_every_shipped_recipe_is_valid(name):
     r = load_recipe(RECIPES_DIR / name)
     assert name.startswith(r.method) or name == "quickstart.yaml"
+
+
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
+    # YAML 1.1 (PyYAML) reads 1e-5 as a string; a recipe or --set must still get the number.
+    path = tmp_path / "r.yaml"
+    path.write_text("source: fashionmnist\nmethod: dm\nipc: 10\nparams: {lr_img: 1e3}\n")
+    r = load_recipe(path, parse_overrides(["params.momentum=5E-1"]))
+    assert r.params["lr_img"] == 1000.0 and r.params["momentum"] == 0.5
