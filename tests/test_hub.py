@@ -53,15 +53,6 @@ def put_repo(server: HubServer, repo_id: str, *sets: CondensedSet, index: bool =
 
 
 @pytest.fixture
-def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> HubServer:
-    srv = HubServer(tmp_path / "hub").start()
-    point_huggingface_hub_at(srv, monkeypatch, tmp_path / "hf_home")
-    monkeypatch.setattr(catalogue, "EMBEDDED_DIR", tmp_path / "no_embedded")
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture
 def served(server: HubServer) -> dict[str, bytes]:
     """The repository org/condensed-fashionmnist with dm ipc 1 and ipc 10."""
     return put_repo(server, REPO, make_cset(1), make_cset(10, seed=1, accuracy=85.0))

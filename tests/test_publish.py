@@ -17,7 +17,7 @@ from builders.publish import PublishConflict, PublishError, build_card, commit_o
 from condensed_datasets import CondensedFashionMNIST, catalogue
 from condensed_datasets.datasets import set_path
 from condensed_datasets.format import CondensedSet
-from hubserver import HubServer, point_huggingface_hub_at
+from hubserver import HubServer
 
 REPO = "org/condensed-fashionmnist"
 
@@ -43,15 +43,6 @@ def save(tmp_path: Path, cset: CondensedSet, name: str | None = None) -> Path:
 def front_matter(card: str) -> dict:
     assert card.startswith("---\n")
     return yaml.safe_load(card.split("---\n")[1])
-
-
-@pytest.fixture
-def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> HubServer:
-    srv = HubServer(tmp_path / "hub").start()
-    point_huggingface_hub_at(srv, monkeypatch, tmp_path / "hf_home")
-    monkeypatch.setattr(catalogue, "EMBEDDED_DIR", tmp_path / "no_embedded")
-    yield srv
-    srv.stop()
 
 
 # -- the pure part ------------------------------------------------------------------------------------------------
