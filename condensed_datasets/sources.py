@@ -157,7 +157,7 @@ def load_split(
                 info.name, SVHN, root / f"{split}_32x32.mat", dict(root=root, split=split), download
             )
         except ImportError as exc:  # torchvision reads SVHN's .mat files with scipy
-            raise ImportError(f"reading SVHN needs scipy ({exc}); install it with `pip install scipy`") from exc
+            raise ImportError(f"reading SVHN needs scipy ({exc}); install it with `pip install 'condensed-datasets[svhn]'` (or `pip install scipy`)") from exc
         return torch.from_numpy(ds.data).contiguous(), torch.from_numpy(ds.labels).to(torch.int64)
     if info.name in ("cifar10", "cifar100"):
         from torchvision.datasets import CIFAR10, CIFAR100
