@@ -43,6 +43,7 @@ from torch import nn
 from torch.func import functional_call
 
 from builders.augment import AugmentDraw, Augmenter
+from builders.evaluate import label_loss
 from builders.experts import ExpertStore, ParamLayout, build_command, expert_dir, open_for_recipe
 from builders.methods.base import BuildContext, Method, SetContents, check_at_least, check_choice, check_init
 from builders.networks import build_network
@@ -112,11 +113,6 @@ def make_plan(
     return InnerPlan(batches, draws)
 
 
-def soft_cross_entropy(logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
-    """Mean over the batch of ``-sum softmax(target_logits) * log_softmax(logits)``."""
-    return -(F.softmax(target_logits, dim=1) * F.log_softmax(logits, dim=1)).sum(1).mean()
-
-
 @dataclass
 class StudentTrajectory:
     """One student run: the architecture, the expert's start and target parameters and the plan.
@@ -146,9 +142,7 @@ class StudentTrajectory:
     def step_loss(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The student's training loss at flat parameters ``theta`` on the batch (x, y)."""
         logits = functional_call(self.net, self.layout.unflatten(theta), (x,))
-        if y.dtype == torch.int64:
-            return F.cross_entropy(logits, y)
-        return soft_cross_entropy(logits, y)
+        return label_loss(logits, y if y.dtype == torch.int64 else F.softmax(y, dim=1))  # y: soft-label logits
 
     def distance(self, end: torch.Tensor) -> torch.Tensor:
         """The normalised matching loss of a student that ends at ``end``."""
