@@ -92,19 +92,21 @@ def train_network(
         order = torch.randperm(n, generator=generator).to(images.device)
         for start in range(0, n, settings.batch):
             idx = order[start : start + settings.batch]
-            _train_step(net, opt, images[idx], targets[idx], settings.augmenter, generator)
+            train_step(net, opt, images[idx], targets[idx], settings.augmenter, generator)
     return net
 
 
-def _train_step(net: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, targets: torch.Tensor,
-                augmenter: Augmenter | None, generator: torch.Generator) -> None:
-    """One optimiser step on a batch, with per-sample augmentation when given."""
+def train_step(net: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, targets: torch.Tensor,
+               augmenter: Augmenter | None, generator: torch.Generator) -> torch.Tensor:
+    """One optimiser step on a batch (per-sample augmentation when given); returns the detached logits."""
     if augmenter is not None:
         x = augmenter(x, generator)
-    loss = label_loss(net(x), targets)
+    logits = net(x)
+    loss = label_loss(logits, targets)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
+    return logits.detach()
 
 
 def replay_steps(
@@ -127,7 +129,7 @@ def replay_steps(
         for group in opt.param_groups:
             group["lr"] = lr
         rows = first + t % ipc
-        _train_step(net, opt, images[rows], targets[rows], settings.augmenter, generator)
+        train_step(net, opt, images[rows], targets[rows], settings.augmenter, generator)
     return net
 
 

@@ -34,12 +34,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
+from builders.evaluate import train_step
 from condensed_datasets._atomic import atomic_write_bytes
 from condensed_datasets.format import read_safetensors_metadata
 from condensed_datasets.zca import DEFAULT_EPS, ZCA, fit_zca
@@ -382,16 +382,9 @@ def train_expert(
         correct = 0
         for start in range(0, n, settings.batch):
             pos = order[start : start + settings.batch]
-            x = real.rows(pos)
             y = real.labels[pos.to(real.device)]
-            if settings.augmenter is not None:
-                x = settings.augmenter(x, generator)
-            logits = net(x)
-            loss = F.cross_entropy(logits, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            correct += int((logits.detach().argmax(1) == y).sum())
+            logits = train_step(net, opt, real.rows(pos), y, settings.augmenter, generator)
+            correct += int((logits.argmax(1) == y).sum())
         accuracy = 100.0 * correct / n
         snapshots.append(flat_parameters(net).cpu())
         if on_epoch is not None:

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from builders.evaluate import train_step
 from builders.methods.base import Method, SetContents, check_at_least, check_choice
 from builders.methods.matching import (
     DISTANCES,
@@ -146,10 +147,7 @@ class GradientMatching(Method):
             for start in range(0, data.shape[0], batch):
                 idx = order[start : start + batch]
                 x = ctx.augment_each(data[idx]) if self.augmented else data[idx]
-                loss = F.cross_entropy(net(x), labels[idx])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                train_step(net, optimizer, x, labels[idx], None, ctx.generator)
 
     # -- one iteration ---------------------------------------------------------------------
     def losses(self, state: dict[str, torch.Tensor], iteration: int) -> Iterator[torch.Tensor]:
