@@ -233,12 +233,16 @@ def _scan_folder(folder: Path, *, where: str, source: str | None = None) -> list
 
 def list_local(root: str | os.PathLike, source: str | None = None) -> list[dict[str, Any]]:
     """The sets under ``{root}/condensed/{source}/`` (every source when ``source`` is None), from their headers."""
-    base = Path(root).expanduser() / "condensed"
+    return _scan_sources(Path(root).expanduser() / "condensed", source, where="local")
+
+
+def _scan_sources(base: Path, source: str | None, where: str) -> list[dict[str, Any]]:
+    """The sets under ``base/{source}/`` for one source, or for every source folder when ``source`` is None."""
     names = [get_source(source).name] if source else (sorted(p.name for p in base.iterdir() if p.is_dir())
                                                       if base.is_dir() else [])
     rows: list[dict[str, Any]] = []
     for name in names:
-        rows += _scan_folder(base / name, where="local", source=name)
+        rows += _scan_folder(base / name, where=where, source=name)
     return sorted(rows, key=sort_key)
 
 
@@ -266,13 +270,7 @@ def embedded_path(source: str, method: str, ipc: int) -> Path | None:
 
 def list_embedded(source: str | None = None) -> list[dict[str, Any]]:
     """The sets shipped inside the package (``embedded/{source}/``), from their headers."""
-    base = embedded_dir()
-    names = [get_source(source).name] if source else (sorted(p.name for p in base.iterdir() if p.is_dir())
-                                                      if base.is_dir() else [])
-    rows: list[dict[str, Any]] = []
-    for name in names:
-        rows += _scan_folder(base / name, where="embedded", source=name)
-    return sorted(rows, key=sort_key)
+    return _scan_sources(embedded_dir(), source, where="embedded")
 
 
 def list_hub(repo_id: str, revision: str | None = None, source: str | None = None) -> list[dict[str, Any]]:
