@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import struct
 from pathlib import Path
 from typing import Any, Callable
@@ -39,12 +40,19 @@ _SKIP_REASON = (
 )
 
 
+def _missing_fashion_mnist(reason: str) -> None:
+    """Skip a test that needs Fashion-MNIST, or fail it under CI (``CI=true``), where the data must be there."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI=true and {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
 def fashion_mnist_system_dir() -> Path:
-    """The folder of the system copy's gzipped Fashion-MNIST IDX files (skips when absent)."""
+    """The folder of the system copy's gzipped Fashion-MNIST IDX files (skips when absent; fails under CI)."""
     folder = _system_copy()
     if folder is None:
-        pytest.skip(
+        _missing_fashion_mnist(
             f"needs the system copy of Fashion-MNIST in {system_fashion_mnist_dir()} (Debian package "
             "dataset-fashion-mnist, or CONDENSED_FASHION_MNIST_DIR pointing at the gzipped IDX files)"
         )
@@ -59,7 +67,7 @@ def fashion_mnist_files() -> dict[str, Path]:
         return {f: system / f"{f}.gz" for f in _FMNIST_FILES}
     if repo is not None:
         return {f: repo / f for f in _FMNIST_FILES}
-    pytest.skip(_SKIP_REASON)
+    _missing_fashion_mnist(_SKIP_REASON)
 
 
 @pytest.fixture(scope="session")

@@ -37,7 +37,11 @@ def make_cset(ipc: int = 1, method: str = "dm", seed: int = 0, accuracy: float |
 
 
 def save(tmp_path: Path, cset: CondensedSet, name: str | None = None) -> Path:
-    return cset.save(tmp_path / "sets" / (name or f"{cset.method}_{cset.ipc}_{id(cset)}.safetensors"))
+    """Write ``cset`` under ``tmp_path/sets``; without a name, one derived from its bytes, so two different
+    sets never share a file (a name from ``id()`` can repeat once the first object is freed)."""
+    data = cset.to_bytes()
+    name = name or f"{cset.method}_{cset.ipc}_{hashlib.sha256(data).hexdigest()[:16]}.safetensors"
+    return cset.save(tmp_path / "sets" / name)
 
 
 def front_matter(card: str) -> dict:
