@@ -20,7 +20,8 @@ import click
 import torch
 
 from builders.engine import Engine
-from builders.recipe import load_recipe, parse_overrides
+from builders.recipe import parse_overrides
+from builders.build import load_recipe
 
 
 @click.command()

@@ -49,7 +49,8 @@ def measure(memory: str, steps: int, model: str, shape: tuple[int, int, int], im
     sys.path.insert(0, str(ROOT))
     from builders.augment import Augmenter
     from builders.experts import ParamLayout, flat_parameters
-    from builders.methods.mtt import StudentTrajectory, make_plan, matching_loss, raw_from_syn_lr, syn_lr_from_raw
+    from builders.methods.mtt import matching_loss
+    from builders.methods.trajectory import StudentTrajectory, make_plan, raw_from_syn_lr, syn_lr_from_raw
     from builders.networks import build_network
 
     dev = torch.device(device)

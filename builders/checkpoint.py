@@ -11,15 +11,12 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from builders.errors import CheckpointError
 from condensed_datasets._atomic import atomic_write_bytes
 from condensed_datasets.format import read_safetensors_metadata
 
 CHECKPOINT_KEY = "condensed_datasets_checkpoint"
 CHECKPOINT_VERSION = 1
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be resumed from."""
 
 
 def _optimizer_to_flat(name: str, opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:

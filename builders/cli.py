@@ -10,9 +10,24 @@ from typing import Any, Callable
 
 import click
 
+from builders.build import build, load_recipe, makes_set
+from builders.engine import BuildPaths, resolve_device
+from builders.data import RealData
+from builders.errors import BuildersError
+from builders.evaluate import evaluate_set
+from builders.networks import available_networks
+from builders.publish import publish_to_dir, publish_to_hub
+from builders.recipe import DEFAULT_ROOT, parse_overrides
+from builders.show import save_grid
+from condensed_datasets import catalogue
+from condensed_datasets.errors import CondensedDatasetsError, HubError
 from condensed_datasets.format import CondensedSet
+from condensed_datasets.hub import list_repo
+from condensed_datasets.sources import SOURCES
 
-_USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, RuntimeError, FileNotFoundError, OSError)
+#: What the commands report as one line: the packages' own errors and the file system's. Anything else is a
+#: bug and keeps its traceback.
+_USER_ERRORS: tuple[type[BaseException], ...] = (CondensedDatasetsError, BuildersError, OSError)
 
 
 def _user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -50,10 +65,10 @@ def format_evaluation(ev: dict[str, Any] | None) -> str:
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a recipe key; dotted for nested keys (eval.runs=1, params.lr_img=10).")
-@click.option("--out", "out_root", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Output root (default: the recipe's root); the set goes to ROOT/condensed/SOURCE/.")
+@click.option("--out", "out_root", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_ROOT,
+              show_default=True, help="Output root; the set goes to OUT/condensed/SOURCE/.")
 @click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Where the real data lives (default: the recipe's root).")
+              help="Where the real data lives (default: the output root).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint beside the output.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing set (and start over from no checkpoint).")
@@ -64,23 +79,20 @@ def format_evaluation(ev: dict[str, Any] | None) -> str:
 def build_command(recipe: Path, overrides: tuple[str, ...], out_root: Path | None, data_root: Path | None,
                   device: str, resume: bool, overwrite: bool, no_eval: bool, download: bool, quiet: bool) -> None:
     """Build the condensed set a RECIPE (YAML) describes, evaluate it and save it."""
-    from builders.engine import Engine
-    from builders.recipe import load_recipe, parse_overrides
-
     r = load_recipe(recipe, parse_overrides(overrides))
-    engine = Engine(r, out_root=out_root, data_root=data_root, device=device, resume=resume, overwrite=overwrite,
-                    evaluate=not no_eval, progress=not quiet, download=download)
-    from builders.methods import get_method
-
-    if not getattr(get_method(r.method), "produces_set", True):  # e.g. expert trajectories
-        click.echo(f"running {r.method} on {r.source}, model {r.model}, device {engine.device}, seed {r.seed}")
-        click.echo(engine.run().summary())
+    dev = resolve_device(device)
+    options = dict(out_root=out_root, data_root=data_root, device=device, resume=resume, overwrite=overwrite,
+                   evaluate=not no_eval, progress=not quiet, download=download)
+    if not makes_set(r):  # e.g. expert trajectories
+        click.echo(f"running {r.method} on {r.source}, model {r.model}, device {dev}, seed {r.seed}")
+        click.echo(build(r, **options).summary())
         return
     click.echo(f"building {r.method} on {r.source}, ipc {r.ipc}, {r.iterations} iterations, "
-               f"model {r.model}, device {engine.device}, seed {r.seed}")
-    cset = engine.run()
-    click.echo(f"saved {engine.paths.set}")
-    click.echo(f"grid  {engine.paths.grid}")
+               f"model {r.model}, device {dev}, seed {r.seed}")
+    cset = build(r, **options)
+    paths = BuildPaths.for_recipe(r, out_root)
+    click.echo(f"saved {paths.set}")
+    click.echo(f"grid  {paths.grid}")
     wall = cset.metadata["build"].get("wall_time_s")
     if wall is not None:
         click.echo(f"time  {wall:.1f} s")
@@ -93,8 +105,8 @@ def build_command(recipe: Path, overrides: tuple[str, ...], out_root: Path | Non
 @click.option("--models", default="", help="Comma-separated extra networks (cross-architecture).")
 @click.option("--runs", type=click.IntRange(min=1), default=None, help="Number of runs (default: recipe's).")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Training epochs (default: recipe's).")
-@click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Where the real test data lives (default: the set's recipe root).")
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_ROOT, show_default=True,
+              help="Where the real train and test data live (ROOT/FashionMNIST/..., as torchvision lays them out).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--seed", type=int, default=None, help="Evaluation seed (default: the set's).")
 @click.option("--save", is_flag=True, help="Write the evaluation into the set's metadata.")
@@ -103,11 +115,6 @@ def build_command(recipe: Path, overrides: tuple[str, ...], out_root: Path | Non
 def eval_command(set_file: Path, model: str | None, models: str, runs: int | None, epochs: int | None,
                  root: Path | None, device: str, seed: int | None, save: bool, as_json: bool) -> None:
     """Evaluate a condensed SET with the papers' protocol on the real test split."""
-    from builders.data import RealData
-    from builders.engine import resolve_device
-    from builders.evaluate import evaluate_set
-    from builders.networks import available_networks
-
     cset = CondensedSet.load(set_file)
     recipe = cset.metadata.get("recipe") or {}
     ev = recipe.get("eval") or {}
@@ -117,7 +124,7 @@ def eval_command(set_file: Path, model: str | None, models: str, runs: int | Non
         if name not in available_networks():
             raise click.BadParameter(f"unknown network {name!r}; valid: {', '.join(available_networks())}")
     dev = resolve_device(device)
-    data_root = root or Path(recipe.get("root", "data"))
+    data_root = root  # never a path from the file: a set's metadata is a stranger's
     train = RealData.from_source(cset.source, data_root, train=True, device=dev)
     test = RealData.from_source(cset.source, data_root, train=False, device=dev)
     train.set_zca(cset.zca)  # a set built in ZCA space is evaluated on whitened real images
@@ -143,8 +150,6 @@ def eval_command(set_file: Path, model: str | None, models: str, runs: int | Non
 @_user_errors
 def show_command(set_file: Path, output: Path, per_class: int) -> None:
     """Draw a condensed SET as a PNG grid, one row per class, and print its summary."""
-    from builders.show import save_grid
-
     cset = CondensedSet.load(set_file)
     save_grid(cset, output, max_per_class=per_class)
     click.echo(f"{cset.source} {cset.method} ipc {cset.ipc}: {len(cset)} images {tuple(cset.images.shape[1:])}")
@@ -170,9 +175,6 @@ def publish_command(set_file: Path, repo_id: str | None, revision: str | None, p
                     force: bool, to_dir: Path | None, license_: str | None) -> None:
     """Publish a condensed SET with an updated dataset card and index.json: to a hub dataset repository in
     one commit, or with --to-dir to a folder laid out the same way. The same bytes again is a no-op."""
-    from builders.publish import publish_to_dir, publish_to_hub
-    from condensed_datasets.catalogue import index_to_bytes
-
     if to_dir is not None:
         if revision is not None or private:
             raise click.UsageError("--revision and --private apply to the hub, not to --to-dir")
@@ -188,7 +190,7 @@ def publish_command(set_file: Path, repo_id: str | None, revision: str | None, p
         return
     if dry_run:
         click.echo(f"\n----- README.md -----\n{plan.card}")
-        click.echo(f"----- index.json -----\n{index_to_bytes(plan.index).decode()}", nl=False)
+        click.echo(f"----- index.json -----\n{catalogue.index_to_bytes(plan.index).decode()}", nl=False)
     elif result.commit_url:
         click.echo(f"committed to {result.target}: {result.commit_url}")
     else:
@@ -206,11 +208,8 @@ def _size_text(size: Any) -> str:
     return "-"
 
 
-from condensed_datasets.sources import SOURCES as _SOURCES  # noqa: E402 - used by condensed-list's argument
-
-
 @click.command(name="condensed-list")
-@click.argument("source", required=False, type=click.Choice(sorted(_SOURCES), case_sensitive=False))
+@click.argument("source", required=False, type=click.Choice(sorted(SOURCES), case_sensitive=False))
 @click.option("--repo", "repo_id", default=None, metavar="ORG/NAME",
               help="List a hub dataset repository (its index.json).")
 @click.option("--revision", default=None, help="Revision of --repo (default: main).")
@@ -224,11 +223,9 @@ def list_command(source: str | None, repo_id: str | None, revision: str | None, 
                  folder: Path | None, as_json: bool) -> None:
     """List condensed sets (method, ipc, accuracy, size): of a hub repository, a published folder or a local
     root; with none of those, the sets embedded in the package and, given SOURCE, its default hub repository."""
-    from condensed_datasets import catalogue
-
     rows: list[dict[str, Any]] = []
     if repo_id:
-        rows += catalogue.list_hub(repo_id, revision=revision, source=source)
+        rows += list_repo(repo_id, revision=revision, source=source)
     if folder is not None:
         rows += catalogue.list_folder(folder, source)
     if root is not None:
@@ -236,11 +233,9 @@ def list_command(source: str | None, repo_id: str | None, revision: str | None, 
     if not (repo_id or folder is not None or root is not None):
         rows += catalogue.list_embedded(source)
         if source:
-            from condensed_datasets.hub import HubError
-
             default = catalogue.default_repo_id(source)
             try:
-                rows += catalogue.list_hub(default, revision=revision, source=source)
+                rows += list_repo(default, revision=revision, source=source)
             except HubError as exc:
                 click.echo(f"note: {default} not listed: {exc}", err=True)
     if as_json:

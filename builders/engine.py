@@ -14,20 +14,19 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-import condensed_datasets
 from builders.augment import Augmenter
-from builders.checkpoint import CheckpointError, load_checkpoint, restore_checkpoint, save_checkpoint
+from builders.checkpoint import load_checkpoint, restore_checkpoint, save_checkpoint
 from builders.data import RealData
+from builders.errors import BuildError, CheckpointError
 from builders.evaluate import evaluate_set
-from builders.methods import BuildContext, SetContents, get_method
+from builders.methods.base import BuildContext, SetContents
 from builders.recipe import Recipe
+from builders.registry import get_method
+from builders.show import save_grid
 from condensed_datasets._atomic import atomic_write_bytes
-from condensed_datasets.datasets import set_path
+from condensed_datasets._version import __version__
 from condensed_datasets.format import CondensedSet, class_contiguous_labels
-
-
-class BuildError(RuntimeError):
-    """A build that cannot go on (non-finite loss, incompatible checkpoint, ...)."""
+from condensed_datasets.paths import beside, set_path
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -51,20 +50,17 @@ class BuildPaths:
     def for_recipe(cls, recipe: Recipe, out_root: str | os.PathLike) -> "BuildPaths":
         return cls(set_path(out_root, recipe.source, recipe.method, recipe.ipc))
 
-    def _beside(self, suffix: str) -> Path:
-        return self.set.with_name(self.set.name.removesuffix(".safetensors") + suffix)
-
     @property
     def checkpoint(self) -> Path:
-        return self._beside(".checkpoint.safetensors")
+        return beside(self.set, ".checkpoint.safetensors")
 
     @property
     def log(self) -> Path:
-        return self._beside(".log.jsonl")
+        return beside(self.set, ".log.jsonl")
 
     @property
     def grid(self) -> Path:
-        return self._beside(".png")
+        return beside(self.set, ".png")
 
 
 def _reproducible_clock() -> float | None:
@@ -80,7 +76,7 @@ class Engine:
         self,
         recipe: Recipe,
         *,
-        out_root: str | os.PathLike | None = None,
+        out_root: str | os.PathLike,
         device: str = "auto",
         resume: bool = False,
         overwrite: bool = False,
@@ -90,8 +86,8 @@ class Engine:
         download: bool = False,
     ) -> None:
         self.recipe = recipe
-        self.out_root = Path(out_root if out_root is not None else recipe.root)
-        self.data_root = Path(data_root if data_root is not None else recipe.root)
+        self.out_root = Path(out_root)
+        self.data_root = Path(data_root if data_root is not None else out_root)
         self.device = resolve_device(device)
         self.resume = resume
         self.overwrite = overwrite
@@ -142,12 +138,9 @@ class Engine:
         )
 
     # -- the loop ----------------------------------------------------------------------------
-    def run(self, on_iteration: Callable[[int, float], None] | None = None) -> CondensedSet | Any:
-        """Build, evaluate and save the set; returns it. A method that produces no set
-        (``produces_set = False``, e.g. ``experts``) runs its own ``run(engine)`` and returns its result."""
+    def run(self, on_iteration: Callable[[int, float], None] | None = None) -> CondensedSet:
+        """Build, evaluate and save the set; returns it."""
         r = self.recipe
-        if not getattr(get_method(r.method), "produces_set", True):
-            return get_method(r.method)(self._context()).run(self)
         self._refuse_to_clobber()
         clock = _reproducible_clock()
         started = time.time()
@@ -173,7 +166,7 @@ class Engine:
         metadata: dict[str, Any] = {
             "recipe": r.to_dict(),
             "seed": r.seed,
-            "versions": {"condensed_datasets": condensed_datasets.__version__, "torch": torch.__version__,
+            "versions": {"condensed_datasets": __version__, "torch": torch.__version__,
                          "python": platform.python_version()},
             "device": self.device.type if clock is not None else _device_name(self.device),
             "build": {"iterations": iterations_run, "method": contents.metadata,
@@ -189,7 +182,6 @@ class Engine:
             lr=contents.lr, indices=contents.indices, metadata=metadata, zca=ctx.real.zca,
         )
         cset.save(self.paths.set)
-        from builders.show import save_grid
 
         save_grid(cset, self.paths.grid)
         return cset

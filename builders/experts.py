@@ -29,34 +29,35 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
+from tqdm.auto import tqdm
 
-from builders.evaluate import train_step
+from builders.errors import ExpertStoreError
+from builders.augment import Augmenter
+from builders.data import RealData
+from builders.evaluate import test_accuracy, train_step
+from builders.networks import build_network
+from builders.recipe import DEFAULT_ROOT, RECIPES_DIR, Recipe, check_at_least, load_recipe_data
+from builders.registry import register
 from condensed_datasets._atomic import atomic_write_bytes
 from condensed_datasets.format import read_safetensors_metadata
+from condensed_datasets._version import __version__
 from condensed_datasets.zca import DEFAULT_EPS, ZCA, fit_zca
 
-if TYPE_CHECKING:
-    from builders.augment import Augmenter
-    from builders.data import RealData
-
 STORE_VERSION = 1
-INDEX_NAME = "index.json"
+STORE_INDEX_NAME = "index.json"  # the store's own index (not a hub index.json)
 ZCA_NAME = "zca.safetensors"
 EXPERT_KEY = "condensed_datasets_expert"
 ZCA_KEY = "condensed_datasets_zca"
-
-
-class ExpertStoreError(RuntimeError):
-    """A missing, incomplete or incompatible expert store (the message says how to build one)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -115,22 +116,19 @@ def expert_dir(root: str | os.PathLike, source: str, model: str, zca: bool) -> P
     return Path(root).expanduser() / "experts" / source / model / ("zca" if zca else "plain")
 
 
-#: The network each shipped experts recipe trains (the papers': ConvNetD4 for 64x64 Tiny-ImageNet).
-DEFAULT_EXPERT_MODEL = {"tinyimagenet": "ConvNetD4"}
-#: Epochs per expert of the shipped experts recipes unless named here.
-DEFAULT_EXPERT_EPOCHS = {"cifar100": 100, "tinyimagenet": 100}
-
-
 def build_command(source: str, model: str, zca: bool, min_epochs: int = 0, out: str | os.PathLike | None = None) -> str:
-    """The command that builds the store a trajectory-matching recipe needs (shipped experts recipe plus
-    the overrides that make it fit: model, zca, epochs, output root)."""
+    """The command that builds the store a trajectory-matching recipe needs: the shipped experts recipe of
+    ``source`` plus the overrides that make it fit (model, zca, epochs, output root)."""
+    shipped = RECIPES_DIR / f"experts_{source}.yaml"
+    data = load_recipe_data(shipped) if shipped.is_file() else {}
+    params = data.get("params") or {}
     parts = [f"condensed-build recipes/experts_{source}.yaml"]
-    if model != DEFAULT_EXPERT_MODEL.get(source, "ConvNet"):
+    if model != data.get("model", "ConvNet"):
         parts.append(f"--set model={model}")
     parts.append(f"--set params.zca={'true' if zca else 'false'}")
-    if min_epochs > DEFAULT_EXPERT_EPOCHS.get(source, 50):
+    if min_epochs > params.get("epochs", ExpertTraining.defaults["epochs"]):
         parts.append(f"--set params.epochs={min_epochs}")
-    if out is not None:
+    if out is not None and str(out) != DEFAULT_ROOT:
         parts.append(f"--out {out}")
     return " ".join(parts)
 
@@ -157,9 +155,9 @@ class ExpertStore:
     def open(cls, path: str | os.PathLike) -> "ExpertStore":
         """Read an existing store; ExpertStoreError if there is none or its index is unreadable."""
         path = Path(path)
-        index_path = path / INDEX_NAME
+        index_path = path / STORE_INDEX_NAME
         if not index_path.is_file():
-            raise ExpertStoreError(f"no expert trajectories at {path} ({INDEX_NAME} is missing)")
+            raise ExpertStoreError(f"no expert trajectories at {path} ({STORE_INDEX_NAME} is missing)")
         try:
             index = json.loads(index_path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
@@ -174,7 +172,7 @@ class ExpertStore:
         """The store at ``path`` for experts trained as ``header`` says: opened when it exists and
         matches, created empty when absent; ExpertStoreError when it holds experts trained otherwise."""
         path = Path(path)
-        if (path / INDEX_NAME).is_file():
+        if (path / STORE_INDEX_NAME).is_file():
             store = cls.open(path)
             differ = sorted(k for k in header if store.index.get(k) != header[k])
             if differ:
@@ -302,7 +300,7 @@ class ExpertStore:
 
     def _write_index(self) -> None:
         self.index["num_experts"] = len(self.index.get("experts", []))
-        atomic_write_bytes(self.path / INDEX_NAME, (json.dumps(self.index, indent=2, sort_keys=True) + "\n").encode())
+        atomic_write_bytes(self.path / STORE_INDEX_NAME, (json.dumps(self.index, indent=2, sort_keys=True) + "\n").encode())
 
     # -- checking a store against what a recipe needs --------------------------------------------
     def check_compatible(self, *, source: str, model: str, zca: bool, parameter_count: int,
@@ -354,7 +352,7 @@ class ExpertSettings:
     epochs: int
     lr: float = 0.01
     batch: int = 256
-    augmenter: "Augmenter | None" = None
+    augmenter: Augmenter | None = None
 
     def describe(self) -> dict[str, Any]:
         return {"optimizer": "SGD", "lr": self.lr, "momentum": 0.0, "weight_decay": 0.0, "batch": self.batch,
@@ -364,7 +362,7 @@ class ExpertSettings:
 
 def train_expert(
     net: nn.Module,
-    real: "RealData",
+    real: RealData,
     settings: ExpertSettings,
     generator: torch.Generator,
     *,
@@ -392,11 +390,7 @@ def train_expert(
     return torch.stack(snapshots), accuracy
 
 
-# --------------------------------------------------------------------------------------------------
-# the recipe method
-
-
-def fit_split_zca(real: "RealData", eps: float = DEFAULT_EPS, chunk: int = 4096) -> ZCA:
+def fit_split_zca(real: RealData, eps: float = DEFAULT_EPS, chunk: int = 4096) -> ZCA:
     """Fit the whitening on every image of ``real`` (normalised, not whitened), in chunks."""
     if real.zca is not None:
         raise ValueError("fit the ZCA on un-whitened images (this split already has one set)")
@@ -406,3 +400,104 @@ def fit_split_zca(real: "RealData", eps: float = DEFAULT_EPS, chunk: int = 4096)
             yield real.rows(torch.arange(start, min(start + chunk, len(real))))
 
     return fit_zca(batches(), eps, device=real.device)
+
+
+# --------------------------------------------------------------------------------------------------
+# the job: recipe ``method: experts``
+
+
+@register
+class ExpertTraining:
+    """Recipe ``method: experts``: train ``num_experts`` experts on the real data and store their
+    trajectories (no condensed set). ``condensed-build recipes/experts_{source}.yaml``; a run that is
+    interrupted and run again trains only the experts the store lacks."""
+
+    name: ClassVar[str] = "experts"
+    produces_set: ClassVar[bool] = False
+    defaults: ClassVar[dict[str, Any]] = {
+        "num_experts": 100,
+        "epochs": 50,
+        "lr_teacher": 0.01,
+        "batch": 256,
+        "zca": False,
+        "expert_dir": "",  # "" -> OUT_ROOT/experts/{source}/{model}/{zca|plain}
+    }
+
+    @classmethod
+    def check_recipe(cls, recipe: Recipe) -> None:
+        p = recipe.params
+        check_at_least(p, ("num_experts", "epochs", "batch"), 1)
+        check_at_least(p, ("lr_teacher",), 0, strict=True)
+
+    def __init__(self, recipe: Recipe, *, out_root: str | os.PathLike, data_root: str | os.PathLike,
+                 device: torch.device, progress: bool = True, download: bool = False) -> None:
+        self.recipe, self.params = recipe, recipe.params
+        self.out_root, self.data_root = Path(out_root), Path(data_root)
+        self.device, self.progress, self.download = device, progress, download
+
+    def store_path(self) -> Path:
+        """Where this recipe's store goes: params.expert_dir, else under the output root."""
+        r = self.recipe
+        if self.params["expert_dir"]:
+            return Path(self.params["expert_dir"]).expanduser()
+        return expert_dir(self.out_root, r.source, r.model, self.params["zca"])
+
+    def header(self, layout: ParamLayout, settings: ExpertSettings) -> dict[str, Any]:
+        """What every expert of the store shares (compared when a store is extended)."""
+        r = self.recipe
+        return {
+            "format_version": STORE_VERSION,
+            "kind": "expert_trajectories",
+            "source": r.source,
+            "model": r.model,
+            "zca": bool(self.params["zca"]),
+            "zca_eps": DEFAULT_EPS if self.params["zca"] else None,
+            "epochs": settings.epochs,
+            "parameter_count": layout.numel,
+            "parameters": layout.describe(),
+            "training": {**settings.describe(), "real_per_class": r.real_per_class},
+            "recipe_seed": r.seed,
+        }
+
+    def run(self) -> ExpertStore:
+        """Train the missing experts of the store; return it."""
+        r, p = self.recipe, self.params
+        real = RealData.from_source(r.source, self.data_root, train=True, device=self.device,
+                                    per_class=r.real_per_class, download=self.download)
+        test = RealData.from_source(r.source, self.data_root, train=False, device=self.device,
+                                    per_class=r.eval.test_per_class, download=self.download)
+        augmenter = Augmenter(r.augment) if r.augment != "none" else None
+        settings = ExpertSettings(epochs=p["epochs"], lr=p["lr_teacher"], batch=p["batch"], augmenter=augmenter)
+        c, h, w = real.image_shape
+        layout = ParamLayout.of(build_network(r.model, c, real.num_classes, (h, w), seed=0))
+        store = ExpertStore.create_or_extend(self.store_path(), self.header(layout, settings))
+        if p["zca"]:
+            zca = store.load_zca() if (store.path / ZCA_NAME).is_file() else None
+            if zca is None:
+                zca = fit_split_zca(real)
+                store.save_zca(zca, fitted_on=f"{r.source} train split, {len(real)} images, normalised")
+            real.set_zca(zca)
+        test.set_zca(real.zca)
+        todo = [k for k in range(p["num_experts"]) if not store.has(k)]
+        bar = tqdm(todo, disable=not self.progress, desc=f"experts {r.source} {r.model}", unit="expert",
+                   dynamic_ncols=True)
+        for k in bar:
+            init_seed, train_seed = derive_seed(r.seed, k, "init"), derive_seed(r.seed, k, "train")
+            net = build_network(r.model, c, real.num_classes, (h, w), seed=init_seed).to(self.device)
+            generator = torch.Generator().manual_seed(train_seed)
+
+            def report(epoch: int, acc: float, k: int = k) -> None:
+                bar.set_postfix(expert=k, epoch=f"{epoch}/{settings.epochs}", train_acc=f"{acc:.1f}")
+
+            trajectory, train_acc = train_expert(net, real, settings, generator, on_epoch=report)
+            test_acc = test_accuracy(net, test)
+            store.add(k, trajectory, {
+                "init_seed": init_seed, "train_seed": train_seed, "test_accuracy": round(test_acc, 4),
+                "train_accuracy": round(train_acc, 4), "test_split": f"{test.info.name} test, {len(test)} images",
+                "versions": {"condensed_datasets": __version__, "torch": torch.__version__,
+                             "python": platform.python_version()},
+                "device": self.device.type,
+            })
+            bar.set_postfix(expert=k, test_acc=f"{test_acc:.2f}")
+        bar.close()
+        return store

@@ -19,26 +19,23 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+from filelock import FileLock
+from huggingface_hub import CommitOperationAdd, HfApi
 
+from builders.errors import PublishConflict, PublishError
 from condensed_datasets._atomic import atomic_write_bytes
-from condensed_datasets.catalogue import (
-    CARD_NAME,
-    INDEX_NAME,
-    default_repo_id,
-    index_entry,
-    index_to_bytes,
-    make_index,
-    parse_index,
-    set_filename,
-    sort_key,
-)
+from condensed_datasets import hub
+from condensed_datasets.catalogue import default_repo_id, index_entry, index_to_bytes, make_index, parse_index, sort_key
+from condensed_datasets.constants import CARD_NAME, DEFAULT_REVISION, HUB_INDEX_NAME, METHOD_DISPLAY_NAMES
+from condensed_datasets.errors import HubNotFoundError, UnknownNameError
 from condensed_datasets.format import CondensedSet
+from condensed_datasets.paths import check_repo_id, set_filename
+from condensed_datasets.sources import SOURCES
 
 __all__ = [
     "PublishConflict",
@@ -52,31 +49,8 @@ __all__ = [
     "publish_to_hub",
 ]
 
-#: Display names of the sources on cards.
-PRETTY_SOURCE = {"mnist": "MNIST", "fashionmnist": "Fashion-MNIST", "svhn": "SVHN", "cifar10": "CIFAR-10",
-                 "cifar100": "CIFAR-100", "tinyimagenet": "Tiny ImageNet"}
-#: The card's ``source_datasets`` (the Hub's ``extended|<dataset>`` form: derived from that dataset).
-SOURCE_DATASETS = {"mnist": "extended|mnist", "fashionmnist": "extended|fashion_mnist", "svhn": "extended|svhn",
-                   "cifar10": "extended|cifar10", "cifar100": "extended|cifar100",
-                   "tinyimagenet": "extended|tiny-imagenet"}
-#: Default card license per source: a condensed set is derived from the source's images and keeps its terms
-#: (MNIST and Fashion-MNIST: MIT, as on their Hub cards; CIFAR: no license stated; SVHN, Tiny ImageNet:
-#: non-commercial research terms). Override with ``license=``.
-SOURCE_LICENSE = {"mnist": "mit", "fashionmnist": "mit", "svhn": "other", "cifar10": "unknown",
-                  "cifar100": "unknown", "tinyimagenet": "other"}
-METHOD_NAMES = {"random": "Random real", "herding": "Herding", "kcenter": "K-Center", "dd": "DD", "dc": "DC",
-                "dsa": "DSA", "dm": "DM", "mtt": "MTT", "datm": "DATM", "dq": "DQ"}
 PROJECT = "condensed-datasets"
 
-_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-class PublishError(ValueError):
-    """A set that cannot be published where asked (wrong source for the repository, bad repo id, ...)."""
-
-
-class PublishConflict(PublishError):
-    """A different file is already published under the same name; ``force`` replaces it."""
 
 
 @dataclass
@@ -125,9 +99,10 @@ class PublishResult:
 
 # -- the pure part: index, card, operations ---------------------------------------------------------------------
 def _check_repo_id(repo_id: str) -> str:
-    if not _REPO_ID.match(repo_id or ""):
-        raise PublishError(f"repository id must look like ORG/NAME, got {repo_id!r}")
-    return repo_id
+    try:
+        return check_repo_id(repo_id)
+    except UnknownNameError as exc:
+        raise PublishError(f"repository id must look like ORG/NAME: {exc}") from None
 
 
 def plan_publish(
@@ -174,7 +149,7 @@ def plan_publish(
     if status in ("new", "replace"):
         out[filename] = set_bytes
     if status != "unchanged":
-        out[INDEX_NAME] = index_to_bytes(index)
+        out[HUB_INDEX_NAME] = index_to_bytes(index)
         out[CARD_NAME] = card.encode("utf-8")
     return PublishPlan(filename=filename, sha256=sha, size=len(set_bytes), status=status, index=index, card=card,
                        files=out, previous_sha256=there if status == "replace" else None)
@@ -182,8 +157,6 @@ def plan_publish(
 
 def commit_operations(plan: PublishPlan) -> list[Any]:
     """The ``huggingface_hub.CommitOperationAdd`` list of the plan's commit (set, index.json, README.md)."""
-    from huggingface_hub import CommitOperationAdd
-
     return [CommitOperationAdd(path_in_repo=path, path_or_fileobj=data) for path, data in plan.files.items()]
 
 
@@ -234,14 +207,15 @@ def build_card(index: dict[str, Any], repo_id: str, *, license: str | None = Non
     entries = sorted(({**e, "file": f} for f, e in index["files"].items()), key=sort_key)
     sources = sorted({e["source"] for e in entries})
     source = sources[0] if sources else repo_id.rsplit("/", 1)[-1].removeprefix("condensed-")
-    pretty = PRETTY_SOURCE.get(source, source)
+    info = SOURCES.get(source)
+    pretty = info.display_name if info else source
     total = sum(int(e.get("num_images") or 0) for e in entries)
     front = {
         "pretty_name": f"Condensed {pretty}",
-        "license": license or SOURCE_LICENSE.get(source, "other"),
+        "license": license or (info.license if info else "other"),
         "task_categories": ["image-classification"],
         "tags": ["dataset-distillation", "dataset-condensation", "synthetic", PROJECT],
-        "source_datasets": [SOURCE_DATASETS.get(source, source)],
+        "source_datasets": [info.hub_dataset if info else source],
         "size_categories": [_size_category(total)],
         "viewer": False,
     }
@@ -254,17 +228,15 @@ def build_card(index: dict[str, Any], repo_id: str, *, license: str | None = Non
         gain = e.get("improvement_over_random")
         improvement = "–" if gain is None else f"{float(gain):+.2f}"
         rows.append(
-            f"| `{e['file']}` | {METHOD_NAMES.get(e['method'], e['method'])} | {e['ipc']} | "
+            f"| `{e['file']}` | {METHOD_DISPLAY_NAMES.get(e['method'], e['method'])} | {e['ipc']} | "
             f"{e.get('num_images', '–')} | {_accuracy(e)} | {_fmt(e.get('random_accuracy_mean'))} | {improvement} | "
             f"{_evaluation(e)} | {_recipe(e)} |"
         )
     if not entries:
         rows.append("| – | – | – | – | – | – | – | – | – |")
     example = entries[-1] if entries else {"method": "dm", "ipc": 10}
-    cls = {"mnist": "CondensedMNIST", "fashionmnist": "CondensedFashionMNIST", "svhn": "CondensedSVHN",
-           "cifar10": "CondensedCIFAR10", "cifar100": "CondensedCIFAR100",
-           "tinyimagenet": "CondensedTinyImageNet"}.get(source, "CondensedFashionMNIST")
-    repo_arg = "" if repo_id == _default_for(source) else f', repo_id="{repo_id}"'
+    cls = info.dataset_class if info else "CondensedFashionMNIST"
+    repo_arg = "" if info and repo_id == default_repo_id(source) else f', repo_id="{repo_id}"'
     body = f"""# Condensed {pretty}
 
 Condensed (distilled) training sets of {pretty}: a few synthetic or selected images per class that train a
@@ -308,13 +280,6 @@ Each set's recipe is in its metadata (`CondensedSet.load(path).metadata["recipe"
     return "---\n" + yaml.safe_dump(front, sort_keys=False, allow_unicode=True) + "---\n\n" + body
 
 
-def _default_for(source: str) -> str:
-    try:
-        return default_repo_id(source)
-    except (KeyError, ValueError):
-        return ""
-
-
 # -- the hub --------------------------------------------------------------------------------------------------
 def publish_to_hub(
     set_file: str | os.PathLike,
@@ -333,13 +298,10 @@ def publish_to_hub(
     (``private`` applies then), the branch ``revision`` too. ``dry_run`` reads the repository but changes
     nothing. ``api`` is an ``HfApi`` (default: one for ``$HF_ENDPOINT`` with the saved token).
     """
-    from condensed_datasets import hub
-    from huggingface_hub import HfApi
-
     data = Path(set_file).read_bytes()
     cset = CondensedSet.from_bytes(data, str(set_file))
     repo_id = _check_repo_id(repo_id or default_repo_id(cset.source))
-    rev = revision or hub.DEFAULT_REVISION
+    rev = revision or DEFAULT_REVISION
     api = api or HfApi(endpoint=hub.hub_endpoint())
     filename = set_filename(cset.method, cset.ipc)
 
@@ -358,27 +320,27 @@ def publish_to_hub(
         pinned = parent or rev
         try:
             existing_index = hub.fetch_index(repo_id, pinned)
-        except hub.HubNotFoundError:
+        except HubNotFoundError:
             existing_index = None
         try:
             existing_sha = hub.remote_file(repo_id, filename, pinned).sha256
-        except hub.HubNotFoundError:
+        except HubNotFoundError:
             existing_sha = None
     plan = plan_publish(data, existing_index, repo_id=repo_id, existing_sha256=existing_sha, force=force,
                         license=license, name=str(set_file))
-    target = repo_id if rev == hub.DEFAULT_REVISION else f"{repo_id}@{rev}"
+    target = repo_id if rev == DEFAULT_REVISION else f"{repo_id}@{rev}"
     result = PublishResult(plan=plan, target=target, dry_run=dry_run)
     if dry_run or not plan.changed:
         return result
     if not repo_exists:
         api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-    if not branch_exists and rev != hub.DEFAULT_REVISION:
+    if not branch_exists and rev != DEFAULT_REVISION:
         api.create_branch(repo_id, repo_type="dataset", branch=rev, exist_ok=True)
     verb = {"new": "Add", "replace": "Replace", "index": "Index"}[plan.status]
     info = api.create_commit(
         repo_id, commit_operations(plan), repo_type="dataset", revision=rev,
         commit_message=f"{verb} {plan.filename}",
-        commit_description=f"{verb} {plan.filename} (sha256 {plan.sha256}); update {INDEX_NAME} and {CARD_NAME}.",
+        commit_description=f"{verb} {plan.filename} (sha256 {plan.sha256}); update {HUB_INDEX_NAME} and {CARD_NAME}.",
         parent_commit=parent if branch_exists else None,
     )
     result.commit_url = getattr(info, "commit_url", None) or str(info)
@@ -401,8 +363,6 @@ def publish_to_dir(
     ones. Each file is written atomically (set, then ``index.json``, then ``README.md``) under a lock file
     (``folder/.publish.lock``). ``repo_id`` names the repository in the card (default ``{org}/condensed-{source}``).
     """
-    from filelock import FileLock
-
     data = Path(set_file).read_bytes()
     cset = CondensedSet.from_bytes(data, str(set_file))
     repo_id = _check_repo_id(repo_id or default_repo_id(cset.source))
@@ -410,7 +370,7 @@ def publish_to_dir(
     target = str(folder)
 
     def plan() -> PublishPlan:
-        index_path = folder / INDEX_NAME
+        index_path = folder / HUB_INDEX_NAME
         existing = parse_index(index_path.read_bytes(), str(index_path)) if index_path.is_file() else None
         current = folder / set_filename(cset.method, cset.ipc)
         sha = hashlib.sha256(current.read_bytes()).hexdigest() if current.is_file() else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import difflib
 import os
 import re
 from dataclasses import asdict, dataclass, field
@@ -11,13 +12,15 @@ from typing import Any
 
 import yaml
 
+from builders.augment import parse_strategy
+from builders.errors import RecipeError
+from builders.networks import available_networks
+from condensed_datasets.paths import NAME_PATTERN
 from condensed_datasets.sources import SOURCES
 
+#: Where builds write and read real data unless told otherwise.
+DEFAULT_ROOT = "data"
 RECIPES_DIR = Path(os.environ.get("CONDENSED_RECIPES_DIR", Path(__file__).resolve().parents[1] / "recipes"))
-
-
-class RecipeError(ValueError):
-    """A recipe that cannot be built: names the key, the problem and the valid choices."""
 
 
 @dataclass
@@ -42,10 +45,9 @@ class Recipe:
 
     source: str
     method: str
-    ipc: int
+    ipc: int | None = None  # None only for jobs that make no set (expert training)
     model: str = "ConvNet"
     seed: int = 0
-    root: str = "data"
     iterations: int = 0
     checkpoint_every: int = 0
     augment: str = "none"
@@ -56,9 +58,10 @@ class Recipe:
     notes: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data for metadata (JSON-serialisable; ipc_overrides keys become strings)."""
+        """Plain data for metadata: the recipe as built (the entry of ``ipc_overrides`` for this ipc is
+        already merged in; the entries for other ipcs are not recorded)."""
         out = asdict(self)
-        out["ipc_overrides"] = {str(k): v for k, v in self.ipc_overrides.items()}
+        del out["ipc_overrides"]
         return out
 
     @property
@@ -72,7 +75,7 @@ class Recipe:
 
 _TOP_KEYS = {f for f in Recipe.__dataclass_fields__}
 _EVAL_KEYS = {f for f in EvalSpec.__dataclass_fields__}
-_REQUIRED = ("source", "method", "ipc")
+_REQUIRED = ("source", "method")
 
 
 _YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -110,8 +113,6 @@ def _check_type(key: str, value: Any, expected: Any) -> Any:
 def _unknown(section: str, given: set[str], valid: set[str]) -> None:
     bad = sorted(given - valid)
     if bad:
-        import difflib
-
         hints = []
         for key in bad:
             close = difflib.get_close_matches(key, sorted(valid), n=1)
@@ -141,7 +142,12 @@ def parse_overrides(pairs: list[str] | tuple[str, ...]) -> list[tuple[str, Any]]
         if "=" not in pair:
             raise RecipeError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set eval.runs=1")
         key, raw = pair.split("=", 1)
-        out.append((key.strip(), yaml.safe_load(raw) if raw.strip() else None))
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"--set {pair!r}: the value is not valid YAML ({exc}); quote it, "
+                              f"e.g. --set '{key.strip()}=\"...\"'") from None
+        out.append((key.strip(), value))
     return out
 
 
@@ -159,70 +165,87 @@ def load_recipe_data(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def recipe_from_dict(data: dict[str, Any]) -> Recipe:
-    """Validate a raw mapping into a Recipe; method params are checked against the method's defaults."""
-    from builders.methods import get_method  # the registry imports methods; keep this module light
+def parse_recipe(data: dict[str, Any], overrides: list[tuple[str, Any]] | tuple = ()) -> Recipe:
+    """Validate a raw mapping into a Recipe. ``overrides`` (dotted key, value) are applied first and again
+    after the ``ipc_overrides`` entry of the chosen ipc, so a value given on the command line always wins.
 
+    This checks everything but the method's own ``params``: those, and whether the method exists, are
+    the method's to check (:func:`builders.build.prepare`).
+    """
+    if not isinstance(data, dict):
+        raise RecipeError(f"a recipe is a mapping of keys ({', '.join(sorted(_TOP_KEYS))})")
     data = copy.deepcopy(data)
+    for key, value in overrides:
+        set_dotted(data, key, value)
     _unknown("the recipe", set(data), _TOP_KEYS)
-    try:  # methods that build no set (expert trajectories) need no ipc
-        if not getattr(get_method(str(data.get("method"))), "produces_set", True):
-            data.setdefault("ipc", 1)
-    except ValueError:
-        pass  # an unknown method is reported below, after the required keys
     for key in _REQUIRED:
         if key not in data:
-            raise RecipeError(f"missing key {key!r} (a recipe needs {', '.join(_REQUIRED)})")
+            raise RecipeError(f"missing key {key!r} (a recipe needs {', '.join(_REQUIRED)}, and ipc unless it "
+                              "makes no set)")
     source = str(data["source"]).lower()
     if source not in SOURCES:
         raise RecipeError(f"source: unknown {data['source']!r}; valid: {', '.join(SOURCES)}")
     data["source"] = source
-    defaults = Recipe(source=source, method="", ipc=1)
-    for key in ("ipc", "seed", "iterations", "checkpoint_every"):
-        data[key] = _check_type(key, data.get(key, getattr(defaults, key)), 0)
-    if data["ipc"] < 1:
-        raise RecipeError(f"ipc: must be >= 1, got {data['ipc']}")
-    for key in ("iterations", "checkpoint_every", "seed"):
-        if data[key] < 0:
-            raise RecipeError(f"{key}: must be >= 0, got {data[key]}")
+    if not isinstance(data["method"], str) or not NAME_PATTERN.match(data["method"]):
+        raise RecipeError(f"method: {data['method']!r} is not a method name (lower-case letters, digits, '_')")
+    if data.get("ipc") is not None:
+        data["ipc"] = _check_type("ipc", data["ipc"], 0)
+        if data["ipc"] < 1:
+            raise RecipeError(f"ipc: must be >= 1, got {data['ipc']}")
 
-    overrides = data.get("ipc_overrides") or {}
-    if not isinstance(overrides, dict):
-        raise RecipeError("ipc_overrides: expected a mapping {ipc: {key: value}}")
-    overrides = {int(k): v for k, v in overrides.items()}
-    chosen = overrides.get(data["ipc"], {})
-    if not isinstance(chosen, dict):
-        raise RecipeError(f"ipc_overrides.{data['ipc']}: expected a mapping of recipe keys")
-    _unknown(f"ipc_overrides.{data['ipc']}", set(chosen), _TOP_KEYS - {"source", "method", "ipc", "ipc_overrides"})
-    for key, value in chosen.items():
+    overrides_map = _ipc_overrides(data.get("ipc_overrides"))
+    for key, value in overrides_map.get(data.get("ipc"), {}).items():
         if isinstance(value, dict) and isinstance(data.get(key), dict):
             data[key] = {**data[key], **value}
         else:
             data[key] = value
-    data["ipc_overrides"] = overrides
+    for key, value in overrides:  # the command line wins over ipc_overrides
+        set_dotted(data, key, value)
+    data["ipc_overrides"] = overrides_map
 
-    try:
-        method_cls = get_method(str(data["method"]))
-    except ValueError as exc:
-        raise RecipeError(f"method: {exc}") from exc
-    for key in ("model", "root", "augment", "notes"):
+    defaults = Recipe(source=source, method="")
+    for key in ("seed", "iterations", "checkpoint_every"):
+        data[key] = _check_type(key, data.get(key, getattr(defaults, key)), 0)
+        if data[key] < 0:
+            raise RecipeError(f"{key}: must be >= 0, got {data[key]}")
+    for key in ("model", "augment", "notes"):
         if key in data:
             data[key] = _check_type(key, data[key], "")
     rpc = data.get("real_per_class")
-    if rpc is not None and (isinstance(rpc, bool) or not isinstance(rpc, int) or rpc < data["ipc"]):
-        raise RecipeError(f"real_per_class: expected an integer >= ipc ({data['ipc']}) or null, got {rpc!r}")
-
+    low = data.get("ipc") or 1
+    if rpc is not None and (isinstance(rpc, bool) or not isinstance(rpc, int) or rpc < low):
+        raise RecipeError(f"real_per_class: expected an integer >= ipc ({low}) or null, got {rpc!r}")
     params = data.get("params") or {}
     if not isinstance(params, dict):
         raise RecipeError("params: expected a mapping of the method's own settings")
-    valid_params = dict(method_cls.defaults)
-    _unknown(f"params (method {method_cls.name})", set(params), set(valid_params))
-    merged = dict(valid_params)
-    for key, value in params.items():
-        merged[key] = _check_type(f"params.{key}", value, valid_params[key])
-    data["params"] = merged
+    data["params"] = params
+    data["eval"] = _eval_spec(data.get("eval"))
+    recipe = Recipe(**data)
+    _validate_names(recipe)
+    return recipe
 
-    ev = data.get("eval") or {}
+
+def _ipc_overrides(raw: Any) -> dict[int, dict[str, Any]]:
+    """``ipc_overrides`` checked: integer ipcs >= 1, each a mapping of recipe keys."""
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise RecipeError("ipc_overrides: expected a mapping {ipc: {key: value}}")
+    out: dict[int, dict[str, Any]] = {}
+    allowed = _TOP_KEYS - {"source", "method", "ipc", "ipc_overrides"}
+    for key, entry in raw.items():
+        if isinstance(key, bool) or not (isinstance(key, int) or (isinstance(key, str) and key.isdigit())) \
+                or int(key) < 1:
+            raise RecipeError(f"ipc_overrides: key {key!r} is not an ipc (an integer >= 1)")
+        if not isinstance(entry, dict):
+            raise RecipeError(f"ipc_overrides.{key}: expected a mapping of recipe keys")
+        _unknown(f"ipc_overrides.{key}", set(entry), allowed)
+        out[int(key)] = entry
+    return out
+
+
+def _eval_spec(ev: Any) -> EvalSpec:
+    """The ``eval`` section checked against :class:`EvalSpec`."""
+    ev = ev or {}
     if not isinstance(ev, dict):
         raise RecipeError("eval: expected a mapping")
     _unknown("eval", set(ev), _EVAL_KEYS)
@@ -235,22 +258,42 @@ def recipe_from_dict(data: dict[str, Any]) -> Recipe:
         elif key == "test_per_class":
             expected = 0
         checked[key] = value if value is None else _check_type(f"eval.{key}", value, expected)
-    data["eval"] = EvalSpec(**checked)
+    spec = EvalSpec(**checked)
     for key in ("runs", "epochs", "batch", "test_per_class"):
-        value = getattr(data["eval"], key)
+        value = getattr(spec, key)
         if value is not None and value < 1:
             raise RecipeError(f"eval.{key}: must be >= 1")
+    return spec
 
-    recipe = Recipe(**data)
-    _validate_names(recipe)
-    method_cls.check_recipe(recipe)
-    return recipe
+
+def check_params(section: str, params: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """``defaults`` updated with ``params``, each value type-checked against its default; RecipeError names
+    an unknown key (with the valid ones) or a value of the wrong type."""
+    _unknown(section, set(params), set(defaults))
+    merged = dict(defaults)
+    for key, value in params.items():
+        merged[key] = _check_type(f"params.{key}", value, defaults[key])
+    return merged
+
+
+def check_choice(key: str, value: str, valid: tuple[str, ...]) -> None:
+    """RecipeError naming ``params.key`` unless ``value`` is one of ``valid``."""
+    if value not in valid:
+        raise RecipeError(f"params.{key}: unknown {value!r}; valid: {', '.join(valid)}")
+
+
+def check_at_least(params: dict[str, Any], keys: tuple[str, ...], low: float, *, strict: bool = False,
+                   meaning: str = "") -> None:
+    """RecipeError naming the first of ``params[keys]`` below ``low`` (or not above it, when ``strict``)."""
+    for key in keys:
+        value = params[key]
+        if value <= low if strict else value < low:
+            low_text = f"{low:g}" if isinstance(low, float) else str(low)
+            raise RecipeError(f"params.{key}: must be {'>' if strict else '>='} {low_text}"
+                              f"{f' ({meaning})' if meaning else ''}, got {value}")
 
 
 def _validate_names(recipe: Recipe) -> None:
-    from builders.augment import parse_strategy
-    from builders.networks import available_networks
-
     names = available_networks()
     for key, model in [("model", recipe.model), ("eval.model", recipe.eval.model)] + [
         (f"eval.models[{i}]", m) for i, m in enumerate(recipe.eval.models)
@@ -266,14 +309,6 @@ def _validate_names(recipe: Recipe) -> None:
             raise RecipeError(f"{key}: {exc} (or 'none')") from exc
 
 
-def load_recipe(path: str | os.PathLike, overrides: list[tuple[str, Any]] = ()) -> Recipe:
-    """Read, override (dotted keys) and validate a recipe file."""
-    data = load_recipe_data(path)
-    for key, value in overrides:
-        set_dotted(data, key, value)
-    return recipe_from_dict(data)
-
-
 def available_recipes() -> list[str]:
     """Names of the recipes shipped in ``recipes/``."""
     return sorted(p.name for p in RECIPES_DIR.glob("*.yaml"))
@@ -281,6 +316,8 @@ def available_recipes() -> list[str]:
 
 def shipped_recipe_path(method: str, source: str) -> Path:
     """The shipped recipe for ``method`` on ``source``; RecipeError lists the shipped ones if absent."""
+    if not NAME_PATTERN.match(str(method)) or not NAME_PATTERN.match(str(source)):
+        raise RecipeError(f"no shipped recipe for method {method!r} on {source!r}: not valid names")
     path = RECIPES_DIR / f"{method}_{source}.yaml"
     if not path.is_file():
         raise RecipeError(

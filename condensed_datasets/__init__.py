@@ -10,12 +10,15 @@ from condensed_datasets.datasets import (
     CondensedVisionDataset,
     SetSpace,
     available_sets,
-    set_path,
 )
-from condensed_datasets.format import METHODS, CondensedSet, CondensedSetError
+from condensed_datasets._version import __version__
+from condensed_datasets.constants import METHODS
+from condensed_datasets.errors import (
+    CondensedDatasetsError, CondensedSetError, HubError, SetNotFoundError, SourceDataError, UnknownNameError,
+)
+from condensed_datasets.format import CondensedSet
+from condensed_datasets.paths import set_path
 from condensed_datasets.sources import SOURCES, SourceInfo, get_source, load_split
-
-__version__ = "0.1.0"
 
 __all__ = [
     "CondensedCIFAR10",
@@ -23,8 +26,13 @@ __all__ = [
     "CondensedFashionMNIST",
     "CondensedMNIST",
     "CondensedSVHN",
+    "CondensedDatasetsError",
     "CondensedSet",
     "CondensedSetError",
+    "HubError",
+    "SetNotFoundError",
+    "SourceDataError",
+    "UnknownNameError",
     "CondensedTinyImageNet",
     "CondensedVisionDataset",
     "METHODS",

@@ -17,31 +17,19 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import struct
 from pathlib import Path
 from typing import Any
 
-from condensed_datasets.format import FORMAT_VERSION, METADATA_KEY, METHODS, CondensedSetError
+from condensed_datasets.constants import (
+    DEFAULT_ORG, EMBEDDED_DIR_ENV, FORMAT_VERSION, HUB_INDEX_NAME, HUB_INDEX_VERSION, METHODS, ORG_ENV,
+)
+from condensed_datasets.errors import CondensedSetError, IndexFormatError
+from condensed_datasets.format import read_file_metadata
+from condensed_datasets.paths import parse_set_filename, set_filename
 from condensed_datasets.sources import get_source
 
-#: The hub organisation (user or org) whose ``condensed-{source}`` dataset repositories are used by default.
-DEFAULT_ORG = "condensed-datasets"
-#: Environment variable that replaces :data:`DEFAULT_ORG` (e.g. a mirror's or your own organisation).
-ORG_ENV = "CONDENSED_DATASETS_ORG"
-#: The catalogue file of a repository or published folder.
-INDEX_NAME = "index.json"
-#: The dataset card of a repository or published folder.
-CARD_NAME = "README.md"
-#: Version of the ``index.json`` layout written by :func:`make_index`.
-INDEX_VERSION = 1
-#: Environment variable naming another folder of embedded sets (laid out as ``{source}/{method}_ipc{ipc}.safetensors``).
-EMBEDDED_DIR_ENV = "CONDENSED_DATASETS_EMBEDDED_DIR"
 #: The package's own folder of embedded sets (tests may monkeypatch this attribute).
 EMBEDDED_DIR: Path = Path(__file__).resolve().parent / "embedded"
-
-_SET_FILE = re.compile(r"^(?P<method>[a-z0-9_]+)_ipc(?P<ipc>[1-9][0-9]*)\.safetensors$")
-_HEADER_LIMIT = 100 * 1024 * 1024
 
 
 # -- names -------------------------------------------------------------------------------------------------
@@ -53,17 +41,6 @@ def hub_org() -> str:
 def default_repo_id(source: str) -> str:
     """The dataset repository of ``source``: ``{org}/condensed-{source}``."""
     return f"{hub_org()}/condensed-{get_source(source).name}"
-
-
-def set_filename(method: str, ipc: int) -> str:
-    """A set's file name: ``{method}_ipc{ipc}.safetensors``."""
-    return f"{method}_ipc{int(ipc)}.safetensors"
-
-
-def parse_set_filename(name: str) -> tuple[str, int] | None:
-    """``(method, ipc)`` of a set file name, or None when ``name`` is not one."""
-    match = _SET_FILE.match(name)
-    return (match["method"], int(match["ipc"])) if match else None
 
 
 def _method_rank(method: str) -> int:
@@ -96,30 +73,10 @@ def sets_by_method(entries: list[dict[str, Any]]) -> dict[str, list[int]]:
 def read_set_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The ``condensed_datasets`` metadata of a set file, reading only its header (not the tensors).
 
-    Checks the safetensors framing (header length, tensor extents against the file size) so a truncated
-    file is reported; full validation is :meth:`CondensedSet.load`.
+    Checks the safetensors framing against the file size, so a truncated file is reported; full
+    validation is :meth:`CondensedSet.load`.
     """
-    path = Path(path)
-    size = path.stat().st_size
-    with path.open("rb") as handle:
-        head = handle.read(8)
-        if len(head) < 8:
-            raise CondensedSetError(f"{path}: file is truncated or empty ({size} bytes); not a safetensors file")
-        (header_len,) = struct.unpack("<Q", head)
-        if header_len > _HEADER_LIMIT or header_len > size - 8:
-            raise CondensedSetError(f"{path}: not a safetensors file (header of {header_len} bytes in {size})")
-        raw = handle.read(header_len)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-        meta = json.loads(header["__metadata__"][METADATA_KEY])
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, IndexError) as exc:
-        raise CondensedSetError(f"{path}: not a condensed set (unreadable header: {exc})") from exc
-    if 8 + header_len + end != size:
-        raise CondensedSetError(f"{path}: file is truncated or padded ({size} bytes, expected {8 + header_len + end})")
-    if not isinstance(meta, dict):
-        raise CondensedSetError(f"{path}: '{METADATA_KEY}' metadata is not a JSON object")
-    return meta
+    return read_file_metadata(path)
 
 
 def _num(value: Any) -> float | None:
@@ -171,7 +128,7 @@ def index_entry(metadata: dict[str, Any], *, sha256: str | None, size: int) -> d
 # -- index.json ----------------------------------------------------------------------------------------------
 def make_index(files: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """An ``index.json`` document from ``{file name: entry}``."""
-    return {"index_version": INDEX_VERSION, "files": {name: dict(files[name]) for name in sorted(files)}}
+    return {"index_version": HUB_INDEX_VERSION, "files": {name: dict(files[name]) for name in sorted(files)}}
 
 
 def index_to_bytes(index: dict[str, Any]) -> bytes:
@@ -179,24 +136,24 @@ def index_to_bytes(index: dict[str, Any]) -> bytes:
     return (json.dumps(index, sort_keys=True, indent=2, allow_nan=False) + "\n").encode("utf-8")
 
 
-def parse_index(data: bytes | str, name: str = INDEX_NAME) -> dict[str, Any]:
-    """Parse and check an ``index.json`` document; raises ValueError naming ``name`` when it is malformed."""
+def parse_index(data: bytes | str, name: str = HUB_INDEX_NAME) -> dict[str, Any]:
+    """Parse and check an ``index.json`` document; raises IndexFormatError naming ``name`` when it is malformed."""
     try:
         index = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{name} is not JSON: {exc}") from exc
+        raise IndexFormatError(f"{name} is not JSON: {exc}") from exc
     if not isinstance(index, dict) or not isinstance(index.get("files"), dict):
-        raise ValueError(f"{name} is not a condensed-datasets index (no 'files' mapping)")
+        raise IndexFormatError(f"{name} is not a condensed-datasets index (no 'files' mapping)")
     version = index.get("index_version")
-    if not isinstance(version, int) or version > INDEX_VERSION:
-        raise ValueError(f"{name} has index_version {version!r}; this package reads up to {INDEX_VERSION} "
+    if not isinstance(version, int) or version > HUB_INDEX_VERSION:
+        raise IndexFormatError(f"{name} has index_version {version!r}; this package reads up to {HUB_INDEX_VERSION} "
                          "(upgrade condensed-datasets)")
     for fname, entry in index["files"].items():
         if not isinstance(entry, dict) or parse_set_filename(fname) is None:
-            raise ValueError(f"{name}: bad entry {fname!r}")
+            raise IndexFormatError(f"{name}: bad entry {fname!r}")
         for key in ("source", "method", "ipc", "sha256", "size"):
             if key not in entry:
-                raise ValueError(f"{name}: entry {fname!r} has no {key!r}")
+                raise IndexFormatError(f"{name}: entry {fname!r} has no {key!r}")
     return index
 
 
@@ -249,7 +206,7 @@ def _scan_sources(base: Path, source: str | None, where: str) -> list[dict[str, 
 def list_folder(folder: str | os.PathLike, source: str | None = None) -> list[dict[str, Any]]:
     """The sets of a published folder (``condensed-publish --to-dir``): its ``index.json``, else its files."""
     folder = Path(folder).expanduser()
-    index_path = folder / INDEX_NAME
+    index_path = folder / HUB_INDEX_NAME
     if index_path.is_file():
         index = parse_index(index_path.read_bytes(), str(index_path))
         return index_listing(index, where="folder", location=str(folder), source=source)
@@ -271,36 +228,3 @@ def embedded_path(source: str, method: str, ipc: int) -> Path | None:
 def list_embedded(source: str | None = None) -> list[dict[str, Any]]:
     """The sets shipped inside the package (``embedded/{source}/``), from their headers."""
     return _scan_sources(embedded_dir(), source, where="embedded")
-
-
-def list_hub(repo_id: str, revision: str | None = None, source: str | None = None) -> list[dict[str, Any]]:
-    """The sets of a hub repository, from its ``index.json`` (or its file list when it has none).
-
-    Raises :class:`condensed_datasets.hub.HubError` subclasses when the repository cannot be read.
-    """
-    from condensed_datasets import hub  # lazy: keeps huggingface_hub off the import path
-
-    return hub.list_repo(repo_id, revision=revision, source=source)
-
-
-def available(
-    source: str,
-    root: str | os.PathLike | None = None,
-    repo_id: str | None = None,
-    revision: str | None = None,
-    download: bool = False,
-) -> list[dict[str, Any]]:
-    """Every set of ``source`` that can be loaded: local (under ``root``), embedded, and, with
-    ``download=True``, those of the hub repository (``repo_id``, default ``{org}/condensed-{source}``).
-
-    Each row: source, method, ipc, file, where (``local``/``embedded``/``hub``), location (path or repo id),
-    size, sha256 (hub rows), accuracy_mean, accuracy_std, improvement_over_random, ...
-    """
-    name = get_source(source).name
-    rows: list[dict[str, Any]] = []
-    if root is not None:
-        rows += list_local(root, name)
-    rows += list_embedded(name)
-    if download:
-        rows += list_hub(repo_id or default_repo_id(name), revision=revision, source=name)
-    return sorted(rows, key=sort_key)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
@@ -11,29 +10,24 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.datasets import VisionDataset
 
-from condensed_datasets.format import METHODS, CondensedSet
+from condensed_datasets.catalogue import describe_sets, embedded_path, list_local, sets_by_method
+from condensed_datasets.constants import METHODS
+from condensed_datasets.errors import (
+    CondensedSetError, HubNotFoundError, HubOfflineError, SetNotFoundError, UnknownNameError,
+)
+from condensed_datasets.format import CondensedSet
+from condensed_datasets.hub import download_set, is_hub_copy
+from condensed_datasets.listing import available
+from condensed_datasets.paths import check_ipc, set_path
 from condensed_datasets.sources import get_source, load_split
 from condensed_datasets.zca import ZCA
 
 TARGET_TYPES = ("auto", "hard", "soft")
-_SET_FILE = re.compile(r"^(?P<method>[a-z0-9_]+)_ipc(?P<ipc>[1-9][0-9]*)\.safetensors$")
-
-
-def set_path(root: str | os.PathLike, source: str, method: str, ipc: int) -> Path:
-    """Where a set lives: ``{root}/condensed/{source}/{method}_ipc{ipc}.safetensors`` (source in lower case)."""
-    return Path(root).expanduser() / "condensed" / get_source(source).name / f"{method}_ipc{int(ipc)}.safetensors"
 
 
 def available_sets(root: str | os.PathLike, source: str) -> dict[str, list[int]]:
-    """The sets of ``source`` present under ``root``: method -> sorted ipcs (from the file names only)."""
-    folder = set_path(root, source, "x", 1).parent
-    found: dict[str, list[int]] = {}
-    if folder.is_dir():
-        for path in folder.iterdir():
-            match = _SET_FILE.match(path.name)
-            if match and path.is_file():
-                found.setdefault(match["method"], []).append(int(match["ipc"]))
-    return {method: sorted(ipcs) for method, ipcs in sorted(found.items())}
+    """The sets of ``source`` present under ``root``: method -> sorted ipcs (readable files only)."""
+    return sets_by_method(list_local(root, get_source(source).name))
 
 
 def _needs_hub_check(path: Path) -> bool:
@@ -41,21 +35,13 @@ def _needs_hub_check(path: Path) -> bool:
 
     A valid file without a download record was built here and is used as it is.
     """
-    from condensed_datasets.hub import is_hub_copy
-
     if is_hub_copy(path):
         return True
     try:
         CondensedSet.load(path)
-    except (ValueError, OSError):
+    except (CondensedSetError, OSError):
         return True
     return False
-
-
-def _describe_sets(sets: dict[str, list[int]]) -> str:
-    if not sets:
-        return "none"
-    return "; ".join(f"{method} ipc {', '.join(map(str, ipcs))}" for method, ipcs in sets.items())
 
 
 class SetSpace:
@@ -77,7 +63,7 @@ class SetSpace:
         self.std = torch.tensor(norm["std"], dtype=torch.float32).view(-1, 1, 1)
         self.image_shape = tuple(metadata.get("image_shape") or ())
         if metadata.get("zca") is not None and zca is None:
-            raise ValueError("this set lives in ZCA-whitened space (metadata 'zca'); pass its whitening, "
+            raise CondensedSetError("this set lives in ZCA-whitened space (metadata 'zca'); pass its whitening, "
                              "e.g. SetSpace(cset.metadata, zca=cset.zca)")
         self.zca: ZCA | None = zca
 
@@ -141,22 +127,21 @@ class CondensedVisionDataset(VisionDataset):
         if not self.source:
             raise TypeError("CondensedVisionDataset is a base class; use a subclass such as CondensedCIFAR10")
         if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
-        if not isinstance(ipc, int) or isinstance(ipc, bool) or ipc < 1:
-            raise ValueError(f"ipc must be a positive int, got {ipc!r}")
+            raise UnknownNameError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
+        check_ipc(ipc)
         if target_type not in TARGET_TYPES:
-            raise ValueError(f"unknown target_type {target_type!r}; valid: {', '.join(TARGET_TYPES)}")
+            raise UnknownNameError(f"unknown target_type {target_type!r}; valid: {', '.join(TARGET_TYPES)}")
 
         path = self._locate(method, ipc, download=download, build=build, repo_id=repo_id, revision=revision)
         cset = CondensedSet.load(path)
         if (cset.source, cset.method, cset.ipc) != (self.source, method, ipc):
-            raise RuntimeError(
+            raise SetNotFoundError(
                 f"{path} holds source={cset.source!r} method={cset.method!r} ipc={cset.ipc}, not the requested "
                 f"source={self.source!r} method={method!r} ipc={ipc}; the file is misnamed or damaged — "
                 "delete it and build or download it again"
             )
         if target_type == "soft" and cset.soft_labels is None:
-            raise ValueError(f"target_type='soft' but {path} has no soft labels; use 'hard' or 'auto'")
+            raise UnknownNameError(f"target_type='soft' but {path} has no soft labels; use 'hard' or 'auto'")
 
         self.path = path
         self.method = method
@@ -185,38 +170,35 @@ class CondensedVisionDataset(VisionDataset):
             if not (download and _needs_hub_check(path)):
                 return path
         elif repo_id is None and revision is None:
-            from condensed_datasets.catalogue import embedded_path
-
             embedded = embedded_path(self.source, method, ipc)
             if embedded is not None:
                 return embedded
         if download:
-            from condensed_datasets.hub import HubNotFoundError, HubOfflineError, download_set  # lazy import
-
             try:
                 return download_set(self.root, self.source, method, ipc, repo_id=repo_id, revision=revision)
             except (HubNotFoundError, HubOfflineError):
                 if not build:
                     raise
         if build:
-            from builders.ondemand import build_set  # lazy: only build-on-demand needs builders
+            # The one import of builders by the consumer (DESIGN.md): only build-on-demand needs the producer.
+            from builders.build import build_set
 
             built = Path(build_set(self.source, method, ipc, self.root))
             if not built.is_file():
-                raise RuntimeError(f"building {method} ipc {ipc} for {self.source} did not produce {built}")
+                raise SetNotFoundError(f"building {method} ipc {ipc} for {self.source} did not produce {built}")
             return built
         local = available_sets(self.root, self.source)
         recipe = f"recipes/{method}_{self.source}.yaml"
         if local.get(method):
-            raise ValueError(
+            raise UnknownNameError(
                 f"no {method} set with ipc {ipc} for {self.source} under {path.parent}; available ipcs for "
                 f"{method}: {', '.join(map(str, local[method]))}. To get ipc {ipc}, pass build=True or run "
                 f"`condensed-build {recipe} --out {self.root}` with ipc: {ipc}"
             )
-        raise RuntimeError(
+        raise SetNotFoundError(
             f"Condensed set not found at {path}. You can use download=True to download it, "
             f"build=True to build it, or run "
-            f"`condensed-build {recipe} --out {self.root}`. Sets present for {self.source}: {_describe_sets(local)}"
+            f"`condensed-build {recipe} --out {self.root}`. Sets present for {self.source}: {describe_sets(local)}"
         )
 
     @classmethod
@@ -230,12 +212,10 @@ class CondensedVisionDataset(VisionDataset):
         """The sets of this source that can be loaded: local (under ``root``), embedded, and with
         ``download=True`` those listed in the hub repository's ``index.json`` (``repo_id``, default
         ``{org}/condensed-{source}``). One dict per set: source, method, ipc, where, location, size,
-        accuracy_mean, accuracy_std, improvement_over_random, ... (:func:`condensed_datasets.catalogue.available`).
+        accuracy_mean, accuracy_std, improvement_over_random, ... (:func:`condensed_datasets.listing.available`).
         """
         if not cls.source:
             raise TypeError("CondensedVisionDataset is a base class; use a subclass such as CondensedCIFAR10")
-        from condensed_datasets.catalogue import available
-
         return available(cls.source, root=root, repo_id=repo_id, revision=revision, download=download)
 
     # -- Dataset -----------------------------------------------------------------------------------------
@@ -285,7 +265,7 @@ class CondensedVisionDataset(VisionDataset):
         images, targets = load_split(self.source, self.root, train=False, download=download)
         space = self.set_space
         if space.image_shape and tuple(images.shape[1:]) != space.image_shape:
-            raise ValueError(
+            raise CondensedSetError(
                 f"real {self.source} test images are {tuple(images.shape[1:])}, "
                 f"the set's images are {space.image_shape}"
             )

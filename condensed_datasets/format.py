@@ -14,13 +14,11 @@ from safetensors.torch import load as _safetensors_load
 from safetensors.torch import save as _safetensors_save
 
 from condensed_datasets._atomic import atomic_write_bytes
+from condensed_datasets.constants import FORMAT_VERSION, HEADER_LIMIT, METADATA_KEY, SUPPORTED_FORMAT_VERSIONS
+from condensed_datasets.errors import CondensedSetError
+from condensed_datasets.paths import NAME_PATTERN
 from condensed_datasets.sources import SOURCES, get_source
 from condensed_datasets.zca import ZCA
-
-FORMAT_VERSION = 1
-SUPPORTED_FORMAT_VERSIONS = frozenset({1})
-METADATA_KEY = "condensed_datasets"
-METHODS = ("random", "herding", "kcenter", "dd", "dc", "dsa", "dm", "mtt", "datm", "dq")
 
 _REQUIRED_TENSORS = {"images": torch.float32, "labels": torch.int64}
 _OPTIONAL_TENSORS = {
@@ -33,11 +31,6 @@ _OPTIONAL_TENSORS = {
     "zca_transform": torch.float32,
 }
 _ALL_TENSORS = {**_REQUIRED_TENSORS, **_OPTIONAL_TENSORS}
-_HEADER_LIMIT = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
-
-
-class CondensedSetError(ValueError):
-    """A condensed set (in memory or on disk) that breaks the format."""
 
 
 def class_contiguous_labels(num_classes: int, ipc: int) -> torch.Tensor:
@@ -211,19 +204,20 @@ class CondensedSet:
         return cls.from_bytes(path.read_bytes(), str(path))
 
 
-def read_safetensors_metadata(data: bytes, name: str) -> dict[str, str]:
-    """Check a safetensors file's framing by hand (so nothing else is ever parsed); return its metadata map."""
-    if len(data) < 8:
-        raise CondensedSetError(f"{name}: file is truncated or empty ({len(data)} bytes); not a safetensors file")
-    (header_len,) = struct.unpack("<Q", data[:8])
-    if header_len > _HEADER_LIMIT or header_len > len(data) - 8:
+def _parse_header(head: bytes, size: int, name: str) -> dict[str, str]:
+    """Check a safetensors file's framing from its first bytes and total size (so nothing else is ever
+    parsed); return its ``__metadata__`` map. ``head`` holds at least the 8-byte length and the header."""
+    if len(head) < 8:
+        raise CondensedSetError(f"{name}: file is truncated or empty ({size} bytes); not a safetensors file")
+    (header_len,) = struct.unpack("<Q", head[:8])
+    if header_len > HEADER_LIMIT or header_len > size - 8 or len(head) < 8 + header_len:
         raise CondensedSetError(
             f"{name}: not a safetensors file (its first 8 bytes give a header of {header_len} bytes "
-            f"in a file of {len(data)}); condensed sets are never pickles — rebuild or re-download it"
+            f"in a file of {size}); condensed sets are never pickles — rebuild or re-download it"
         )
     try:
-        header = json.loads(data[8 : 8 + header_len].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        header = json.loads(head[8 : 8 + header_len].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise CondensedSetError(f"{name}: not a safetensors file (header is not JSON: {exc})") from exc
     if not isinstance(header, dict):
         raise CondensedSetError(f"{name}: not a safetensors file (header is not a JSON object)")
@@ -235,26 +229,51 @@ def read_safetensors_metadata(data: bytes, name: str) -> dict[str, str]:
             end = max(end, int(entry["data_offsets"][1]))
         except (KeyError, TypeError, IndexError, ValueError) as exc:
             raise CondensedSetError(f"{name}: malformed safetensors header entry {key!r}") from exc
-    if 8 + header_len + end != len(data):
+    if 8 + header_len + end != size:
         raise CondensedSetError(
             f"{name}: file is truncated or padded (tensor data needs {8 + header_len + end} bytes, "
-            f"file has {len(data)}); download or build it again"
+            f"file has {size}); download or build it again"
         )
-    return header.get("__metadata__") or {}
+    metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CondensedSetError(f"{name}: malformed safetensors header (__metadata__ must map strings to strings)")
+    return metadata
 
 
-def _read_header_metadata(data: bytes, name: str) -> dict[str, Any]:
-    """Our metadata (the JSON under METADATA_KEY) of a safetensors file's bytes."""
-    raw = read_safetensors_metadata(data, name).get(METADATA_KEY)
+def read_safetensors_metadata(data: bytes, name: str) -> dict[str, str]:
+    """Check a safetensors file's framing by hand (so nothing else is ever parsed); return its metadata map."""
+    return _parse_header(data, len(data), name)
+
+
+def _our_metadata(raw_map: dict[str, str], name: str) -> dict[str, Any]:
+    """Our metadata (the JSON under METADATA_KEY) from a safetensors metadata map."""
+    raw = raw_map.get(METADATA_KEY)
     if raw is None:
         raise CondensedSetError(f"{name}: safetensors file without '{METADATA_KEY}' metadata; not a condensed set")
     try:
         metadata = json.loads(raw)
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise CondensedSetError(f"{name}: '{METADATA_KEY}' metadata is not JSON ({exc})") from exc
     if not isinstance(metadata, dict):
         raise CondensedSetError(f"{name}: '{METADATA_KEY}' metadata is not a JSON object")
     return metadata
+
+
+def _read_header_metadata(data: bytes, name: str) -> dict[str, Any]:
+    """Our metadata of a safetensors file's bytes."""
+    return _our_metadata(read_safetensors_metadata(data, name), name)
+
+
+def read_file_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """Our metadata of a set file, reading only its header (never the tensors)."""
+    path = Path(path)
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        head = handle.read(8)
+        if len(head) == 8:
+            (header_len,) = struct.unpack("<Q", head)
+            head += handle.read(min(header_len, HEADER_LIMIT))
+    return _our_metadata(_parse_header(head, size, str(path)), str(path))
 
 
 def _first_problem(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> str | None:
@@ -270,6 +289,10 @@ def _first_problem(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> st
     for key in ("source", "method", "ipc", "classes"):
         if key not in meta:
             return f"metadata has no {key!r}"
+    for key in ("source", "method"):
+        if not isinstance(meta[key], str) or not NAME_PATTERN.match(meta[key]):
+            return (f"metadata {key} {meta[key]!r} is not a valid name (lower-case letters, digits and '_', "
+                    "starting with a letter)")
     if not isinstance(meta["ipc"], int) or isinstance(meta["ipc"], bool) or meta["ipc"] < 1:
         return f"ipc must be a positive int, got {meta['ipc']!r}"
     if not isinstance(meta["classes"], list) or not meta["classes"]:

@@ -39,17 +39,13 @@ from huggingface_hub import HfApi, constants, get_hf_file_metadata, hf_hub_downl
 from huggingface_hub import errors as hf_errors
 
 from condensed_datasets._atomic import atomic_write_bytes
-from condensed_datasets.catalogue import (
-    INDEX_NAME,
-    default_repo_id,
-    describe_sets,
-    index_listing,
-    parse_index,
-    parse_set_filename,
-    set_filename,
-    sort_key,
+from condensed_datasets.catalogue import default_repo_id, describe_sets, index_listing, parse_index, sort_key
+from condensed_datasets.constants import DEFAULT_REVISION, HUB_INDEX_NAME, LOCK_TIMEOUT_S, REPO_TYPE
+from condensed_datasets.errors import (
+    CondensedSetError, HubError, HubIntegrityError, HubNotFoundError, HubOfflineError, IndexFormatError,
 )
-from condensed_datasets.format import CondensedSet, CondensedSetError
+from condensed_datasets.format import CondensedSet
+from condensed_datasets.paths import parse_set_filename, set_filename, set_path
 from condensed_datasets.sources import get_source
 
 __all__ = [
@@ -73,10 +69,6 @@ __all__ = [
     "sha256_file",
 ]
 
-DEFAULT_REVISION = "main"
-REPO_TYPE = "dataset"
-LOCK_TIMEOUT_S = 600.0
-
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _TRUE = {"1", "ON", "YES", "TRUE"}
@@ -86,29 +78,6 @@ RevisionNotFoundError = hf_errors.RevisionNotFoundError
 LocalEntryNotFoundError = hf_errors.LocalEntryNotFoundError
 # huggingface_hub >= 1.0 splits remote/local "entry not found"; older versions have one HTTP error class.
 RemoteEntryNotFoundError: type[Exception] = getattr(hf_errors, "RemoteEntryNotFoundError", hf_errors.EntryNotFoundError)
-
-
-class HubError(RuntimeError):
-    """A set could not be obtained from the hub; the message says why and how to get it otherwise."""
-
-
-class HubNotFoundError(HubError):
-    """The repository, the revision or the file does not exist (or is not visible with the token sent).
-
-    ``kind`` says which: ``"repository"``, ``"revision"`` or ``"file"``.
-    """
-
-    def __init__(self, message: str, kind: str = "file") -> None:
-        super().__init__(message)
-        self.kind = kind
-
-
-class HubOfflineError(HubError):
-    """Offline (``HF_HUB_OFFLINE``) or the hub is unreachable, and the set is not in the cache."""
-
-
-class HubIntegrityError(HubError):
-    """A file whose SHA-256 or content does not match what the hub says it is."""
 
 
 @dataclass(frozen=True)
@@ -272,25 +241,25 @@ def fetch_index(repo_id: str, revision: str | None = None) -> dict[str, Any] | N
     """
     revision = revision or DEFAULT_REVISION
     try:
-        path = _hf_download(repo_id, INDEX_NAME, revision)
+        path = _hf_download(repo_id, HUB_INDEX_NAME, revision)
     except LocalEntryNotFoundError as exc:
         raise HubOfflineError(
-            f"cannot read {INDEX_NAME} of {_where(repo_id, revision)}: "
+            f"cannot read {HUB_INDEX_NAME} of {_where(repo_id, revision)}: "
             f"{'HF_HUB_OFFLINE is set' if hub_offline() else f'{hub_endpoint()} could not be reached'} "
             f"and it is not in the Hugging Face cache ({hub_cache_dir()})"
         ) from exc
     except RemoteEntryNotFoundError:
         return None
     except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
-        raise _not_found(exc, repo_id, revision, INDEX_NAME) from None
-    return parse_index(path.read_bytes(), f"{INDEX_NAME} of {_where(repo_id, revision)}")
+        raise _not_found(exc, repo_id, revision, HUB_INDEX_NAME) from None
+    return parse_index(path.read_bytes(), f"{HUB_INDEX_NAME} of {_where(repo_id, revision)}")
 
 
 def repo_sets(repo_id: str, revision: str | None = None) -> dict[str, list[int]] | None:
     """``{method: ipcs}`` a repository holds (from its index.json, else its file list); None if unreadable."""
     try:
         rows = list_repo(repo_id, revision)
-    except (HubError, ValueError, *_network_errors()):
+    except (HubError, IndexFormatError, *_network_errors()):
         return None
     out: dict[str, list[int]] = {}
     for row in rows:
@@ -311,7 +280,7 @@ def list_repo(repo_id: str, revision: str | None = None, source: str | None = No
     try:
         files = HfApi(endpoint=hub_endpoint()).list_repo_files(repo_id, repo_type=REPO_TYPE, revision=revision)
     except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
-        raise _not_found(exc, repo_id, revision, INDEX_NAME) from None
+        raise _not_found(exc, repo_id, revision, HUB_INDEX_NAME) from None
     guess = repo_id.rsplit("/", 1)[-1].removeprefix("condensed-")
     rows = []
     for name in files:
@@ -346,8 +315,6 @@ def download_set(
     repo = repo_id or default_repo_id(name)
     rev = revision or DEFAULT_REVISION
     filename = set_filename(method, ipc)
-    from condensed_datasets.datasets import set_path  # lazy: datasets imports this module lazily too
-
     dest = set_path(root, name, method, ipc)
     dest.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(dest.parent / f".{filename}.lock"), timeout=LOCK_TIMEOUT_S)
@@ -378,11 +345,11 @@ def _download_locked(dest: Path, root: str | os.PathLike, source: str, method: s
                            hint=f"Check the connection or HF_ENDPOINT. {hint}")
     expected, hash_from = remote.sha256, "LFS sha256"
     if expected is None:
-        expected, hash_from = _index_sha256(repo, remote.commit or rev, filename), f"{INDEX_NAME} sha256"
+        expected, hash_from = _index_sha256(repo, remote.commit or rev, filename), f"{HUB_INDEX_NAME} sha256"
     if expected is None:
         raise HubIntegrityError(
             f"{_where(repo, rev)} at {hub_endpoint()} gives no SHA-256 for {filename} (no LFS id, and no "
-            f"{INDEX_NAME} entry), so the download cannot be checked; refusing it. {hint}"
+            f"{HUB_INDEX_NAME} entry), so the download cannot be checked; refusing it. {hint}"
         )
     if dest.is_file() and sha256_file(dest) == expected:
         _record(dest, repo, rev, remote.commit, filename, expected)

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import gzip
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save
+from torchvision.datasets import CIFAR10, CIFAR100, MNIST, SVHN, FashionMNIST
+from torchvision.datasets.utils import download_and_extract_archive
 
 from condensed_datasets._atomic import atomic_write_bytes
+from condensed_datasets.constants import FASHION_MNIST_ENV, SYSTEM_FASHION_MNIST_DIR
+from condensed_datasets.errors import SourceDataError, UnknownNameError
 
 
 @dataclass(frozen=True)
@@ -22,6 +31,13 @@ class SourceInfo:
     classes: tuple[str, ...]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    display_name: str = ""  # as people write it: "Fashion-MNIST", "CIFAR-10"
+    dataset_class: str = ""  # the Dataset class of this package: "CondensedFashionMNIST"
+    hub_dataset: str = ""  # the card's source_datasets entry (the Hub's "extended|<dataset>" form)
+    #: The card's default license: a condensed set is derived from the source's images and keeps its terms
+    #: (MNIST and Fashion-MNIST: MIT, as on their Hub cards; CIFAR: none stated; SVHN, Tiny ImageNet:
+    #: non-commercial research terms).
+    license: str = "other"
 
     @property
     def num_classes(self) -> int:
@@ -76,30 +92,36 @@ SOURCES: dict[str, SourceInfo] = {
             ("0 - zero", "1 - one", "2 - two", "3 - three", "4 - four",
              "5 - five", "6 - six", "7 - seven", "8 - eight", "9 - nine"),
             (0.1307,), (0.3081,),
+            display_name="MNIST", dataset_class="CondensedMNIST", hub_dataset="extended|mnist", license="mit",
         ),
         SourceInfo(
             "fashionmnist", 1, 28,
             ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
              "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
             (0.2861,), (0.3530,),
+            display_name="Fashion-MNIST", dataset_class="CondensedFashionMNIST", hub_dataset="extended|fashion_mnist", license="mit",
         ),
         SourceInfo(
             "svhn", 3, 32, tuple(str(d) for d in range(10)),
             (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970),
+            display_name="SVHN", dataset_class="CondensedSVHN", hub_dataset="extended|svhn", license="other",
         ),
         SourceInfo(
             "cifar10", 3, 32,
             ("airplane", "automobile", "bird", "cat", "deer",
              "dog", "frog", "horse", "ship", "truck"),
             (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010),
+            display_name="CIFAR-10", dataset_class="CondensedCIFAR10", hub_dataset="extended|cifar10", license="unknown",
         ),
         SourceInfo(
             "cifar100", 3, 32, tuple(_CIFAR100_CLASSES),
             (0.5071, 0.4866, 0.4409), (0.2673, 0.2564, 0.2762),
+            display_name="CIFAR-100", dataset_class="CondensedCIFAR100", hub_dataset="extended|cifar100", license="unknown",
         ),
         SourceInfo(
             "tinyimagenet", 3, 64, tuple(_TINYIMAGENET_WNIDS),
             (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
+            display_name="Tiny ImageNet", dataset_class="CondensedTinyImageNet", hub_dataset="extended|tiny-imagenet", license="other",
         ),
     )
 }
@@ -107,16 +129,14 @@ SOURCES: dict[str, SourceInfo] = {
 
 def get_source(name: str) -> SourceInfo:
     """The facts of a source by name (lower case, as in file paths); ValueError lists the valid names."""
-    key = str(name).lower().replace("-", "").replace("_", "")
+    key = str(name).lower().replace("-", "").replace("_", "")  # as paths.canonical_source spells it
     if key not in SOURCES:
-        raise ValueError(f"unknown source {name!r}; valid sources: {', '.join(SOURCES)}")
+        raise UnknownNameError(f"unknown source {name!r}; valid sources: {', '.join(SOURCES)}")
     return SOURCES[key]
 
 
 # -- loading the real splits ---------------------------------------------------------------------
 
-FASHION_MNIST_ENV = "CONDENSED_FASHION_MNIST_DIR"
-SYSTEM_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 _MNIST_FILES = (
     "train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte",
 )
@@ -144,13 +164,10 @@ def load_split(
     if info.name == "fashionmnist":
         return _load_fashion_mnist(root, train, download)
     if info.name == "mnist":
-        from torchvision.datasets import MNIST
 
         ds = _torchvision_split(info.name, MNIST, root / "MNIST" / "raw", dict(root=root, train=train), download)
         return _mnist_tensors(ds)
     if info.name == "svhn":
-        from torchvision.datasets import SVHN
-
         split = "train" if train else "test"
         try:
             ds = _torchvision_split(
@@ -160,13 +177,12 @@ def load_split(
             raise ImportError(f"reading SVHN needs scipy ({exc}); install it with `pip install 'condensed-datasets[svhn]'` (or `pip install scipy`)") from exc
         return torch.from_numpy(ds.data).contiguous(), torch.from_numpy(ds.labels).to(torch.int64)
     if info.name in ("cifar10", "cifar100"):
-        from torchvision.datasets import CIFAR10, CIFAR100
 
         cls = CIFAR10 if info.name == "cifar10" else CIFAR100
         ds = _torchvision_split(info.name, cls, root / cls.base_folder, dict(root=root, train=train), download)
         images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
         return images, torch.as_tensor(ds.targets, dtype=torch.int64)
-    raise ValueError(f"no loader for source {info.name!r}")  # pragma: no cover - SOURCES and loaders agree
+    raise UnknownNameError(f"no loader for source {info.name!r}")  # pragma: no cover - SOURCES and loaders agree
 
 
 def _torchvision_split(name: str, cls: type, where: Path, kwargs: dict, download: bool):
@@ -175,8 +191,8 @@ def _torchvision_split(name: str, cls: type, where: Path, kwargs: dict, download
         return cls(download=download, **kwargs)
     except RuntimeError as exc:
         if download:
-            raise RuntimeError(f"{name}: could not download into {where}: {exc}") from exc
-        raise RuntimeError(
+            raise SourceDataError(f"{name}: could not download into {where}: {exc}") from exc
+        raise SourceDataError(
             f"{name}: dataset not found or corrupted at {where}. You can use download=True to download it"
         ) from exc
 
@@ -215,7 +231,6 @@ def install_system_fashion_mnist(root: str | os.PathLike) -> bool:
 
 
 def _load_fashion_mnist(root: Path, train: bool, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    from torchvision.datasets import FashionMNIST
 
     raw = root / "FashionMNIST" / "raw"
     kwargs = dict(root=root, train=train)
@@ -225,12 +240,12 @@ def _load_fashion_mnist(root: Path, train: bool, download: bool) -> tuple[torch.
                 return _mnist_tensors(FashionMNIST(download=True, **kwargs))
             except (RuntimeError, OSError) as exc:  # no network: fall back to the system copy
                 if not install_system_fashion_mnist(root):
-                    raise RuntimeError(
+                    raise SourceDataError(
                         f"fashionmnist: could not download into {raw} ({exc}) and no system copy in "
                         f"{system_fashion_mnist_dir()} (set {FASHION_MNIST_ENV} to its folder)"
                     ) from exc
         elif not install_system_fashion_mnist(root):
-            raise RuntimeError(
+            raise SourceDataError(
                 f"fashionmnist: dataset not found at {raw}, nor a system copy in {system_fashion_mnist_dir()} "
                 f"(set {FASHION_MNIST_ENV}). You can use download=True to download it"
             )
@@ -245,11 +260,10 @@ def _load_tinyimagenet(root: Path, train: bool, download: bool) -> tuple[torch.T
     base = root / TINYIMAGENET_FOLDER
     split = "train" if train else "val"
     if not _tiny_layout_complete(base, split) and download:
-        from torchvision.datasets.utils import download_and_extract_archive
 
         download_and_extract_archive(TINYIMAGENET_URL, download_root=str(root), md5=TINYIMAGENET_MD5)
     if not _tiny_layout_complete(base, split):
-        raise RuntimeError(
+        raise SourceDataError(
             f"tinyimagenet: dataset not found at {base} (expected wnids.txt, train/<wnid>/images/, "
             "val/images/ and val/val_annotations.txt). You can use download=True to download it"
         )
@@ -270,7 +284,7 @@ def tinyimagenet_wnids(base: str | os.PathLike) -> list[str]:
     path = Path(base) / "wnids.txt"
     wnids = sorted({line.strip() for line in path.read_text().splitlines() if line.strip()})
     if not wnids:
-        raise RuntimeError(f"tinyimagenet: {path} lists no classes")
+        raise SourceDataError(f"tinyimagenet: {path} lists no classes")
     return wnids
 
 
@@ -294,7 +308,7 @@ def _tiny_listing(base: Path, split: str, wnids: list[str]) -> tuple[list[Path],
         for wnid in wnids:
             folder = base / "train" / wnid / "images"
             if not folder.is_dir():
-                raise RuntimeError(f"tinyimagenet: class {wnid} from wnids.txt has no folder {folder}")
+                raise SourceDataError(f"tinyimagenet: class {wnid} from wnids.txt has no folder {folder}")
             rows += [(index[wnid], p.name, p) for p in folder.iterdir() if _is_image(p)]
     else:
         annotations = base / "val" / "val_annotations.txt"
@@ -303,18 +317,16 @@ def _tiny_listing(base: Path, split: str, wnids: list[str]) -> tuple[list[Path],
                 continue
             fields = line.split("\t")
             if len(fields) < 2 or fields[1] not in index:
-                raise RuntimeError(f"tinyimagenet: {annotations} line {number} names no class from wnids.txt: {line!r}")
+                raise SourceDataError(f"tinyimagenet: {annotations} line {number} names no class from wnids.txt: {line!r}")
             rows.append((index[fields[1]], fields[0], base / "val" / "images" / fields[0]))
     if not rows:
-        raise RuntimeError(f"tinyimagenet: no images found for split {split!r} under {base}")
+        raise SourceDataError(f"tinyimagenet: no images found for split {split!r} under {base}")
     rows.sort(key=lambda r: (r[0], r[1]))
     return [r[2] for r in rows], [r[0] for r in rows]
 
 
 def _decode_images(files: list[Path], size: int) -> torch.Tensor:
     """Decode image files to one uint8 [N,3,size,size] tensor (grayscale images become RGB)."""
-    import numpy as np
-    from PIL import Image
 
     out = torch.empty((len(files), 3, size, size), dtype=torch.uint8)
     for i, path in enumerate(files):
@@ -322,18 +334,16 @@ def _decode_images(files: list[Path], size: int) -> torch.Tensor:
             with Image.open(path) as img:
                 array = np.array(img.convert("RGB"), dtype=np.uint8)
         except OSError as exc:
-            raise RuntimeError(f"tinyimagenet: cannot decode {path}: {exc}") from exc
+            raise SourceDataError(f"tinyimagenet: cannot decode {path}: {exc}") from exc
         if array.shape != (size, size, 3):
-            raise RuntimeError(f"tinyimagenet: {path} is {array.shape[1]}x{array.shape[0]}, expected {size}x{size}")
+            raise SourceDataError(f"tinyimagenet: {path} is {array.shape[1]}x{array.shape[0]}, expected {size}x{size}")
         out[i] = torch.from_numpy(array).permute(2, 0, 1)
     return out
 
 
 def _read_tiny_cache(path: Path, wnids: list[str]) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The cached decode, or None when there is none or it does not match (then it is rebuilt)."""
-    import json
 
-    from safetensors import safe_open
 
     if not path.is_file():
         return None
@@ -352,9 +362,7 @@ def _read_tiny_cache(path: Path, wnids: list[str]) -> tuple[torch.Tensor, torch.
 
 def _write_tiny_cache(path: Path, images: torch.Tensor, targets: torch.Tensor, wnids: list[str]) -> None:
     """Write the decode cache atomically (temporary file, then rename)."""
-    import json
 
-    from safetensors.torch import save
 
     atomic_write_bytes(path, save({"images": images.contiguous(), "targets": targets.contiguous()},
                                   metadata={"wnids": json.dumps(wnids)}))

@@ -14,6 +14,7 @@ import torch
 # The suite is many tiny tensor ops: one thread is several times faster than two on a 2-core machine.
 torch.set_num_threads(1)
 
+from builders.build import build, recipe_from_dict
 from condensed_datasets.datasets import set_path
 from condensed_datasets.format import CondensedSet
 from condensed_datasets.sources import get_source, install_system_fashion_mnist, system_fashion_mnist_dir
@@ -151,12 +152,9 @@ TINY_EXPERTS = {
 @pytest.fixture(scope="session")
 def expert_store(fashion_mnist_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
     """A tiny trajectory store (2 ConvNetW32 experts x 3 epochs on a Fashion-MNIST subset) for MTT/DATM."""
-    from builders.engine import Engine
-    from builders.recipe import recipe_from_dict
-
     out = tmp_path_factory.mktemp("experts_out")
-    return Engine(recipe_from_dict(TINY_EXPERTS), out_root=out, data_root=fashion_mnist_root, device="cpu",
-                  progress=False).run()
+    return build(recipe_from_dict(TINY_EXPERTS), out_root=out, data_root=fashion_mnist_root, device="cpu",
+                 progress=False)
 
 
 class _Killed(Exception):

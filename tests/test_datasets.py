@@ -184,9 +184,9 @@ def test_build_on_demand_calls_builders_lazily(tmp_path: Path, make_set, monkeyp
         calls.append((source, method, ipc, root))
         return make_set(Path(root), source, method, ipc, seed=7)
 
-    fake = types.ModuleType("builders.ondemand")
+    fake = types.ModuleType("builders.build")
     fake.build_set = build_set
-    monkeypatch.setitem(sys.modules, "builders.ondemand", fake)
+    monkeypatch.setitem(sys.modules, "builders.build", fake)
     ds = CondensedMNIST(tmp_path, "kcenter", 2, build=True)
     assert [c[:3] for c in calls] == [("mnist", "kcenter", 2)] and Path(calls[0][3]) == tmp_path
     assert len(ds) == 20 and torch.equal(ds.data, CondensedSet.load(set_path(tmp_path, "mnist", "kcenter", 2)).images)

@@ -14,7 +14,8 @@ from builders.methods.datm import (
     pick_correct,
     start_epoch_window,
 )
-from builders.recipe import RecipeError, recipe_from_dict
+from builders.recipe import RecipeError
+from builders.build import recipe_from_dict
 from condensed_datasets import CondensedFashionMNIST
 from condensed_datasets.format import CondensedSet
 

@@ -13,7 +13,8 @@ from builders.methods.base import BuildContext
 from builders.methods.dc import GradientMatching, SiameseGradientMatching, class_gradient, class_matching_loss
 from builders.methods.matching import freeze_batch_norm, gradient_distance, layerwise_distance, outer_inner_loops
 from builders.networks import build_network
-from builders.recipe import RecipeError, load_recipe, recipe_from_dict
+from builders.recipe import RecipeError
+from builders.build import load_recipe, recipe_from_dict
 from condensed_datasets.sources import get_source
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"

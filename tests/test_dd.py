@@ -14,7 +14,8 @@ from builders.evaluate import TrainSettings, evaluate_set, train_network
 from builders.methods.base import BuildContext
 from builders.methods.dd import DatasetDistillation, lrs_from_raw, raw_from_lr, step_rows, unrolled_loss
 from builders.networks import MLP, build_network
-from builders.recipe import RecipeError, recipe_from_dict
+from builders.recipe import RecipeError
+from builders.build import recipe_from_dict
 from condensed_datasets.sources import get_source
 
 

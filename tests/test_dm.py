@@ -6,7 +6,7 @@ from torch import nn
 from builders.data import RealData
 from builders.methods.base import BuildContext
 from builders.methods.dm import DistributionMatching, mean_embedding_loss
-from builders.recipe import recipe_from_dict
+from builders.build import recipe_from_dict
 from condensed_datasets.sources import get_source
 
 

@@ -8,7 +8,7 @@ import torch
 from builders.checkpoint import load_checkpoint
 from builders.engine import BuildError, BuildPaths, Engine
 from builders.methods.dm import DistributionMatching
-from builders.recipe import recipe_from_dict
+from builders.build import recipe_from_dict
 from condensed_datasets.format import CondensedSet
 from condensed_datasets.sources import load_split
 from conftest import assert_resume_is_identical

@@ -12,7 +12,7 @@ from builders.cli import build_command
 from builders.engine import Engine
 from builders.experts import ExpertStore, ExpertStoreError, ParamLayout, expert_dir, flat_parameters
 from builders.networks import build_network
-from builders.recipe import recipe_from_dict
+from builders.build import build, recipe_from_dict
 from condensed_datasets.format import read_safetensors_metadata
 
 
@@ -27,7 +27,7 @@ EXPERTS = {
 
 def run_experts(data_root, out, **params):
     recipe = recipe_from_dict({**EXPERTS, "params": {**EXPERTS["params"], **params}})
-    return Engine(recipe, out_root=out, data_root=data_root, device="cpu", progress=False).run()
+    return build(recipe, out_root=out, data_root=data_root, device="cpu", progress=False)
 
 
 def test_param_layout_unflattens_into_the_networks_shapes():

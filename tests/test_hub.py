@@ -199,12 +199,12 @@ def test_missing_repository_or_revision(tmp_path: Path, server: HubServer, serve
 
 def test_not_on_hub_with_build_builds(tmp_path: Path, server: HubServer, served: dict[str, bytes],
                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    import builders.ondemand
+    import builders.build
 
     def fake_build(source: str, method: str, ipc: int, root: Any) -> Path:
         return make_cset(ipc, method=method, seed=7).save(set_path(root, source, method, ipc))
 
-    monkeypatch.setattr(builders.ondemand, "build_set", fake_build)
+    monkeypatch.setattr(builders.build, "build_set", fake_build)
     ds = CondensedFashionMNIST(tmp_path, "dsa", 2, download=True, build=True, repo_id=REPO)
     assert torch.equal(ds.data, make_cset(2, method="dsa", seed=7).images)
 

@@ -11,17 +11,18 @@ from builders.augment import Augmenter
 from builders.engine import Engine
 from conftest import TINY_EXPERTS, assert_resume_is_identical
 from builders.experts import ExpertStoreError, ParamLayout, flat_parameters
-from builders.methods.mtt import (
+from builders.methods.mtt import matching_loss
+from builders.methods.trajectory import (
     InnerPlan,
     StudentTrajectory,
     make_plan,
-    matching_loss,
     raw_from_syn_lr,
     syn_lr_from_raw,
     unrolled_matching_loss,
 )
 from builders.networks import build_network
-from builders.recipe import RecipeError, recipe_from_dict
+from builders.recipe import RecipeError
+from builders.build import build, recipe_from_dict
 from condensed_datasets.format import CondensedSet
 
 
@@ -187,8 +188,8 @@ def test_a_killed_mtt_build_resumes_to_the_same_bytes(fashion_mnist_root, tmp_pa
 
 def test_a_zca_build_carries_the_experts_whitening_into_the_set(fashion_mnist_root, tmp_path):
     experts = {**TINY_EXPERTS, "params": {**TINY_EXPERTS["params"], "num_experts": 1, "zca": True}}
-    store = Engine(recipe_from_dict(experts), out_root=tmp_path, data_root=fashion_mnist_root, device="cpu",
-                   progress=False).run()
+    store = build(recipe_from_dict(experts), out_root=tmp_path, data_root=fashion_mnist_root, device="cpu",
+                  progress=False)
     e = mtt_engine(fashion_mnist_root, tmp_path, store, evaluate=True, zca=True)
     cset = e.run()
     zca = store.load_zca()
@@ -224,7 +225,8 @@ def test_missing_or_unfit_experts_say_which_recipe_builds_them(fashion_mnist_roo
 @pytest.mark.parametrize("method", ["experts", "mtt", "datm"])
 @pytest.mark.parametrize("source", ["mnist", "fashionmnist", "svhn", "cifar10", "cifar100", "tinyimagenet"])
 def test_shipped_recipes_load_at_every_ipc_they_tune(method, source):
-    from builders.recipe import RECIPES_DIR, load_recipe, load_recipe_data
+    from builders.recipe import RECIPES_DIR, load_recipe_data
+    from builders.build import load_recipe
 
     path = RECIPES_DIR / f"{method}_{source}.yaml"
     for ipc in [1, 10, 50] if method != "experts" else [1]:
@@ -238,7 +240,8 @@ def test_shipped_recipes_load_at_every_ipc_they_tune(method, source):
 
 
 def test_shipped_recipes_carry_the_papers_settings():
-    from builders.recipe import RECIPES_DIR, load_recipe
+    from builders.recipe import RECIPES_DIR
+    from builders.build import load_recipe
 
     r = load_recipe(RECIPES_DIR / "mtt_cifar10.yaml", [("ipc", 1)])
     assert (r.params["syn_steps"], r.params["max_start_epoch"], r.params["lr_img"], r.params["zca"]) == (50, 2, 100.0, True)

@@ -2,14 +2,8 @@
 
 import pytest
 
-from builders.recipe import (
-    RecipeError,
-    available_recipes,
-    load_recipe,
-    parse_overrides,
-    recipe_from_dict,
-    RECIPES_DIR,
-)
+from builders.recipe import RecipeError, available_recipes, parse_overrides, RECIPES_DIR
+from builders.build import load_recipe, recipe_from_dict
 
 BASE = {"source": "fashionmnist", "method": "dm", "ipc": 10}
 
@@ -33,7 +27,7 @@ def test_defaults_are_filled_from_the_method():
         ({"eval": {"runz": 1}}, "unknown key in eval"),
         ({"eval": {"runs": 0}}, "eval.runs: must be >= 1"),
         ({"source": "imagenet"}, "source: unknown 'imagenet'; valid: mnist, fashionmnist"),
-        ({"method": "magic"}, "method: unknown method 'magic'; buildable methods:"),
+        ({"method": "magic"}, "method: unknown 'magic'; buildable methods:"),
         ({"model": "ConvNetX"}, "model: unknown network 'ConvNetX'; valid:"),
         ({"augment": "color_blur"}, "augment:"),
         ({"ipc": 0}, "ipc: must be >= 1"),

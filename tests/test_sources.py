@@ -191,15 +191,13 @@ def test_tinyimagenet_refuses_bad_images_and_missing_layout(tmp_path: Path) -> N
 
 
 def test_tinyimagenet_download_uses_the_official_archive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import torchvision.datasets.utils as tv_utils
-
     calls = []
 
     def fake_download(url: str, download_root: str, md5: str | None = None, **kwargs) -> None:
         calls.append((url, download_root, md5))
         _mini_tiny_imagenet(Path(download_root))
 
-    monkeypatch.setattr(tv_utils, "download_and_extract_archive", fake_download)
+    monkeypatch.setattr(sources, "download_and_extract_archive", fake_download)  # no network in tests
     x, y = load_split("tinyimagenet", tmp_path, train=False, download=True)
     assert calls == [("http://cs231n.stanford.edu/tiny-imagenet-200.zip", str(tmp_path), "90528d7ca1a48142e341f4ef8d21d0de")]
     assert y.tolist() == [0, 1, 2, 2]

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from builders.networks import build_network
+from builders.recipe import check_choice
 
 if TYPE_CHECKING:
     from builders.augment import Augmenter
@@ -24,27 +25,6 @@ def draw_seed(generator: torch.Generator) -> int:
 
 
 INITS = ("real", "noise")
-
-
-def check_choice(key: str, value: str, valid: tuple[str, ...]) -> None:
-    """RecipeError naming ``params.key`` unless ``value`` is one of ``valid``."""
-    from builders.recipe import RecipeError
-
-    if value not in valid:
-        raise RecipeError(f"params.{key}: unknown {value!r}; valid: {', '.join(valid)}")
-
-
-def check_at_least(params: dict[str, Any], keys: tuple[str, ...], low: float, *, strict: bool = False,
-                   meaning: str = "") -> None:
-    """RecipeError naming the first of ``params[keys]`` below ``low`` (or not above it, when ``strict``)."""
-    from builders.recipe import RecipeError
-
-    for key in keys:
-        value = params[key]
-        if value <= low if strict else value < low:
-            low_text = f"{low:g}" if isinstance(low, float) else str(low)
-            raise RecipeError(f"params.{key}: must be {'>' if strict else '>='} {low_text}"
-                              f"{f' ({meaning})' if meaning else ''}, got {value}")
 
 
 def check_init(init: str) -> None:
@@ -61,7 +41,7 @@ class BuildContext:
     device: torch.device
     generator: torch.Generator
     augmenter: "Augmenter | None" = None
-    out_root: Path | None = None  # where the build writes (expert trajectories live under it); None: recipe.root
+    out_root: Path = Path("data")  # where the build writes (expert trajectories live under it)
 
     @property
     def num_classes(self) -> int:

@@ -7,6 +7,9 @@ from typing import Any, ClassVar
 import torch
 
 from builders.methods.base import Method, SetContents
+from builders.registry import register
+from builders.errors import RecipeError
+from builders.evaluate import TrainSettings, train_network
 
 
 def herding_select(features: torch.Tensor, k: int) -> torch.Tensor:
@@ -72,6 +75,7 @@ class _Coreset(Method):
         return {}
 
 
+@register
 class RandomCoreset(_Coreset):
     """Random real images per class."""
 
@@ -95,8 +99,6 @@ class _FeatureCoreset(_Coreset):
 
     @classmethod
     def check_recipe(cls, recipe) -> None:
-        from builders.recipe import RecipeError
-
         if recipe.params["features"] not in ("network", "pixels"):
             raise RecipeError(f"params.features: unknown {recipe.params['features']!r}; valid: network, pixels")
         if recipe.params["feature_epochs"] < 0:
@@ -115,8 +117,6 @@ class _FeatureCoreset(_Coreset):
             return torch.cat([ctx.real.rows(chunk).flatten(1) for chunk in positions.split(1024)])
         net = ctx.new_network(p["feature_model"] or None)
         if p["feature_epochs"] > 0:
-            from builders.evaluate import TrainSettings, train_network
-
             settings = TrainSettings(epochs=p["feature_epochs"], lr=p["feature_lr"])
             train_network(net, ctx.real.rows(positions), ctx.real.labels, settings, ctx.generator)
         net.eval()
@@ -130,6 +130,7 @@ class _FeatureCoreset(_Coreset):
                 f"{model} embed(), trained {p['feature_epochs']} epochs on the real split"}
 
 
+@register
 class HerdingCoreset(_FeatureCoreset):
     """Herding (greedy feature-mean matching) per class."""
 
@@ -139,6 +140,7 @@ class HerdingCoreset(_FeatureCoreset):
         return herding_select(self.features()[class_positions.to(self.ctx.device)], k)
 
 
+@register
 class KCenterCoreset(_FeatureCoreset):
     """Greedy k-center (farthest point) per class."""
 

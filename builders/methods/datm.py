@@ -30,8 +30,11 @@ from typing import TYPE_CHECKING, Any, ClassVar, Iterator
 import torch
 from torch.func import functional_call
 
-from builders.methods.base import SetContents, check_at_least, check_choice
+from builders.methods.base import SetContents
 from builders.methods.mtt import TrajectoryMatching, matching_loss
+from builders.recipe import check_at_least, check_choice
+from builders.registry import register
+from builders.errors import RecipeError
 
 if TYPE_CHECKING:
     from builders.recipe import Recipe
@@ -89,6 +92,7 @@ def pick_correct(order: torch.Tensor, correct: torch.Tensor, wanted: int, taken:
 # the method
 
 
+@register
 class DifficultyAlignedTrajectoryMatching(TrajectoryMatching):
     """DATM: MTT with a difficulty-aligned start window, correct-image init and learned soft labels."""
 
@@ -112,8 +116,6 @@ class DifficultyAlignedTrajectoryMatching(TrajectoryMatching):
 
     @classmethod
     def check_recipe(cls, recipe: "Recipe") -> None:
-        from builders.recipe import RecipeError
-
         super().check_recipe(recipe)
         p = recipe.params
         if not 0 <= p["min_start_epoch"] < p["max_start_epoch"]:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from builders.evaluate import train_step
-from builders.methods.base import Method, SetContents, check_at_least, check_choice
+from builders.methods.base import Method, SetContents
 from builders.methods.matching import (
     DISTANCES,
     batch_norm_layers,
@@ -34,6 +34,9 @@ from builders.methods.matching import (
     gradient_distance,
     outer_inner_loops,
 )
+from builders.recipe import check_at_least, check_choice
+from builders.registry import register
+from builders.errors import RecipeError
 
 if TYPE_CHECKING:
     from builders.methods.base import BuildContext
@@ -74,6 +77,7 @@ def class_matching_loss(
     return total
 
 
+@register
 class GradientMatching(Method):
     """DC: images learned so that a network's gradients on them match its gradients on real data."""
 
@@ -95,8 +99,6 @@ class GradientMatching(Method):
 
     @classmethod
     def check_recipe(cls, recipe: "Recipe") -> None:
-        from builders.recipe import RecipeError
-
         p = recipe.params
         check_choice("init", p["init"], INITS)
         check_choice("distance", p["distance"], DISTANCES)
@@ -175,6 +177,7 @@ class GradientMatching(Method):
         )
 
 
+@register
 class SiameseGradientMatching(GradientMatching):
     """DSA: DC with differentiable siamese augmentation; needs an augmentation strategy."""
 
@@ -184,8 +187,6 @@ class SiameseGradientMatching(GradientMatching):
 
     @classmethod
     def check_recipe(cls, recipe: "Recipe") -> None:
-        from builders.recipe import RecipeError
-
         if recipe.augment == "none":
             raise RecipeError(
                 "augment: method dsa needs a DSA strategy (e.g. color_crop_cutout_flip_scale_rotate, or "

@@ -33,8 +33,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from builders.methods.base import Method, SetContents, check_at_least, check_choice
+from builders.methods.base import Method, SetContents
 from builders.methods.matching import batch_norm_layers
+from builders.recipe import check_at_least, check_choice
+from builders.registry import register
+from builders.networks import build_network
+from builders.errors import RecipeError
+from condensed_datasets.sources import get_source
 
 if TYPE_CHECKING:
     from builders.recipe import Recipe
@@ -85,6 +90,7 @@ def unrolled_loss(
     return F.cross_entropy(functional_call(net, params, (real_images,)), real_labels)
 
 
+@register
 class DatasetDistillation(Method):
     """DD: images and per-step learning rates learned through unrolled training of random networks."""
 
@@ -102,10 +108,6 @@ class DatasetDistillation(Method):
 
     @classmethod
     def check_recipe(cls, recipe: "Recipe") -> None:
-        from builders.networks import build_network
-        from builders.recipe import RecipeError
-        from condensed_datasets.sources import get_source
-
         p = recipe.params
         check_choice("init", p["init"], INITS)
         check_at_least(p, ("lr_img", "lr_lr", "lr_init", "decay_factor"), 0, strict=True)

@@ -12,6 +12,7 @@ from typing import Any, ClassVar, Iterator
 import torch
 
 from builders.methods.base import Method, SetContents, check_init
+from builders.registry import register
 
 
 def mean_embedding_loss(
@@ -29,6 +30,7 @@ def mean_embedding_loss(
     return ((real_means - syn_means) ** 2).sum()
 
 
+@register
 class DistributionMatching(Method):
     """DM: per-class mean-embedding matching under random frozen networks."""
 

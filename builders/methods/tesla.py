@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from builders.methods.mtt import StudentTrajectory
+from builders.methods.trajectory import StudentTrajectory
 
 __all__ = ["constant_memory_matching_loss"]
 

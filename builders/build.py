@@ -1,0 +1,112 @@
+"""The one way a recipe becomes a build: read it, let its method check it, run the engine (or the job).
+
+The command line, build-on-demand (``CondensedX(..., build=True)``) and the tests all come through here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+from filelock import Timeout as LockTimeout
+
+import builders.experts  # noqa: F401 - registers the expert-training job
+import builders.methods  # noqa: F401 - registers every method
+from builders.engine import Engine, resolve_device
+from builders.errors import BuildError, RecipeError
+from builders.experts import ExpertStore
+from builders.recipe import DEFAULT_ROOT, Recipe, check_params, load_recipe_data, parse_recipe, shipped_recipe_path
+from builders.registry import get_method
+from condensed_datasets.format import CondensedSet
+
+#: How long build-on-demand waits for another process building the same set.
+BUILD_LOCK_TIMEOUT_S = 24 * 3600.0
+
+
+def prepare(recipe: Recipe) -> Recipe:
+    """``recipe`` with its method's params checked and completed from the method's defaults, and the method's
+    own checks passed; RecipeError otherwise."""
+    kind = get_method(recipe.method)
+    if getattr(kind, "produces_set", True) and recipe.ipc is None:
+        raise RecipeError(f"missing key 'ipc' (method {recipe.method} builds a set: say how many images per class)")
+    params = check_params(f"params (method {recipe.method})", recipe.params, kind.defaults)
+    recipe = dataclasses.replace(recipe, params=params)
+    kind.check_recipe(recipe)
+    return recipe
+
+
+def recipe_from_dict(data: dict[str, Any], overrides: list[tuple[str, Any]] | tuple = ()) -> Recipe:
+    """A raw mapping (plus dotted overrides, which win) -> a recipe checked by its method."""
+    return prepare(parse_recipe(data, overrides))
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[tuple[str, Any]] | tuple = ()) -> Recipe:
+    """Read a recipe file, apply dotted overrides (they win over everything in the file) and check it."""
+    return recipe_from_dict(load_recipe_data(path), overrides)
+
+
+def makes_set(recipe: Recipe) -> bool:
+    """False for jobs that write no condensed set (expert training)."""
+    return getattr(get_method(recipe.method), "produces_set", True)
+
+
+def build(
+    recipe: Recipe,
+    *,
+    out_root: str | os.PathLike = DEFAULT_ROOT,
+    data_root: str | os.PathLike | None = None,
+    device: str = "auto",
+    resume: bool = False,
+    overwrite: bool = False,
+    evaluate: bool = True,
+    progress: bool = True,
+    download: bool = False,
+) -> CondensedSet | ExpertStore:
+    """Run a checked recipe: the engine for a method (returns the saved set), or the job (expert training
+    returns its store). Real data is read under ``data_root`` (default: ``out_root``)."""
+    data_root = out_root if data_root is None else data_root
+    if not makes_set(recipe):
+        job = get_method(recipe.method)(recipe, out_root=out_root, data_root=data_root,
+                                        device=resolve_device(device), progress=progress, download=download)
+        return job.run()
+    return make_engine(recipe, out_root=out_root, data_root=data_root, device=device, resume=resume,
+                       overwrite=overwrite, evaluate=evaluate, progress=progress, download=download).run()
+
+
+def make_engine(recipe: Recipe, *, out_root: str | os.PathLike = DEFAULT_ROOT, data_root: str | os.PathLike | None = None,
+                **options: Any) -> Engine:
+    """The engine that builds ``recipe`` (a method that makes a set) under ``out_root``."""
+    if not makes_set(recipe):
+        raise RecipeError(f"method {recipe.method} makes no set; run it with build()")
+    return Engine(recipe, out_root=out_root, data_root=out_root if data_root is None else data_root, **options)
+
+
+def build_set(source: str, method: str, ipc: int, root: str | os.PathLike, *, device: str = "auto") -> Path:
+    """Build ``method`` on ``source`` at ``ipc`` with the shipped recipe under ``root``; return the set's path.
+
+    What ``CondensedX(..., build=True)`` calls. One process builds a given set at a time (a lock file beside
+    it); another asking for the same set waits and then finds it. An interrupted earlier build is resumed
+    from its checkpoint.
+    """
+    recipe = load_recipe(shipped_recipe_path(method, source), [("ipc", int(ipc))])
+    engine = make_engine(recipe, out_root=root, data_root=root, device=device)
+    target = engine.paths.set
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(target.parent / f".{target.name}.build.lock"), timeout=BUILD_LOCK_TIMEOUT_S)
+    try:
+        with lock:
+            if target.is_file():  # built by another process while this one waited
+                return target
+            engine.resume = engine.paths.checkpoint.is_file()
+            engine.run()
+    except LockTimeout:
+        raise BuildError(f"another process has been building {target} for over {BUILD_LOCK_TIMEOUT_S:.0f} s "
+                         f"(lock {lock.lock_file}); if none is, delete the lock file and retry") from None
+    return target
+
+
+__all__ = ["DEFAULT_ROOT", "build", "build_set", "load_recipe", "make_engine", "makes_set", "prepare",
+           "recipe_from_dict"]

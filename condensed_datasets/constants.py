@@ -1,0 +1,34 @@
+"""Names and numbers the consumer package shares: the file format's, the hub's, and every environment
+variable it reads. Standard library only; nothing of ours."""
+
+from __future__ import annotations
+
+# -- the condensed-set file ---------------------------------------------------------------------------------
+FORMAT_VERSION = 1
+SUPPORTED_FORMAT_VERSIONS = frozenset({1})
+METADATA_KEY = "condensed_datasets"  # the one safetensors metadata key, holding sorted JSON
+HEADER_LIMIT = 100 * 1024 * 1024  # safetensors' own limit on a file's JSON header, in bytes
+SET_SUFFIX = ".safetensors"
+
+# -- methods, in the order listings show them, with their display names ------------------------------------
+METHOD_DISPLAY_NAMES = {
+    "random": "Random real", "herding": "Herding", "kcenter": "K-Center", "dd": "DD", "dc": "DC",
+    "dsa": "DSA", "dm": "DM", "mtt": "MTT", "datm": "DATM", "dq": "DQ",
+}
+#: The methods whose sets this package reads, publishes and lists.
+METHODS = tuple(METHOD_DISPLAY_NAMES)
+
+# -- the hub ------------------------------------------------------------------------------------------------
+DEFAULT_ORG = "condensed-datasets"
+HUB_INDEX_NAME = "index.json"  # a repository's (or published folder's) listing of its sets
+HUB_INDEX_VERSION = 1
+CARD_NAME = "README.md"
+DEFAULT_REVISION = "main"
+REPO_TYPE = "dataset"
+LOCK_TIMEOUT_S = 600.0
+
+# -- environment variables read by the package --------------------------------------------------------------
+ORG_ENV = "CONDENSED_DATASETS_ORG"  # the hub organisation of the default repositories
+EMBEDDED_DIR_ENV = "CONDENSED_DATASETS_EMBEDDED_DIR"  # another folder of embedded sets (tests)
+FASHION_MNIST_ENV = "CONDENSED_FASHION_MNIST_DIR"  # the gzipped Fashion-MNIST IDX files
+SYSTEM_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # where Debian's dataset-fashion-mnist puts them

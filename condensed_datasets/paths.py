@@ -1,0 +1,90 @@
+"""Where sets live and what their files are called, and the one check of every name that becomes a path.
+
+``{root}/condensed/{source}/{method}_ipc{ipc}.safetensors``. Sources, methods, repository ids and
+revisions come from strangers' files and indexes: each is checked against a fixed alphabet here before
+it reaches a path or a URL, so no name can climb out of the folder it is meant for.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from condensed_datasets.constants import SET_SUFFIX
+from condensed_datasets.errors import UnknownNameError
+
+#: Source and method names: lower-case letters, digits and underscores, starting with a letter.
+NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+#: ``{method}_ipc{ipc}.safetensors``
+SET_FILE_PATTERN = re.compile(r"^(?P<method>[a-z][a-z0-9_]{0,63})_ipc(?P<ipc>[1-9][0-9]{0,8})\.safetensors$")
+#: ``owner/name`` as the Hugging Face Hub spells repository ids.
+REPO_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+#: A branch, tag or commit: letters, digits and ``._-/``; no empty, ``.`` or ``..`` segment.
+_REVISION_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$")
+
+
+def check_name(value: object, what: str) -> str:
+    """``value`` if it is a valid source or method name (``[a-z][a-z0-9_]*``), else UnknownNameError naming ``what``."""
+    if not isinstance(value, str) or not NAME_PATTERN.match(value):
+        raise UnknownNameError(
+            f"{what} {value!r} is not a valid name: lower-case letters, digits and '_', starting with a letter "
+            "(at most 64 characters)"
+        )
+    return value
+
+
+def check_ipc(value: object) -> int:
+    """``value`` if it is a positive int (not a bool), else UnknownNameError."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 10**9:
+        raise UnknownNameError(f"ipc must be a positive int, got {value!r}")
+    return value
+
+
+def check_repo_id(value: object) -> str:
+    """``value`` if it is a hub repository id ``owner/name``, else UnknownNameError."""
+    if not isinstance(value, str) or not REPO_ID_PATTERN.match(value) or ".." in value:
+        raise UnknownNameError(f"repository id {value!r} is not of the form 'owner/name' "
+                               "(letters, digits, '.', '_', '-')")
+    return value
+
+
+def check_revision(value: object) -> str:
+    """``value`` if it is a plausible branch, tag or commit name (no '..', no leading '/'), else UnknownNameError."""
+    if (not isinstance(value, str) or len(value) > 255 or not _REVISION_PATTERN.match(value)
+            or any(part in (".", "..") for part in value.split("/"))):
+        raise UnknownNameError(f"revision {value!r} is not a branch, tag or commit name "
+                               "(letters, digits, '.', '_', '-', '/'; no '..')")
+    return value
+
+
+def set_filename(method: str, ipc: int) -> str:
+    """``{method}_ipc{ipc}.safetensors``, the file name of a set on disk and on the hub."""
+    return f"{check_name(method, 'method')}_ipc{check_ipc(ipc)}{SET_SUFFIX}"
+
+
+def parse_set_filename(name: str) -> tuple[str, int] | None:
+    """(method, ipc) of a set file name, or None for any other name."""
+    match = SET_FILE_PATTERN.match(name)
+    return (match["method"], int(match["ipc"])) if match else None
+
+
+def canonical_source(source: object) -> str:
+    """A source name as paths spell it: lower case, without '-' or '_' ("CIFAR-10" -> "cifar10")."""
+    key = source.lower().replace("-", "").replace("_", "") if isinstance(source, str) else source
+    return check_name(key, "source")
+
+
+def source_dir(root: str | os.PathLike, source: str) -> Path:
+    """``{root}/condensed/{source}``: the folder of one source's sets under ``root``."""
+    return Path(root).expanduser() / "condensed" / canonical_source(source)
+
+
+def set_path(root: str | os.PathLike, source: str, method: str, ipc: int) -> Path:
+    """Where a set lives: ``{root}/condensed/{source}/{method}_ipc{ipc}.safetensors``."""
+    return source_dir(root, source) / set_filename(method, ipc)
+
+
+def beside(path: Path, suffix: str) -> Path:
+    """A file next to a set that shares its stem: ``dm_ipc10.safetensors`` -> ``dm_ipc10{suffix}``."""
+    return path.with_name(path.name.removesuffix(SET_SUFFIX) + suffix)
