@@ -19,9 +19,9 @@ from pathlib import Path
 import click
 import torch
 
+from builders.build import load_recipe
 from builders.engine import Engine
 from builders.recipe import parse_overrides
-from builders.build import load_recipe
 
 
 @click.command()

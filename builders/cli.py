@@ -11,8 +11,8 @@ from typing import Any, Callable
 import click
 
 from builders.build import build, load_recipe, makes_set
-from builders.engine import BuildPaths, resolve_device
 from builders.data import RealData
+from builders.engine import BuildPaths, resolve_device
 from builders.errors import BuildersError
 from builders.evaluate import evaluate_set
 from builders.networks import available_networks

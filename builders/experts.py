@@ -41,16 +41,16 @@ from safetensors.torch import save as st_save
 from torch import nn
 from tqdm.auto import tqdm
 
-from builders.errors import ExpertStoreError
 from builders.augment import Augmenter
 from builders.data import RealData
+from builders.errors import ExpertStoreError
 from builders.evaluate import test_accuracy, train_step
 from builders.networks import build_network
 from builders.recipe import DEFAULT_ROOT, RECIPES_DIR, Recipe, check_at_least, load_recipe_data
 from builders.registry import register
 from condensed_datasets._atomic import atomic_write_bytes
-from condensed_datasets.format import read_safetensors_metadata
 from condensed_datasets._version import __version__
+from condensed_datasets.format import read_safetensors_metadata
 from condensed_datasets.zca import DEFAULT_EPS, ZCA, fit_zca
 
 STORE_VERSION = 1

@@ -1,5 +1,7 @@
 """Condensed (distilled) image datasets as torchvision-style Dataset classes."""
 
+from condensed_datasets._version import __version__
+from condensed_datasets.constants import METHODS
 from condensed_datasets.datasets import (
     CondensedCIFAR10,
     CondensedCIFAR100,
@@ -11,10 +13,13 @@ from condensed_datasets.datasets import (
     SetSpace,
     available_sets,
 )
-from condensed_datasets._version import __version__
-from condensed_datasets.constants import METHODS
 from condensed_datasets.errors import (
-    CondensedDatasetsError, CondensedSetError, HubError, SetNotFoundError, SourceDataError, UnknownNameError,
+    CondensedDatasetsError,
+    CondensedSetError,
+    HubError,
+    SetNotFoundError,
+    SourceDataError,
+    UnknownNameError,
 )
 from condensed_datasets.format import CondensedSet
 from condensed_datasets.paths import set_path

@@ -21,7 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from condensed_datasets.constants import (
-    DEFAULT_ORG, EMBEDDED_DIR_ENV, FORMAT_VERSION, HUB_INDEX_NAME, HUB_INDEX_VERSION, METHODS, ORG_ENV,
+    DEFAULT_ORG,
+    EMBEDDED_DIR_ENV,
+    FORMAT_VERSION,
+    HUB_INDEX_NAME,
+    HUB_INDEX_VERSION,
+    METHODS,
+    ORG_ENV,
 )
 from condensed_datasets.errors import CondensedSetError, IndexFormatError
 from condensed_datasets.format import read_file_metadata

@@ -13,7 +13,11 @@ from torchvision.datasets import VisionDataset
 from condensed_datasets.catalogue import describe_sets, embedded_path, list_local, sets_by_method
 from condensed_datasets.constants import METHODS
 from condensed_datasets.errors import (
-    CondensedSetError, HubNotFoundError, HubOfflineError, SetNotFoundError, UnknownNameError,
+    CondensedSetError,
+    HubNotFoundError,
+    HubOfflineError,
+    SetNotFoundError,
+    UnknownNameError,
 )
 from condensed_datasets.format import CondensedSet
 from condensed_datasets.hub import download_set, is_hub_copy

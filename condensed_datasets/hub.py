@@ -42,7 +42,12 @@ from condensed_datasets._atomic import atomic_write_bytes
 from condensed_datasets.catalogue import default_repo_id, describe_sets, index_listing, parse_index, sort_key
 from condensed_datasets.constants import DEFAULT_REVISION, HUB_INDEX_NAME, LOCK_TIMEOUT_S, REPO_TYPE
 from condensed_datasets.errors import (
-    CondensedSetError, HubError, HubIntegrityError, HubNotFoundError, HubOfflineError, IndexFormatError,
+    CondensedSetError,
+    HubError,
+    HubIntegrityError,
+    HubNotFoundError,
+    HubOfflineError,
+    IndexFormatError,
 )
 from condensed_datasets.format import CondensedSet
 from condensed_datasets.paths import parse_set_filename, set_filename, set_path

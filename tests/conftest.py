@@ -187,8 +187,9 @@ def assert_resume_is_identical(make_engine: Callable[[Path], Any], tmp: Path, ki
 @pytest.fixture
 def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     """A loopback hub (tests/hubserver.py) that huggingface_hub talks to; no embedded sets in the way."""
-    from condensed_datasets import catalogue
     from hubserver import HubServer, point_huggingface_hub_at
+
+    from condensed_datasets import catalogue
 
     srv = HubServer(tmp_path / "hub").start()
     point_huggingface_hub_at(srv, monkeypatch, tmp_path / "hf_home")

@@ -4,9 +4,10 @@ import json
 
 import pytest
 import torch
-
-from builders.engine import Engine
 from conftest import assert_resume_is_identical
+
+from builders.build import recipe_from_dict
+from builders.engine import Engine
 from builders.experts import ExpertStoreError
 from builders.methods.datm import (
     DifficultyAlignedTrajectoryMatching,
@@ -15,11 +16,8 @@ from builders.methods.datm import (
     start_epoch_window,
 )
 from builders.recipe import RecipeError
-from builders.build import recipe_from_dict
 from condensed_datasets import CondensedFashionMNIST
 from condensed_datasets.format import CondensedSet
-
-
 
 # -- pure pieces -----------------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from builders.build import load_recipe, recipe_from_dict
 from builders.data import RealData
 from builders.engine import Engine
 from builders.methods.base import BuildContext
@@ -14,7 +15,6 @@ from builders.methods.dc import GradientMatching, SiameseGradientMatching, class
 from builders.methods.matching import freeze_batch_norm, gradient_distance, layerwise_distance, outer_inner_loops
 from builders.networks import build_network
 from builders.recipe import RecipeError
-from builders.build import load_recipe, recipe_from_dict
 from condensed_datasets.sources import get_source
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"

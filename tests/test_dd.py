@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import builders.evaluate as evaluate
+from builders.build import recipe_from_dict
 from builders.data import RealData
 from builders.engine import Engine
 from builders.evaluate import TrainSettings, evaluate_set, train_network
@@ -15,9 +16,7 @@ from builders.methods.base import BuildContext
 from builders.methods.dd import DatasetDistillation, lrs_from_raw, raw_from_lr, step_rows, unrolled_loss
 from builders.networks import MLP, build_network
 from builders.recipe import RecipeError
-from builders.build import recipe_from_dict
 from condensed_datasets.sources import get_source
-
 
 
 def _tiny_problem(ipc=2, classes=2, seed=0):

@@ -3,10 +3,10 @@
 import torch
 from torch import nn
 
+from builders.build import recipe_from_dict
 from builders.data import RealData
 from builders.methods.base import BuildContext
 from builders.methods.dm import DistributionMatching, mean_embedding_loss
-from builders.build import recipe_from_dict
 from condensed_datasets.sources import get_source
 
 

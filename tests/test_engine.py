@@ -4,14 +4,14 @@ import json
 
 import pytest
 import torch
+from conftest import assert_resume_is_identical
 
+from builders.build import recipe_from_dict
 from builders.checkpoint import load_checkpoint
 from builders.engine import BuildError, BuildPaths, Engine
 from builders.methods.dm import DistributionMatching
-from builders.build import recipe_from_dict
 from condensed_datasets.format import CondensedSet
 from condensed_datasets.sources import load_split
-from conftest import assert_resume_is_identical
 
 TINY = {
     "source": "fashionmnist", "method": "dm", "ipc": 2, "model": "ConvNetW32", "seed": 3,

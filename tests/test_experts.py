@@ -8,14 +8,11 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 from torch.func import functional_call
 
+from builders.build import build, recipe_from_dict
 from builders.cli import build_command
-from builders.engine import Engine
 from builders.experts import ExpertStore, ExpertStoreError, ParamLayout, expert_dir, flat_parameters
 from builders.networks import build_network
-from builders.build import build, recipe_from_dict
 from condensed_datasets.format import read_safetensors_metadata
-
-
 
 EXPERTS = {
     "source": "fashionmnist", "method": "experts", "ipc": 1, "model": "ConvNetW32", "seed": 5,

@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 import torch
 from click.testing import CliRunner
+from hubserver import HubServer, go_offline, point_huggingface_hub_at
 
 from condensed_datasets import CondensedCIFAR10, CondensedFashionMNIST, catalogue, hub
 from condensed_datasets.datasets import set_path
 from condensed_datasets.format import CondensedSet
-from hubserver import HubServer, go_offline, point_huggingface_hub_at
 
 REPO = "org/condensed-fashionmnist"
 SET_GET = "/resolve/main/dm_ipc"

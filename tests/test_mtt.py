@@ -5,11 +5,12 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_EXPERTS, assert_resume_is_identical
 from torch import nn
 
 from builders.augment import Augmenter
+from builders.build import build, recipe_from_dict
 from builders.engine import Engine
-from conftest import TINY_EXPERTS, assert_resume_is_identical
 from builders.experts import ExpertStoreError, ParamLayout, flat_parameters
 from builders.methods.mtt import matching_loss
 from builders.methods.trajectory import (
@@ -22,10 +23,7 @@ from builders.methods.trajectory import (
 )
 from builders.networks import build_network
 from builders.recipe import RecipeError
-from builders.build import build, recipe_from_dict
 from condensed_datasets.format import CondensedSet
-
-
 
 # -- the loss by hand ------------------------------------------------------------------------------
 
@@ -225,8 +223,8 @@ def test_missing_or_unfit_experts_say_which_recipe_builds_them(fashion_mnist_roo
 @pytest.mark.parametrize("method", ["experts", "mtt", "datm"])
 @pytest.mark.parametrize("source", ["mnist", "fashionmnist", "svhn", "cifar10", "cifar100", "tinyimagenet"])
 def test_shipped_recipes_load_at_every_ipc_they_tune(method, source):
-    from builders.recipe import RECIPES_DIR, load_recipe_data
     from builders.build import load_recipe
+    from builders.recipe import RECIPES_DIR, load_recipe_data
 
     path = RECIPES_DIR / f"{method}_{source}.yaml"
     for ipc in [1, 10, 50] if method != "experts" else [1]:
@@ -240,8 +238,8 @@ def test_shipped_recipes_load_at_every_ipc_they_tune(method, source):
 
 
 def test_shipped_recipes_carry_the_papers_settings():
-    from builders.recipe import RECIPES_DIR
     from builders.build import load_recipe
+    from builders.recipe import RECIPES_DIR
 
     r = load_recipe(RECIPES_DIR / "mtt_cifar10.yaml", [("ipc", 1)])
     assert (r.params["syn_steps"], r.params["max_start_epoch"], r.params["lr_img"], r.params["zca"]) == (50, 2, 100.0, True)

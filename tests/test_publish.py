@@ -11,13 +11,13 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
+from hubserver import HubServer
 
 from builders.cli import publish_command
 from builders.publish import PublishConflict, PublishError, build_card, commit_operations, plan_publish, publish_to_hub
 from condensed_datasets import CondensedFashionMNIST, catalogue
 from condensed_datasets.datasets import set_path
 from condensed_datasets.format import CondensedSet
-from hubserver import HubServer
 
 REPO = "org/condensed-fashionmnist"
 

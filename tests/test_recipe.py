@@ -2,8 +2,8 @@
 
 import pytest
 
-from builders.recipe import RecipeError, available_recipes, parse_overrides, RECIPES_DIR
 from builders.build import load_recipe, recipe_from_dict
+from builders.recipe import RECIPES_DIR, RecipeError, available_recipes, parse_overrides
 
 BASE = {"source": "fashionmnist", "method": "dm", "ipc": 10}
 

@@ -15,7 +15,6 @@ from safetensors import safe_open
 import condensed_datasets.sources as sources
 from condensed_datasets.sources import SOURCES, get_source, load_split
 
-
 # -- facts ------------------------------------------------------------------------------------------
 
 

@@ -11,7 +11,6 @@ from condensed_datasets.sources import get_source, load_split
 from condensed_datasets.zca import fit_zca
 
 
-
 def _correlated_images(n=400, seed=0):
     """Toy 'images' [n, 1, 2, 3] with strongly correlated, unequal-variance pixels."""
     g = torch.Generator().manual_seed(seed)

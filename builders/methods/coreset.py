@@ -6,10 +6,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from builders.methods.base import Method, SetContents
-from builders.registry import register
 from builders.errors import RecipeError
 from builders.evaluate import TrainSettings, train_network
+from builders.methods.base import Method, SetContents
+from builders.registry import register
 
 
 def herding_select(features: torch.Tensor, k: int) -> torch.Tensor:

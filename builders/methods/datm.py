@@ -30,16 +30,16 @@ from typing import TYPE_CHECKING, Any, ClassVar, Iterator
 import torch
 from torch.func import functional_call
 
-from builders.methods.base import SetContents
+from builders.errors import RecipeError
+from builders.methods.base import INITS, SetContents
 from builders.methods.mtt import TrajectoryMatching, matching_loss
 from builders.recipe import check_at_least, check_choice
 from builders.registry import register
-from builders.errors import RecipeError
 
 if TYPE_CHECKING:
     from builders.recipe import Recipe
 
-DATM_INITS: tuple[str, ...] = ("correct", "real", "noise")
+DATM_INITS: tuple[str, ...] = ("correct", *INITS)  # correct: real images the experts classify right
 
 
 # --------------------------------------------------------------------------------------------------

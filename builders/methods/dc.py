@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from builders.errors import RecipeError
 from builders.evaluate import train_step
-from builders.methods.base import Method, SetContents
+from builders.methods.base import Method, SetContents, check_init
 from builders.methods.matching import (
     DISTANCES,
     batch_norm_layers,
@@ -36,13 +37,11 @@ from builders.methods.matching import (
 )
 from builders.recipe import check_at_least, check_choice
 from builders.registry import register
-from builders.errors import RecipeError
 
 if TYPE_CHECKING:
     from builders.methods.base import BuildContext
     from builders.recipe import Recipe
 
-INITS: tuple[str, ...] = ("noise", "real")
 
 
 def class_gradient(
@@ -100,7 +99,7 @@ class GradientMatching(Method):
     @classmethod
     def check_recipe(cls, recipe: "Recipe") -> None:
         p = recipe.params
-        check_choice("init", p["init"], INITS)
+        check_init(p["init"])
         check_choice("distance", p["distance"], DISTANCES)
         check_at_least(p, ("outer_loop", "inner_loop"), 0, meaning="0: the paper's value for the ipc")
         check_at_least(p, ("batch_real", "batch_train", "bn_batch_per_class"), 1)

@@ -33,18 +33,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from builders.methods.base import Method, SetContents
-from builders.methods.matching import batch_norm_layers
-from builders.recipe import check_at_least, check_choice
-from builders.registry import register
-from builders.networks import build_network
 from builders.errors import RecipeError
+from builders.methods.base import Method, SetContents, check_init
+from builders.methods.matching import batch_norm_layers
+from builders.networks import build_network
+from builders.recipe import check_at_least
+from builders.registry import register
 from condensed_datasets.sources import get_source
 
 if TYPE_CHECKING:
     from builders.recipe import Recipe
 
-INITS: tuple[str, ...] = ("noise", "real")
 
 
 def raw_from_lr(lr: float, steps: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -109,7 +108,7 @@ class DatasetDistillation(Method):
     @classmethod
     def check_recipe(cls, recipe: "Recipe") -> None:
         p = recipe.params
-        check_choice("init", p["init"], INITS)
+        check_init(p["init"])
         check_at_least(p, ("lr_img", "lr_lr", "lr_init", "decay_factor"), 0, strict=True)
         check_at_least(p, ("distill_epochs", "batch_real"), 1)
         check_at_least(p, ("decay_every",), 0, meaning="0: no decay")

@@ -43,7 +43,13 @@ from builders.experts import ExpertStore, ParamLayout, build_command, expert_dir
 from builders.methods.base import BuildContext, Method, SetContents, check_init
 from builders.methods.tesla import constant_memory_matching_loss
 from builders.methods.trajectory import (
-    LR_BETA, LR_FLOOR, StudentTrajectory, make_plan, raw_from_syn_lr, syn_lr_from_raw, unrolled_matching_loss,
+    LR_BETA,
+    LR_FLOOR,
+    StudentTrajectory,
+    make_plan,
+    raw_from_syn_lr,
+    syn_lr_from_raw,
+    unrolled_matching_loss,
 )
 from builders.networks import build_network
 from builders.recipe import check_at_least, check_choice
