@@ -196,3 +196,10 @@ def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     monkeypatch.setattr(catalogue, "EMBEDDED_DIR", tmp_path / "no_embedded")
     yield srv
     srv.stop()
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    """Print the random test order's seed (pytest-randomly) even under -q, so a failure can be replayed."""
+    seed = getattr(config.option, "randomly_seed", None)
+    if seed is not None and config.pluginmanager.has_plugin("randomly"):
+        terminalreporter.write_line(f"test order: pytest-randomly seed {seed} (replay: pytest --randomly-seed={seed})")
