@@ -53,6 +53,7 @@ INDEX_NAME = "index.json"
 ZCA_NAME = "zca.safetensors"
 EXPERT_KEY = "condensed_datasets_expert"
 ZCA_KEY = "condensed_datasets_zca"
+ZCA_INPUT = "pixels"  # the whitening applies to raw [0, 1] pixels (recorded in zca.safetensors)
 
 
 class ExpertStoreError(RuntimeError):
@@ -273,14 +274,17 @@ class ExpertStore:
             raise ExpertStoreError(f"{path} is missing: this store was trained in ZCA space; rebuild it")
         data = path.read_bytes()
         meta = json.loads(read_safetensors_metadata(data, str(path)).get(ZCA_KEY, "{}"))
+        if meta.get("input") != ZCA_INPUT:
+            raise ExpertStoreError(f"{path}: this whitening was fitted on normalised images (before ZCA moved to "
+                                   "raw [0, 1] pixels as in the references); delete the store and rebuild it")
         tensors = st_load(data)
         return ZCA.from_tensors(tensors["zca_mean"], tensors["zca_transform"], meta.get("eps", DEFAULT_EPS))
 
     # -- writing ---------------------------------------------------------------------------------
     def save_zca(self, zca: ZCA, fitted_on: str) -> None:
         """Write the whitening the experts were trained in (atomically)."""
-        data = st_save(zca.tensors(), metadata={ZCA_KEY: json.dumps({"eps": zca.eps, "fitted_on": fitted_on},
-                                                                    sort_keys=True)})
+        data = st_save(zca.tensors(), metadata={ZCA_KEY: json.dumps(
+            {"eps": zca.eps, "fitted_on": fitted_on, "input": ZCA_INPUT}, sort_keys=True)})
         atomic_write_bytes(self.path / ZCA_NAME, data)
 
     def add(self, expert: int, trajectory: torch.Tensor, record: dict[str, Any]) -> None:
@@ -397,12 +401,14 @@ def train_expert(
 
 
 def fit_split_zca(real: "RealData", eps: float = DEFAULT_EPS, chunk: int = 4096) -> ZCA:
-    """Fit the whitening on every image of ``real`` (normalised, not whitened), in chunks."""
+    """Fit the whitening on every image of ``real`` as raw [0, 1] pixels (no mean/std normalisation),
+    in chunks: what MTT's and DATM's ``utils.get_dataset`` do (kornia ``ZCAWhitening(eps=0.1)`` fitted
+    on ``ToTensor()`` images when ``--zca``)."""
     if real.zca is not None:
         raise ValueError("fit the ZCA on un-whitened images (this split already has one set)")
 
     def batches() -> Iterator[torch.Tensor]:
         for start in range(0, len(real), chunk):
-            yield real.rows(torch.arange(start, min(start + chunk, len(real))))
+            yield real.images[start : start + chunk].to(torch.float32) / 255.0
 
     return fit_zca(batches(), eps, device=real.device)

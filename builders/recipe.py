@@ -271,7 +271,23 @@ def load_recipe(path: str | os.PathLike, overrides: list[tuple[str, Any]] = ()) 
     data = load_recipe_data(path)
     for key, value in overrides:
         set_dotted(data, key, value)
+    _pin_overrides(data, overrides)
     return recipe_from_dict(data)
+
+
+def _pin_overrides(data: dict[str, Any], overrides: list[tuple[str, Any]] | tuple[tuple[str, Any], ...]) -> None:
+    """Command-line values win over the file: copy them into the ``ipc_overrides`` entry of the
+    recipe's ipc (when it has one), so that merging that entry cannot overwrite them."""
+    entries = data.get("ipc_overrides")
+    if not isinstance(entries, dict):
+        return
+    ipc = data.get("ipc")
+    entry = next((v for k, v in entries.items() if str(k) == str(ipc)), None)
+    if not isinstance(entry, dict):
+        return
+    for key, value in overrides:
+        if key.split(".")[0] not in ("source", "method", "ipc", "ipc_overrides"):
+            set_dotted(entry, key, value)
 
 
 def available_recipes() -> list[str]:

@@ -96,7 +96,7 @@ class ExpertTrajectories(Method):
             zca = store.load_zca() if (store.path / ZCA_NAME).is_file() else None
             if zca is None:
                 zca = fit_split_zca(ctx.real)
-                store.save_zca(zca, fitted_on=f"{r.source} train split, {len(ctx.real)} images, normalised")
+                store.save_zca(zca, fitted_on=f"{r.source} train split, {len(ctx.real)} images, raw [0, 1] pixels")
             ctx.real.set_zca(zca)
         test = engine._test_split()
         test.set_zca(ctx.real.zca)
