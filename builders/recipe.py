@@ -248,7 +248,7 @@ def recipe_from_dict(data: dict[str, Any]) -> Recipe:
 
 
 def _validate_names(recipe: Recipe) -> None:
-    from builders.augment import parse_strategy
+    from builders.dc_augment import check_strategy
     from builders.networks import available_networks
 
     names = available_networks()
@@ -261,7 +261,7 @@ def _validate_names(recipe: Recipe) -> None:
         if strategy is None or strategy == "none":
             continue
         try:
-            parse_strategy(strategy)
+            check_strategy(strategy)  # DSA's families, or DC's "dc:..." evaluation augmentation
         except ValueError as exc:
             raise RecipeError(f"{key}: {exc} (or 'none')") from exc
 
