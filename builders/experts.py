@@ -1,7 +1,8 @@
 """Expert trajectories for trajectory matching (MTT, DATM): training them and the store they live in.
 
 An *expert* is a network trained on the real training split with plain SGD (the papers' buffer
-settings: lr ``lr_teacher`` = 0.01, no momentum, no weight decay, batch 256, per-sample DSA).
+settings: lr ``lr_teacher`` = 0.01, no momentum, no weight decay, batch 256, per-sample DSA), or with
+FTD's GSAM over that SGD (:mod:`builders.gsam`; DATM's buffers), stored apart (``..._gsam``).
 Its *trajectory* is its flattened parameters (``torch.cat`` of ``net.parameters()`` in order) at
 initialisation and after every epoch: a float32 tensor ``[epochs + 1, P]``.
 
@@ -40,6 +41,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from builders.evaluate import train_step
+from builders.gsam import FTD_EPOCHS, GSAMSettings, gsam_train_step
 from condensed_datasets._atomic import atomic_write_bytes
 from condensed_datasets.format import read_safetensors_metadata
 from condensed_datasets.zca import DEFAULT_EPS, ZCA, fit_zca
@@ -111,9 +113,10 @@ def flat_parameters(net: nn.Module) -> torch.Tensor:
 # where stores live
 
 
-def expert_dir(root: str | os.PathLike, source: str, model: str, zca: bool) -> Path:
-    """The default store folder: ``ROOT/experts/{source}/{model}/{zca|plain}``."""
-    return Path(root).expanduser() / "experts" / source / model / ("zca" if zca else "plain")
+def expert_dir(root: str | os.PathLike, source: str, model: str, zca: bool, optimizer: str = "sgd") -> Path:
+    """The default store folder: ``ROOT/experts/{source}/{model}/{zca|plain}`` (``..._gsam`` for GSAM experts)."""
+    folder = ("zca" if zca else "plain") + ("" if optimizer == "sgd" else f"_{optimizer}")
+    return Path(root).expanduser() / "experts" / source / model / folder
 
 
 #: The network each shipped experts recipe trains (the papers': ConvNetD4 for 64x64 Tiny-ImageNet).
@@ -122,13 +125,17 @@ DEFAULT_EXPERT_MODEL = {"tinyimagenet": "ConvNetD4"}
 DEFAULT_EXPERT_EPOCHS = {"cifar100": 100, "tinyimagenet": 100}
 
 
-def build_command(source: str, model: str, zca: bool, min_epochs: int = 0, out: str | os.PathLike | None = None) -> str:
+def build_command(source: str, model: str, zca: bool, min_epochs: int = 0, out: str | os.PathLike | None = None,
+                  optimizer: str = "sgd") -> str:
     """The command that builds the store a trajectory-matching recipe needs (shipped experts recipe plus
-    the overrides that make it fit: model, zca, epochs, output root)."""
+    the overrides that make it fit: model, zca, optimizer, epochs, output root)."""
     parts = [f"condensed-build recipes/experts_{source}.yaml"]
     if model != DEFAULT_EXPERT_MODEL.get(source, "ConvNet"):
         parts.append(f"--set model={model}")
     parts.append(f"--set params.zca={'true' if zca else 'false'}")
+    if optimizer != "sgd":  # GSAM experts: DATM's buffer command trains them FTD_EPOCHS epochs
+        parts.append(f"--set params.optimizer={optimizer}")
+        min_epochs = max(min_epochs, FTD_EPOCHS)
     if min_epochs > DEFAULT_EXPERT_EPOCHS.get(source, 50):
         parts.append(f"--set params.epochs={min_epochs}")
     if out is not None:
@@ -310,9 +317,12 @@ class ExpertStore:
 
     # -- checking a store against what a recipe needs --------------------------------------------
     def check_compatible(self, *, source: str, model: str, zca: bool, parameter_count: int,
-                         min_epochs: int, build_hint: str) -> None:
+                         min_epochs: int, build_hint: str, optimizer: str = "sgd") -> None:
         """ExpertStoreError naming the mismatch and ``build_hint`` unless this store serves the recipe."""
         problems = []
+        trained_with = str(self.index.get("training", {}).get("optimizer", "SGD")).lower()
+        if trained_with != optimizer:
+            problems.append(f"experts trained with {trained_with}, the recipe needs {optimizer} (params.expert_optimizer)")
         if self.index.get("source") != source:
             problems.append(f"source {self.index.get('source')!r}, the recipe needs {source!r}")
         if self.model != model:
@@ -334,7 +344,7 @@ class ExpertStore:
 
 
 def open_for_recipe(path: Path, *, source: str, model: str, zca: bool, parameter_count: int,
-                    min_epochs: int, build_hint: str) -> ExpertStore:
+                    min_epochs: int, build_hint: str, optimizer: str = "sgd") -> ExpertStore:
     """The store a trajectory-matching recipe reads, checked; ExpertStoreError (with the command that
     builds it) when it is missing or does not fit."""
     try:
@@ -343,7 +353,7 @@ def open_for_recipe(path: Path, *, source: str, model: str, zca: bool, parameter
         raise ExpertStoreError(f"{exc}. Trajectory matching needs expert trajectories first: run "
                                f"`{build_hint}` (or point params.expert_dir at a store)") from exc
     store.check_compatible(source=source, model=model, zca=zca, parameter_count=parameter_count,
-                           min_epochs=min_epochs, build_hint=build_hint)
+                           min_epochs=min_epochs, build_hint=build_hint, optimizer=optimizer)
     return store
 
 
@@ -359,11 +369,13 @@ class ExpertSettings:
     lr: float = 0.01
     batch: int = 256
     augmenter: "Augmenter | None" = None
+    gsam: GSAMSettings | None = None  # None: plain SGD; else FTD's GSAM over that SGD (builders.gsam)
 
     def describe(self) -> dict[str, Any]:
         return {"optimizer": "SGD", "lr": self.lr, "momentum": 0.0, "weight_decay": 0.0, "batch": self.batch,
                 "lr_schedule": "constant",
-                "augment": self.augmenter.strategy if self.augmenter is not None else "none"}
+                "augment": self.augmenter.strategy if self.augmenter is not None else "none",
+                **(self.gsam.describe() if self.gsam is not None else {})}
 
 
 def train_expert(
@@ -387,7 +399,11 @@ def train_expert(
         for start in range(0, n, settings.batch):
             pos = order[start : start + settings.batch]
             y = real.labels[pos.to(real.device)]
-            logits = train_step(net, opt, real.rows(pos), y, settings.augmenter, generator)
+            if settings.gsam is None:
+                logits = train_step(net, opt, real.rows(pos), y, settings.augmenter, generator)
+            else:  # constant lr: rho = rho_max (builders.gsam)
+                logits = gsam_train_step(net, opt, real.rows(pos), y, settings.augmenter, generator,
+                                         settings.gsam, settings.gsam.rho(settings.lr, settings.lr, settings.lr))
             correct += int((logits.argmax(1) == y).sum())
         accuracy = 100.0 * correct / n
         snapshots.append(flat_parameters(net).cpu())

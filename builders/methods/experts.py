@@ -27,7 +27,8 @@ from builders.experts import (
     fit_split_zca,
     train_expert,
 )
-from builders.methods.base import Method, check_at_least
+from builders.gsam import EXPERT_OPTIMIZERS, GSAMSettings
+from builders.methods.base import Method, check_at_least, check_choice
 from builders.networks import build_network
 from condensed_datasets.zca import DEFAULT_EPS
 
@@ -49,7 +50,13 @@ class ExpertTrajectories(Method):
         "lr_teacher": 0.01,
         "batch": 256,
         "zca": False,
-        "expert_dir": "",  # "" -> OUT_ROOT/experts/{source}/{model}/{zca|plain}
+        "expert_dir": "",  # "" -> OUT_ROOT/experts/{source}/{model}/{zca|plain}[_gsam]
+        # sgd, or gsam: FTD's GSAM (builders/gsam.py) with the FTD/DATM buffer command's settings below
+        "optimizer": "sgd",
+        "rho_max": 0.01,
+        "rho_min": 0.01,
+        "alpha": 0.3,
+        "adaptive": True,
     }
 
     @classmethod
@@ -57,6 +64,13 @@ class ExpertTrajectories(Method):
         p = recipe.params
         check_at_least(p, ("num_experts", "epochs", "batch"), 1)
         check_at_least(p, ("lr_teacher",), 0, strict=True)
+        check_choice("optimizer", p["optimizer"], EXPERT_OPTIMIZERS)
+        check_at_least(p, ("rho_max", "rho_min", "alpha"), 0)
+        if p["rho_min"] != p["rho_max"]:
+            from builders.recipe import RecipeError
+
+            raise RecipeError(f"params.rho_min ({p['rho_min']}) must equal params.rho_max ({p['rho_max']}): the "
+                              "experts' lr is constant, and GSAM's rho follows the lr (as the reference asserts)")
 
     def select(self):  # pragma: no cover - the engine dispatches on produces_set first
         raise NotImplementedError("expert training produces trajectories, not a set; Engine.run calls run()")
@@ -66,7 +80,7 @@ class ExpertTrajectories(Method):
         r = self.ctx.recipe
         if self.params["expert_dir"]:
             return Path(self.params["expert_dir"]).expanduser()
-        return expert_dir(out_root, r.source, r.model, self.params["zca"])
+        return expert_dir(out_root, r.source, r.model, self.params["zca"], self.params["optimizer"])
 
     def header(self, layout: ParamLayout, settings: ExpertSettings) -> dict[str, Any]:
         """What every expert of the store shares (compared when a store is extended)."""
@@ -88,7 +102,10 @@ class ExpertTrajectories(Method):
     def run(self, engine: "Engine") -> ExpertStore:
         """Train the missing experts of the store; return it."""
         ctx, r, p = self.ctx, self.ctx.recipe, self.params
-        settings = ExpertSettings(epochs=p["epochs"], lr=p["lr_teacher"], batch=p["batch"], augmenter=ctx.augmenter)
+        gsam = (GSAMSettings(rho_max=p["rho_max"], rho_min=p["rho_min"], alpha=p["alpha"], adaptive=p["adaptive"])
+                if p["optimizer"] == "gsam" else None)
+        settings = ExpertSettings(epochs=p["epochs"], lr=p["lr_teacher"], batch=p["batch"], augmenter=ctx.augmenter,
+                                  gsam=gsam)
         c, h, w = ctx.real.image_shape
         layout = ParamLayout.of(build_network(r.model, c, ctx.num_classes, (h, w), seed=0))
         store = ExpertStore.create_or_extend(self.store_path(engine.out_root), self.header(layout, settings))

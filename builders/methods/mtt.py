@@ -45,6 +45,7 @@ from torch.func import functional_call
 from builders.augment import AugmentDraw, Augmenter
 from builders.evaluate import label_loss
 from builders.experts import ExpertStore, ParamLayout, build_command, expert_dir, open_for_recipe
+from builders.gsam import EXPERT_OPTIMIZERS
 from builders.methods.base import BuildContext, Method, SetContents, check_at_least, check_choice, check_init
 from builders.networks import build_network
 
@@ -199,8 +200,9 @@ class TrajectoryMatching(Method):
         "batch_syn": 0,  # 0: all synthetic images in every step
         "memory": "unrolled",
         "zca": False,
-        "expert_dir": "",  # "" -> OUT_ROOT/experts/{source}/{model}/{zca|plain}
+        "expert_dir": "",  # "" -> OUT_ROOT/experts/{source}/{model}/{zca|plain}[_gsam]
         "init": "real",
+        "expert_optimizer": "sgd",  # the experts' optimiser: sgd (MTT), gsam (FTD's, DATM's buffers)
     }
     momentum: ClassVar[float] = 0.5
 
@@ -212,6 +214,7 @@ class TrajectoryMatching(Method):
         check_at_least(p, ("batch_syn",), 0, meaning="0: all images")
         check_at_least(p, ("lr_img", "lr_lr"), 0)
         check_at_least(p, ("lr_teacher",), 0, strict=True)
+        check_choice("expert_optimizer", p["expert_optimizer"], EXPERT_OPTIMIZERS)
         cls._check_init(p)
 
     @classmethod
@@ -233,18 +236,18 @@ class TrajectoryMatching(Method):
             return Path(self.params["expert_dir"]).expanduser()
         r = self.ctx.recipe
         root = self.ctx.out_root if self.ctx.out_root is not None else r.root
-        return expert_dir(root, r.source, r.model, self.params["zca"])
+        return expert_dir(root, r.source, r.model, self.params["zca"], self.params["expert_optimizer"])
 
     def _open_store(self) -> ExpertStore:
         r, p = self.ctx.recipe, self.params
         root = self.ctx.out_root if self.ctx.out_root is not None else r.root
         hint = build_command(r.source, r.model, p["zca"], self.max_epoch_needed(),
-                             None if str(root) == str(r.root) else root)
+                             None if str(root) == str(r.root) else root, optimizer=p["expert_optimizer"])
         if p["expert_dir"]:
             hint += f" --set params.expert_dir={p['expert_dir']}"
         store = open_for_recipe(self.store_path(), source=r.source, model=r.model, zca=p["zca"],
                                 parameter_count=self.layout.numel, min_epochs=self.max_epoch_needed(),
-                                build_hint=hint)
+                                build_hint=hint, optimizer=p["expert_optimizer"])
         if store.index.get("parameters") != self.layout.describe():
             raise RuntimeError(f"the expert trajectories at {store.path} were trained on a network whose parameter "
                                f"names/shapes differ from {r.model}'s; rebuild them with `{hint}`")
