@@ -28,7 +28,7 @@ from torch import Tensor
 
 from builders.augment import Augmenter, parse_strategy
 
-__all__ = ["DC_FAMILIES", "DCAugmenter", "PREFIX", "check_strategy", "make_augmenter"]
+__all__ = ["DC_FAMILIES", "PREFIX", "DCAugmenter", "check_strategy", "make_augmenter"]
 
 PREFIX = "dc:"
 DC_FAMILIES: tuple[str, ...] = ("crop", "scale", "rotate", "noise")

@@ -97,7 +97,7 @@ def _set_bn_momentum(net: nn.Module, saved: dict[nn.Module, Any] | None) -> dict
 
 
 def gsam_train_step(net: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, targets: torch.Tensor,
-                    augmenter: "Augmenter | None", generator: torch.Generator, settings: GSAMSettings,
+                    augmenter: Augmenter | None, generator: torch.Generator, settings: GSAMSettings,
                     rho: float) -> torch.Tensor:
     """One GSAM step of ``opt`` (an SGD over ``net``'s parameters) on a batch (per-sample augmentation
     drawn once for both passes); returns the detached logits of the first pass."""

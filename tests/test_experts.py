@@ -142,8 +142,9 @@ def test_an_experts_recipe_refuses_a_schedule_gsam_cannot_follow():
 
 
 def test_a_zca_store_fitted_before_the_raw_pixel_rule_is_refused(fashion_mnist_root, tmp_path):
-    from builders.experts import ZCA_KEY, ZCA_NAME
     from safetensors.torch import save as st_save
+
+    from builders.experts import ZCA_KEY, ZCA_NAME
 
     store = run_experts(fashion_mnist_root, tmp_path, num_experts=1, epochs=1, zca=True)
     zca = store.load_zca()

@@ -2,14 +2,14 @@
 
 import pytest
 import torch
+from conftest import assert_resume_is_identical
+from test_mtt import mtt_engine
 from torch.func import functional_call
 
 from builders.methods import mtt as mtt_module
 from builders.methods.mtt import TrajectoryMatching
 from builders.recipe import RecipeError, recipe_from_dict
 from condensed_datasets.format import CondensedSet
-from conftest import assert_resume_is_identical
-from test_mtt import mtt_engine
 
 
 def test_each_iteration_trains_on_the_target_experts_logits(fashion_mnist_root, tmp_path, expert_store, monkeypatch):

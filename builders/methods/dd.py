@@ -37,9 +37,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from builders.methods.base import Method, SetContents, check_at_least, check_choice, draw_seed
-from builders.net_init import NET_INITS, init_network_
+from builders.methods.base import (
+    Method,
+    SetContents,
+    check_at_least,
+    check_choice,
+    draw_seed,
+)
 from builders.methods.matching import batch_norm_layers
+from builders.net_init import NET_INITS, init_network_
 
 if TYPE_CHECKING:
     from builders.recipe import Recipe

@@ -31,7 +31,7 @@ _BATCH = 256  # images per forward pass (memory only; the logits do not depend o
 
 
 @torch.no_grad()
-def teacher_logits(traj: "StudentTrajectory", images: torch.Tensor) -> torch.Tensor:
+def teacher_logits(traj: StudentTrajectory, images: torch.Tensor) -> torch.Tensor:
     """[N, K] logits of the network at ``traj.target`` (eval mode) on ``images`` (detached)."""
     net, params = traj.net, traj.layout.unflatten(traj.target)
     was_training = net.training
@@ -49,9 +49,11 @@ def initial_teacher_labels(num_images: int, num_classes: int, device: torch.devi
     return torch.zeros(num_images, num_classes, device=device)
 
 
-def check_teacher_label(recipe: "Recipe") -> None:
+def check_teacher_label(recipe: Recipe) -> None:
     """RecipeError when ``params.teacher_label`` is asked of a method that learns its labels."""
-    from builders.recipe import RecipeError  # recipe parsing imports the methods; keep the import local
+    from builders.recipe import (
+        RecipeError,  # recipe parsing imports the methods; keep the import local
+    )
 
     if recipe.params.get("teacher_label") and recipe.method == "datm":
         raise RecipeError("params.teacher_label: DATM learns its own soft labels; TESLA's teacher labels apply to "
