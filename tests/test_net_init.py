@@ -46,3 +46,26 @@ def test_dd_recipes_use_the_references_network_and_init():
         assert (r.model, r.eval_model, r.params["net_init"]) == ("AlexCifarNet", "AlexCifarNet", "xavier")
     for source in ("mnist", "fashionmnist", "tinyimagenet"):
         assert load_recipe(RECIPES_DIR / f"dd_{source}.yaml").params["net_init"] == "xavier"
+
+
+def test_dd_draws_its_networks_with_the_references_init_when_asked():
+    from test_dd import _tiny_context
+
+    from builders.methods.dd import DatasetDistillation
+
+    for scheme in ("xavier", "default"):
+        ctx, _ = _tiny_context(batch_real=12, distill_epochs=2, net_init=scheme)
+        drawn = []
+        original = ctx.new_network
+
+        def spy(name=None, original=original):
+            drawn.append(original(name))
+            return drawn[-1]
+
+        ctx.new_network = spy
+        method = DatasetDistillation(ctx)
+        state = method.initial_state()
+        method.optimizers(state)
+        next(iter(method.losses(state, 0)))
+        biases = [m.bias for m in drawn[0].modules() if isinstance(m, nn.Linear)]
+        assert all(torch.count_nonzero(b) == 0 for b in biases) == (scheme == "xavier")
