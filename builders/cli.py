@@ -127,8 +127,9 @@ def eval_command(set_file: Path, model: str | None, models: str, runs: int | Non
     data_root = root  # never a path from the file: a set's metadata is a stranger's
     train = RealData.from_source(cset.source, data_root, train=True, device=dev)
     test = RealData.from_source(cset.source, data_root, train=False, device=dev)
-    train.set_zca(cset.zca)  # a set built in ZCA space is evaluated on whitened real images
-    test.set_zca(cset.zca)
+    space = cset.metadata.get("normalization") if cset.zca is not None else None
+    train.set_zca(cset.zca, space)  # a set built in ZCA space is evaluated on whitened real images
+    test.set_zca(cset.zca, space)
     augment = ev.get("augment") or recipe.get("augment") or "none"
     result = evaluate_set(
         cset.images.to(dev), cset.labels, soft_labels=cset.soft_labels, lr=cset.lr, ipc=cset.ipc, model=model,

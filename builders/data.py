@@ -13,8 +13,10 @@ from condensed_datasets.zca import ZCA
 class RealData:
     """One split of a real source held as uint8 on ``device``, with per-class row indices.
 
-    ``zca`` (None by default; set it with :meth:`set_zca`) whitens every image this split hands out,
-    after the normalisation: builds in ZCA space see whitened real images everywhere.
+    ``zca`` (None by default; set it with :meth:`set_zca`) whitens every image this split hands out.
+    A ZCA space is the references' (MTT, DATM: kornia's ZCA on ``ToTensor()`` images): the whitening
+    applies to the raw [0, 1] pixels, with no mean/std normalisation before it; without ZCA the images
+    are normalised by the source's per-channel mean and std.
     """
 
     def __init__(
@@ -77,12 +79,27 @@ class RealData:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def set_zca(self, zca: ZCA | None) -> None:
-        """Whiten every image handed out from now on with ``zca`` (None: no whitening)."""
+    def set_zca(self, zca: ZCA | None, normalization: dict[str, list[float]] | None = None) -> None:
+        """Whiten every image handed out from now on with ``zca`` (None: no whitening). The whitening
+        applies to raw [0, 1] pixels unless ``normalization`` (a set's recorded mean/std, as sets
+        built before ZCA moved to raw pixels carry) says what comes before it."""
         self.zca = None if zca is None else zca.to(self.device)
+        if normalization is None:
+            normalization = self.space_normalization()
+        self.mean = torch.tensor(normalization["mean"], dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self.std = torch.tensor(normalization["std"], dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+
+    def space_normalization(self) -> dict[str, list[float]]:
+        """The mean/std applied before the whitening (the set's recorded ``normalization``): the
+        source's without ZCA, the identity (raw [0, 1] pixels) with it."""
+        if self.zca is None:
+            return {"mean": list(self.info.mean), "std": list(self.info.std)}
+        channels = len(self.info.mean)
+        return {"mean": [0.0] * channels, "std": [1.0] * channels}
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 images (any device) -> float32 images in the set's space (whitened when ``zca`` is set)."""
+        """uint8 images (any device) -> float32 images in the set's space: normalised, or with ``zca``
+        set, the whitened raw [0, 1] pixels."""
         out = (images.to(self.device, torch.float32) / 255.0 - self.mean) / self.std
         return out if self.zca is None else self.zca(out)
 
@@ -94,7 +111,7 @@ class RealData:
         return images * self.std + self.mean
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
-        """Normalised images at positions ``idx`` of this split."""
+        """Images at positions ``idx`` of this split, in the build's space (see :meth:`normalize`)."""
         return self.normalize(self.images[idx.to(self.device)])
 
     def sample_class(self, c: int, n: int, generator: torch.Generator) -> torch.Tensor:

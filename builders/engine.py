@@ -166,6 +166,7 @@ class Engine:
         metadata: dict[str, Any] = {
             "recipe": r.to_dict(),
             "seed": r.seed,
+            "normalization": ctx.real.space_normalization(),  # identity in ZCA space (raw pixels)
             "versions": {"condensed_datasets": __version__, "torch": torch.__version__,
                          "python": platform.python_version()},
             "device": self.device.type if clock is not None else _device_name(self.device),

@@ -22,6 +22,7 @@ from torch import nn
 
 from builders.augment import Augmenter
 from builders.data import RealData
+from builders.dc_augment import make_augmenter
 from builders.networks import build_network
 
 
@@ -199,7 +200,7 @@ def evaluate_set(
 ) -> dict[str, Any]:
     """The ``evaluation`` block of a set's metadata: per-run, mean and std accuracy, the random
     real baseline of the same ipc under the same protocol, and cross-architecture results."""
-    augmenter = Augmenter(augment) if augment and augment != "none" else None
+    augmenter = make_augmenter(augment)  # DSA's, or DC's own for "dc:..." strategies
     learned_lr = lr is not None and lr.numel() == 1
     per_step = lr is not None and lr.dim() == 1 and lr.numel() > 1
     settings = TrainSettings(epochs=epochs, lr=float(lr) if learned_lr else default_lr, batch=batch,

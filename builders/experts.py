@@ -1,7 +1,8 @@
 """Expert trajectories for trajectory matching (MTT, DATM): training them and the store they live in.
 
 An *expert* is a network trained on the real training split with plain SGD (the papers' buffer
-settings: lr ``lr_teacher`` = 0.01, no momentum, no weight decay, batch 256, per-sample DSA).
+settings: lr ``lr_teacher`` = 0.01, no momentum, no weight decay, batch 256, per-sample DSA), or with
+FTD's GSAM over that SGD (:mod:`builders.gsam`; DATM's buffers), stored apart (``..._gsam``).
 Its *trajectory* is its flattened parameters (``torch.cat`` of ``net.parameters()`` in order) at
 initialisation and after every epoch: a float32 tensor ``[epochs + 1, P]``.
 
@@ -43,10 +44,11 @@ from tqdm.auto import tqdm
 
 from builders.augment import Augmenter
 from builders.data import RealData
-from builders.errors import ExpertStoreError
+from builders.errors import ExpertStoreError, RecipeError
 from builders.evaluate import test_accuracy, train_step
+from builders.gsam import EXPERT_OPTIMIZERS, FTD_EPOCHS, GSAMSettings, gsam_train_step
 from builders.networks import build_network
-from builders.recipe import DEFAULT_ROOT, RECIPES_DIR, Recipe, check_at_least, load_recipe_data
+from builders.recipe import DEFAULT_ROOT, RECIPES_DIR, Recipe, check_at_least, check_choice, load_recipe_data
 from builders.registry import register
 from condensed_datasets._atomic import atomic_write_bytes
 from condensed_datasets._version import __version__
@@ -58,6 +60,7 @@ STORE_INDEX_NAME = "index.json"  # the store's own index (not a hub index.json)
 ZCA_NAME = "zca.safetensors"
 EXPERT_KEY = "condensed_datasets_expert"
 ZCA_KEY = "condensed_datasets_zca"
+ZCA_INPUT = "pixels"  # the whitening applies to raw [0, 1] pixels (recorded in zca.safetensors)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -111,14 +114,16 @@ def flat_parameters(net: nn.Module) -> torch.Tensor:
 # where stores live
 
 
-def expert_dir(root: str | os.PathLike, source: str, model: str, zca: bool) -> Path:
-    """The default store folder: ``ROOT/experts/{source}/{model}/{zca|plain}``."""
-    return Path(root).expanduser() / "experts" / source / model / ("zca" if zca else "plain")
+def expert_dir(root: str | os.PathLike, source: str, model: str, zca: bool, optimizer: str = "sgd") -> Path:
+    """The default store folder: ``ROOT/experts/{source}/{model}/{zca|plain}`` (``..._gsam`` for GSAM experts)."""
+    folder = ("zca" if zca else "plain") + ("" if optimizer == "sgd" else f"_{optimizer}")
+    return Path(root).expanduser() / "experts" / source / model / folder
 
 
-def build_command(source: str, model: str, zca: bool, min_epochs: int = 0, out: str | os.PathLike | None = None) -> str:
+def build_command(source: str, model: str, zca: bool, min_epochs: int = 0, out: str | os.PathLike | None = None,
+                  optimizer: str = "sgd") -> str:
     """The command that builds the store a trajectory-matching recipe needs: the shipped experts recipe of
-    ``source`` plus the overrides that make it fit (model, zca, epochs, output root)."""
+    ``source`` plus the overrides that make it fit (model, zca, optimizer, epochs, output root)."""
     shipped = RECIPES_DIR / f"experts_{source}.yaml"
     data = load_recipe_data(shipped) if shipped.is_file() else {}
     params = data.get("params") or {}
@@ -126,6 +131,9 @@ def build_command(source: str, model: str, zca: bool, min_epochs: int = 0, out: 
     if model != data.get("model", "ConvNet"):
         parts.append(f"--set model={model}")
     parts.append(f"--set params.zca={'true' if zca else 'false'}")
+    if optimizer != "sgd":  # GSAM experts: DATM's buffer command trains them FTD_EPOCHS epochs
+        parts.append(f"--set params.optimizer={optimizer}")
+        min_epochs = max(min_epochs, FTD_EPOCHS)
     if min_epochs > params.get("epochs", ExpertTraining.defaults["epochs"]):
         parts.append(f"--set params.epochs={min_epochs}")
     if out is not None and str(out) != DEFAULT_ROOT:
@@ -271,14 +279,17 @@ class ExpertStore:
             raise ExpertStoreError(f"{path} is missing: this store was trained in ZCA space; rebuild it")
         data = path.read_bytes()
         meta = json.loads(read_safetensors_metadata(data, str(path)).get(ZCA_KEY, "{}"))
+        if meta.get("input") != ZCA_INPUT:
+            raise ExpertStoreError(f"{path}: this whitening was fitted on normalised images (before ZCA moved to "
+                                   "raw [0, 1] pixels as in the references); delete the store and rebuild it")
         tensors = st_load(data)
         return ZCA.from_tensors(tensors["zca_mean"], tensors["zca_transform"], meta.get("eps", DEFAULT_EPS))
 
     # -- writing ---------------------------------------------------------------------------------
     def save_zca(self, zca: ZCA, fitted_on: str) -> None:
         """Write the whitening the experts were trained in (atomically)."""
-        data = st_save(zca.tensors(), metadata={ZCA_KEY: json.dumps({"eps": zca.eps, "fitted_on": fitted_on},
-                                                                    sort_keys=True)})
+        data = st_save(zca.tensors(), metadata={ZCA_KEY: json.dumps(
+            {"eps": zca.eps, "fitted_on": fitted_on, "input": ZCA_INPUT}, sort_keys=True)})
         atomic_write_bytes(self.path / ZCA_NAME, data)
 
     def add(self, expert: int, trajectory: torch.Tensor, record: dict[str, Any]) -> None:
@@ -304,9 +315,12 @@ class ExpertStore:
 
     # -- checking a store against what a recipe needs --------------------------------------------
     def check_compatible(self, *, source: str, model: str, zca: bool, parameter_count: int,
-                         min_epochs: int, build_hint: str) -> None:
+                         min_epochs: int, build_hint: str, optimizer: str = "sgd") -> None:
         """ExpertStoreError naming the mismatch and ``build_hint`` unless this store serves the recipe."""
         problems = []
+        trained_with = str(self.index.get("training", {}).get("optimizer", "SGD")).lower()
+        if trained_with != optimizer:
+            problems.append(f"experts trained with {trained_with}, the recipe needs {optimizer} (params.expert_optimizer)")
         if self.index.get("source") != source:
             problems.append(f"source {self.index.get('source')!r}, the recipe needs {source!r}")
         if self.model != model:
@@ -328,7 +342,7 @@ class ExpertStore:
 
 
 def open_for_recipe(path: Path, *, source: str, model: str, zca: bool, parameter_count: int,
-                    min_epochs: int, build_hint: str) -> ExpertStore:
+                    min_epochs: int, build_hint: str, optimizer: str = "sgd") -> ExpertStore:
     """The store a trajectory-matching recipe reads, checked; ExpertStoreError (with the command that
     builds it) when it is missing or does not fit."""
     try:
@@ -337,7 +351,7 @@ def open_for_recipe(path: Path, *, source: str, model: str, zca: bool, parameter
         raise ExpertStoreError(f"{exc}. Trajectory matching needs expert trajectories first: run "
                                f"`{build_hint}` (or point params.expert_dir at a store)") from exc
     store.check_compatible(source=source, model=model, zca=zca, parameter_count=parameter_count,
-                           min_epochs=min_epochs, build_hint=build_hint)
+                           min_epochs=min_epochs, build_hint=build_hint, optimizer=optimizer)
     return store
 
 
@@ -353,11 +367,13 @@ class ExpertSettings:
     lr: float = 0.01
     batch: int = 256
     augmenter: Augmenter | None = None
+    gsam: GSAMSettings | None = None  # None: plain SGD; else FTD's GSAM over that SGD (builders.gsam)
 
     def describe(self) -> dict[str, Any]:
         return {"optimizer": "SGD", "lr": self.lr, "momentum": 0.0, "weight_decay": 0.0, "batch": self.batch,
                 "lr_schedule": "constant",
-                "augment": self.augmenter.strategy if self.augmenter is not None else "none"}
+                "augment": self.augmenter.strategy if self.augmenter is not None else "none",
+                **(self.gsam.describe() if self.gsam is not None else {})}
 
 
 def train_expert(
@@ -381,7 +397,11 @@ def train_expert(
         for start in range(0, n, settings.batch):
             pos = order[start : start + settings.batch]
             y = real.labels[pos.to(real.device)]
-            logits = train_step(net, opt, real.rows(pos), y, settings.augmenter, generator)
+            if settings.gsam is None:
+                logits = train_step(net, opt, real.rows(pos), y, settings.augmenter, generator)
+            else:  # constant lr: rho = rho_max (builders.gsam)
+                logits = gsam_train_step(net, opt, real.rows(pos), y, settings.augmenter, generator,
+                                         settings.gsam, settings.gsam.rho(settings.lr, settings.lr, settings.lr))
             correct += int((logits.argmax(1) == y).sum())
         accuracy = 100.0 * correct / n
         snapshots.append(flat_parameters(net).cpu())
@@ -391,13 +411,15 @@ def train_expert(
 
 
 def fit_split_zca(real: RealData, eps: float = DEFAULT_EPS, chunk: int = 4096) -> ZCA:
-    """Fit the whitening on every image of ``real`` (normalised, not whitened), in chunks."""
+    """Fit the whitening on every image of ``real`` as raw [0, 1] pixels (no mean/std normalisation),
+    in chunks: what MTT's and DATM's ``utils.get_dataset`` do (kornia ``ZCAWhitening(eps=0.1)`` fitted
+    on ``ToTensor()`` images when ``--zca``)."""
     if real.zca is not None:
         raise ValueError("fit the ZCA on un-whitened images (this split already has one set)")
 
     def batches() -> Iterator[torch.Tensor]:
         for start in range(0, len(real), chunk):
-            yield real.rows(torch.arange(start, min(start + chunk, len(real))))
+            yield real.images[start : start + chunk].to(torch.float32) / 255.0
 
     return fit_zca(batches(), eps, device=real.device)
 
@@ -420,7 +442,13 @@ class ExpertTraining:
         "lr_teacher": 0.01,
         "batch": 256,
         "zca": False,
-        "expert_dir": "",  # "" -> OUT_ROOT/experts/{source}/{model}/{zca|plain}
+        "expert_dir": "",  # "" -> OUT_ROOT/experts/{source}/{model}/{zca|plain}[_gsam]
+        # sgd, or gsam: FTD's GSAM (builders/gsam.py) with the FTD/DATM buffer command's settings below
+        "optimizer": "sgd",
+        "rho_max": 0.01,
+        "rho_min": 0.01,
+        "alpha": 0.3,
+        "adaptive": True,
     }
 
     @classmethod
@@ -428,6 +456,11 @@ class ExpertTraining:
         p = recipe.params
         check_at_least(p, ("num_experts", "epochs", "batch"), 1)
         check_at_least(p, ("lr_teacher",), 0, strict=True)
+        check_choice("optimizer", p["optimizer"], EXPERT_OPTIMIZERS)
+        check_at_least(p, ("rho_max", "rho_min", "alpha"), 0)
+        if p["rho_min"] != p["rho_max"]:
+            raise RecipeError(f"params.rho_min ({p['rho_min']}) must equal params.rho_max ({p['rho_max']}): the "
+                              "experts' lr is constant, and GSAM's rho follows the lr (as the reference asserts)")
 
     def __init__(self, recipe: Recipe, *, out_root: str | os.PathLike, data_root: str | os.PathLike,
                  device: torch.device, progress: bool = True, download: bool = False) -> None:
@@ -440,7 +473,7 @@ class ExpertTraining:
         r = self.recipe
         if self.params["expert_dir"]:
             return Path(self.params["expert_dir"]).expanduser()
-        return expert_dir(self.out_root, r.source, r.model, self.params["zca"])
+        return expert_dir(self.out_root, r.source, r.model, self.params["zca"], self.params["optimizer"])
 
     def header(self, layout: ParamLayout, settings: ExpertSettings) -> dict[str, Any]:
         """What every expert of the store shares (compared when a store is extended)."""
@@ -467,7 +500,10 @@ class ExpertTraining:
         test = RealData.from_source(r.source, self.data_root, train=False, device=self.device,
                                     per_class=r.eval.test_per_class, download=self.download)
         augmenter = Augmenter(r.augment) if r.augment != "none" else None
-        settings = ExpertSettings(epochs=p["epochs"], lr=p["lr_teacher"], batch=p["batch"], augmenter=augmenter)
+        gsam = (GSAMSettings(rho_max=p["rho_max"], rho_min=p["rho_min"], alpha=p["alpha"], adaptive=p["adaptive"])
+                if p["optimizer"] == "gsam" else None)
+        settings = ExpertSettings(epochs=p["epochs"], lr=p["lr_teacher"], batch=p["batch"], augmenter=augmenter,
+                                  gsam=gsam)
         c, h, w = real.image_shape
         layout = ParamLayout.of(build_network(r.model, c, real.num_classes, (h, w), seed=0))
         store = ExpertStore.create_or_extend(self.store_path(), self.header(layout, settings))
@@ -475,7 +511,7 @@ class ExpertTraining:
             zca = store.load_zca() if (store.path / ZCA_NAME).is_file() else None
             if zca is None:
                 zca = fit_split_zca(real)
-                store.save_zca(zca, fitted_on=f"{r.source} train split, {len(real)} images, normalised")
+                store.save_zca(zca, fitted_on=f"{r.source} train split, {len(real)} images, raw [0, 1] pixels")
             real.set_zca(zca)
         test.set_zca(real.zca)
         todo = [k for k in range(p["num_experts"]) if not store.has(k)]

@@ -7,6 +7,8 @@ Architectures follow the public reference of Zhao et al. (DC / DSA / DM), re-wri
   ``GroupNorm(C, C, affine=True)``), ReLU, average pooling. Variants by name change one setting.
 - ``MLP``, ``LeNet``, ``AlexNet``/``AlexNetBN``, ``VGG11``/``VGG11BN``, ``ResNet18``/``ResNet18BN``
   and ``ResNet18BN_AP`` (strided convolutions replaced by stride 1 + 2x2 average pooling).
+- ``AlexCifarNet``: Dataset Distillation's own small CIFAR AlexNet, with that reference's
+  Xavier-normal / zero-bias initialisation.
 
 Every network is a :class:`ClassifierNet`: ``embed(x)`` gives the ``[B, feature_dim]`` features in
 front of the final linear layer and ``forward(x) == classifier(embed(x))``. Feature sizes are
@@ -25,7 +27,10 @@ from typing import Callable
 import torch
 from torch import nn
 
+from builders.net_init import init_network_
+
 __all__ = [
+    "AlexCifarNet",
     "AlexNet",
     "ClassifierNet",
     "ConvNet",
@@ -271,6 +276,41 @@ class AlexNet(ClassifierNet):
         return self.features(x).flatten(1)
 
 
+class AlexCifarNet(ClassifierNet):
+    """Dataset Distillation's own small AlexNet for CIFAR (SsnL/dataset-distillation,
+    ``networks/networks.py`` ``AlexCifarNet``), with that reference's initialisation built in.
+
+    conv5x5(64, pad 2) -> ReLU -> maxpool(3, stride 2, pad 1) -> LRN(4, alpha 0.001/9, beta 0.75, k 1)
+    -> conv5x5(64, pad 2) -> ReLU -> LRN -> maxpool(3, 2, pad 1) -> linear 384 -> ReLU -> linear 192 ->
+    ReLU -> linear ``num_classes`` (4096 flattened features for 32x32 inputs). Weights Xavier-normal,
+    biases zero (:func:`builders.net_init.init_network_` ``xavier``, the reference's ``init_weights``).
+    """
+
+    def __init__(self, channels: int, num_classes: int, image_size: int | tuple[int, int]) -> None:
+        super().__init__()
+        size = _as_size(image_size)
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, 64, kernel_size=5, stride=1, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
+            nn.LocalResponseNorm(4, alpha=0.001 / 9.0, beta=0.75, k=1.0),
+            nn.Conv2d(64, 64, kernel_size=5, stride=1, padding=2),
+            nn.ReLU(),
+            nn.LocalResponseNorm(4, alpha=0.001 / 9.0, beta=0.75, k=1.0),
+            nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
+        )
+        for _ in range(2):
+            size = _conv_out(size, 3, 2, 1)
+        self.hidden = nn.Sequential(nn.Linear(64 * size[0] * size[1], 384), nn.ReLU(), nn.Linear(384, 192), nn.ReLU())
+        self.feature_dim = 192
+        self.classifier = nn.Linear(192, num_classes)
+        init_network_(self, "xavier")
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The 192 features in front of the last linear layer."""
+        return self.hidden(self.features(x).flatten(1))
+
+
 # --------------------------------------------------------------------------------------------------
 # VGG
 
@@ -444,6 +484,7 @@ _REGISTRY: dict[str, Factory] = {
     "LeNet": LeNet,
     "AlexNet": AlexNet,
     "AlexNetBN": functools.partial(AlexNet, batchnorm=True),
+    "AlexCifarNet": AlexCifarNet,
     "VGG11": VGG11,
     "VGG11BN": functools.partial(VGG11, norm="batchnorm"),
     "ResNet18": ResNet18,

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from builders.augment import parse_strategy
+from builders.dc_augment import check_strategy
 from builders.errors import RecipeError
 from builders.networks import available_networks
 from condensed_datasets.paths import NAME_PATTERN
@@ -304,7 +304,7 @@ def _validate_names(recipe: Recipe) -> None:
         if strategy is None or strategy == "none":
             continue
         try:
-            parse_strategy(strategy)
+            check_strategy(strategy)  # DSA's families, or DC's "dc:..." evaluation augmentation
         except ValueError as exc:
             raise RecipeError(f"{key}: {exc} (or 'none')") from exc
 

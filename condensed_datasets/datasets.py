@@ -53,7 +53,8 @@ class SetSpace:
 
     That is ``(x / 255 - mean) / std`` with the set's recorded normalisation, then, for a set built in
     ZCA space (metadata ``zca``), the set's whitening ``(x - zca_mean) @ zca_transform`` on the flattened
-    image. The whitening's tensors live in the set's file, not in its metadata: pass them as ``zca``
+    image. The builders whiten raw [0, 1] pixels as the references do, so such a set records the
+    identity (mean 0, std 1) as its normalisation and the map is ``zca(x / 255)``. The whitening's tensors live in the set's file, not in its metadata: pass them as ``zca``
     (a :class:`~condensed_datasets.zca.ZCA`); metadata that names a ZCA without one is an error.
     Picklable, so it can travel to DataLoader workers; usable as a transform on uint8 tensors.
     """

@@ -1,7 +1,11 @@
-"""Regularised ZCA whitening: fit on (normalised) training images, apply to any images of that shape.
+"""Regularised ZCA whitening: fit on training images, apply to any images of that shape.
 
-The maths, written here from its definition (the trajectory-matching papers use kornia's ZCA with
-``eps = 0.1`` on images already normalised by the per-channel mean and std):
+The maths, written here from its definition. The trajectory-matching references (MTT's and DATM's
+``utils.get_dataset`` with ``--zca``) fit kornia's ``ZCAWhitening(eps=0.1)`` on the raw [0, 1] pixels
+(``ToTensor()`` images, no mean/std normalisation), and so do the builders here: a set built in ZCA
+space records the identity as its ``normalization`` and maps a real image ``x`` (uint8) to
+``(x / 255 - mu) @ W``. (Sets written before this rule record the source's mean/std, which are then
+applied before the whitening; :class:`~condensed_datasets.datasets.SetSpace` honours either.)
 
 - flatten each image to a vector of ``D = C*H*W`` values; ``mu`` is the mean vector of the fitting set;
 - ``Sigma = (X - mu)^T (X - mu) / (N - 1)`` (the unbiased covariance);
@@ -71,7 +75,7 @@ class ZCA:
         return out[0] if single else out
 
     def invert(self, images: torch.Tensor) -> torch.Tensor:
-        """Map whitened images back to the normalised space (for pictures): ``x @ W^-1 + mu``."""
+        """Map whitened images back to the space the whitening was fitted in (for pictures): ``x @ W^-1 + mu``."""
         single = images.dim() == 3
         batch = images.unsqueeze(0) if single else images
         flat = batch.reshape(batch.shape[0], -1).to(torch.float64)

@@ -287,3 +287,42 @@ def test_generator_must_be_cpu_and_draws_live_on_cpu() -> None:
         assert torch.allclose(aug(x, torch.Generator().manual_seed(1)).cpu(), cpu_out, atol=1e-5)
         with pytest.raises(ValueError, match="CPU"):
             aug.sample(torch.Generator(device="cuda"))
+
+
+def test_dc_augmentation_is_the_references_per_image_family():
+    """DC's MNIST evaluation augmentation (reference utils.py get_daparam/augment): one of crop (pad 4
+    with the channel mean, offset 0..7), scale (nearest resize, zero canvas), rotate per image."""
+    from builders.dc_augment import DCAugmenter, check_strategy, make_augmenter
+
+    x = torch.zeros(1, 1, 8, 8)
+    x[0, 0, 2, 3] = 8.0  # channel mean 8/64 = 0.125
+    crop = DCAugmenter("dc:crop")
+    g = torch.Generator().manual_seed(0)
+    out = crop(x, g)
+    g = torch.Generator().manual_seed(0)
+    torch.randint(1, (1,), generator=g)  # the family choice
+    r, s = (int(v) for v in torch.randint(8, (2,), generator=g))
+    padded = torch.full((1, 16, 16), 0.125)
+    padded[:, 4:12, 4:12] = x[0]
+    torch.testing.assert_close(out[0], padded[:, r : r + 8, s : s + 8])
+    # Rotation by 0 degrees with bilinear sampling is the identity; 'noise' adds 0.001-scale noise.
+    from builders.dc_augment import _rotate
+
+    torch.testing.assert_close(_rotate(x[0], 0, 0.125), x[0])
+    noisy = DCAugmenter("dc:noise")(x, torch.Generator().manual_seed(1))
+    assert 0 < (noisy - x).abs().max() < 0.01
+    # Scale by exactly 1 keeps the image (nearest resize to the same size, centred).
+    scaler = DCAugmenter("dc:scale", scale=0.0)
+    torch.testing.assert_close(scaler(x, torch.Generator().manual_seed(2)), x)
+    assert isinstance(make_augmenter("dc:crop_scale_rotate"), DCAugmenter)
+    assert make_augmenter("none") is None
+    with pytest.raises(ValueError, match="dc:crop_scale_rotate"):
+        check_strategy("dc:crop_flip")
+
+
+def test_dc_mnist_recipe_evaluates_with_dcs_own_augmentation():
+    from builders.recipe import RECIPES_DIR
+    from builders.build import load_recipe
+
+    r = load_recipe(RECIPES_DIR / "dc_mnist.yaml")
+    assert r.eval.augment == "dc:crop_scale_rotate" and r.eval.epochs == 1000

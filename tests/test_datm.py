@@ -79,7 +79,7 @@ DATM = {
     "real_per_class": 10, "iterations": 3, "augment": "color_crop_cutout_flip_scale_rotate",
     "params": {"syn_steps": 3, "expert_epochs": 1, "min_start_epoch": 0, "current_max_start_epoch": 1,
                "max_start_epoch": 2, "expansion_end_epoch": 2, "batch_syn": 10, "lr_img": 10.0, "lr_lr": 1e-6,
-               "lr_y": 2.0},
+               "lr_y": 2.0, "expert_optimizer": "sgd"},  # the shared test store holds SGD experts
     "eval": {"runs": 1, "epochs": 2, "test_per_class": 10},
 }
 
@@ -141,3 +141,29 @@ def test_iterations_over_the_threshold_take_no_step(fashion_mnist_root, tmp_path
     assert list(method.losses(state, 0)) == []
     with pytest.raises(ExpertStoreError, match="reaches epoch 4"):
         datm_engine(fashion_mnist_root, tmp_path, expert_store, max_start_epoch=4).run()  # needs epoch 4 of 3
+
+
+def test_labels_start_as_the_reference_pairs_them_with_the_initial_images(fashion_mnist_root, tmp_path, expert_store):
+    """distill/DATM.py: pix_init samples_predicted_correctly -> averaged correct logits; pix_init real ->
+    the logits of one expert's final parameters."""
+    real_init = DifficultyAlignedTrajectoryMatching(datm_engine(fashion_mnist_root, tmp_path, expert_store,
+                                                                init="real")._context())
+    assert real_init.label_scheme() == "one_expert"
+    state = real_init.initial_state()
+    images = state["images"].detach()
+    torch.testing.assert_close(state["soft_labels"].detach(),
+                               real_init._logits(real_init._final_params(0), images).float())
+    correct = DifficultyAlignedTrajectoryMatching(datm_engine(fashion_mnist_root, tmp_path / "c", expert_store)._context())
+    assert correct.label_scheme() == "average_correct"
+    forced = DifficultyAlignedTrajectoryMatching(datm_engine(fashion_mnist_root, tmp_path / "f", expert_store,
+                                                             init="real", label_init="average_correct")._context())
+    assert forced.label_scheme() == "average_correct"
+
+
+def test_datm_needs_gsam_experts_by_default(fashion_mnist_root, tmp_path, expert_store):
+    from builders.experts import ExpertStoreError
+
+    engine = datm_engine(fashion_mnist_root, tmp_path, expert_store, expert_optimizer="gsam")
+    with pytest.raises(ExpertStoreError, match="needs gsam.*params.optimizer=gsam"):
+        DifficultyAlignedTrajectoryMatching(engine._context())
+    assert recipe_from_dict({"source": "fashionmnist", "method": "datm", "ipc": 1}).params["expert_optimizer"] == "gsam"

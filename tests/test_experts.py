@@ -110,3 +110,41 @@ def test_condensed_build_runs_an_experts_recipe(fashion_mnist_root, tmp_path):
     assert "1 experts x 1 epochs of ConvNetW32" in result.output
     assert (tmp_path / "out" / "experts" / "fashionmnist" / "ConvNetW32" / "plain" / "expert_0000.safetensors").is_file()
     assert not (tmp_path / "out" / "condensed").exists()
+
+
+def test_gsam_experts_live_apart_and_record_their_optimiser(fashion_mnist_root, tmp_path):
+    gsam = run_experts(fashion_mnist_root, tmp_path, num_experts=1, epochs=1, optimizer="gsam")
+    assert gsam.path == expert_dir(tmp_path, "fashionmnist", "ConvNetW32", False, "gsam")
+    assert gsam.path.name == "plain_gsam"
+    training = gsam.index["training"]
+    assert (training["optimizer"], training["rho_max"], training["alpha"], training["adaptive"]) == ("GSAM", 0.01, 0.3, True)
+    sgd = run_experts(fashion_mnist_root, tmp_path, num_experts=1, epochs=1)
+    assert sgd.path.name == "plain"
+    # Same seeds, different optimiser: different trajectories after the first epoch, same start.
+    a, b = gsam.trajectory(0), sgd.trajectory(0)
+    assert torch.equal(a[0], b[0]) and not torch.equal(a[1], b[1])
+    with pytest.raises(ExpertStoreError, match="trained with sgd, the recipe needs gsam.*params.optimizer=gsam"):
+        sgd.check_compatible(source="fashionmnist", model="ConvNetW32", zca=False, parameter_count=sgd.parameter_count,
+                             min_epochs=1, optimizer="gsam",
+                             build_hint="condensed-build recipes/experts_fashionmnist.yaml --set params.optimizer=gsam")
+
+
+def test_an_experts_recipe_refuses_a_schedule_gsam_cannot_follow():
+    from builders.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match="rho_min"):
+        recipe_from_dict({**EXPERTS, "params": {**EXPERTS["params"], "optimizer": "gsam", "rho_min": 0.0}})
+    with pytest.raises(RecipeError, match="params.optimizer"):
+        recipe_from_dict({**EXPERTS, "params": {**EXPERTS["params"], "optimizer": "adam"}})
+
+
+def test_a_zca_store_fitted_before_the_raw_pixel_rule_is_refused(fashion_mnist_root, tmp_path):
+    from safetensors.torch import save as st_save
+
+    from builders.experts import ZCA_KEY, ZCA_NAME
+
+    store = run_experts(fashion_mnist_root, tmp_path, num_experts=1, epochs=1, zca=True)
+    zca = store.load_zca()
+    (store.path / ZCA_NAME).write_bytes(st_save(zca.tensors(), metadata={ZCA_KEY: json.dumps({"eps": 0.1})}))
+    with pytest.raises(ExpertStoreError, match="normalised images.*rebuild"):
+        store.load_zca()

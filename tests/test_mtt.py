@@ -199,7 +199,11 @@ def test_a_zca_build_carries_the_experts_whitening_into_the_set(fashion_mnist_ro
 
     x, _ = CondensedFashionMNIST(tmp_path, method="mtt", ipc=2).real_test_set()[0]
     raw, _ = load_split("fashionmnist", fashion_mnist_root, train=False)
-    torch.testing.assert_close(x, zca((raw[0].float() / 255 - 0.2861) / 0.3530), atol=1e-4, rtol=1e-4)
+    # The references' ZCA space: whitened raw [0, 1] pixels, no normalisation (the set records the identity).
+    torch.testing.assert_close(x, zca(raw[0].float() / 255), atol=1e-4, rtol=1e-4)
+    assert cset.metadata["normalization"] == {"mean": [0.0], "std": [1.0]}
+    real = e._context().real  # the experts' whitening was fitted on the raw pixels of the split they trained on
+    torch.testing.assert_close(zca.mean, (real.images.float() / 255).reshape(len(real), -1).mean(0), atol=1e-6, rtol=0)
 
 
 def test_missing_or_unfit_experts_say_which_recipe_builds_them(fashion_mnist_root, tmp_path, expert_store):

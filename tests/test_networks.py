@@ -44,6 +44,7 @@ EXPECTED_FEATURES: dict[str, tuple[int, int, int]] = {
     "LeNet": (84, 84, 84),
     "AlexNet": (192 * 4 * 4, 192 * 4 * 4, 192 * 8 * 8),
     "AlexNetBN": (192 * 4 * 4, 192 * 4 * 4, 192 * 8 * 8),
+    "AlexCifarNet": (192, 192, 192),  # embed: the 192 features in front of its last linear layer
     "VGG11": (512, 512, 512 * 2 * 2),
     "VGG11BN": (512, 512, 512 * 2 * 2),
     "ResNet18": (512, 512, 512),

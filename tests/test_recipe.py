@@ -85,3 +85,13 @@ def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
     path.write_text("source: fashionmnist\nmethod: dm\nipc: 10\nparams: {lr_img: 1e3}\n")
     r = load_recipe(path, parse_overrides(["params.momentum=5E-1"]))
     assert r.params["lr_img"] == 1000.0 and r.params["momentum"] == 0.5
+
+
+def test_command_line_values_win_over_the_files_ipc_overrides(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("source: fashionmnist\nmethod: dm\nipc: 10\niterations: 10\n"
+                    "ipc_overrides:\n  2:\n    iterations: 99\n    params:\n      lr_img: 5.0\n      momentum: 0.9\n")
+    r = load_recipe(path, parse_overrides(["ipc=2", "params.lr_img=7", "iterations=3"]))
+    assert (r.ipc, r.params["lr_img"], r.iterations) == (2, 7.0, 3)
+    assert r.params["momentum"] == 0.9  # the file's override still applies where the command line is silent
+    assert load_recipe(path, parse_overrides(["ipc=2"])).params["lr_img"] == 5.0

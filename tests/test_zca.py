@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from builders.data import RealData
+from builders.experts import fit_split_zca
 from condensed_datasets import CondensedFashionMNIST
 from condensed_datasets.datasets import SetSpace, set_path
 from condensed_datasets.format import CondensedSet, CondensedSetError
@@ -100,24 +101,49 @@ def test_format_round_trips_zca_tensors_and_validates_them():
         CondensedSet.from_bytes(broken(zca_mean=tensors["zca_mean"].double()))
 
 
+def test_split_zca_is_the_whitening_of_raw_pixels_by_its_definition():
+    """As MTT/DATM fit kornia's ZCA (eps 0.1) on ToTensor() images: raw [0, 1] pixels, not normalised."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.randint(0, 256, (300, 1, 1, 1), generator=g).expand(300, 3, 4, 4)
+    noise = torch.randint(-40, 41, (300, 3, 4, 4), generator=g)
+    images = (base + noise).clamp(0, 255).to(torch.uint8)
+    real = RealData(images, torch.arange(300) % 10, get_source("cifar10"))
+    zca = fit_split_zca(real)
+    # The definition, on raw pixels: mu, unbiased covariance, U diag((S + eps)^-1/2) U^T.
+    x = images.reshape(300, -1).to(torch.float64) / 255.0
+    mu = x.mean(0)
+    cov = (x - mu).T @ (x - mu) / 299
+    s, u = torch.linalg.eigh(cov)
+    w = u @ torch.diag((s + 0.1).rsqrt()) @ u.T
+    torch.testing.assert_close(zca.mean.double(), mu, atol=1e-5, rtol=0)
+    torch.testing.assert_close(zca.transform.double(), w, atol=1e-5, rtol=0)
+    real.set_zca(zca)
+    torch.testing.assert_close(real.rows(torch.arange(5)).double(), ((x[:5] - mu) @ w).reshape(5, 3, 4, 4),
+                               atol=1e-5, rtol=0)
+    assert real.space_normalization() == {"mean": [0.0] * 3, "std": [1.0] * 3}
+
+
 def test_set_space_and_real_test_set_apply_the_sets_zca(fashion_mnist_root, tmp_path):
     (tmp_path / "FashionMNIST").symlink_to(fashion_mnist_root / "FashionMNIST", target_is_directory=True)
     real, _ = load_split("fashionmnist", tmp_path, train=True)
     info = get_source("fashionmnist")
-    mean, std = torch.tensor(info.mean).view(1, -1, 1, 1), torch.tensor(info.std).view(1, -1, 1, 1)
-    zca = fit_zca((real[:500].float() / 255 - mean) / std, eps=0.1)
+    zca = fit_zca(real[:500].float() / 255, eps=0.1)  # raw pixels, as the builders fit it
+    train = RealData(real[:20], torch.arange(20) % 10, info)
+    train.set_zca(zca)
     images = torch.randn(10, 1, 28, 28)
+    # The engine records the space's normalisation: the identity in ZCA space.
     CondensedSet(images, torch.arange(10), source="fashionmnist", method="mtt", ipc=1, lr=0.01,
+                 metadata={"normalization": train.space_normalization()},
                  zca=zca).save(set_path(tmp_path, "fashionmnist", "mtt", 1))
 
     ds = CondensedFashionMNIST(tmp_path, method="mtt", ipc=1)
     assert ds.zca is not None and ds.set_space.zca is not None
     test_images, test_labels = load_split("fashionmnist", tmp_path, train=False)
     x, y = ds.real_test_set()[3]
-    expected = zca((test_images[3:4].float() / 255 - mean) / std)[0]
+    expected = zca(test_images[3:4].float() / 255)[0]
     torch.testing.assert_close(x, expected, atol=1e-4, rtol=1e-4)
     assert y == int(test_labels[3])
-    # RealData whitens the same way once it has the set's ZCA.
+    # RealData (experts, builds, evaluation) whitens the same way once it has the set's ZCA.
     split = RealData(test_images, test_labels, info)
     split.set_zca(ds.zca)
     torch.testing.assert_close(split.rows(torch.tensor([3])), expected.unsqueeze(0), atol=1e-4, rtol=1e-4)
@@ -125,3 +151,21 @@ def test_set_space_and_real_test_set_apply_the_sets_zca(fashion_mnist_root, tmp_
                                test_images[3:4].float() / 255, atol=1e-3, rtol=1e-3)
     with pytest.raises(ValueError, match="ZCA"):
         SetSpace(ds.metadata)  # metadata names a whitening; its tensors are required
+
+
+def test_a_set_whitened_after_normalisation_keeps_its_recorded_space(fashion_mnist_root, tmp_path):
+    """Sets written before ZCA moved to raw pixels record the source's normalisation: still honoured."""
+    (tmp_path / "FashionMNIST").symlink_to(fashion_mnist_root / "FashionMNIST", target_is_directory=True)
+    real, _ = load_split("fashionmnist", tmp_path, train=True)
+    info = get_source("fashionmnist")
+    mean, std = torch.tensor(info.mean).view(1, -1, 1, 1), torch.tensor(info.std).view(1, -1, 1, 1)
+    zca = fit_zca((real[:500].float() / 255 - mean) / std, eps=0.1)
+    CondensedSet(torch.randn(10, 1, 28, 28), torch.arange(10), source="fashionmnist", method="mtt", ipc=1,
+                 lr=0.01, zca=zca).save(set_path(tmp_path, "fashionmnist", "mtt", 1))
+    ds = CondensedFashionMNIST(tmp_path, method="mtt", ipc=1)
+    test_images, test_labels = load_split("fashionmnist", tmp_path, train=False)
+    expected = zca((test_images[3:4].float() / 255 - mean) / std)[0]
+    torch.testing.assert_close(ds.real_test_set()[3][0], expected, atol=1e-4, rtol=1e-4)
+    split = RealData(test_images, test_labels, info)
+    split.set_zca(ds.zca, ds.metadata["normalization"])
+    torch.testing.assert_close(split.rows(torch.tensor([3])), expected.unsqueeze(0), atol=1e-4, rtol=1e-4)

@@ -12,9 +12,14 @@ MTT (:mod:`builders.methods.mtt`) with three changes:
   correctly; a class with too few such images continues with the next expert, and so on; should
   every expert be exhausted the class is filled with its remaining images in the same order (the
   number is recorded in the set's metadata). ``init: real`` / ``noise`` behave as in MTT.
-- **Learned soft labels.** Each image's label starts as the average logit vector of the experts
-  (final epoch; the first ``label_experts``, 0 = all) that classify it correctly, or of all of them
-  when none does (:func:`average_correct_logits`). The labels are a learnable state tensor
+- **Learned soft labels.** How they start (``label_init``) follows the reference (``distill/DATM.py``):
+  with ``init: correct`` (its ``pix_init: samples_predicted_correctly``) each image's label is the
+  average logit vector of the experts (final epoch, its ``Label_Model_Timestamp = -1``; the first
+  ``label_experts``, 0 = all) that classify it correctly, or of all of them when none does (the
+  reference divides by zero there) (:func:`average_correct_logits`); with ``init: real`` (its
+  ``pix_init: real``) and ``noise`` they are the logits of one expert's final parameters (expert 0 here;
+  the reference's ``buffer[0][-1]``, the first trajectory of a randomly chosen buffer file).
+  ``label_init: average_correct`` or ``one_expert`` forces either scheme. The labels are a learnable state tensor
   (``soft_labels``, logits) trained with their own optimiser (SGD, ``lr_y``, momentum 0.9) through
   the student's inner steps, which use soft cross-entropy against ``softmax(soft_labels)``. The set
   stores them as ``soft_labels`` next to the learned ``lr``.
@@ -40,6 +45,7 @@ if TYPE_CHECKING:
     from builders.recipe import Recipe
 
 DATM_INITS: tuple[str, ...] = ("correct", *INITS)  # correct: real images the experts classify right
+LABEL_INITS: tuple[str, ...] = ("auto", "average_correct", "one_expert")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -110,6 +116,8 @@ class DifficultyAlignedTrajectoryMatching(TrajectoryMatching):
         "threshold": 0.0,  # > 0: skip the iteration's step when the loss exceeds it (reference: 1.0)
         "label_experts": 0,  # experts whose logits initialise the soft labels; 0: all
         "init": "correct",
+        "label_init": "auto",  # auto (the reference's per init), average_correct, one_expert
+        "expert_optimizer": "gsam",  # DATM's buffers are FTD's (buffer/buffer_FTD.py, GSAM)
     }
     momentum_y: ClassVar[float] = 0.9
     selection_batch: ClassVar[int] = 256
@@ -130,6 +138,7 @@ class DifficultyAlignedTrajectoryMatching(TrajectoryMatching):
             check_at_least(p, ("expansion_end_epoch",), 1)
         check_at_least(p, ("lr_y", "threshold"), 0)
         check_at_least(p, ("label_experts",), 0, meaning="0: all")
+        check_choice("label_init", p["label_init"], LABEL_INITS)
 
     @classmethod
     def _check_init(cls, params: dict[str, Any]) -> None:
@@ -189,8 +198,18 @@ class DifficultyAlignedTrajectoryMatching(TrajectoryMatching):
         pos = torch.cat(picks)
         return pos, ctx.real.source_rows[pos], filled
 
+    def label_scheme(self) -> str:
+        """``average_correct`` or ``one_expert`` (``auto``: the reference's pairing with ``init``)."""
+        scheme = self.params["label_init"]
+        if scheme == "auto":
+            return "average_correct" if self.params["init"] == "correct" else "one_expert"
+        return scheme
+
     def initial_soft_labels(self, images: torch.Tensor) -> torch.Tensor:
-        """[N, K] logits: the average over the label experts that classify each image correctly."""
+        """[N, K] logits: the average over the label experts that classify each image correctly, or
+        expert 0's (see :meth:`label_scheme`)."""
+        if self.label_scheme() == "one_expert":
+            return self._logits(self._final_params(0), images).float()
         logits = torch.stack([self._logits(self._final_params(e), images) for e in self._label_experts()])
         return average_correct_logits(logits.float(), self.labels)
 
@@ -227,5 +246,6 @@ class DifficultyAlignedTrajectoryMatching(TrajectoryMatching):
         contents = super().finalize(state)
         contents.soft_labels = state["soft_labels"].detach().to("cpu", torch.float32)
         contents.metadata["soft_labels"] = "learned logits (softmax gives the targets)"
+        contents.metadata["label_init"] = self.label_scheme()
         contents.metadata["initial_images_without_correct_verdict"] = getattr(self, "filled_without_correct", 0)
         return contents

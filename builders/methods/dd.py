@@ -21,6 +21,10 @@ Outer loss: cross-entropy on ``batch_real`` real images drawn at random from the
 images and ``lr_lr`` for the raw learning rates (0.01 each in the reference), both multiplied by
 ``decay_factor`` every ``decay_every`` iterations (0: never).
 
+Networks: ``net_init: xavier`` initialises each drawn network as the reference does (Xavier-normal
+weights, zero biases; :mod:`builders.net_init`); ``default`` keeps PyTorch's. ``AlexCifarNet`` is the
+reference's CIFAR network (with that initialisation built in).
+
 Networks with BatchNorm are not supported (their running statistics are not functional parameters).
 """
 
@@ -34,10 +38,11 @@ from torch import nn
 from torch.func import functional_call
 
 from builders.errors import RecipeError
-from builders.methods.base import Method, SetContents, check_init
+from builders.methods.base import Method, SetContents, check_init, draw_seed
 from builders.methods.matching import batch_norm_layers
+from builders.net_init import NET_INITS, init_network_
 from builders.networks import build_network
-from builders.recipe import check_at_least
+from builders.recipe import check_at_least, check_choice
 from builders.registry import register
 from condensed_datasets.sources import get_source
 
@@ -103,12 +108,16 @@ class DatasetDistillation(Method):
         "init": "noise",
         "decay_every": 0,  # iterations between decays of the Adam learning rates (0: never)
         "decay_factor": 0.5,
+        # the networks' initialisation: xavier (the reference's init_weights, --init xavier --init_param 1:
+        # Xavier-normal weights, zero biases; builders/net_init.py) or default (PyTorch's)
+        "net_init": "default",
     }
 
     @classmethod
     def check_recipe(cls, recipe: "Recipe") -> None:
         p = recipe.params
         check_init(p["init"])
+        check_choice("net_init", p["net_init"], NET_INITS)
         check_at_least(p, ("lr_img", "lr_lr", "lr_init", "decay_factor"), 0, strict=True)
         check_at_least(p, ("distill_epochs", "batch_real"), 1)
         check_at_least(p, ("decay_every",), 0, meaning="0: no decay")
@@ -168,6 +177,8 @@ class DatasetDistillation(Method):
     def losses(self, state: dict[str, torch.Tensor], iteration: int) -> Iterator[torch.Tensor]:
         self._apply_decay(iteration)
         net = self.ctx.new_network()
+        if self.params["net_init"] != "default":  # its own stream, so 'default' builds keep their bytes
+            init_network_(net, self.params["net_init"], torch.Generator().manual_seed(draw_seed(self.ctx.generator)))
         net.train()
         images = state["images"]
         real_x, real_y = self.real_batch()

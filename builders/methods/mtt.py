@@ -40,7 +40,10 @@ import torch
 
 from builders.errors import ExpertStoreError
 from builders.experts import ExpertStore, ParamLayout, build_command, expert_dir, open_for_recipe
+from builders.gsam import EXPERT_OPTIMIZERS
 from builders.methods.base import BuildContext, Method, SetContents, check_init
+from builders.methods.teacher_labels import STATE_KEY as TEACHER_KEY
+from builders.methods.teacher_labels import check_teacher_label, initial_teacher_labels, teacher_logits
 from builders.methods.tesla import constant_memory_matching_loss
 from builders.methods.trajectory import (
     LR_BETA,
@@ -92,8 +95,10 @@ class TrajectoryMatching(Method):
         "batch_syn": 0,  # 0: all synthetic images in every step
         "memory": "unrolled",
         "zca": False,
-        "expert_dir": "",  # "" -> OUT_ROOT/experts/{source}/{model}/{zca|plain}
+        "expert_dir": "",  # "" -> OUT_ROOT/experts/{source}/{model}/{zca|plain}[_gsam]
         "init": "real",
+        "expert_optimizer": "sgd",  # the experts' optimiser: sgd (MTT), gsam (FTD's, DATM's buffers)
+        "teacher_label": False,  # TESLA's labels from the target expert (builders/methods/teacher_labels.py)
     }
     momentum: ClassVar[float] = 0.5
 
@@ -105,6 +110,8 @@ class TrajectoryMatching(Method):
         check_at_least(p, ("batch_syn",), 0, meaning="0: all images")
         check_at_least(p, ("lr_img", "lr_lr"), 0)
         check_at_least(p, ("lr_teacher",), 0, strict=True)
+        check_choice("expert_optimizer", p["expert_optimizer"], EXPERT_OPTIMIZERS)
+        check_teacher_label(recipe)
         cls._check_init(p)
 
     @classmethod
@@ -125,16 +132,17 @@ class TrajectoryMatching(Method):
         if self.params["expert_dir"]:
             return Path(self.params["expert_dir"]).expanduser()
         r = self.ctx.recipe
-        return expert_dir(self.ctx.out_root, r.source, r.model, self.params["zca"])
+        return expert_dir(self.ctx.out_root, r.source, r.model, self.params["zca"], self.params["expert_optimizer"])
 
     def _open_store(self) -> ExpertStore:
         r, p = self.ctx.recipe, self.params
-        hint = build_command(r.source, r.model, p["zca"], self.max_epoch_needed(), self.ctx.out_root)
+        hint = build_command(r.source, r.model, p["zca"], self.max_epoch_needed(), self.ctx.out_root,
+                             optimizer=p["expert_optimizer"])
         if p["expert_dir"]:
             hint += f" --set params.expert_dir={p['expert_dir']}"
         store = open_for_recipe(self.store_path(), source=r.source, model=r.model, zca=p["zca"],
                                 parameter_count=self.layout.numel, min_epochs=self.max_epoch_needed(),
-                                build_hint=hint)
+                                build_hint=hint, optimizer=p["expert_optimizer"])
         if store.index.get("parameters") != self.layout.describe():
             raise ExpertStoreError(f"the expert trajectories at {store.path} were trained on a network whose parameter "
                                f"names/shapes differ from {r.model}'s; rebuild them with `{hint}`")
@@ -157,7 +165,10 @@ class TrajectoryMatching(Method):
 
     def initial_state(self) -> dict[str, torch.Tensor]:
         images, self.init_rows = self.ctx.initial_images(self.params["init"])
-        return self.initial_state_with(images)
+        state = self.initial_state_with(images)
+        if self.params["teacher_label"]:
+            state[TEACHER_KEY] = initial_teacher_labels(images.shape[0], self.ctx.num_classes, self.ctx.device)
+        return state
 
     def initial_state_with(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """The state for starting images ``images`` (a leaf that requires grad): step size lr_teacher."""
@@ -192,11 +203,19 @@ class TrajectoryMatching(Method):
 
     def losses(self, state: dict[str, torch.Tensor], iteration: int) -> Iterator[torch.Tensor]:
         traj = self.student(state, iteration)
-        yield matching_loss(traj, state["images"], self.syn_lr(state), self.targets(state), self.params["memory"])
+        labels = self.targets(state)
+        if TEACHER_KEY in state:  # TESLA: this iteration's labels from the target expert
+            state[TEACHER_KEY].copy_(teacher_logits(traj, state["images"]))
+            labels = state[TEACHER_KEY]
+        yield matching_loss(traj, state["images"], self.syn_lr(state), labels, self.params["memory"])
 
     def finalize(self, state: dict[str, torch.Tensor]) -> SetContents:
         lr = self.syn_lr(state).detach().to("cpu", torch.float32).reshape(())
-        return SetContents(images=state["images"].detach(), lr=lr, metadata=self.build_metadata(state))
+        contents = SetContents(images=state["images"].detach(), lr=lr, metadata=self.build_metadata(state))
+        if TEACHER_KEY in state:
+            contents.soft_labels = state[TEACHER_KEY].detach().to("cpu", torch.float32).clone()
+            contents.metadata["soft_labels"] = "TESLA teacher labels: the last iteration's target expert's logits"
+        return contents
 
     def build_metadata(self, state: dict[str, torch.Tensor]) -> dict[str, Any]:
         """What the set records about this build beyond the recipe."""

@@ -1,9 +1,15 @@
 """Constant-memory trajectory matching: the exact MTT gradient with one student step's graph at a time.
 
 The idea is TESLA's (Cui et al., ICML 2023): do not keep the autograd graph of every student step.
-The maths here is the exact reverse-mode (adjoint) recursion, so the gradients equal the unrolled
-ones (up to floating-point rounding), including every second-order path through earlier steps; a
-per-step approximation that treats each step's starting parameters as constants is not used.
+The scheme here is NOT TESLA's: it is the exact reverse-mode (adjoint) recursion, so the gradients
+equal the unrolled ones (up to floating-point rounding), including every second-order path through
+earlier steps. TESLA's reference (justincui03/tesla, ``distill.py``) approximates: its student steps
+use detached gradients, and each step's image gradient is taken from the closed form of the first
+term of the expansion (``single_term + square_term`` against that step's gradient at fixed
+parameters), which drops the Hessian terms that couple a step to the later ones. The two therefore
+give different image updates for the same draw; this module follows the unrolled MTT gradient.
+TESLA's other contribution, soft labels from the target expert (its ``--teacher_label``), is
+``params.teacher_label`` of MTT (:mod:`builders.methods.teacher_labels`).
 
 Student steps ``theta_{i+1} = theta_i - a * g_i``, ``g_i = grad_theta loss(theta_i; X_i, Y_i)``, ``i < N``,
 and ``L = ||theta_N - theta*||^2 / ||theta_0 - theta*||^2``.
