@@ -19,6 +19,7 @@ from pathlib import Path
 import click
 import torch
 
+from builders.allocator import tune_allocator
 from builders.engine import Engine
 from builders.recipe import load_recipe, parse_overrides
 
@@ -35,7 +36,8 @@ from builders.recipe import load_recipe, parse_overrides
 @click.option("--note", default="", help="Conditions worth recording (e.g. other load on the machine).")
 def main(recipe: Path, iterations: int, warmup: int, overrides: tuple[str, ...], device: str, out: Path,
          data_root: Path | None, record: bool, note: str) -> None:
-    """Time RECIPE's build loop."""
+    """Time RECIPE's build loop (with the command line's allocator settings)."""
+    tune_allocator()
     pairs = parse_overrides(overrides) + [("iterations", warmup + iterations), ("checkpoint_every", 0)]
     r = load_recipe(recipe, pairs)
     engine = Engine(r, out_root=out, data_root=data_root, device=device, evaluate=False, progress=False)

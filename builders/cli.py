@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 import click
 
+from builders.allocator import tune_allocator
 from condensed_datasets.format import CondensedSet
 
 _USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, RuntimeError, FileNotFoundError, OSError)
@@ -64,6 +65,7 @@ def format_evaluation(ev: dict[str, Any] | None) -> str:
 def build_command(recipe: Path, overrides: tuple[str, ...], out_root: Path | None, data_root: Path | None,
                   device: str, resume: bool, overwrite: bool, no_eval: bool, download: bool, quiet: bool) -> None:
     """Build the condensed set a RECIPE (YAML) describes, evaluate it and save it."""
+    tune_allocator()
     from builders.engine import Engine
     from builders.recipe import load_recipe, parse_overrides
 
@@ -103,6 +105,7 @@ def build_command(recipe: Path, overrides: tuple[str, ...], out_root: Path | Non
 def eval_command(set_file: Path, model: str | None, models: str, runs: int | None, epochs: int | None,
                  root: Path | None, device: str, seed: int | None, save: bool, as_json: bool) -> None:
     """Evaluate a condensed SET with the papers' protocol on the real test split."""
+    tune_allocator()
     from builders.data import RealData
     from builders.engine import resolve_device
     from builders.evaluate import evaluate_set
