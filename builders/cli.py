@@ -101,9 +101,11 @@ def build_command(recipe: Path, overrides: tuple[str, ...], out_root: Path | Non
 @click.option("--seed", type=int, default=None, help="Evaluation seed (default: the set's).")
 @click.option("--save", is_flag=True, help="Write the evaluation into the set's metadata.")
 @click.option("--json", "as_json", is_flag=True, help="Print the evaluation as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
 @_user_errors
 def eval_command(set_file: Path, model: str | None, models: str, runs: int | None, epochs: int | None,
-                 root: Path | None, device: str, seed: int | None, save: bool, as_json: bool) -> None:
+                 root: Path | None, device: str, seed: int | None, save: bool, as_json: bool,
+                 quiet: bool = False) -> None:
     """Evaluate a condensed SET with the papers' protocol on the real test split."""
     tune_allocator()
     from builders.data import RealData
@@ -131,6 +133,7 @@ def eval_command(set_file: Path, model: str | None, models: str, runs: int | Non
         models=extra, runs=runs or ev.get("runs", 5), epochs=epochs or ev.get("epochs", 1000),
         default_lr=ev.get("lr", 0.01), batch=ev.get("batch", 256), augment=augment,
         seed=cset.metadata.get("seed", 0) if seed is None else seed, train=train, test=test,
+        progress=not quiet,
     )
     click.echo(json.dumps(result, indent=2, sort_keys=True) if as_json else format_evaluation(result))
     if save:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,7 @@ from torch import nn
 from builders.augment import Augmenter
 from builders.data import RealData
 from builders.networks import build_network
+from builders.progress import progress_bar
 
 
 @dataclass
@@ -76,8 +77,10 @@ def train_network(
     targets: torch.Tensor,
     settings: TrainSettings,
     generator: torch.Generator,
+    on_epoch: Callable[[], Any] | None = None,
 ) -> nn.Module:
-    """Train ``net`` in place on ``images``/``targets`` (same device) with ``settings``; returns it."""
+    """Train ``net`` in place on ``images``/``targets`` (same device) with ``settings``; returns it.
+    ``on_epoch`` is called after each epoch (progress)."""
     if settings.step_lrs is not None:
         return replay_steps(net, images, targets, settings, generator)
     opt = torch.optim.SGD(
@@ -93,6 +96,8 @@ def train_network(
         for start in range(0, n, settings.batch):
             idx = order[start : start + settings.batch]
             train_step(net, opt, images[idx], targets[idx], settings.augmenter, generator)
+        if on_epoch is not None:
+            on_epoch()
     return net
 
 
@@ -166,15 +171,27 @@ def evaluate_images(
     settings: TrainSettings,
     test: RealData,
     seeds: list[int],
+    progress: bool | str = False,
 ) -> list[float]:
-    """Accuracy (percent) of one freshly initialised ``model`` per seed, trained on ``images``."""
+    """Accuracy (percent) of one freshly initialised ``model`` per seed, trained on ``images``.
+
+    ``progress``: a bar over runs x epochs (a string names it; quiet when output is not a terminal).
+    """
     c, h, w = test.image_shape
+    per_run = 1 if settings.step_lrs is not None else settings.epochs
+    bar = progress_bar(len(seeds) * per_run, progress if isinstance(progress, str) else f"eval {model}",
+                       enabled=bool(progress), unit="run" if per_run == 1 else "epoch")
     accuracies = []
     for seed in seeds:
         generator = torch.Generator().manual_seed(seed)
         net = build_network(model, c, test.num_classes, (h, w), seed=seed).to(test.device)
-        train_network(net, images.to(test.device), targets.to(test.device), settings, generator)
+        train_network(net, images.to(test.device), targets.to(test.device), settings, generator,
+                      on_epoch=None if per_run == 1 else lambda: bar.update(1))
         accuracies.append(test_accuracy(net, test))
+        if per_run == 1:
+            bar.update(1)
+        bar.set_postfix(acc=f"{accuracies[-1]:.2f}")
+    bar.close()
     return accuracies
 
 
@@ -196,9 +213,11 @@ def evaluate_set(
     train: RealData,
     test: RealData,
     random_baseline: bool = True,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """The ``evaluation`` block of a set's metadata: per-run, mean and std accuracy, the random
-    real baseline of the same ipc under the same protocol, and cross-architecture results."""
+    real baseline of the same ipc under the same protocol, and cross-architecture results.
+    ``progress``: one bar per phase (quiet when output is not a terminal)."""
     augmenter = Augmenter(augment) if augment and augment != "none" else None
     learned_lr = lr is not None and lr.numel() == 1
     per_step = lr is not None and lr.dim() == 1 and lr.numel() > 1
@@ -219,15 +238,19 @@ def evaluate_set(
             "label_loss": "soft cross-entropy on softmax(soft_labels)" if soft_labels is not None else "cross-entropy",
             "test_split": f"{test.info.name} test, {len(test)} images",
         },
-        **_summary(evaluate_images(images, targets, model=model, settings=settings, test=test, seeds=seeds)),
+        **_summary(evaluate_images(images, targets, model=model, settings=settings, test=test, seeds=seeds,
+                                   progress=progress and f"eval {model}")),
     }
     if random_baseline:
         baseline = TrainSettings(epochs=epochs, lr=default_lr, batch=batch, augmenter=augmenter)
         rand_acc = []
+        bar = progress_bar(len(seeds) * epochs, f"random real {model}", enabled=progress, unit="epoch")
         for s in seeds:
             pos = train.random_class_balanced(ipc, torch.Generator().manual_seed(s + 7919))
             rand_acc += evaluate_images(train.rows(pos), train.labels[pos.to(train.device)], model=model,
-                                        settings=baseline, test=test, seeds=[s])
+                                        settings=baseline, test=test, seeds=[s], progress=False)
+            bar.update(epochs)
+        bar.close()
         rand = _summary(rand_acc)
         result["random_accuracies"] = rand["accuracies"]
         result["random_accuracy_mean"] = rand["accuracy_mean"]
@@ -235,7 +258,8 @@ def evaluate_set(
         result["improvement_over_random"] = round(result["accuracy_mean"] - rand["accuracy_mean"], 4)
     if models:
         result["cross_architecture"] = {
-            name: _summary(evaluate_images(images, targets, model=name, settings=settings, test=test, seeds=seeds))
+            name: _summary(evaluate_images(images, targets, model=name, settings=settings, test=test, seeds=seeds,
+                                           progress=progress and f"cross-architecture {name}"))
             for name in models
         }
     return result
