@@ -14,14 +14,18 @@ Networks with BatchNorm (running statistics updated in place) are refused.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad, stack_module_state, vmap
 
-from builders.evaluate import TrainSettings, label_loss
 from builders.networks import uses_batch_statistics
+
+if TYPE_CHECKING:  # evaluate.py builds on this module; only the settings' type comes from there
+    from builders.evaluate import TrainSettings
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def use_together(device: torch.device, nets_per_call: int) -> bool:
@@ -29,7 +33,7 @@ def use_together(device: torch.device, nets_per_call: int) -> bool:
     return device.type == "cuda" and nets_per_call > 1
 
 
-def _check(nets: Sequence[nn.Module], generators: Sequence[torch.Generator], settings: TrainSettings) -> None:
+def _check(nets: Sequence[nn.Module], generators: Sequence[torch.Generator], settings: "TrainSettings") -> None:
     if not nets or len(nets) != len(generators):
         raise ValueError(f"train_together: {len(nets)} networks need as many generators, got {len(generators)}")
     if settings.step_lrs is not None:
@@ -46,14 +50,21 @@ def train_together(
     nets: Sequence[nn.Module],
     images: torch.Tensor,
     targets: torch.Tensor,
-    settings: TrainSettings,
+    settings: "TrainSettings",
     generators: Sequence[torch.Generator],
+    loss_fn: LossFn,
     on_epoch: Callable[[], Any] | None = None,
 ) -> list[nn.Module]:
     """Train every ``nets[i]`` in place with ``generators[i]``, as ``train_network`` would alone; returns them.
 
     The networks must share class and parameter shapes and have no BatchNorm; ``images`` and
-    ``targets`` are shared (same device as the networks). ``on_epoch`` is called after each epoch.
+    ``targets`` are shared (same device as the networks); ``loss_fn(logits, targets)`` is the training
+    loss (``builders.evaluate.label_loss`` for the evaluation protocol). ``on_epoch`` is called after
+    each epoch. Example::
+
+        nets = [build_network("ConvNet", 1, 10, (28, 28), seed=s) for s in seeds]
+        train_together(nets, images, labels, TrainSettings(epochs=300), [Generator().manual_seed(s) for s in seeds],
+                       label_loss)
     """
     _check(nets, generators, settings)
     params, buffers = stack_module_state(list(nets))
@@ -61,7 +72,7 @@ def train_together(
     base = nets[0]
 
     def loss_of(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor):
-        return label_loss(functional_call(base, (p, b), (x,)), y)
+        return loss_fn(functional_call(base, (p, b), (x,)), y)
 
     step_grads = vmap(grad(loss_of))
     leaves = list(params.values())

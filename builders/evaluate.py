@@ -22,7 +22,8 @@ from torch import nn
 
 from builders.augment import Augmenter
 from builders.data import RealData
-from builders.networks import build_network
+from builders.ensemble import train_together, use_together
+from builders.networks import build_network, uses_batch_statistics
 from builders.progress import progress_bar
 
 
@@ -172,19 +173,31 @@ def evaluate_images(
     test: RealData,
     seeds: list[int],
     progress: bool | str = False,
+    together: bool | None = None,
 ) -> list[float]:
     """Accuracy (percent) of one freshly initialised ``model`` per seed, trained on ``images``.
 
     ``progress``: a bar over runs x epochs (a string names it; quiet when output is not a terminal).
+    ``together``: train the runs' networks together (:mod:`builders.ensemble`, the same trajectories up
+    to float rounding); None: on CUDA only. Sets with per-step lrs and BatchNorm networks train one by one.
     """
     c, h, w = test.image_shape
     per_run = 1 if settings.step_lrs is not None else settings.epochs
     bar = progress_bar(len(seeds) * per_run, progress if isinstance(progress, str) else f"eval {model}",
                        enabled=bool(progress), unit="run" if per_run == 1 else "epoch")
+    nets = [build_network(model, c, test.num_classes, (h, w), seed=seed).to(test.device) for seed in seeds]
+    if together is None:
+        together = use_together(test.device, len(seeds))
+    if together and settings.step_lrs is None and not uses_batch_statistics(nets[0]):
+        train_together(nets, images.to(test.device), targets.to(test.device), settings,
+                       [torch.Generator().manual_seed(seed) for seed in seeds], label_loss,
+                       on_epoch=lambda: bar.update(len(seeds)))
+        accuracies = [test_accuracy(net, test) for net in nets]
+        bar.close()
+        return accuracies
     accuracies = []
-    for seed in seeds:
+    for seed, net in zip(seeds, nets):
         generator = torch.Generator().manual_seed(seed)
-        net = build_network(model, c, test.num_classes, (h, w), seed=seed).to(test.device)
         train_network(net, images.to(test.device), targets.to(test.device), settings, generator,
                       on_epoch=None if per_run == 1 else lambda: bar.update(1))
         accuracies.append(test_accuracy(net, test))
@@ -214,10 +227,12 @@ def evaluate_set(
     test: RealData,
     random_baseline: bool = True,
     progress: bool = False,
+    together: bool | None = None,
 ) -> dict[str, Any]:
     """The ``evaluation`` block of a set's metadata: per-run, mean and std accuracy, the random
     real baseline of the same ipc under the same protocol, and cross-architecture results.
-    ``progress``: one bar per phase (quiet when output is not a terminal)."""
+    ``progress``: one bar per phase (quiet when output is not a terminal); ``together``: train the
+    runs on the set together (see :func:`evaluate_images`; None: on CUDA only)."""
     augmenter = Augmenter(augment) if augment and augment != "none" else None
     learned_lr = lr is not None and lr.numel() == 1
     per_step = lr is not None and lr.dim() == 1 and lr.numel() > 1
@@ -239,7 +254,7 @@ def evaluate_set(
             "test_split": f"{test.info.name} test, {len(test)} images",
         },
         **_summary(evaluate_images(images, targets, model=model, settings=settings, test=test, seeds=seeds,
-                                   progress=progress and f"eval {model}")),
+                                   progress=progress and f"eval {model}", together=together)),
     }
     if random_baseline:
         baseline = TrainSettings(epochs=epochs, lr=default_lr, batch=batch, augmenter=augmenter)
@@ -259,7 +274,8 @@ def evaluate_set(
     if models:
         result["cross_architecture"] = {
             name: _summary(evaluate_images(images, targets, model=name, settings=settings, test=test, seeds=seeds,
-                                           progress=progress and f"cross-architecture {name}"))
+                                           progress=progress and f"cross-architecture {name}",
+                                           together=together))
             for name in models
         }
     return result
