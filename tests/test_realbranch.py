@@ -4,7 +4,6 @@ import pytest
 import torch
 from torch import nn
 
-from builders.allocator import ENV_OFF, tune_allocator
 from builders.data import RealData
 from builders.methods.base import BuildContext
 from builders.methods.dm import DistributionMatching
@@ -85,7 +84,3 @@ def test_view_pooling_equals_average_pooling(size):
     x = torch.randn(3, 4, *size, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(_avg_pool_2x2(x.clone()), nn.AvgPool2d(2, 2)(x))
 
-
-def test_allocator_settings_are_off_with_the_environment_variable(monkeypatch):
-    monkeypatch.setenv(ENV_OFF, "1")
-    assert tune_allocator() is False
