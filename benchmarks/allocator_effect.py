@@ -62,7 +62,8 @@ def main(recipe: Path, overrides: tuple[str, ...], rounds: int, warmup: int, tim
                 text = log.read_text()
                 if os.waitstatus_to_exitcode(status) != 0:
                     raise click.ClickException(f"build_speed failed:\n{text[-2000:]}")
-                found = [(float(w), float(c)) for w, c in re.findall(r"^BENCH_ITER \d+ ([0-9.]+) ([0-9.]+)$", text, re.M)]
+                found = [(float(w), float(c))
+                         for w, c in re.findall(r"^BENCH_ITER \d+ ([0-9.]+) ([0-9.]+)$", text, re.MULTILINE)]
                 wall = (found[-1][0] - found[warmup - 1][0]) / timed
                 cpu = (found[-1][1] - found[warmup - 1][1]) / timed
                 runs.append({"allocator_settings": mode, "round": r, "s_per_iteration": round(wall, 3),

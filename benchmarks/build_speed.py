@@ -34,7 +34,8 @@ from builders.recipe import load_recipe, parse_overrides
 @click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None)
 @click.option("--record", is_flag=True, help="Write the result to benchmarks/results/.")
 @click.option("--note", default="", help="Conditions worth recording (e.g. other load on the machine).")
-@click.option("--stamps", is_flag=True, help="Print 'BENCH_ITER <iteration> <perf_counter> <process_time>' after each iteration.")
+@click.option("--stamps", is_flag=True,
+              help="Print 'BENCH_ITER <iteration> <perf_counter> <process_time>' after each iteration.")
 def main(recipe: Path, iterations: int, warmup: int, overrides: tuple[str, ...], device: str, out: Path,
          data_root: Path | None, record: bool, note: str, stamps: bool) -> None:
     """Time RECIPE's build loop (with the command line's allocator settings)."""

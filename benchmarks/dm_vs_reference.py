@@ -80,8 +80,9 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str], log: Path) -> dict:
     if proc.returncode != 0:
         raise click.ClickException(f"{' '.join(cmd)} failed ({proc.returncode}); last lines:\n"
                                    + "\n".join(text.splitlines()[-15:]))
-    found = re.findall(rf"^{STAMP} \d+ ([0-9.]+) ([0-9.]+)$", text, re.M)
-    return {"stamps": [float(w) for w, _ in found], "cpu_stamps": [float(c) for _, c in found], "user_s": round(usage.ru_utime, 1), "sys_s": round(usage.ru_stime, 1),
+    found = re.findall(rf"^{STAMP} \d+ ([0-9.]+) ([0-9.]+)$", text, re.MULTILINE)
+    return {"stamps": [float(w) for w, _ in found], "cpu_stamps": [float(c) for _, c in found],
+            "user_s": round(usage.ru_utime, 1), "sys_s": round(usage.ru_stime, 1),
             "peak_rss_mib": round(usage.ru_maxrss / 1024, 1), "wall_s": round(wall, 1),
             "load_average_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
 
@@ -155,7 +156,8 @@ def main(reference: Path, rounds: int, warmup: int, timed: int, overrides: tuple
     def side(name: str, key: str) -> list[float]:
         return [r[key] for r in runs if r["side"] == name]
 
-    ref_it, pkg_it = statistics.median(side("reference", "s_per_iteration")), statistics.median(side("package", "s_per_iteration"))
+    ref_it = statistics.median(side("reference", "s_per_iteration"))
+    pkg_it = statistics.median(side("package", "s_per_iteration"))
     ref_cpu, pkg_cpu = (statistics.median(side("reference", "cpu_s_per_iteration")),
                         statistics.median(side("package", "cpu_s_per_iteration")))
     result = {

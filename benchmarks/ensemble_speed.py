@@ -68,7 +68,8 @@ def main(nets: int, epochs: int, rounds: int, model: str, device: str, record: b
             fn()
             sync()
             runs.append({"mode": name, "round": r, "wall_s": round(time.perf_counter() - wall, 3),
-                         "cpu_s": round(time.process_time() - cpu, 3), "load_average_1min": round(os.getloadavg()[0], 2)})
+                         "cpu_s": round(time.process_time() - cpu, 3),
+                         "load_average_1min": round(os.getloadavg()[0], 2)})
             click.echo(json.dumps(runs[-1]))
 
     def med(mode: str, key: str) -> float:

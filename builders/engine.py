@@ -230,7 +230,8 @@ class Engine:
     def _loop(self, method, state, optimizers, ctx: BuildContext, start: int, on_iteration) -> None:
         r = self.recipe
         t0 = time.perf_counter()
-        bar = tqdm(range(start, r.iterations), initial=start, total=r.iterations, disable=None if self.progress else True,
+        bar = tqdm(range(start, r.iterations), initial=start, total=r.iterations,
+                   disable=None if self.progress else True,  # None: quiet when output is not a terminal
                    desc=f"{r.method} {r.source} ipc{r.ipc}", unit="it", dynamic_ncols=True)
         for iteration in bar:
             total, steps = 0.0, 0

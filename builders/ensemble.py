@@ -14,7 +14,8 @@ Networks with BatchNorm (running statistics updated in place) are refused.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -33,7 +34,7 @@ def use_together(device: torch.device, nets_per_call: int) -> bool:
     return device.type == "cuda" and nets_per_call > 1
 
 
-def _check(nets: Sequence[nn.Module], generators: Sequence[torch.Generator], settings: "TrainSettings") -> None:
+def _check(nets: Sequence[nn.Module], generators: Sequence[torch.Generator], settings: TrainSettings) -> None:
     if not nets or len(nets) != len(generators):
         raise ValueError(f"train_together: {len(nets)} networks need as many generators, got {len(generators)}")
     if settings.step_lrs is not None:
@@ -50,7 +51,7 @@ def train_together(
     nets: Sequence[nn.Module],
     images: torch.Tensor,
     targets: torch.Tensor,
-    settings: "TrainSettings",
+    settings: TrainSettings,
     generators: Sequence[torch.Generator],
     loss_fn: LossFn,
     on_epoch: Callable[[], Any] | None = None,

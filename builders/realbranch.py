@@ -15,7 +15,7 @@ branch, which carries the gradient, always stays in float32.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

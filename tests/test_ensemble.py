@@ -57,6 +57,6 @@ def test_evaluation_trained_together_gives_the_accuracies_of_one_by_one():
                     torch.arange(30) % 10, get_source("fashionmnist"))
     images, targets = _data()
     settings = TrainSettings(epochs=2, batch=8)
-    args = dict(model="ConvNetW32", settings=settings, test=test, seeds=[1, 2])
+    args = {"model": "ConvNetW32", "settings": settings, "test": test, "seeds": [1, 2]}
     assert evaluate_images(images, targets, together=True, **args) == evaluate_images(images, targets,
                                                                                       together=False, **args)
