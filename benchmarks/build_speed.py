@@ -19,6 +19,7 @@ from pathlib import Path
 import click
 import torch
 
+from builders.allocator import tune_allocator
 from builders.build import load_recipe
 from builders.engine import Engine
 from builders.recipe import parse_overrides
@@ -34,23 +35,28 @@ from builders.recipe import parse_overrides
 @click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None)
 @click.option("--record", is_flag=True, help="Write the result to benchmarks/results/.")
 @click.option("--note", default="", help="Conditions worth recording (e.g. other load on the machine).")
+@click.option("--stamps", is_flag=True,
+              help="Print 'BENCH_ITER <iteration> <perf_counter> <process_time>' after each iteration.")
 def main(recipe: Path, iterations: int, warmup: int, overrides: tuple[str, ...], device: str, out: Path,
-         data_root: Path | None, record: bool, note: str) -> None:
-    """Time RECIPE's build loop."""
+         data_root: Path | None, record: bool, note: str, stamps: bool) -> None:
+    """Time RECIPE's build loop (with the command line's allocator settings)."""
+    tune_allocator()
     pairs = parse_overrides(overrides) + [("iterations", warmup + iterations), ("checkpoint_every", 0)]
     r = load_recipe(recipe, pairs)
     engine = Engine(r, out_root=out, data_root=data_root, device=device, evaluate=False, progress=False)
-    stamps: list[float] = []
+    times: list[float] = []
 
     def tick(iteration: int, loss: float) -> None:
         if engine.device.type == "cuda":
             torch.cuda.synchronize()
-        stamps.append(time.perf_counter())
+        times.append(time.perf_counter())
+        if stamps:
+            click.echo(f"BENCH_ITER {iteration} {times[-1]} {time.process_time()}")
 
     if engine.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     engine.run(on_iteration=tick)
-    timed = stamps[warmup:]
+    timed = times[warmup:]
     rate = (len(timed) - 1) / (timed[-1] - timed[0]) if len(timed) > 1 else float("nan")
     result = {
         "recipe": str(recipe),

@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 import click
 
+from builders.allocator import tune_allocator
 from builders.build import build, load_recipe, makes_set
 from builders.data import RealData
 from builders.engine import BuildPaths, resolve_device
@@ -79,6 +80,7 @@ def format_evaluation(ev: dict[str, Any] | None) -> str:
 def build_command(recipe: Path, overrides: tuple[str, ...], out_root: Path | None, data_root: Path | None,
                   device: str, resume: bool, overwrite: bool, no_eval: bool, download: bool, quiet: bool) -> None:
     """Build the condensed set a RECIPE (YAML) describes, evaluate it and save it."""
+    tune_allocator()
     r = load_recipe(recipe, parse_overrides(overrides))
     dev = resolve_device(device)
     options = dict(out_root=out_root, data_root=data_root, device=device, resume=resume, overwrite=overwrite,
@@ -111,10 +113,13 @@ def build_command(recipe: Path, overrides: tuple[str, ...], out_root: Path | Non
 @click.option("--seed", type=int, default=None, help="Evaluation seed (default: the set's).")
 @click.option("--save", is_flag=True, help="Write the evaluation into the set's metadata.")
 @click.option("--json", "as_json", is_flag=True, help="Print the evaluation as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
 @_user_errors
 def eval_command(set_file: Path, model: str | None, models: str, runs: int | None, epochs: int | None,
-                 root: Path | None, device: str, seed: int | None, save: bool, as_json: bool) -> None:
+                 root: Path | None, device: str, seed: int | None, save: bool, as_json: bool,
+                 quiet: bool = False) -> None:
     """Evaluate a condensed SET with the papers' protocol on the real test split."""
+    tune_allocator()
     cset = CondensedSet.load(set_file)
     recipe = cset.metadata.get("recipe") or {}
     ev = recipe.get("eval") or {}
@@ -136,6 +141,7 @@ def eval_command(set_file: Path, model: str | None, models: str, runs: int | Non
         models=extra, runs=runs or ev.get("runs", 5), epochs=epochs or ev.get("epochs", 1000),
         default_lr=ev.get("lr", 0.01), batch=ev.get("batch", 256), augment=augment,
         seed=cset.metadata.get("seed", 0) if seed is None else seed, train=train, test=test,
+        progress=not quiet,
     )
     click.echo(json.dumps(result, indent=2, sort_keys=True) if as_json else format_evaluation(result))
     if save:

@@ -134,7 +134,7 @@ class Engine:
             soft_labels=contents.soft_labels, lr=contents.lr, ipc=r.ipc, model=r.eval_model,
             models=ev.models, runs=ev.runs, epochs=ev.epochs, default_lr=ev.lr, batch=ev.batch,
             augment=r.eval_augment, seed=r.seed, train=ctx.real, test=test,
-            random_baseline=ev.random_baseline,
+            random_baseline=ev.random_baseline, progress=self.progress,
         )
 
     # -- the loop ----------------------------------------------------------------------------
@@ -223,7 +223,8 @@ class Engine:
     def _loop(self, method, state, optimizers, ctx: BuildContext, start: int, on_iteration) -> None:
         r = self.recipe
         t0 = time.perf_counter()
-        bar = tqdm(range(start, r.iterations), initial=start, total=r.iterations, disable=not self.progress,
+        bar = tqdm(range(start, r.iterations), initial=start, total=r.iterations,
+                   disable=None if self.progress else True,  # None: quiet when output is not a terminal
                    desc=f"{r.method} {r.source} ipc{r.ipc}", unit="it", dynamic_ncols=True)
         for iteration in bar:
             total, steps = 0.0, 0

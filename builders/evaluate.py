@@ -13,8 +13,7 @@ learning rate ``lr[t]``; per-sample augmentation applies when the protocol has o
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -23,45 +22,10 @@ from torch import nn
 from builders.augment import Augmenter
 from builders.data import RealData
 from builders.dc_augment import make_augmenter
-from builders.networks import build_network
-
-
-@dataclass
-class TrainSettings:
-    """The papers' training protocol for a network on a (small) set."""
-
-    epochs: int
-    lr: float = 0.01
-    batch: int = 256
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    augmenter: Augmenter | None = None
-    step_lrs: tuple[float, ...] | None = None  # learned per-step lrs: replay them instead (see module doc)
-    ipc: int = 1  # images per class of the set; picks each replayed step's images
-
-    def describe(self) -> dict[str, Any]:
-        if self.step_lrs is not None:
-            return {
-                "optimizer": "SGD",
-                "steps": len(self.step_lrs),
-                "lr": "learned per step",
-                "lrs": [round(v, 8) for v in self.step_lrs],
-                "lr_schedule": "replay of the set's per-step lrs, in order, once",
-                "batch": "step t: image (t mod ipc) of every class",
-                "momentum": 0.0,
-                "weight_decay": 0.0,
-                "augment": self.augmenter.strategy if self.augmenter else "none",
-            }
-        return {
-            "optimizer": "SGD",
-            "epochs": self.epochs,
-            "lr": self.lr,
-            "lr_schedule": f"x0.1 after epoch {self.epochs // 2}",
-            "batch": self.batch,
-            "momentum": self.momentum,
-            "weight_decay": self.weight_decay,
-            "augment": self.augmenter.strategy if self.augmenter else "none",
-        }
+from builders.ensemble import train_together, use_together
+from builders.networks import build_network, uses_batch_statistics
+from builders.progress import progress_bar
+from builders.train_settings import TrainSettings
 
 
 def label_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -77,8 +41,10 @@ def train_network(
     targets: torch.Tensor,
     settings: TrainSettings,
     generator: torch.Generator,
+    on_epoch: Callable[[], Any] | None = None,
 ) -> nn.Module:
-    """Train ``net`` in place on ``images``/``targets`` (same device) with ``settings``; returns it."""
+    """Train ``net`` in place on ``images``/``targets`` (same device) with ``settings``; returns it.
+    ``on_epoch`` is called after each epoch (progress)."""
     if settings.step_lrs is not None:
         return replay_steps(net, images, targets, settings, generator)
     opt = torch.optim.SGD(
@@ -94,6 +60,8 @@ def train_network(
         for start in range(0, n, settings.batch):
             idx = order[start : start + settings.batch]
             train_step(net, opt, images[idx], targets[idx], settings.augmenter, generator)
+        if on_epoch is not None:
+            on_epoch()
     return net
 
 
@@ -167,15 +135,39 @@ def evaluate_images(
     settings: TrainSettings,
     test: RealData,
     seeds: list[int],
+    progress: bool | str = False,
+    together: bool | None = None,
 ) -> list[float]:
-    """Accuracy (percent) of one freshly initialised ``model`` per seed, trained on ``images``."""
+    """Accuracy (percent) of one freshly initialised ``model`` per seed, trained on ``images``.
+
+    ``progress``: a bar over runs x epochs (a string names it; quiet when output is not a terminal).
+    ``together``: train the runs' networks together (:mod:`builders.ensemble`, the same trajectories up
+    to float rounding); None: on CUDA only. Sets with per-step lrs and BatchNorm networks train one by one.
+    """
     c, h, w = test.image_shape
+    per_run = 1 if settings.step_lrs is not None else settings.epochs
+    bar = progress_bar(len(seeds) * per_run, progress if isinstance(progress, str) else f"eval {model}",
+                       enabled=bool(progress), unit="run" if per_run == 1 else "epoch")
+    nets = [build_network(model, c, test.num_classes, (h, w), seed=seed).to(test.device) for seed in seeds]
+    if together is None:
+        together = use_together(test.device, len(seeds))
+    if together and settings.step_lrs is None and not uses_batch_statistics(nets[0]):
+        train_together(nets, images.to(test.device), targets.to(test.device), settings,
+                       [torch.Generator().manual_seed(seed) for seed in seeds], label_loss,
+                       on_epoch=lambda: bar.update(len(seeds)))
+        accuracies = [test_accuracy(net, test) for net in nets]
+        bar.close()
+        return accuracies
     accuracies = []
-    for seed in seeds:
+    for seed, net in zip(seeds, nets):
         generator = torch.Generator().manual_seed(seed)
-        net = build_network(model, c, test.num_classes, (h, w), seed=seed).to(test.device)
-        train_network(net, images.to(test.device), targets.to(test.device), settings, generator)
+        train_network(net, images.to(test.device), targets.to(test.device), settings, generator,
+                      on_epoch=None if per_run == 1 else lambda: bar.update(1))
         accuracies.append(test_accuracy(net, test))
+        if per_run == 1:
+            bar.update(1)
+        bar.set_postfix(acc=f"{accuracies[-1]:.2f}")
+    bar.close()
     return accuracies
 
 
@@ -197,9 +189,13 @@ def evaluate_set(
     train: RealData,
     test: RealData,
     random_baseline: bool = True,
+    progress: bool = False,
+    together: bool | None = None,
 ) -> dict[str, Any]:
     """The ``evaluation`` block of a set's metadata: per-run, mean and std accuracy, the random
-    real baseline of the same ipc under the same protocol, and cross-architecture results."""
+    real baseline of the same ipc under the same protocol, and cross-architecture results.
+    ``progress``: one bar per phase (quiet when output is not a terminal); ``together``: train the
+    runs on the set together (see :func:`evaluate_images`; None: on CUDA only)."""
     augmenter = make_augmenter(augment)  # DSA's, or DC's own for "dc:..." strategies
     learned_lr = lr is not None and lr.numel() == 1
     per_step = lr is not None and lr.dim() == 1 and lr.numel() > 1
@@ -220,15 +216,19 @@ def evaluate_set(
             "label_loss": "soft cross-entropy on softmax(soft_labels)" if soft_labels is not None else "cross-entropy",
             "test_split": f"{test.info.name} test, {len(test)} images",
         },
-        **_summary(evaluate_images(images, targets, model=model, settings=settings, test=test, seeds=seeds)),
+        **_summary(evaluate_images(images, targets, model=model, settings=settings, test=test, seeds=seeds,
+                                   progress=progress and f"eval {model}", together=together)),
     }
     if random_baseline:
         baseline = TrainSettings(epochs=epochs, lr=default_lr, batch=batch, augmenter=augmenter)
         rand_acc = []
+        bar = progress_bar(len(seeds) * epochs, f"random real {model}", enabled=progress, unit="epoch")
         for s in seeds:
             pos = train.random_class_balanced(ipc, torch.Generator().manual_seed(s + 7919))
             rand_acc += evaluate_images(train.rows(pos), train.labels[pos.to(train.device)], model=model,
-                                        settings=baseline, test=test, seeds=[s])
+                                        settings=baseline, test=test, seeds=[s], progress=False)
+            bar.update(epochs)
+        bar.close()
         rand = _summary(rand_acc)
         result["random_accuracies"] = rand["accuracies"]
         result["random_accuracy_mean"] = rand["accuracy_mean"]
@@ -236,7 +236,9 @@ def evaluate_set(
         result["improvement_over_random"] = round(result["accuracy_mean"] - rand["accuracy_mean"], 4)
     if models:
         result["cross_architecture"] = {
-            name: _summary(evaluate_images(images, targets, model=name, settings=settings, test=test, seeds=seeds))
+            name: _summary(evaluate_images(images, targets, model=name, settings=settings, test=test, seeds=seeds,
+                                           progress=progress and f"cross-architecture {name}",
+                                           together=together))
             for name in models
         }
     return result

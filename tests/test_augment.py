@@ -321,8 +321,8 @@ def test_dc_augmentation_is_the_references_per_image_family():
 
 
 def test_dc_mnist_recipe_evaluates_with_dcs_own_augmentation():
-    from builders.recipe import RECIPES_DIR
     from builders.build import load_recipe
+    from builders.recipe import RECIPES_DIR
 
     r = load_recipe(RECIPES_DIR / "dc_mnist.yaml")
     assert r.eval.augment == "dc:crop_scale_rotate" and r.eval.epochs == 1000

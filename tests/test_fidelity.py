@@ -6,8 +6,8 @@ from typing import Any
 import pytest
 import yaml
 
-from builders.recipe import RECIPES_DIR, Recipe, load_recipe_data
 from builders.build import load_recipe
+from builders.recipe import RECIPES_DIR, Recipe, load_recipe_data
 
 FIDELITY = Path(__file__).resolve().parents[1] / "docs" / "fidelity.yaml"
 TABLE = yaml.safe_load(FIDELITY.read_text())["recipes"]

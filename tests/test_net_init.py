@@ -3,10 +3,10 @@
 import torch
 from torch import nn
 
+from builders.build import load_recipe
 from builders.net_init import init_network_
 from builders.networks import build_network
 from builders.recipe import RECIPES_DIR
-from builders.build import load_recipe
 
 
 def test_xavier_init_has_the_references_statistics_and_zero_biases():

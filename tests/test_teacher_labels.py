@@ -6,10 +6,10 @@ from conftest import assert_resume_is_identical
 from test_mtt import mtt_engine
 from torch.func import functional_call
 
+from builders.build import recipe_from_dict
 from builders.methods import mtt as mtt_module
 from builders.methods.mtt import TrajectoryMatching
 from builders.recipe import RecipeError
-from builders.build import recipe_from_dict
 from condensed_datasets.format import CondensedSet
 
 

@@ -12,6 +12,9 @@ from typing import Any, ClassVar, Iterator
 import torch
 
 from builders.methods.base import Method, SetContents, check_init
+from builders.networks import uses_batch_statistics
+from builders.realbranch import PRECISIONS, class_mean_embeddings
+from builders.recipe import check_choice
 from builders.registry import register
 
 
@@ -40,11 +43,13 @@ class DistributionMatching(Method):
         "momentum": 0.5,
         "batch_real": 256,
         "init": "real",
+        "precision": "fp32",  # or "bf16-real": the real branch under bfloat16 autocast (see README)
     }
 
     @classmethod
     def check_recipe(cls, recipe) -> None:
         check_init(recipe.params["init"])
+        check_choice("precision", recipe.params["precision"], PRECISIONS)
 
     def initial_state(self) -> dict[str, torch.Tensor]:
         images, self.init_rows = self.ctx.initial_images(self.params["init"])
@@ -66,14 +71,19 @@ class DistributionMatching(Method):
             real, syn = ctx.augment_siamese(real, images[ctx.class_slice(c)])
             real_parts.append(real)
             syn_parts.append(syn)
-        # One forward pass for all real and one for all synthetic images. With per-sample norms
-        # this is the per-class loop's maths; with BatchNorm it is the paper's concatenated path.
-        with torch.no_grad():
-            real_emb = net.embed(torch.cat(real_parts))
+        real_sizes, syn_sizes = [len(p) for p in real_parts], [len(p) for p in syn_parts]
+        if uses_batch_statistics(net):
+            # BatchNorm mixes a batch's samples: the paper's one concatenated real forward pass.
+            with torch.no_grad():
+                real_emb = net.embed(torch.cat(real_parts))
+            yield mean_embedding_loss(real_emb, real_sizes, net.embed(torch.cat(syn_parts)), syn_sizes)
+            return
+        # Per-sample norms: one real forward pass per class (a tenth of the memory, the same maths),
+        # finished before the synthetic forward pass so that its graph is not alive meanwhile.
+        real_means = class_mean_embeddings(net, real_parts, self.params["precision"])
         syn_emb = net.embed(torch.cat(syn_parts))
-        yield mean_embedding_loss(
-            real_emb, [len(p) for p in real_parts], syn_emb, [len(p) for p in syn_parts]
-        )
+        syn_means = torch.stack([part.mean(0) for part in torch.split(syn_emb, syn_sizes)])
+        yield ((real_means - syn_means) ** 2).sum()
 
     def finalize(self, state: dict[str, torch.Tensor]) -> SetContents:
         return SetContents(images=state["images"].detach(), metadata={"init": self.params["init"]})

@@ -1,0 +1,199 @@
+"""DM iteration time of this package against the papers' reference code, side by side on one machine.
+
+    python benchmarks/dm_vs_reference.py --reference /path/to/DatasetCondensation [--rounds 2] [--record]
+
+``--reference`` is a checkout of VICO-UoE/DatasetCondensation. It is copied to a temporary folder and
+that copy is patched at run time (nothing of it enters this repository): the one-word ``.view(`` ->
+``.reshape(`` fix in its ConvNet ``embed`` that current PyTorch needs, a timestamp printed after each
+image update, and its evaluations switched off. Both sides run the same configuration: Fashion-MNIST
+(the system copy, installed under a temporary data root), ipc 10, DM, batch_real 256, DSA
+``color_crop_cutout_flip_scale_rotate``, ConvNet (depth 3, width 128, instance norm), on the CPU with
+PyTorch's default threads. Runs alternate (reference, package, reference, package, ...), each in its
+own process; iterations ``warmup + 1`` to ``warmup + timed`` are timed (defaults: 6 to 25), in wall
+seconds and in the process's CPU seconds (all threads; steadier than wall time on a busy machine). For each
+run the child's user and system CPU seconds and peak RSS come from ``os.wait4`` (whole process,
+start-up and data loading included). The reference needs scipy (``--reference-pythonpath`` adds a
+folder holding it when this environment has none).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import torch
+
+from condensed_datasets.sources import install_system_fashion_mnist
+
+REPO = Path(__file__).resolve().parent.parent
+STAMP = "BENCH_ITER"
+
+
+def _replace_once(text: str, old: str, new: str, where: str) -> str:
+    if text.count(old) != 1:
+        raise click.ClickException(f"{where}: expected exactly one {old!r}; is this the DatasetCondensation "
+                                   "reference (main_DM.py, networks.py)?")
+    return text.replace(old, new)
+
+
+def patch_reference(src: Path, dst: Path) -> None:
+    """Copy the reference checkout to ``dst`` and patch the copy (see the module docstring)."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".git", "__pycache__"))
+    nets = (dst / "networks.py").read_text()
+    start = nets.index("class ConvNet(")
+    end = nets.index("\nclass ", start + 1)
+    body = nets[start:end]
+    embed = body.index("def embed")
+    fixed = body[:embed] + _replace_once(body[embed:], "out.view(", "out.reshape(", "networks.py ConvNet.embed")
+    (dst / "networks.py").write_text(nets[:start] + fixed + nets[end:])
+    main = (dst / "main_DM.py").read_text()
+    main = _replace_once(main, "if it in eval_it_pool:", "if False:  # benchmark: no evaluation", "main_DM.py")
+    step = re.search(r"\n(\s*)optimizer_img\.step\(\)\n", main)
+    if step is None:
+        raise click.ClickException("main_DM.py: no optimizer_img.step() line to time")
+    indent = step.group(1)
+    main = (main[: step.end()] + f"{indent}print('{STAMP}', it, time.perf_counter(), time.process_time(), flush=True)\n"
+            + main[step.end():])
+    (dst / "main_DM.py").write_text(main)
+
+
+def _run(cmd: list[str], cwd: Path, env: dict[str, str], log: Path) -> dict:
+    """Run ``cmd``; its stamps, CPU seconds and peak RSS (of this child alone, from wait4)."""
+    load_before = os.getloadavg()[0]
+    with open(log, "w") as out:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - start
+    text = log.read_text()
+    if proc.returncode != 0:
+        raise click.ClickException(f"{' '.join(cmd)} failed ({proc.returncode}); last lines:\n"
+                                   + "\n".join(text.splitlines()[-15:]))
+    found = re.findall(rf"^{STAMP} \d+ ([0-9.]+) ([0-9.]+)$", text, re.MULTILINE)
+    return {"stamps": [float(w) for w, _ in found], "cpu_stamps": [float(c) for _, c in found],
+            "user_s": round(usage.ru_utime, 1), "sys_s": round(usage.ru_stime, 1),
+            "peak_rss_mib": round(usage.ru_maxrss / 1024, 1), "wall_s": round(wall, 1),
+            "load_average_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+
+
+def _per_iteration(stamps: list[float], warmup: int, timed: int) -> float:
+    """Seconds per iteration over iterations ``warmup + 1 .. warmup + timed`` (stamps end iterations)."""
+    if len(stamps) < warmup + timed:
+        raise click.ClickException(f"only {len(stamps)} iteration stamps, {warmup + timed} needed")
+    return (stamps[warmup + timed - 1] - stamps[warmup - 1]) / timed
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@click.command()
+@click.option("--reference", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="Checkout of VICO-UoE/DatasetCondensation (main_DM.py, networks.py, utils.py).")
+@click.option("--rounds", type=int, default=2, show_default=True, help="Pairs (reference, package) to run.")
+@click.option("--warmup", type=int, default=5, show_default=True, help="Iterations not timed.")
+@click.option("--timed", type=int, default=20, show_default=True, help="Iterations timed.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Recipe overrides for the package's side only (e.g. params.precision=bf16-real).")
+@click.option("--reference-pythonpath", default="", help="Extra PYTHONPATH for the reference (e.g. scipy).")
+@click.option("--python", "python", default=sys.executable, show_default=True)
+@click.option("--record", is_flag=True, help="Write the result to benchmarks/results/.")
+@click.option("--note", default="", help="Conditions worth recording (e.g. other load on the machine).")
+def main(reference: Path, rounds: int, warmup: int, timed: int, overrides: tuple[str, ...],
+         reference_pythonpath: str, python: str, record: bool, note: str) -> None:
+    """Time DM iterations of the reference and of this package, interleaved."""
+    if warmup < 1 or timed < 1:
+        raise click.BadParameter("--warmup and --timed must be >= 1")
+    total = warmup + timed
+    with tempfile.TemporaryDirectory(prefix="dm_vs_reference_") as tmp_name:
+        tmp = Path(tmp_name)
+        data = tmp / "data"
+        if not install_system_fashion_mnist(data):
+            raise click.ClickException("no system copy of Fashion-MNIST (CONDENSED_FASHION_MNIST_DIR)")
+        patch_reference(reference, tmp / "ref")
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "CUDA_VISIBLE_DEVICES")}
+        env["CUDA_VISIBLE_DEVICES"] = ""  # both on the CPU
+        ref_env = dict(env, PYTHONPATH=os.pathsep.join(p for p in (str(tmp / "ref"), reference_pythonpath) if p))
+        pkg_env = dict(env, PYTHONPATH=str(REPO))
+        ref_cmd = [python, "main_DM.py", "--dataset", "FashionMNIST", "--model", "ConvNet", "--ipc", "10",
+                   "--batch_real", "256", "--dsa_strategy", "color_crop_cutout_flip_scale_rotate",
+                   "--init", "real", "--num_exp", "1", "--Iteration", str(total - 1),
+                   "--data_path", str(data), "--save_path", str(tmp / "ref_out")]
+        pkg_cmd = [python, str(REPO / "benchmarks" / "build_speed.py"), str(REPO / "recipes" / "dm_fashionmnist.yaml"),
+                   "--device", "cpu", "--data-root", str(data), "--out", str(tmp / "pkg_out"),
+                   "--warmup", str(warmup - 1), "--iterations", str(timed + 1), "--stamps"]
+        for pair in overrides:
+            pkg_cmd += ["--set", pair]
+        runs: list[dict] = []
+        for r in range(rounds):
+            for side, cmd, cwd, run_env in (("reference", ref_cmd, tmp / "ref", ref_env),
+                                              ("package", pkg_cmd, REPO, pkg_env)):
+                result = _run(cmd, cwd, run_env, tmp / f"{side}_{r}.log")
+                result["s_per_iteration"] = round(_per_iteration(result.pop("stamps"), warmup, timed), 4)
+                result["cpu_s_per_iteration"] = round(_per_iteration(result.pop("cpu_stamps"), warmup, timed), 4)
+                runs.append({"side": side, "round": r, **result})
+                click.echo(f"round {r} {side:9s}: {result['s_per_iteration']:.3f} s/it "
+                           f"({result['cpu_s_per_iteration']:.3f} CPU-s/it), user {result['user_s']} s, "
+                           f"sys {result['sys_s']} s, peak RSS {result['peak_rss_mib']} MiB, wall {result['wall_s']} s")
+
+    def side(name: str, key: str) -> list[float]:
+        return [r[key] for r in runs if r["side"] == name]
+
+    ref_it = statistics.median(side("reference", "s_per_iteration"))
+    pkg_it = statistics.median(side("package", "s_per_iteration"))
+    ref_cpu, pkg_cpu = (statistics.median(side("reference", "cpu_s_per_iteration")),
+                        statistics.median(side("package", "cpu_s_per_iteration")))
+    result = {
+        "benchmark": "DM iteration, reference main_DM.py vs this package",
+        "config": {"source": "fashionmnist", "ipc": 10, "method": "dm", "batch_real": 256, "model": "ConvNet",
+                   "augment": "color_crop_cutout_flip_scale_rotate", "package_overrides": list(overrides),
+                   "timed_iterations": f"{warmup + 1}-{total}", "order": "reference, package, alternating"},
+        "runs": runs,
+        "reference_s_per_iteration_median": ref_it,
+        "package_s_per_iteration_median": pkg_it,
+        "speedup_median": round(ref_it / pkg_it, 3),
+        "speedup_per_round": [round(a / b, 3) for a, b in zip(side("reference", "s_per_iteration"),
+                                                              side("package", "s_per_iteration"))],
+        "reference_cpu_s_per_iteration_median": ref_cpu,
+        "package_cpu_s_per_iteration_median": pkg_cpu,
+        "cpu_time_ratio_median": round(ref_cpu / pkg_cpu, 3),
+        "reference_peak_rss_mib_max": max(side("reference", "peak_rss_mib")),
+        "package_peak_rss_mib_max": max(side("package", "peak_rss_mib")),
+        "device": f"cpu: {_cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads",
+        "torch": torch.__version__,
+        "reference_patches": ["networks.py ConvNet.embed: .view( -> .reshape(",
+                              "main_DM.py: evaluations off, timestamp after each optimizer_img.step()"],
+        "cpu_and_rss": "whole child process (os.wait4): start-up and data loading included",
+        "command": " ".join(["python", "benchmarks/dm_vs_reference.py", *sys.argv[1:]]),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "note": note,
+    }
+    click.echo(json.dumps(result, indent=2))
+    if record:
+        folder = Path(__file__).parent / "results"
+        folder.mkdir(exist_ok=True)
+        tag = "_".join(p.replace("params.", "").replace("=", "-") for p in overrides)
+        path = folder / f"dm_vs_reference_cpu{'_' + tag if tag else ''}_{result['date'][:10]}.json"
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        click.echo(f"recorded {path}")
+
+
+if __name__ == "__main__":
+    main()

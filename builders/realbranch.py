@@ -1,0 +1,79 @@
+"""The real branch of distribution matching: per-class mean embeddings of real batches, no gradient.
+
+The real images only enter the loss through each class's mean embedding, so for a network without
+batch statistics (every sample normalised on its own) each class batch can go through the network on
+its own: the activations of one class (a tenth of the concatenated batch) are all that is alive at a
+time. ``ConvNet`` family networks take a faster route with the same arithmetic: in-place activations
+(nothing needs the pre-activation values without a gradient) and 2x2 average pooling as a sum of four
+strided views (the pooling kernel is the slow part of the network after the convolutions on CPUs).
+A network with BatchNorm must see the whole concatenated batch, as the papers' code does;
+:func:`class_mean_embeddings` refuses it.
+
+``precision="bf16-real"`` runs the real branch under bfloat16 autocast (CPU or CUDA); the synthetic
+branch, which carries the gradient, always stays in float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from builders.networks import ConvNet, uses_batch_statistics
+
+PRECISIONS = ("fp32", "bf16-real")
+
+
+def _avg_pool_2x2(x: torch.Tensor) -> torch.Tensor:
+    """``AvgPool2d(2, 2)`` as the sum of four strided views (faster on CPUs than the pooling kernel)."""
+    h, w = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2
+    x = x[..., :h, :w]
+    out = x[..., 0::2, 0::2] + x[..., 0::2, 1::2]
+    return out.add_(x[..., 1::2, 0::2]).add_(x[..., 1::2, 1::2]).mul_(0.25)
+
+
+def _fast_layer(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` without a gradient: ReLU in place, 2x2 average pooling by strided views."""
+    if type(layer) is nn.ReLU:
+        return x.relu_()
+    if type(layer) is nn.AvgPool2d and layer.kernel_size in (2, (2, 2)) and layer.stride in (2, (2, 2)) \
+            and layer.padding in (0, (0, 0)) and not layer.ceil_mode:
+        return _avg_pool_2x2(x)
+    return layer(x)
+
+
+def _convnet_embed_no_grad(net: ConvNet, x: torch.Tensor) -> torch.Tensor:
+    """``net.embed(x)`` with in-place activations and view-based pooling (no gradient)."""
+    for layer in net.features:
+        x = _fast_layer(layer, x)
+    return x.flatten(1)
+
+
+def embed_no_grad(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``net.embed(x)`` without a gradient, by the fastest route known for ``net``."""
+    with torch.no_grad():
+        if type(net) is ConvNet:
+            return _convnet_embed_no_grad(net, x)
+        return net.embed(x)
+
+
+def class_mean_embeddings(net: nn.Module, batches: Sequence[torch.Tensor], precision: str = "fp32") -> torch.Tensor:
+    """``[len(batches), feature_dim]``: the mean embedding of each class batch, one forward per batch.
+
+    ``net`` must have no batch statistics (ValueError otherwise: concatenate the batches instead).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: unknown {precision!r}; valid: {', '.join(PRECISIONS)}")
+    if uses_batch_statistics(net):
+        raise ValueError("a network with BatchNorm mixes the samples of a batch: its real branch must see "
+                         "the concatenated batch, not one class at a time")
+    means = []
+    for batch in batches:
+        if precision == "bf16-real":
+            with torch.autocast(batch.device.type, dtype=torch.bfloat16):
+                emb = embed_no_grad(net, batch)
+            means.append(emb.float().mean(0))
+        else:
+            means.append(embed_no_grad(net, batch).mean(0))
+    return torch.stack(means)

@@ -1,0 +1,86 @@
+"""DM's real branch: the per-class fast path against the plain per-class computation."""
+
+import pytest
+import torch
+from torch import nn
+
+from builders.data import RealData
+from builders.methods.base import BuildContext
+from builders.methods.dm import DistributionMatching
+from builders.networks import build_network
+from builders.realbranch import _avg_pool_2x2, class_mean_embeddings
+from builders.build import recipe_from_dict
+from condensed_datasets.sources import get_source
+
+
+def _context(model: str, precision: str = "fp32", per_class: int = 12, size: int = 12) -> BuildContext:
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (10 * per_class, 1, size, size), generator=g, dtype=torch.uint8)
+    real = RealData(images, torch.arange(10).repeat_interleave(per_class), get_source("fashionmnist"))
+    recipe = recipe_from_dict({"source": "fashionmnist", "method": "dm", "ipc": 2, "model": model,
+                               "augment": "color_crop_cutout_flip_scale_rotate",
+                               "params": {"batch_real": 8, "precision": precision}})
+    return BuildContext(recipe, real, torch.device("cpu"), torch.Generator().manual_seed(1), augmenter=None)
+
+
+def _loss_and_plain_loss(model: str, precision: str = "fp32"):
+    """DM's loss, and the loss computed class by class with ``net.embed``, on the same net and draws."""
+    from builders.augment import Augmenter
+
+    ctx = _context(model, precision)
+    ctx.augmenter = Augmenter(ctx.recipe.augment)
+    nets, draws = [], []
+    new_network, augment = ctx.new_network, ctx.augment_siamese
+    ctx.new_network = lambda name=None: nets.append(new_network(name)) or nets[-1]
+    ctx.augment_siamese = lambda *b: draws.append(augment(*b)) or draws[-1]
+    method = DistributionMatching(ctx)
+    state = method.initial_state()
+    loss = next(iter(method.losses(state, 0)))
+    net = nets[0]
+    plain = sum(((net.embed(real).detach().mean(0) - net.embed(syn).mean(0)) ** 2).sum() for real, syn in draws)
+    return loss, plain, state["images"]
+
+
+@pytest.mark.parametrize("model", ["ConvNetW32", "ConvNetD2", "ConvNetMP"])
+def test_fast_path_loss_and_image_gradient_equal_the_plain_per_class_computation(model):
+    loss, plain, images = _loss_and_plain_loss(model)
+    (grad,) = torch.autograd.grad(loss, images, retain_graph=True)
+    (plain_grad,) = torch.autograd.grad(plain, images)
+    torch.testing.assert_close(loss, plain, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, plain_grad, rtol=1e-5, atol=1e-6)
+    assert grad.abs().sum() > 0
+
+
+def test_bf16_real_branch_stays_close_to_fp32():
+    loss, plain, images = _loss_and_plain_loss("ConvNetW32", precision="bf16-real")
+    (grad,) = torch.autograd.grad(loss, images, retain_graph=True)
+    (plain_grad,) = torch.autograd.grad(plain, images)
+    torch.testing.assert_close(loss, plain, rtol=5e-2, atol=1e-3)
+    assert torch.nn.functional.cosine_similarity(grad.flatten(), plain_grad.flatten(), dim=0) > 0.99
+
+
+def test_batchnorm_networks_are_refused_by_the_per_class_path():
+    net = build_network("ConvNetBN", 1, 10, (12, 12), seed=0)
+    with pytest.raises(ValueError, match="BatchNorm"):
+        class_mean_embeddings(net, [torch.zeros(2, 1, 12, 12)])
+
+
+def test_batchnorm_dm_loss_is_the_concatenated_computation():
+    ctx = _context("ConvNetBN")
+    nets, draws = [], []
+    new_network, augment = ctx.new_network, ctx.augment_siamese
+    ctx.new_network = lambda name=None: nets.append(new_network(name)) or nets[-1]
+    ctx.augment_siamese = lambda *b: draws.append(augment(*b)) or draws[-1]
+    method = DistributionMatching(ctx)
+    loss = next(iter(method.losses(method.initial_state(), 0)))
+    net = nets[0]
+    real = net.embed(torch.cat([r for r, _ in draws])).detach().view(10, 8, -1).mean(1)
+    syn = net.embed(torch.cat([s for _, s in draws])).view(10, 2, -1).mean(1)
+    torch.testing.assert_close(loss, ((real - syn) ** 2).sum(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [(8, 8), (7, 9)])
+def test_view_pooling_equals_average_pooling(size):
+    x = torch.randn(3, 4, *size, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(_avg_pool_2x2(x.clone()), nn.AvgPool2d(2, 2)(x))
+
