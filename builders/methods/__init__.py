@@ -8,6 +8,7 @@ from builders.methods.dc import GradientMatching, SiameseGradientMatching
 from builders.methods.dd import DatasetDistillation
 from builders.methods.datm import DifficultyAlignedTrajectoryMatching
 from builders.methods.dm import DistributionMatching
+from builders.methods.dq import DatasetQuantization
 from builders.methods.experts import ExpertTrajectories
 from builders.methods.mtt import TrajectoryMatching
 
@@ -19,6 +20,7 @@ METHODS: dict[str, type[Method]] = {
         TrajectoryMatching, DifficultyAlignedTrajectoryMatching, ExpertTrajectories,
     )
 }
+METHODS[DatasetQuantization.name] = DatasetQuantization
 
 
 def get_method(name: str) -> type[Method]:
