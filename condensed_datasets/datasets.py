@@ -120,6 +120,10 @@ class CondensedVisionDataset(VisionDataset):
     (default ``{org}/condensed-{source}``, see :mod:`condensed_datasets.hub`) at ``revision`` (default
     ``main``), checked against the hub's SHA-256 and saved under ``root``; with ``build=True``, a build
     on demand with the shipped recipe; else a RuntimeError that says how to get it.
+
+    A patch-dropped set (DQ with ``patch_drop``) stores only its kept patches: ``patch_mask`` says which,
+    and dropped patches are 0 (the normalisation's mean) unless ``refill`` names a pretrained MAE (a hub id
+    such as ``"facebook/vit-mae-large"`` or a local folder; needs the ``dq-mae`` extra) to fill them in.
     """
 
     source: ClassVar[str] = ""
@@ -136,6 +140,7 @@ class CondensedVisionDataset(VisionDataset):
         build: bool = False,
         repo_id: str | None = None,
         revision: str | None = None,
+        refill: str | os.PathLike | None = None,
     ) -> None:
         super().__init__(root, transform=transform, target_transform=target_transform)
         if not self.source:
@@ -163,6 +168,12 @@ class CondensedVisionDataset(VisionDataset):
         self.ipc = ipc
         self.metadata: dict[str, Any] = cset.metadata
         self.data: torch.Tensor = cset.images
+        self.patch_mask: torch.Tensor | None = cset.patch_mask  # patch-dropped sets: True where a patch was kept
+        if refill is not None and cset.patch_mask is not None:
+            from condensed_datasets.mae_refill import load_mae, refill_patches  # optional extra: dq-mae
+
+            self.data = refill_patches(cset.images, cset.patch_mask, cset.metadata["normalization"],
+                                       load_mae(refill, download=download))
         self.targets: list[int] = cset.labels.tolist()
         self.soft_targets: torch.Tensor | None = (
             None if cset.soft_labels is None else torch.softmax(cset.soft_labels, dim=1)
