@@ -84,7 +84,8 @@ def features_stage(args: argparse.Namespace) -> None:
                 "fits the 1 GiB default), and the chunked path (memory_bytes=0: columns computed per pick)",
         "command": "PYTHONPATH=. python benchmarks/dq_fashionmnist.py features " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in sorted(vars(args).items()) if k not in ("stage", "func")),
-        "device": f"cpu: {_cpu()}, 2 cores shared with ~6 other agents (noisy), torch threads {torch.get_num_threads()}",
+        "device": f"cpu: {_cpu()}, 2 cores shared with ~6 other agents (noisy), "
+                  f"torch threads {torch.get_num_threads()}",
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "extractor": {"network": args.extractor, "epochs": args.extractor_epochs, "lr": args.extractor_lr,
                       "batch": 256, "seed": args.extractor_seed, "trained_on": f"first {args.per_class} train "
@@ -111,6 +112,7 @@ def _bytes_on_disk(real: RealData, net, tensors, args) -> dict[str, dict[str, in
         images = real.rows(pos)
         labels = class_contiguous_labels(real.num_classes, ipc)
         common = dict(source="fashionmnist", method="dq", ipc=ipc, indices=pos)
+        patches = {"images": "patches"}
         size = auto_patch_size(*images.shape[2:])
         keep = kept_patches((images.shape[2] // size) * (images.shape[3] // size), 0.2)
         mask = top_patch_mask(gradcam(net, images, real.labels[pos]), size, keep)
@@ -119,7 +121,7 @@ def _bytes_on_disk(real: RealData, net, tensors, args) -> dict[str, dict[str, in
             "float32": len(CondensedSet(images, labels, **common).to_bytes()),
             "uint8": len(CondensedSet(images, labels, storage={"images": "uint8"}, **common).to_bytes()),
             "patches_drop0.2": len(CondensedSet(dropped, labels, patch_mask=mask, **common,
-                                                storage={"images": "patches", "patch_size": size, "kept": keep}).to_bytes()),
+                                                storage={**patches, "patch_size": size, "kept": keep}).to_bytes()),
         }
     return out
 
@@ -133,6 +135,7 @@ def eval_stage(args: argparse.Namespace) -> None:
     settings = TrainSettings(epochs=args.epochs, lr=0.01, batch=256)
     labels = class_contiguous_labels(real.num_classes, args.ipc)
     results: dict[str, dict[str, float]] = {}
+    out = work / f"eval_ipc{args.ipc}_seeds{'-'.join(map(str, args.seeds))}.json"
     for seed in args.seeds:
         g = torch.Generator().manual_seed(seed)
         picks = {
@@ -146,13 +149,18 @@ def eval_stage(args: argparse.Namespace) -> None:
                                   seeds=[seed * 1000 + 17])
             results.setdefault(method, {})[str(seed)] = acc[0]
             print(f"ipc {args.ipc} seed {seed} {method}: {acc[0]:.2f}", flush=True)
-    summary = {m: {"accuracies": list(r.values()), "mean": round(statistics.fmean(r.values()), 2),
+            _write_eval(out, args, settings, test, results)
+
+
+def _write_eval(out: Path, args: argparse.Namespace, settings: TrainSettings, test: RealData,
+                results: dict[str, dict[str, float]]) -> None:
+    summary = {m: {"accuracies": r, "mean": round(statistics.fmean(r.values()), 2),
                    "std": round(statistics.pstdev(r.values()), 2)} for m, r in results.items()}
     record = {
         "what": f"Fashion-MNIST ipc {args.ipc}: DQ vs random vs herding vs k-center, one evaluation run per seed",
         "command": f"PYTHONPATH=. python benchmarks/dq_fashionmnist.py eval --ipc {args.ipc} --seeds "
                    f"{' '.join(map(str, args.seeds))} --epochs {args.epochs} --model {args.model} "
-                   f"--test-per-class {args.test_per_class}",
+                   f"--test-per-class {args.test_per_class} --per-class {args.per_class}",
         "device": f"cpu: {_cpu()}, 2 cores shared with ~6 other agents",
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "protocol": {**settings.describe(), "model": args.model, "test": f"{len(test)} test images "
@@ -162,8 +170,7 @@ def eval_stage(args: argparse.Namespace) -> None:
                      "10 GraphCut bins per class, sampling seeded by the seed; random seeded by the seed",
         "results": summary,
     }
-    (work / f"eval_ipc{args.ipc}.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    print(json.dumps(record, indent=2, sort_keys=True))
+    out.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
 def main() -> None:

@@ -40,8 +40,8 @@ def _torchvision_weights(model: str, weights: str):
     if not weights:
         return None
     enum = get_model_weights(model)
-    member = weights.split(".")[-1]
-    if weights.count(".") > 1 or ("." in weights and weights.split(".")[0] != enum.__name__) or member not in enum.__members__:
+    prefix, _, member = weights.rpartition(".")
+    if prefix not in ("", enum.__name__) or member not in enum.__members__:
         raise RecipeError(f"params.extractor_weights: {weights!r} is not a weights enum of {model}; valid: "
                           f"{', '.join(f'{enum.__name__}.{m}' for m in enum.__members__)}")
     return enum[member]
@@ -86,8 +86,8 @@ def _replace_last_linear(model: nn.Module) -> int:
     return in_features
 
 
-def build_extractor(name: str, weights: str, resize: int, channels: int, num_classes: int,
-                    image_size: tuple[int, int], mean: tuple[float, ...], std: tuple[float, ...], seed: int) -> nn.Module:
+def build_extractor(name: str, weights: str, resize: int, channels: int, num_classes: int, image_size: tuple[int, int],
+                    mean: tuple[float, ...], std: tuple[float, ...], seed: int) -> nn.Module:
     """The extractor ``name``: one of ours (fresh, seeded), or ``torchvision:<model>`` with ``weights``
     loaded through torchvision (downloaded once into the torch hub cache, hash-checked) and a fresh,
     seeded classifier for ``num_classes``. ``resize`` > 0 resizes inputs to that square size; 0 uses the
