@@ -119,6 +119,19 @@ def test_fraction_and_ipc_round_half_up():
     assert ipc_from_fraction(0.1, 60000, 10) == 600
 
 
+def test_a_fraction_that_disagrees_with_ipc_names_the_ipc_to_set():
+    from builders.data import RealData
+    from builders.methods.base import BuildContext
+    from builders.methods.dq import DatasetQuantization
+
+    real = RealData(torch.zeros(200, 1, 28, 28, dtype=torch.uint8), torch.arange(10).repeat_interleave(20),
+                    get_source("fashionmnist"))
+    recipe = recipe_from_dict({"source": "fashionmnist", "method": "dq", "ipc": 2, "params": {"fraction": 0.125}})
+    method = DatasetQuantization(BuildContext(recipe, real, torch.device("cpu"), torch.Generator()))
+    with pytest.raises(RecipeError, match="is ipc 3 .* set ipc: 3"):  # 12.5% of 20 per class = 2.5 -> 3
+        method.select()
+
+
 def test_patch_choice_keeps_the_most_salient_patches():
     assert auto_patch_size(28, 28) == 2 and auto_patch_size(32, 32) == 2 and auto_patch_size(64, 64) == 4
     assert kept_patches(196, 0.2) == 156  # floor(196 * 0.8) = floor(156.8)
@@ -170,19 +183,20 @@ eval: {{runs: 1, epochs: 1, test_per_class: 3, random_baseline: false}}
 """
 
 
-def _build(tmp_path, root, drop: float):
+def _build(tmp_path, root, drop: float, out: str = "out"):
     recipe = tmp_path / "dq.yaml"
     recipe.write_text(TINY.format(drop=drop))
-    result = CliRunner().invoke(build_command, [str(recipe), "--out", str(tmp_path / "out"), "--data-root",
+    result = CliRunner().invoke(build_command, [str(recipe), "--out", str(tmp_path / out), "--data-root",
                                                 str(root), "--device", "cpu", "--quiet"])
     assert result.exit_code == 0, result.output
-    return tmp_path / "out"
+    return tmp_path / out
 
 
 @pytest.mark.slow
-def test_dq_builds_through_the_cli_and_loads_as_uint8_pixels(fashion_mnist_root, tmp_path):
+def test_dq_builds_through_the_cli_and_loads_as_uint8_pixels(fashion_mnist_root, tmp_path, monkeypatch):
     from builders.data import RealData
 
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
     out = _build(tmp_path, fashion_mnist_root, 0.0)
     ds = CondensedFashionMNIST(out, method="dq", ipc=3)
     assert ds.data.shape == (30, 1, 28, 28) and ds.targets == [c for c in range(10) for _ in range(3)]
@@ -194,6 +208,8 @@ def test_dq_builds_through_the_cli_and_loads_as_uint8_pixels(fashion_mnist_root,
     method = ds.metadata["build"]["method"]
     assert method["bin_sizes"][0] == [8, 8, 8] and method["per_bin_samples"][0] == [1, 1, 1]
     assert method["fraction"] == pytest.approx(3 / 24)
+    again = _build(tmp_path, fashion_mnist_root, 0.0, out="again")  # same recipe and seed: same bytes
+    assert (again / ds.path.relative_to(out)).read_bytes() == ds.path.read_bytes()
 
 
 @pytest.mark.slow

@@ -10,7 +10,6 @@ can refill the rest at load (:mod:`condensed_datasets.mae_refill`).
 from __future__ import annotations
 
 import math
-import time
 from fractions import Fraction
 from typing import Any, ClassVar
 
@@ -151,16 +150,14 @@ class DatasetQuantization(Method):
         ipc, fraction = self._ipc()
         net = self._extractor()
         memory = p["similarity_memory_mb"] * (1 << 20)
-        picks, bin_seconds, sizes_by_class = [], 0.0, []
+        picks, sizes_by_class = [], []
         for c in range(ctx.num_classes):
             pool = ctx.real.class_indices[c]
             if len(pool) < ipc:
                 raise RecipeError(f"class {c} has {len(pool)} real images, fewer than ipc {ipc}")
             bin_sizes(len(pool), p["bins"])  # a clear error before any work when the class is too small
             sim = self._similarity(net, pool)
-            started = time.perf_counter()
             bins = graphcut_bins(sim, p["bins"], lam=p["lam"], memory_bytes=memory)
-            bin_seconds += time.perf_counter() - started
             sizes_by_class.append([len(b) for b in bins])
             picks.append(pool[sample_bins(bins, ipc, ctx.generator)])
         positions = torch.cat(picks)
@@ -175,7 +172,6 @@ class DatasetQuantization(Method):
             "ipc": ipc,
             "fraction": fraction,
             "fraction_requested": p["fraction"] or None,
-            "bins_seconds": round(bin_seconds, 3),
         }
         storage: dict[str, Any] = {"images": "uint8"}
         mask = None
