@@ -181,6 +181,7 @@ class Engine:
             contents.images.cpu(), class_contiguous_labels(ctx.num_classes, r.ipc),
             source=r.source, method=r.method, ipc=r.ipc, soft_labels=contents.soft_labels,
             lr=contents.lr, indices=contents.indices, metadata=metadata, zca=ctx.real.zca,
+            storage=contents.storage, patch_mask=contents.patch_mask,
         )
         cset.save(self.paths.set)
 

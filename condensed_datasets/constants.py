@@ -5,7 +5,8 @@ from __future__ import annotations
 
 # -- the condensed-set file ---------------------------------------------------------------------------------
 FORMAT_VERSION = 1
-SUPPORTED_FORMAT_VERSIONS = frozenset({1})
+STORAGE_FORMAT_VERSION = 2  # files whose images are stored as uint8 pixels or kept patches (metadata "storage")
+SUPPORTED_FORMAT_VERSIONS = frozenset({1, 2})
 METADATA_KEY = "condensed_datasets"  # the one safetensors metadata key, holding sorted JSON
 HEADER_LIMIT = 100 * 1024 * 1024  # safetensors' own limit on a file's JSON header, in bytes
 SET_SUFFIX = ".safetensors"

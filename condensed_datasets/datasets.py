@@ -22,6 +22,7 @@ from condensed_datasets.errors import (
 from condensed_datasets.format import CondensedSet
 from condensed_datasets.hub import download_set, is_hub_copy
 from condensed_datasets.listing import available
+from condensed_datasets.mae_refill import load_mae, refill_patches
 from condensed_datasets.paths import check_ipc, set_path
 from condensed_datasets.sources import get_source, load_split
 from condensed_datasets.zca import ZCA
@@ -111,6 +112,10 @@ class CondensedVisionDataset(VisionDataset):
     (default ``{org}/condensed-{source}``, see :mod:`condensed_datasets.hub`) at ``revision`` (default
     ``main``), checked against the hub's SHA-256 and saved under ``root``; with ``build=True``, a build
     on demand with the shipped recipe; else a RuntimeError that says how to get it.
+
+    A patch-dropped set (DQ with ``patch_drop``) stores only its kept patches: ``patch_mask`` says which,
+    and dropped patches are 0 (the normalisation's mean) unless ``refill`` names a pretrained MAE (a hub id
+    such as ``"facebook/vit-mae-large"`` or a local folder; needs the ``dq-mae`` extra) to fill them in.
     """
 
     source: ClassVar[str] = ""
@@ -127,6 +132,7 @@ class CondensedVisionDataset(VisionDataset):
         build: bool = False,
         repo_id: str | None = None,
         revision: str | None = None,
+        refill: str | os.PathLike | None = None,
     ) -> None:
         super().__init__(root, transform=transform, target_transform=target_transform)
         if not self.source:
@@ -153,6 +159,10 @@ class CondensedVisionDataset(VisionDataset):
         self.ipc = ipc
         self.metadata: dict[str, Any] = cset.metadata
         self.data: torch.Tensor = cset.images
+        self.patch_mask: torch.Tensor | None = cset.patch_mask  # patch-dropped sets: True where a patch was kept
+        if refill is not None and cset.patch_mask is not None:
+            self.data = refill_patches(cset.images, cset.patch_mask, cset.metadata["normalization"],
+                                       load_mae(refill, download=download))
         self.targets: list[int] = cset.labels.tolist()
         self.soft_targets: torch.Tensor | None = (
             None if cset.soft_labels is None else torch.softmax(cset.soft_labels, dim=1)

@@ -20,6 +20,10 @@ class CondensedSetError(CondensedDatasetsError, ValueError):
     """A condensed set (in memory or on disk) that breaks the format; the message names the file and the problem."""
 
 
+class StorageError(CondensedSetError):
+    """Images that cannot be stored (or a stored form that cannot be read) as the metadata says."""
+
+
 class IndexFormatError(CondensedDatasetsError, ValueError):
     """An ``index.json`` (hub repository or published folder) that is not a valid condensed-datasets index."""
 
@@ -57,5 +61,5 @@ class HubIntegrityError(HubError):
 
 __all__ = [
     "CondensedDatasetsError", "CondensedSetError", "HubError", "HubIntegrityError", "HubNotFoundError",
-    "HubOfflineError", "IndexFormatError", "SetNotFoundError", "SourceDataError", "UnknownNameError",
+    "HubOfflineError", "IndexFormatError", "SetNotFoundError", "SourceDataError", "StorageError", "UnknownNameError",
 ]

@@ -14,9 +14,16 @@ from safetensors.torch import load as _safetensors_load
 from safetensors.torch import save as _safetensors_save
 
 from condensed_datasets._atomic import atomic_write_bytes
-from condensed_datasets.constants import FORMAT_VERSION, HEADER_LIMIT, METADATA_KEY, SUPPORTED_FORMAT_VERSIONS
+from condensed_datasets.constants import (
+    FORMAT_VERSION,
+    HEADER_LIMIT,
+    METADATA_KEY,
+    STORAGE_FORMAT_VERSION,
+    SUPPORTED_FORMAT_VERSIONS,
+)
 from condensed_datasets.errors import CondensedSetError
 from condensed_datasets.paths import NAME_PATTERN
+from condensed_datasets.pixel_storage import STORED_TENSORS, StorageError, decode_images, encode_images
 from condensed_datasets.sources import SOURCES, get_source
 from condensed_datasets.zca import ZCA
 
@@ -63,8 +70,17 @@ class CondensedSet:
         indices: torch.Tensor | None = None,
         metadata: dict[str, Any] | None = None,
         zca: ZCA | None = None,
+        storage: dict[str, Any] | None = None,
+        patch_mask: torch.Tensor | None = None,
     ) -> None:
+        """``storage`` (see :mod:`condensed_datasets.pixel_storage`) writes real images as uint8 pixels
+        (``{"images": "uint8"}``) or as kept patches (``{"images": "patches", "patch_size": p, "kept": k}``
+        with ``patch_mask``, bool [N, rows, cols], True where kept); ``images`` stay float either way."""
         meta = dict(metadata or {})
+        meta.pop("storage", None)
+        if storage is not None:
+            meta["storage"] = dict(storage)
+            meta["format_version"] = STORAGE_FORMAT_VERSION
         if zca is not None:
             meta["zca"] = {**(meta.get("zca") or {}), "eps": float(zca.eps)}
         meta["source"] = str(source).lower()
@@ -105,6 +121,18 @@ class CondensedSet:
         self.zca_mean: torch.Tensor | None = tensors.get("zca_mean")
         self.zca_transform: torch.Tensor | None = tensors.get("zca_transform")
         self.metadata: dict[str, Any] = json.loads(encode_metadata(meta))
+        self.patch_mask: torch.Tensor | None = None if patch_mask is None else patch_mask.detach().cpu().contiguous()
+        self._stored: dict[str, torch.Tensor] | None = None
+        if storage is not None:
+            if zca is not None:
+                raise CondensedSetError("ZCA-whitened images are not pixels: store them as float32 (no storage)")
+            try:
+                self._stored = encode_images(self.images, self.metadata["storage"], self.metadata["normalization"],
+                                             self.patch_mask)
+            except StorageError as exc:
+                raise CondensedSetError(str(exc)) from exc
+        elif patch_mask is not None:
+            raise CondensedSetError("a patch_mask needs storage={'images': 'patches', ...}")
 
     # -- derived facts -------------------------------------------------------------------
     @property
@@ -154,6 +182,9 @@ class CondensedSet:
             value = getattr(self, name)
             if value is not None:
                 out[name] = value
+        if self._stored is not None:
+            del out["images"]
+            out.update(self._stored)
         return out
 
     def with_metadata(self, **updates: Any) -> "CondensedSet":
@@ -162,6 +193,7 @@ class CondensedSet:
         return CondensedSet(
             self.images, self.labels, source=self.source, method=self.method, ipc=self.ipc,
             soft_labels=self.soft_labels, lr=self.lr, indices=self.indices, metadata=meta, zca=self.zca,
+            storage=self.metadata.get("storage"), patch_mask=self.patch_mask,
         )
 
     # -- disk ----------------------------------------------------------------------------
@@ -181,9 +213,19 @@ class CondensedSet:
             tensors = _safetensors_load(data)
         except Exception as exc:  # safetensors raises its own error types
             raise CondensedSetError(f"{name}: not a readable safetensors file ({exc})") from exc
-        unknown = sorted(set(tensors) - set(_ALL_TENSORS))
+        unknown = sorted(set(tensors) - set(_ALL_TENSORS) - STORED_TENSORS)
         if unknown:
             raise CondensedSetError(f"{name}: unexpected tensors {unknown}; valid: {sorted(_ALL_TENSORS)}")
+        patch_mask = None
+        if "storage" in metadata:
+            try:
+                tensors["images"], patch_mask = decode_images(tensors, metadata)
+            except (StorageError, TypeError) as exc:
+                raise CondensedSetError(f"{name}: {exc}") from exc
+            for stored in STORED_TENSORS:
+                tensors.pop(stored, None)
+        elif set(tensors) & STORED_TENSORS:
+            raise CondensedSetError(f"{name}: tensors {sorted(set(tensors) & STORED_TENSORS)} need metadata 'storage'")
         problem = _first_problem(tensors, metadata)
         if problem:
             raise CondensedSetError(f"{name}: {problem}")
@@ -193,6 +235,7 @@ class CondensedSet:
             indices=tensors.get("indices"), metadata=metadata,
             zca=ZCA.from_tensors(tensors["zca_mean"], tensors["zca_transform"], metadata["zca"]["eps"])
             if "zca_mean" in tensors else None,
+            storage=metadata.get("storage"), patch_mask=patch_mask,
         )
 
     @classmethod

@@ -108,6 +108,8 @@ class SetContents:
     lr: torch.Tensor | None = None
     indices: torch.Tensor | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    storage: dict[str, Any] | None = None  # real pixels: how the file stores them (condensed_datasets.pixel_storage)
+    patch_mask: torch.Tensor | None = None  # bool [N, rows, cols]: kept patches, with storage "patches"
 
 
 class Method(ABC):
