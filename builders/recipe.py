@@ -54,11 +54,14 @@ class Recipe:
     eval: EvalSpec = field(default_factory=EvalSpec)
     ipc_overrides: dict[int, dict[str, Any]] = field(default_factory=dict)
     notes: str = ""
+    classes: list[int] | None = None  # build on these source classes only (labels 0..k-1 in this order)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for metadata (JSON-serialisable; ipc_overrides keys become strings)."""
         out = asdict(self)
         out["ipc_overrides"] = {str(k): v for k, v in self.ipc_overrides.items()}
+        if self.classes is None:
+            del out["classes"]  # recipes of whole sources record what they always did
         return out
 
     @property
@@ -186,6 +189,8 @@ def recipe_from_dict(data: dict[str, Any]) -> Recipe:
         if data[key] < 0:
             raise RecipeError(f"{key}: must be >= 0, got {data[key]}")
 
+    data["classes"] = _check_classes(data.get("classes"), source)
+
     overrides = data.get("ipc_overrides") or {}
     if not isinstance(overrides, dict):
         raise RecipeError("ipc_overrides: expected a mapping {ipc: {key: value}}")
@@ -193,7 +198,8 @@ def recipe_from_dict(data: dict[str, Any]) -> Recipe:
     chosen = overrides.get(data["ipc"], {})
     if not isinstance(chosen, dict):
         raise RecipeError(f"ipc_overrides.{data['ipc']}: expected a mapping of recipe keys")
-    _unknown(f"ipc_overrides.{data['ipc']}", set(chosen), _TOP_KEYS - {"source", "method", "ipc", "ipc_overrides"})
+    _unknown(f"ipc_overrides.{data['ipc']}", set(chosen),
+             _TOP_KEYS - {"source", "method", "ipc", "ipc_overrides", "classes"})
     for key, value in chosen.items():
         if isinstance(value, dict) and isinstance(data.get(key), dict):
             data[key] = {**data[key], **value}
@@ -245,6 +251,22 @@ def recipe_from_dict(data: dict[str, Any]) -> Recipe:
     _validate_names(recipe)
     method_cls.check_recipe(recipe)
     return recipe
+
+
+def _check_classes(value: Any, source: str) -> list[int] | None:
+    """``classes``: null, or a non-empty list of distinct source class indices."""
+    if value is None:
+        return None
+    from condensed_datasets.sources import get_source
+
+    k = get_source(source).num_classes
+    if (not isinstance(value, list) or not value
+            or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < k for i in value)):
+        raise RecipeError(f"classes: expected a non-empty list of class indices in [0, {k}) of {source} "
+                          f"(or null for all classes), got {value!r}")
+    if len(set(value)) != len(value):
+        raise RecipeError(f"classes: lists a class twice: {value}")
+    return list(value)
 
 
 def _validate_names(recipe: Recipe) -> None:

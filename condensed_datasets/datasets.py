@@ -24,6 +24,19 @@ def set_path(root: str | os.PathLike, source: str, method: str, ipc: int) -> Pat
     return Path(root).expanduser() / "condensed" / get_source(source).name / f"{method}_ipc{int(ipc)}.safetensors"
 
 
+def subset_set_path(root: str | os.PathLike, source: str, method: str, ipc: int, classes: list[int]) -> Path:
+    """Where a set of some of a source's classes lives:
+    ``{root}/condensed/{source}/classes/{method}_ipc{ipc}_c{i}-{j}-....safetensors``, the classes in label order."""
+    info = get_source(source)
+    if not re.fullmatch(r"[a-z0-9_]+", str(method)):
+        raise ValueError(f"method {method!r}: expected a lower-case name such as {', '.join(METHODS)}")
+    if (not classes or len(set(classes)) != len(classes)
+            or not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < info.num_classes for c in classes)):
+        raise ValueError(f"classes {classes!r}: expected distinct class indices in [0, {info.num_classes}) of {info.name}")
+    name = f"{method}_ipc{int(ipc)}_c{'-'.join(str(c) for c in classes)}.safetensors"
+    return Path(root).expanduser() / "condensed" / info.name / "classes" / name
+
+
 def available_sets(root: str | os.PathLike, source: str) -> dict[str, list[int]]:
     """The sets of ``source`` present under ``root``: method -> sorted ipcs (from the file names only)."""
     folder = set_path(root, source, "x", 1).parent
