@@ -15,3 +15,17 @@ def build_set(source: str, method: str, ipc: int, root: str | os.PathLike, *, de
     engine = Engine(recipe, out_root=root, data_root=root, device=device)
     engine.run()
     return engine.paths.set
+
+
+def build_subset_set(source: str, method: str, ipc: int, classes: list[int], root: str | os.PathLike, *,
+                     device: str = "auto", overrides: list[tuple[str, object]] = ()) -> Path:
+    """Build ``method`` on the source classes ``classes`` only (labels 0..k-1 in that order) with the shipped
+    recipe and ``overrides`` (dotted keys); save it under ``root``; return its path."""
+    from builders.engine import Engine
+    from builders.recipe import load_recipe, shipped_recipe_path
+
+    recipe = load_recipe(shipped_recipe_path(method, source),
+                         [("ipc", int(ipc)), ("root", str(root)), ("classes", list(classes)), *overrides])
+    engine = Engine(recipe, out_root=root, data_root=root, device=device)
+    engine.run()
+    return engine.paths.set
