@@ -261,3 +261,45 @@ def list_command(source: str | None, repo_id: str | None, revision: str | None, 
     for row in table:
         click.echo("  ".join(cell.ljust(w) if i < 4 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
                    .rstrip())
+
+
+@click.command(name="condensed-continual")
+@click.argument("spec", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a spec key (dotted).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where continual.json and continual.png go (default: the spec's out).")
+@click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where the real data lives (default: the spec's root).")
+@click.option("--device", default=None, help="auto, cpu or cuda (default: the spec's).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@_user_errors
+def continual_command(spec: Path, overrides: tuple[str, ...], out: Path | None, data_root: Path | None,
+                      device: str | None, quiet: bool) -> None:
+    """Run the class-incremental protocol of a SPEC (YAML): per-step accuracy per method, JSON and a plot."""
+    from builders.continual import run_continual
+    from builders.recipe import parse_overrides
+    from builders.runspec import load_spec
+
+    run_continual(load_spec(spec, parse_overrides(overrides)), data_root=data_root, out=out, device=device,
+                  progress=not quiet, echo=click.echo)
+
+
+@click.command(name="condensed-nas")
+@click.argument("spec", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a spec key (dotted).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where nas.json and nas.png go (default: the spec's out).")
+@click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where the real data and the proxy sets live (default: the spec's root).")
+@click.option("--device", default=None, help="auto, cpu or cuda (default: the spec's).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@_user_errors
+def nas_command(spec: Path, overrides: tuple[str, ...], out: Path | None, data_root: Path | None,
+                device: str | None, quiet: bool) -> None:
+    """Rank a SPEC's (YAML) search space on real data and on proxy sets; print the rank correlations."""
+    from builders.nas import run_nas
+    from builders.recipe import parse_overrides
+    from builders.runspec import load_spec
+
+    run_nas(load_spec(spec, parse_overrides(overrides)), data_root=data_root, out=out, device=device,
+            progress=not quiet, echo=click.echo)

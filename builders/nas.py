@@ -111,7 +111,7 @@ _SPEC = {"source": "", "root": "data", "out": "", "device": "auto", "seed": 0, "
 _PROTOCOL = {"epochs": 1, "lr": 0.01, "batch": 256, "augment": "none"}
 _TRUTH = {"per_class": 0, **_PROTOCOL}
 _VALIDATION = {"per_class": 100}
-_PROXY = {"name": "", "method": "", "ipc": 0, "path": "", "download": False, "build": False}
+_PROXY = {"name": "", "method": "", "ipc": 0, "path": "", "download": False, "build": False, "set": {}}
 
 
 def check_spec(data: dict[str, Any]) -> dict[str, Any]:
@@ -158,13 +158,27 @@ def split_rows(real: RealData, truth_per_class: int, val_per_class: int) -> tupl
     return torch.cat(truth), torch.cat(val)
 
 
-def load_proxy(entry: dict[str, Any], source: str, root: str | os.PathLike) -> tuple[CondensedSet, str]:
-    """The set a proxy entry names, and where it came from."""
+def load_proxy(entry: dict[str, Any], source: str, root: str | os.PathLike,
+               device: str = "auto") -> tuple[CondensedSet, str]:
+    """The set a proxy entry names, and where it came from: ``path``; or ``method``/``ipc`` looked up under
+    ``root`` (local, embedded, hub with ``download``), else built with the shipped recipe and the entry's
+    ``set`` overrides when ``build`` is true."""
     if entry["path"]:
         return CondensedSet.load(entry["path"]), str(entry["path"])
     cls = next(k for k in _dataset_classes() if k.source == get_source(source).name)
-    ds = cls(root, method=entry["method"], ipc=entry["ipc"], download=entry["download"], build=entry["build"])
-    return CondensedSet.load(ds.path), str(ds.path)
+    try:
+        ds = cls(root, method=entry["method"], ipc=entry["ipc"], download=entry["download"])
+        return CondensedSet.load(ds.path), str(ds.path)
+    except (RuntimeError, ValueError):
+        if not entry["build"]:
+            raise
+    from builders.engine import Engine
+    from builders.recipe import load_recipe, shipped_recipe_path
+
+    overrides = [("ipc", entry["ipc"]), ("root", str(root)), *sorted(entry["set"].items())]
+    engine = Engine(load_recipe(shipped_recipe_path(entry["method"], source), overrides), out_root=root,
+                    data_root=root, device=device, evaluate=False)
+    return engine.run(), str(engine.paths.set)
 
 
 def _dataset_classes() -> list[type[CondensedVisionDataset]]:
@@ -212,7 +226,7 @@ def run_nas(spec: dict[str, Any], *, data_root: str | os.PathLike | None = None,
         "proxies": {},
     }
     for entry in spec["proxies"]:
-        cset, where = load_proxy(entry, spec["source"], root)
+        cset, where = load_proxy(entry, spec["source"], root, str(dev))
         overlap = 0
         if cset.indices is not None:
             overlap = len(set(cset.indices.tolist()) & set(real.source_rows[val_rows].tolist()))
