@@ -357,14 +357,14 @@ def _class_subset_problem(meta: dict[str, Any]) -> str | None:
         return f"metadata 'class_subset' must be a non-empty list of source class indices (ints >= 0), got {subset!r}"
     if len(set(subset)) != len(subset):
         return f"metadata 'class_subset' lists a class twice: {subset}"
+    source = meta.get("source")
+    names = get_source(source).classes if source in SOURCES else None
+    if names is not None and max(subset) >= len(names):
+        return f"metadata 'class_subset' has index {max(subset)}, but {source} has {len(names)} classes"
     if len(subset) != len(meta["classes"]):
         return (f"metadata 'class_subset' has {len(subset)} classes but 'classes' names {len(meta['classes'])}; "
                 "they must match (label j is source class class_subset[j])")
-    source = meta.get("source")
-    if source in SOURCES:
-        names = get_source(source).classes
-        if max(subset) >= len(names):
-            return f"metadata 'class_subset' has index {max(subset)}, but {source} has {len(names)} classes"
+    if names is not None:
         if [names[i] for i in subset] != list(meta["classes"]):
             return "metadata 'classes' are not the names of the source classes listed in 'class_subset'"
     return None
