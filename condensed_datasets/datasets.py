@@ -32,7 +32,8 @@ def subset_set_path(root: str | os.PathLike, source: str, method: str, ipc: int,
         raise ValueError(f"method {method!r}: expected a lower-case name such as {', '.join(METHODS)}")
     if (not classes or len(set(classes)) != len(classes)
             or not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < info.num_classes for c in classes)):
-        raise ValueError(f"classes {classes!r}: expected distinct class indices in [0, {info.num_classes}) of {info.name}")
+        raise ValueError(f"classes {classes!r}: expected distinct class indices in [0, {info.num_classes}) "
+                         f"of {info.name}")
     name = f"{method}_ipc{int(ipc)}_c{'-'.join(str(c) for c in classes)}.safetensors"
     return Path(root).expanduser() / "condensed" / info.name / "classes" / name
 

@@ -1,7 +1,7 @@
 """NAS proxies as data: the ConvNet search space of the DC paper, result tables, rank correlations.
 
-The DC paper (Zhao et al., ICLR 2021, Sec. 4.2; used again by DSA, DM and FTD) searches 720 ConvNets:
-depth {1,2,3,4} x width {32,64,128,256} x activation {sigmoid, relu, leakyrelu} x normalisation
+The DC paper (Zhao et al., ICLR 2021, its NAS experiment; used again by DSA, DM and FTD) searches 720
+ConvNets: depth {1,2,3,4} x width {32,64,128,256} x activation {sigmoid, relu, leakyrelu} x normalisation
 {none, batch, layer, instance, group} x pooling {none, max, avg}. Each architecture is trained on a
 proxy (a condensed set) and, as ground truth, on real data; a proxy is judged by how well its ranking
 agrees with the ground truth's (Spearman and Kendall over all and over the proxy's top k), the ground-
