@@ -296,9 +296,17 @@ def load_recipe(path: str | os.PathLike, overrides: list[tuple[str, Any]] = ()) 
     return recipe_from_dict(data)
 
 
+RUN_SPEC_PREFIXES = ("continual_", "nas_")  # recipes/ also holds the protocol runners' specs, not build recipes
+
+
 def available_recipes() -> list[str]:
-    """Names of the recipes shipped in ``recipes/``."""
-    return sorted(p.name for p in RECIPES_DIR.glob("*.yaml"))
+    """Names of the build recipes shipped in ``recipes/`` (the runners' specs left out)."""
+    return sorted(p.name for p in RECIPES_DIR.glob("*.yaml") if not p.name.startswith(RUN_SPEC_PREFIXES))
+
+
+def available_run_specs() -> list[str]:
+    """Names of the protocol runners' specs shipped in ``recipes/`` (``continual_*``, ``nas_*``)."""
+    return sorted(p.name for p in RECIPES_DIR.glob("*.yaml") if p.name.startswith(RUN_SPEC_PREFIXES))
 
 
 def shipped_recipe_path(method: str, source: str) -> Path:

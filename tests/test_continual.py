@@ -8,7 +8,9 @@ import torch
 
 import builders.data
 import builders.engine
-from builders.continual import run_continual
+from builders.continual import check_spec, run_continual
+from builders.recipe import RECIPES_DIR, available_run_specs
+from builders.runspec import load_spec
 from condensed_datasets.continual import ClassIncrementalBuffer, class_order, split_steps
 from condensed_datasets.format import CondensedSet
 from condensed_datasets.sources import load_split
@@ -148,3 +150,9 @@ def test_a_tiny_continual_run_end_to_end(fashion_mnist_root, tmp_path):
     step1 = [r for r in written["runs"] if r["step"] == 1]
     assert all(r["memory_size"] == 10 and r["test_images"] == 50 for r in step1)
     assert any(line.strip().startswith("dm:") for line in lines)
+
+
+@pytest.mark.parametrize("name", [n for n in available_run_specs() if n.startswith("continual_")])
+def test_every_shipped_continual_spec_is_valid(name):
+    spec = check_spec(load_spec(RECIPES_DIR / name))
+    assert spec["source"] in name and spec["methods"]

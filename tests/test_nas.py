@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from builders.engine import Engine
-from builders.nas import NASProtocol, run_nas, train_architectures
-from builders.recipe import RecipeError, recipe_from_dict
+from builders.nas import NASProtocol, check_spec, run_nas, train_architectures
+from builders.recipe import RECIPES_DIR, RecipeError, available_run_specs, recipe_from_dict
+from builders.runspec import load_spec
 from condensed_datasets.nas import ArchitectureResult, SearchSpace, kendall, rank_report, ranks, spearman
 
 
@@ -124,3 +125,9 @@ def test_a_nas_spec_with_a_mistyped_key_names_it(tmp_path):
     spec["truth"]["epoch"] = 1
     with pytest.raises(RecipeError, match="did you mean 'epochs'"):
         run_nas(spec)
+
+
+@pytest.mark.parametrize("name", [n for n in available_run_specs() if n.startswith("nas_")])
+def test_every_shipped_nas_spec_is_valid(name):
+    spec = check_spec(load_spec(RECIPES_DIR / name))
+    assert spec["source"] in name and len(spec["space"]) >= 24
