@@ -292,14 +292,16 @@ def continual_command(spec: Path, overrides: tuple[str, ...], out: Path | None, 
 @click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where the real data and the proxy sets live (default: the spec's root).")
 @click.option("--device", default=None, help="auto, cpu or cuda (default: the spec's).")
+@click.option("--only", default=None, metavar="TABLE",
+              help="Make only this table ('truth' or a proxy's name) and keep it for a later full run.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @_user_errors
 def nas_command(spec: Path, overrides: tuple[str, ...], out: Path | None, data_root: Path | None,
-                device: str | None, quiet: bool) -> None:
+                device: str | None, only: str | None, quiet: bool) -> None:
     """Rank a SPEC's (YAML) search space on real data and on proxy sets; print the rank correlations."""
     from builders.nas import run_nas
     from builders.recipe import parse_overrides
     from builders.runspec import load_spec
 
     run_nas(load_spec(spec, parse_overrides(overrides)), data_root=data_root, out=out, device=device,
-            progress=not quiet, echo=click.echo)
+            progress=not quiet, echo=click.echo, only=only)

@@ -11,6 +11,7 @@ once does not beat that, and the architectures of a space differ in shape anyway
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -198,12 +199,35 @@ def _proxy_dataset(cset: CondensedSet, real: RealData) -> TensorDataset:
     return TensorDataset(cset.images, targets)
 
 
+def _cached_table(path: Path, key: dict[str, Any], compute: Callable[[], list[ArchitectureResult]],
+                  echo: Callable[[str], None]) -> list[ArchitectureResult]:
+    """The table stored at ``path`` when it was made with the same ``key``; else computed and stored."""
+    text = json.dumps(key, sort_keys=True, default=str)
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        if stored.get("key") == text:
+            echo(f"reusing {path}")
+            return [ArchitectureResult(**row) for row in stored["rows"]]
+    rows = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, json.dumps({"key": text, "rows": [asdict(r) for r in rows]}, sort_keys=True).encode())
+    return rows
+
+
 def run_nas(spec: dict[str, Any], *, data_root: str | os.PathLike | None = None, out: str | os.PathLike | None = None,
-            device: str | None = None, progress: bool = True, echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """The ``condensed-nas`` protocol: ground truth, proxies, reports; writes ``nas.json`` and ``nas.png``."""
+            device: str | None = None, progress: bool = True, echo: Callable[[str], None] = print,
+            only: str | None = None) -> dict[str, Any]:
+    """The ``condensed-nas`` protocol: ground truth, proxies, reports; writes ``nas.json`` and ``nas.png``.
+
+    Each table is kept under ``out/tables/`` with what made it, and reused by a later run of the same spec;
+    ``only`` ("truth" or a proxy's name) makes just that table, so several processes can share the work.
+    """
     from builders.engine import resolve_device
 
     spec = check_spec(spec)
+    names = ["truth", *(p["name"] for p in spec["proxies"])]
+    if only is not None and only not in names:
+        raise RecipeError(f"--only {only!r}: valid: {', '.join(names)}")
     dev = resolve_device(device or spec["device"])
     root = Path(data_root if data_root is not None else spec["root"])
     out_dir = Path(out if out is not None else spec["out"])
@@ -216,23 +240,38 @@ def run_nas(spec: dict[str, Any], *, data_root: str | os.PathLike | None = None,
          f"({spec['truth']['per_class']}/class, {spec['truth']['epochs']} epochs), validation {len(val_rows)} "
          f"held-out training images, device {dev}")
     protocol = {k: v for k, v in spec["truth"].items() if k != "per_class"}
-    truth = train_architectures(space, truth_set, val, protocol=NASProtocol(**protocol, seed=spec["seed"]),
-                                num_classes=real.num_classes, device=dev, progress=progress, desc="ground truth")
+    tables = out_dir / "tables"
+    common = {"source": spec["source"], "space": space.to_dict(), "seed": spec["seed"],
+              "validation": spec["validation"], "device": dev.type}
+
+    def truth_table() -> list[ArchitectureResult]:
+        return train_architectures(space, truth_set, val, protocol=NASProtocol(**protocol, seed=spec["seed"]),
+                                   num_classes=real.num_classes, device=dev, progress=progress, desc="ground truth")
+
+    if only in (None, "truth"):
+        truth = _cached_table(tables / "truth.json", {**common, "truth": spec["truth"]}, truth_table, echo)
+        if only == "truth":
+            return {"truth": [asdict(r) for r in truth]}
     result: dict[str, Any] = {
         "spec": {**spec, "space": space.to_dict()},
         "device": str(dev),
         "validation_rows": "last validation.per_class images of each class of the train split",
-        "truth": [asdict(r) for r in truth],
+        "truth": [asdict(r) for r in truth] if only is None else [],
         "proxies": {},
     }
     for entry in spec["proxies"]:
+        if only is not None and entry["name"] != only:
+            continue
         cset, where = load_proxy(entry, spec["source"], root, str(dev))
         overlap = 0
         if cset.indices is not None:
             overlap = len(set(cset.indices.tolist()) & set(real.source_rows[val_rows].tolist()))
-        table = train_architectures(space, _proxy_dataset(cset, real), val,
-                                    protocol=NASProtocol(**spec["proxy_protocol"], seed=spec["seed"]),
-                                    num_classes=real.num_classes, device=dev, progress=progress, desc=entry["name"])
+        key = {**common, "proxy_protocol": spec["proxy_protocol"], "set_bytes_sha": _sha(cset)}
+        table = _cached_table(tables / f"{entry['name']}.json", key, lambda: train_architectures(
+            space, _proxy_dataset(cset, real), val, protocol=NASProtocol(**spec["proxy_protocol"], seed=spec["seed"]),
+            num_classes=real.num_classes, device=dev, progress=progress, desc=entry["name"]), echo)
+        if only is not None:
+            return {"proxy": entry["name"], "table": [asdict(r) for r in table]}
         report = rank_report(table, truth, spec["tops"])
         result["proxies"][entry["name"]] = {"set": where, "method": cset.method, "ipc": cset.ipc,
                                             "images": len(cset), "validation_overlap": overlap,
@@ -245,6 +284,10 @@ def run_nas(spec: dict[str, Any], *, data_root: str | os.PathLike | None = None,
     png = nas_scatter(result, out_dir / "nas.png")
     echo(f"wrote {json_path}\nwrote {png}")
     return result
+
+
+def _sha(cset: CondensedSet) -> str:
+    return hashlib.sha256(cset.to_bytes()).hexdigest()
 
 
 def format_report(name: str, report: dict[str, Any]) -> str:

@@ -108,8 +108,11 @@ def test_a_three_architecture_nas_run_end_to_end(fashion_mnist_root, tmp_path):
                    progress=False)
     proxy.run()
     lines = []
-    result = run_nas(_tiny_spec(fashion_mnist_root, tmp_path / "out", proxy.paths.set), progress=False,
-                     echo=lines.append)
+    spec = _tiny_spec(fashion_mnist_root, tmp_path / "out", proxy.paths.set)
+    truth_only = run_nas(spec, progress=False, echo=lines.append, only="truth")  # another process's share
+    result = run_nas(spec, progress=False, echo=lines.append)
+    assert any(line.startswith("reusing") and line.endswith("truth.json") for line in lines)
+    assert result["truth"] == truth_only["truth"]
     written = json.loads((tmp_path / "out" / "nas.json").read_text())
     assert (tmp_path / "out" / "nas.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = written["proxies"]["random_ipc1"]["report"]
