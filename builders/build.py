@@ -91,7 +91,21 @@ def build_set(source: str, method: str, ipc: int, root: str | os.PathLike, *, de
     it); another asking for the same set waits and then finds it. An interrupted earlier build is resumed
     from its checkpoint.
     """
-    recipe = load_recipe(shipped_recipe_path(method, source), [("ipc", int(ipc))])
+    return _build_on_demand(source, method, [("ipc", int(ipc))], root, device)
+
+
+def build_subset_set(source: str, method: str, ipc: int, classes: list[int], root: str | os.PathLike, *,
+                     device: str = "auto", overrides: list[tuple[str, Any]] | tuple = ()) -> Path:
+    """Build ``method`` on the source classes ``classes`` only (labels 0..k-1 in that order) with the shipped
+    recipe and ``overrides``, under ``root``, as :func:`build_set` does; return the set's path (what a
+    continual-learning buffer with ``build=True`` calls)."""
+    return _build_on_demand(source, method, [("ipc", int(ipc)), ("classes", list(classes)), *overrides], root,
+                            device)
+
+
+def _build_on_demand(source: str, method: str, overrides: list[tuple[str, Any]], root: str | os.PathLike,
+                     device: str) -> Path:
+    recipe = load_recipe(shipped_recipe_path(method, source), overrides)
     engine = make_engine(recipe, out_root=root, data_root=root, device=device)
     target = engine.paths.set
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -108,5 +122,5 @@ def build_set(source: str, method: str, ipc: int, root: str | os.PathLike, *, de
     return target
 
 
-__all__ = ["DEFAULT_ROOT", "build", "build_set", "load_recipe", "make_engine", "makes_set", "prepare",
+__all__ = ["DEFAULT_ROOT", "build", "build_set", "build_subset_set", "load_recipe", "make_engine", "makes_set", "prepare",
            "recipe_from_dict"]

@@ -12,13 +12,16 @@ import click
 
 from builders.allocator import tune_allocator
 from builders.build import build, load_recipe, makes_set
+from builders.continual import run_continual
 from builders.data import RealData
 from builders.engine import BuildPaths, resolve_device
 from builders.errors import BuildersError
 from builders.evaluate import evaluate_set
+from builders.nas import run_nas
 from builders.networks import available_networks
 from builders.publish import publish_to_dir, publish_to_hub
 from builders.recipe import DEFAULT_ROOT, parse_overrides
+from builders.runspec import load_spec
 from builders.show import save_grid
 from condensed_datasets import catalogue
 from condensed_datasets.errors import CondensedDatasetsError, HubError
@@ -263,3 +266,39 @@ def list_command(source: str | None, repo_id: str | None, revision: str | None, 
     for row in table:
         click.echo("  ".join(cell.ljust(w) if i < 4 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
                    .rstrip())
+
+
+@click.command(name="condensed-continual")
+@click.argument("spec", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a spec key (dotted).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where continual.json and continual.png go (default: the spec's out).")
+@click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where the real data lives (default: the spec's root).")
+@click.option("--device", default=None, help="auto, cpu or cuda (default: the spec's).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@_user_errors
+def continual_command(spec: Path, overrides: tuple[str, ...], out: Path | None, data_root: Path | None,
+                      device: str | None, quiet: bool) -> None:
+    """Run the class-incremental protocol of a SPEC (YAML): per-step accuracy per method, JSON and a plot."""
+    run_continual(load_spec(spec, parse_overrides(overrides)), data_root=data_root, out=out, device=device,
+                  progress=not quiet, echo=click.echo)
+
+
+@click.command(name="condensed-nas")
+@click.argument("spec", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a spec key (dotted).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where nas.json and nas.png go (default: the spec's out).")
+@click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where the real data and the proxy sets live (default: the spec's root).")
+@click.option("--device", default=None, help="auto, cpu or cuda (default: the spec's).")
+@click.option("--only", default=None, metavar="TABLE",
+              help="Make only this table ('truth' or a proxy's name) and keep it for a later full run.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@_user_errors
+def nas_command(spec: Path, overrides: tuple[str, ...], out: Path | None, data_root: Path | None,
+                device: str | None, only: str | None, quiet: bool) -> None:
+    """Rank a SPEC's (YAML) search space on real data and on proxy sets; print the rank correlations."""
+    run_nas(load_spec(spec, parse_overrides(overrides)), data_root=data_root, out=out, device=device,
+            progress=not quiet, echo=click.echo, only=only)

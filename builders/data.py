@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import torch
 
@@ -57,15 +58,26 @@ class RealData:
         device: torch.device | str = "cpu",
         per_class: int | None = None,
         download: bool = False,
+        classes: list[int] | None = None,
     ) -> "RealData":
-        """Load a split of ``source`` under ``root``; ``per_class`` keeps the first that many images per class."""
+        """Load a split of ``source`` under ``root``; ``per_class`` keeps the first that many images per class.
+
+        ``classes`` (source class indices) keeps only those classes, relabelled 0..k-1 in that order:
+        a build on a class subset never sees the other classes.
+        """
         info = get_source(source)
         images, labels = load_split(info.name, root, train=train, download=download)
         rows = torch.arange(len(labels), dtype=torch.int64)
-        if per_class is not None:
-            keep = torch.cat([torch.nonzero(labels == c).flatten()[:per_class] for c in range(info.num_classes)])
+        if per_class is not None or classes is not None:
+            chosen = range(info.num_classes) if classes is None else classes
+            keep = torch.cat([torch.nonzero(labels == c).flatten()[:per_class] for c in chosen])
             keep, _ = torch.sort(keep)
             images, labels, rows = images[keep], labels[keep], rows[keep]
+        if classes is not None:
+            relabel = torch.full((info.num_classes,), -1, dtype=torch.int64)
+            relabel[torch.tensor(classes, dtype=torch.int64)] = torch.arange(len(classes))
+            labels = relabel[labels.to(torch.int64)]
+            info = replace(info, classes=tuple(info.classes[c] for c in classes))
         return cls(images, labels, info, device, source_rows=rows)
 
     @property

@@ -26,7 +26,7 @@ from builders.show import save_grid
 from condensed_datasets._atomic import atomic_write_bytes
 from condensed_datasets._version import __version__
 from condensed_datasets.format import CondensedSet, class_contiguous_labels
-from condensed_datasets.paths import beside, set_path
+from condensed_datasets.paths import beside, set_path, subset_set_path
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -48,6 +48,8 @@ class BuildPaths:
 
     @classmethod
     def for_recipe(cls, recipe: Recipe, out_root: str | os.PathLike) -> "BuildPaths":
+        if recipe.classes is not None:  # a set of some classes never takes the whole-source set's name
+            return cls(subset_set_path(out_root, recipe.source, recipe.method, recipe.ipc, recipe.classes))
         return cls(set_path(out_root, recipe.source, recipe.method, recipe.ipc))
 
     @property
@@ -101,7 +103,7 @@ class Engine:
     def _context(self) -> BuildContext:
         r = self.recipe
         real = RealData.from_source(r.source, self.data_root, train=True, device=self.device,
-                                    per_class=r.real_per_class, download=self.download)
+                                    per_class=r.real_per_class, download=self.download, classes=r.classes)
         augmenter = Augmenter(r.augment) if r.augment != "none" else None
         return BuildContext(r, real, self.device, torch.Generator().manual_seed(r.seed), augmenter,
                             out_root=self.out_root)
@@ -110,7 +112,8 @@ class Engine:
         if self._test is None:
             self._test = RealData.from_source(self.recipe.source, self.data_root, train=False,
                                               device=self.device, download=self.download,
-                                              per_class=self.recipe.eval.test_per_class)
+                                              per_class=self.recipe.eval.test_per_class,
+                                              classes=self.recipe.classes)
         return self._test
 
     def _log(self, entry: dict[str, Any]) -> None:
@@ -173,6 +176,8 @@ class Engine:
             "build": {"iterations": iterations_run, "method": contents.metadata,
                       "finished_at": _iso(clock if clock is not None else time.time())},
         }
+        if r.classes is not None:
+            metadata["class_subset"] = list(r.classes)
         if clock is None:
             metadata["build"]["wall_time_s"] = round(time.time() - started, 3)
         if self.evaluate:

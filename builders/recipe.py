@@ -56,12 +56,15 @@ class Recipe:
     eval: EvalSpec = field(default_factory=EvalSpec)
     ipc_overrides: dict[int, dict[str, Any]] = field(default_factory=dict)
     notes: str = ""
+    classes: list[int] | None = None  # build on these source classes only (labels 0..k-1 in this order)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for metadata: the recipe as built (the entry of ``ipc_overrides`` for this ipc is
         already merged in; the entries for other ipcs are not recorded)."""
         out = asdict(self)
         del out["ipc_overrides"]
+        if self.classes is None:
+            del out["classes"]  # recipes of whole sources record what they always did
         return out
 
     @property
@@ -193,6 +196,7 @@ def parse_recipe(data: dict[str, Any], overrides: list[tuple[str, Any]] | tuple 
         if data["ipc"] < 1:
             raise RecipeError(f"ipc: must be >= 1, got {data['ipc']}")
 
+    data["classes"] = _check_classes(data.get("classes"), source)
     overrides_map = _ipc_overrides(data.get("ipc_overrides"))
     for key, value in overrides_map.get(data.get("ipc"), {}).items():
         if isinstance(value, dict) and isinstance(data.get(key), dict):
@@ -231,7 +235,7 @@ def _ipc_overrides(raw: Any) -> dict[int, dict[str, Any]]:
     if not isinstance(raw, dict):
         raise RecipeError("ipc_overrides: expected a mapping {ipc: {key: value}}")
     out: dict[int, dict[str, Any]] = {}
-    allowed = _TOP_KEYS - {"source", "method", "ipc", "ipc_overrides"}
+    allowed = _TOP_KEYS - {"source", "method", "ipc", "ipc_overrides", "classes"}
     for key, entry in raw.items():
         if isinstance(key, bool) or not (isinstance(key, int) or (isinstance(key, str) and key.isdigit())) \
                 or int(key) < 1:
@@ -293,6 +297,20 @@ def check_at_least(params: dict[str, Any], keys: tuple[str, ...], low: float, *,
                               f"{f' ({meaning})' if meaning else ''}, got {value}")
 
 
+def _check_classes(value: Any, source: str) -> list[int] | None:
+    """``classes``: null, or a non-empty list of distinct source class indices."""
+    if value is None:
+        return None
+    k = SOURCES[source].num_classes
+    if (not isinstance(value, list) or not value
+            or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < k for i in value)):
+        raise RecipeError(f"classes: expected a non-empty list of class indices in [0, {k}) of {source} "
+                          f"(or null for all classes), got {value!r}")
+    if len(set(value)) != len(value):
+        raise RecipeError(f"classes: lists a class twice: {value}")
+    return list(value)
+
+
 def _validate_names(recipe: Recipe) -> None:
     names = available_networks()
     for key, model in [("model", recipe.model), ("eval.model", recipe.eval.model)] + [
@@ -309,9 +327,17 @@ def _validate_names(recipe: Recipe) -> None:
             raise RecipeError(f"{key}: {exc} (or 'none')") from exc
 
 
+RUN_SPEC_PREFIXES = ("continual_", "nas_")  # recipes/ also holds the protocol runners' specs, not build recipes
+
+
 def available_recipes() -> list[str]:
-    """Names of the recipes shipped in ``recipes/``."""
-    return sorted(p.name for p in RECIPES_DIR.glob("*.yaml"))
+    """Names of the build recipes shipped in ``recipes/`` (the runners' specs left out)."""
+    return sorted(p.name for p in RECIPES_DIR.glob("*.yaml") if not p.name.startswith(RUN_SPEC_PREFIXES))
+
+
+def available_run_specs() -> list[str]:
+    """Names of the protocol runners' specs shipped in ``recipes/`` (``continual_*``, ``nas_*``)."""
+    return sorted(p.name for p in RECIPES_DIR.glob("*.yaml") if p.name.startswith(RUN_SPEC_PREFIXES))
 
 
 def shipped_recipe_path(method: str, source: str) -> Path:

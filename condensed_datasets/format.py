@@ -87,6 +87,9 @@ class CondensedSet:
         meta["method"] = str(method)
         meta["ipc"] = int(ipc)
         meta.setdefault("format_version", FORMAT_VERSION)
+        if "classes" not in meta and isinstance(meta.get("class_subset"), list) and meta["source"] in SOURCES:
+            names = get_source(meta["source"]).classes  # a set of some of the source's classes names them
+            meta["classes"] = [names[i] for i in meta["class_subset"] if isinstance(i, int) and 0 <= i < len(names)]
         if "classes" not in meta:
             if meta["source"] not in SOURCES:
                 raise CondensedSetError(
@@ -154,6 +157,12 @@ class CondensedSet:
     @property
     def num_classes(self) -> int:
         return len(self.metadata["classes"])
+
+    @property
+    def source_classes(self) -> list[int]:
+        """The source class index of each label 0..k-1: ``class_subset`` when set, else 0..k-1."""
+        subset = self.metadata.get("class_subset")
+        return list(subset) if subset is not None else list(range(self.num_classes))
 
     @property
     def zca(self) -> ZCA | None:
@@ -340,6 +349,9 @@ def _first_problem(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> st
         return f"ipc must be a positive int, got {meta['ipc']!r}"
     if not isinstance(meta["classes"], list) or not meta["classes"]:
         return "metadata 'classes' must be a non-empty list of class names"
+    subset_problem = _class_subset_problem(meta)
+    if subset_problem:
+        return subset_problem
     for name, dtype in _REQUIRED_TENSORS.items():
         if name not in tensors:
             return f"missing tensor {name!r}"
@@ -393,4 +405,32 @@ def _zca_problem(tensors: dict[str, torch.Tensor], meta: dict[str, Any], d: int)
     eps = info.get("eps") if isinstance(info, dict) else None
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
         return f"metadata 'zca' must be a mapping with a positive 'eps', got {info!r}"
+    return None
+
+
+def _class_subset_problem(meta: dict[str, Any]) -> str | None:
+    """The first way the optional ``class_subset`` breaks the format, or None.
+
+    A set of some of its source's classes lists their source indices in ``class_subset`` (distinct,
+    in the order of the set's labels 0..k-1); its ``classes`` are those classes' names.
+    """
+    subset = meta.get("class_subset")
+    if subset is None:
+        return None
+    if not isinstance(subset, list) or not subset or not all(
+        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in subset
+    ):
+        return f"metadata 'class_subset' must be a non-empty list of source class indices (ints >= 0), got {subset!r}"
+    if len(set(subset)) != len(subset):
+        return f"metadata 'class_subset' lists a class twice: {subset}"
+    source = meta.get("source")
+    names = get_source(source).classes if source in SOURCES else None
+    if names is not None and max(subset) >= len(names):
+        return f"metadata 'class_subset' has index {max(subset)}, but {source} has {len(names)} classes"
+    if len(subset) != len(meta["classes"]):
+        return (f"metadata 'class_subset' has {len(subset)} classes but 'classes' names {len(meta['classes'])}; "
+                "they must match (label j is source class class_subset[j])")
+    if names is not None:
+        if [names[i] for i in subset] != list(meta["classes"]):
+            return "metadata 'classes' are not the names of the source classes listed in 'class_subset'"
     return None

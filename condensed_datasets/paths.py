@@ -85,6 +85,20 @@ def set_path(root: str | os.PathLike, source: str, method: str, ipc: int) -> Pat
     return source_dir(root, source) / set_filename(method, ipc)
 
 
+def subset_set_path(root: str | os.PathLike, source: str, method: str, ipc: int, classes: list[int],
+                    num_classes: int | None = None) -> Path:
+    """Where a set of some of a source's classes lives (labels 0..k-1 in the order of ``classes``):
+    ``{root}/condensed/{source}/classes/{method}_ipc{ipc}_c{i}-{j}-....safetensors``. UnknownNameError unless
+    ``classes`` are distinct class indices (below ``num_classes`` when given)."""
+    if (not isinstance(classes, (list, tuple)) or not classes or len(set(classes)) != len(classes)
+            or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in classes)
+            or (num_classes is not None and max(classes) >= num_classes)):
+        bound = f" in [0, {num_classes})" if num_classes is not None else ""
+        raise UnknownNameError(f"classes {classes!r}: expected distinct class indices{bound}")
+    stem = set_filename(method, ipc).removesuffix(SET_SUFFIX)
+    return source_dir(root, source) / "classes" / f"{stem}_c{'-'.join(str(c) for c in classes)}{SET_SUFFIX}"
+
+
 def beside(path: Path, suffix: str) -> Path:
     """A file next to a set that shares its stem: ``dm_ipc10.safetensors`` -> ``dm_ipc10{suffix}``."""
     return path.with_name(path.name.removesuffix(SET_SUFFIX) + suffix)

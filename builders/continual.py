@@ -1,0 +1,169 @@
+"""The class-incremental protocol behind ``condensed-continual`` (the DM paper's, script ``CL_DM.py``).
+
+For each method and each class order: the classes are split into ``steps`` groups; step ``t``'s memory
+is a set of ``ipc`` images per class of group ``t``, built with that group's classes only (recipe key
+``classes``); at step ``t`` a fresh network with a head over all the source's classes is trained from
+scratch on the union of the memories of steps ``0..t`` (GDumb-style) and tested on the real test images
+of the classes seen so far. ``runs`` networks per order and step; mean and std per step over every
+order and run, as ``CL_DM.py`` reports them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from builders.augment import Augmenter
+from builders.build import load_recipe, make_engine
+from builders.data import RealData
+from builders.engine import resolve_device
+from builders.errors import RecipeError
+from builders.evaluate import TrainSettings, train_network
+from builders.networks import available_networks, build_network
+from builders.plots import continual_plot
+from builders.recipe import RECIPES_DIR
+from builders.runspec import check_keys
+from condensed_datasets._atomic import atomic_write_bytes
+from condensed_datasets.continual import ClassIncrementalBuffer
+from condensed_datasets.sources import get_source
+
+_SPEC = {"source": "", "root": "data", "sets_root": None, "out": "", "device": "auto", "seed": 0, "steps": 5,
+         "ipc": 20, "orders": [0, 1, 2, 3, 4], "runs": 3, "model": "ConvNet", "epochs": 1000, "lr": 0.01,
+         "batch": 256, "augment": "color_crop_cutout_flip_scale_rotate", "test_per_class": None, "methods": {},
+         "notes": ""}
+_METHOD = {"recipe": "", "set": {}}
+
+
+def check_spec(data: dict[str, Any]) -> dict[str, Any]:
+    """A validated ``condensed-continual`` spec (RecipeError names the key)."""
+    spec = check_keys("the continual spec", data, _SPEC, required=("source", "out", "methods"))
+    info = get_source(spec["source"])
+    spec["source"] = info.name
+    for key in ("steps", "ipc", "runs", "epochs", "batch"):
+        if spec[key] < 1:
+            raise RecipeError(f"{key}: must be >= 1, got {spec[key]}")
+    if info.num_classes % spec["steps"]:
+        raise RecipeError(f"steps: {info.num_classes} classes do not split into {spec['steps']} equal steps")
+    if not spec["orders"] or not all(isinstance(o, int) and o >= 0 for o in spec["orders"]):
+        raise RecipeError(f"orders: expected a non-empty list of order seeds (ints >= 0), got {spec['orders']!r}")
+    if spec["model"] not in available_networks():
+        raise RecipeError(f"model: unknown network {spec['model']!r}; valid: {', '.join(available_networks())}")
+    if not isinstance(spec["methods"], dict) or not spec["methods"]:
+        raise RecipeError("methods: expected a mapping {label: {recipe: FILE, set: {KEY: VALUE}}}")
+    methods = {}
+    for label, entry in spec["methods"].items():
+        m = check_keys(f"methods.{label}", entry, _METHOD, required=("recipe",))
+        m["path"] = _recipe_path(m["recipe"])
+        if not isinstance(m["set"], dict):
+            raise RecipeError(f"methods.{label}.set: expected a mapping of recipe keys (dotted) to values")
+        methods[str(label)] = m
+    spec["methods"] = methods
+    return spec
+
+
+def _recipe_path(name: str) -> Path:
+    path = Path(name)
+    if path.is_file():
+        return path
+    if (RECIPES_DIR / name).is_file():
+        return RECIPES_DIR / name
+    raise RecipeError(f"no recipe {name!r} (neither a file nor in {RECIPES_DIR})")
+
+
+def step_builder(recipe_path: Path, overrides: dict[str, Any], *, data_root: Path, device: str,
+                 progress: bool) -> Callable[[str, str, int, list[int], Path], Path]:
+    """A buffer's ``build`` callable: the recipe with ``overrides``, built on one step's classes only."""
+
+    def build(source: str, method: str, ipc: int, classes: list[int], root: Path) -> Path:
+        recipe = load_recipe(recipe_path, [*sorted(overrides.items()), ("ipc", ipc), ("classes", list(classes))])
+        if recipe.source != source or recipe.method != method:
+            raise RecipeError(f"{recipe_path} builds {recipe.method} on {recipe.source}, not {method} on {source}")
+        engine = make_engine(recipe, out_root=root, data_root=data_root, device=device, evaluate=False,
+                             progress=progress)
+        engine.run()
+        return engine.paths.set
+
+    return build
+
+
+def _seen_test(test: RealData, seen: list[int], per_class: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised real test images of the ``seen`` classes (at most ``per_class`` each) and their labels."""
+    rows = torch.cat([test.class_indices[c][:per_class] for c in seen])
+    return test.rows(rows), test.labels[rows.to(test.device)]
+
+
+@torch.no_grad()
+def _accuracy(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int = 1024) -> float:
+    net.eval()
+    correct = sum(int((net(images[i:i + batch]).argmax(1) == labels[i:i + batch]).sum())
+                  for i in range(0, len(labels), batch))
+    return 100.0 * correct / len(labels)
+
+
+def net_seed(seed: int, order: int, step: int, run: int) -> int:
+    """The seed of one evaluation network: recorded, derived from the spec, never the clock."""
+    return seed * 1_000_000 + order * 10_000 + step * 100 + run
+
+
+def run_continual(spec: dict[str, Any], *, data_root: str | os.PathLike | None = None,
+                  out: str | os.PathLike | None = None, device: str | None = None, progress: bool = True,
+                  echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the protocol; writes ``continual.json`` (every run) and ``continual.png`` under ``out``."""
+    spec = check_spec(spec)
+    dev = resolve_device(device or spec["device"])
+    root = Path(data_root if data_root is not None else spec["root"])
+    sets_root = Path(spec["sets_root"]) if spec["sets_root"] else root
+    out_dir = Path(out if out is not None else spec["out"])
+    info = get_source(spec["source"])
+    test = RealData.from_source(info.name, root, train=False, device=dev)
+    augmenter = Augmenter(spec["augment"]) if spec["augment"] != "none" else None
+    settings = TrainSettings(epochs=spec["epochs"], lr=spec["lr"], batch=spec["batch"], augmenter=augmenter)
+    c, h, w = info.image_shape
+    runs: list[dict[str, Any]] = []
+    summary: dict[str, list[dict[str, Any]]] = {}
+    echo(f"class-incremental {info.name}: {spec['steps']} steps of {info.num_classes // spec['steps']} classes, "
+         f"ipc {spec['ipc']}, orders {spec['orders']}, {spec['runs']} {spec['model']} per order and step, "
+         f"{spec['epochs']} epochs, device {dev}")
+    for label, m in spec["methods"].items():
+        method = load_recipe(m["path"], [*sorted(m["set"].items()), ("ipc", spec["ipc"])]).method
+        build = step_builder(m["path"], m["set"], data_root=root, device=str(dev), progress=progress)
+        per_step: list[list[float]] = [[] for _ in range(spec["steps"])]
+        for order in spec["orders"]:
+            buffer = ClassIncrementalBuffer(info.name, method, spec["ipc"], spec["steps"], order, sets_root,
+                                            build=build)
+            for step in range(spec["steps"]):
+                memory = buffer.dataset(step, target_type="hard")
+                images = memory.data.to(dev)
+                targets = torch.tensor(memory.targets, dtype=torch.int64, device=dev)
+                x_test, y_test = _seen_test(test, buffer.seen_classes(step), spec["test_per_class"])
+                for run in range(spec["runs"]):
+                    seed = net_seed(spec["seed"], order, step, run)
+                    net = build_network(spec["model"], c, info.num_classes, (h, w), seed=seed).to(dev)
+                    train_network(net, images, targets, settings, torch.Generator().manual_seed(seed))
+                    acc = _accuracy(net, x_test, y_test)
+                    per_step[step].append(acc)
+                    runs.append({"method": label, "order": order, "class_order": buffer.order, "step": step,
+                                 "classes": buffer.classes(step), "memory_size": len(memory), "run": run,
+                                 "seed": seed, "test_images": len(y_test), "accuracy": round(acc, 4),
+                                 "memory_set": str(buffer.path(step))})
+        summary[label] = [{"step": t, "mean": round(statistics.fmean(a), 4),
+                           "std": round(statistics.pstdev(a), 4) if len(a) > 1 else 0.0, "n": len(a)}
+                          for t, a in enumerate(per_step)]
+        echo(f"{label:>10}: " + "  ".join(f"{r['mean']:.1f}±{r['std']:.1f}" for r in summary[label]))
+    result = {"spec": {**spec, "methods": {k: {"recipe": str(v["path"]), "set": v["set"]}
+                                           for k, v in spec["methods"].items()}},
+              "device": str(dev), "protocol": settings.describe(), "summary": summary, "runs": runs}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = atomic_write_bytes(out_dir / "continual.json",
+                                   (json.dumps(result, indent=1, sort_keys=True, default=str) + "\n").encode())
+
+    png = continual_plot(summary, out_dir / "continual.png",
+                         f"{info.name}: {spec['steps']} steps, ipc {spec['ipc']}, {len(spec['orders'])} orders "
+                         f"x {spec['runs']} nets")
+    echo(f"wrote {json_path}\nwrote {png}")
+    return result

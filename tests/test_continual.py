@@ -1,0 +1,158 @@
+"""Class-incremental buffers: class orders, per-step memories of that step's classes only, the runner."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import builders.data
+import builders.engine
+from builders.continual import check_spec, run_continual
+from builders.recipe import RECIPES_DIR, available_run_specs
+from builders.runspec import load_spec
+from condensed_datasets.continual import ClassIncrementalBuffer, class_order, split_steps
+from condensed_datasets.format import CondensedSet
+from condensed_datasets.sources import load_split
+
+
+def test_class_orders_are_cl_dm_pys_numpy_permutations():
+    # CL_DM.py: np.random.seed(0); np.random.permutation(10)
+    assert class_order(10, 0) == [2, 8, 4, 9, 1, 6, 7, 3, 0, 5]
+    assert class_order(100, 3) == np.random.RandomState(3).permutation(100).tolist()
+
+
+def test_steps_split_the_order_evenly():
+    assert split_steps([2, 8, 4, 9, 1, 6], 3) == [[2, 8], [4, 9], [1, 6]]
+    with pytest.raises(ValueError, match="equal steps"):
+        split_steps(list(range(10)), 3)
+
+
+def _fake_builder(calls, soft=False):
+    """A build callable that records what it was asked for and writes a valid set of those classes."""
+
+    def build(source, method, ipc, classes, root):
+        calls.append(list(classes))
+        k = len(classes)
+        images = torch.full((k * ipc, 1, 28, 28), float(len(calls)))
+        soft_labels = torch.eye(k).repeat_interleave(ipc, 0) * 5 if soft else None
+        cset = CondensedSet(images, torch.arange(k).repeat_interleave(ipc), source=source, method=method, ipc=ipc,
+                            soft_labels=soft_labels, metadata={"class_subset": list(classes)})
+        from condensed_datasets.paths import subset_set_path
+
+        return cset.save(subset_set_path(root, source, method, ipc, list(classes)))
+
+    return build
+
+
+def test_each_step_is_built_with_its_own_classes_only_and_datasets_grow(tmp_path):
+    calls = []
+    buffer = ClassIncrementalBuffer("fashionmnist", "dm", 3, steps=5, order_seed=0, root=tmp_path,
+                                    build=_fake_builder(calls))
+    assert [buffer.classes(t) for t in range(5)] == [[2, 8], [4, 9], [1, 6], [7, 3], [0, 5]]
+    ds = buffer.dataset(2)
+    assert calls == [[2, 8], [4, 9], [1, 6]]  # step 2's union never asked for a later step's classes
+    assert len(ds) == 3 * 2 * 3 and ds.seen == [2, 8, 4, 9, 1, 6]
+    assert ds.targets == [c for c in [2, 8, 4, 9, 1, 6] for _ in range(3)]
+    image, target = ds[6]
+    assert target == 4 and image.shape == (1, 28, 28) and float(image[0, 0, 0]) == 2.0  # step 1's set
+    assert ds.soft_targets is None and ds.target_type == "hard"
+    buffer.dataset(4)
+    assert calls == [[2, 8], [4, 9], [1, 6], [7, 3], [0, 5]]  # each step built once
+    with pytest.raises(IndexError, match="steps 0..4"):
+        buffer.classes(5)
+
+
+def test_soft_labels_are_spread_over_the_source_classes(tmp_path):
+    buffer = ClassIncrementalBuffer("fashionmnist", "datm", 1, steps=5, order_seed=0, root=tmp_path,
+                                    build=_fake_builder([], soft=True))
+    ds = buffer.dataset(1)
+    assert ds.target_type == "soft" and ds.soft_targets.shape == (4, 10)
+    _, target = ds[2]  # step 1's first image: source class 4
+    assert int(target.argmax()) == 4 and float(target.sum()) == pytest.approx(1.0)
+    assert float(target[[2, 8, 9]].sum()) < float(target[4])
+    assert buffer.dataset(1, target_type="hard")[2][1] == 4
+
+
+def test_a_file_of_other_classes_is_refused(tmp_path):
+    buffer = ClassIncrementalBuffer("fashionmnist", "dm", 1, steps=5, order_seed=0, root=tmp_path)
+    wrong = _fake_builder([])("fashionmnist", "dm", 1, [8, 2], tmp_path)  # step 0's classes, other order
+    wrong.rename(buffer.path(0))
+    with pytest.raises(ValueError, match="that step's classes only"):
+        buffer.memory(0)
+
+
+def test_a_missing_step_without_build_says_how_to_get_it(tmp_path):
+    buffer = ClassIncrementalBuffer("fashionmnist", "dm", 1, steps=5, order_seed=0, root=tmp_path)
+    with pytest.raises(RuntimeError, match="classes="):
+        buffer.dataset(0)
+
+
+def test_add_step_takes_a_users_own_stream(tmp_path):
+    buffer = ClassIncrementalBuffer("fashionmnist", "dm", 2, steps=0, root=tmp_path)
+    assert buffer.num_steps == 0
+    own = CondensedSet.load(_fake_builder([])("fashionmnist", "dm", 2, [5, 1], tmp_path / "mine"))
+    assert buffer.add_step([5, 1], own) == 0
+    with pytest.raises(ValueError, match="already arrived"):
+        buffer.add_step([1, 7])
+    with pytest.raises(ValueError, match="that step's classes only"):
+        buffer.add_step([7, 0], own)
+    assert buffer.num_steps == 1  # a refused step is not added
+    buffer.add_step([7, 0], _fake_builder([])("fashionmnist", "dm", 2, [7, 0], tmp_path / "mine"))
+    assert buffer.dataset(1).targets == [5, 5, 1, 1, 7, 7, 0, 0]
+
+
+@pytest.mark.slow
+def test_a_real_step_build_never_loads_future_classes(fashion_mnist_root, tmp_path, monkeypatch):
+    """Build-on-demand through the shipped recipe: the engine's real data holds the step's classes only."""
+    _, source_labels = load_split("fashionmnist", fashion_mnist_root, train=True)
+    seen_labels = []
+    original = builders.data.RealData.from_source.__func__
+
+    def spy(cls, source, root, **kwargs):
+        real = original(cls, source, root, **kwargs)
+        if kwargs.get("train", True):
+            seen_labels.append(sorted(set(source_labels[real.source_rows].tolist())))
+        return real
+
+    monkeypatch.setattr(builders.data.RealData, "from_source", classmethod(spy))
+    buffer = ClassIncrementalBuffer("fashionmnist", "random", 2, steps=5, order_seed=1, root=tmp_path, build=True)
+    (tmp_path / "FashionMNIST").symlink_to(fashion_mnist_root / "FashionMNIST", target_is_directory=True)
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "0")
+    with monkeypatch.context() as m:  # the shipped recipe evaluates at paper scale: keep the build only
+        m.setattr(builders.engine.Engine, "_evaluation", lambda self, contents, ctx: {})
+        ds = buffer.dataset(1)
+    assert seen_labels == [sorted(buffer.classes(0)), sorted(buffer.classes(1))]
+    for step in (0, 1):
+        cset = buffer.memory(step)
+        assert cset.metadata["class_subset"] == buffer.classes(step)
+        assert source_labels[cset.indices].tolist() == [c for c in buffer.classes(step) for _ in range(2)]
+    assert ds.targets == [c for c in buffer.seen_classes(1) for _ in range(2)]
+
+
+@pytest.mark.slow
+def test_a_tiny_continual_run_end_to_end(fashion_mnist_root, tmp_path):
+    spec = {"source": "fashionmnist", "root": str(fashion_mnist_root), "sets_root": str(tmp_path / "sets"),
+            "out": str(tmp_path / "out"), "device": "cpu", "steps": 2, "ipc": 1, "orders": [0, 1], "runs": 1,
+            "model": "ConvNetW32", "epochs": 1, "batch": 10, "augment": "none", "test_per_class": 5,
+            "methods": {"random": {"recipe": "random_fashionmnist.yaml", "set": {"real_per_class": 20}},
+                        "dm": {"recipe": "dm_fashionmnist.yaml",
+                               "set": {"real_per_class": 20, "model": "ConvNetW32", "iterations": 1,
+                                       "checkpoint_every": 0, "params.batch_real": 4}}}}
+    lines = []
+    result = run_continual(spec, progress=False, echo=lines.append)
+    written = json.loads((tmp_path / "out" / "continual.json").read_text())
+    assert (tmp_path / "out" / "continual.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert written["summary"] == result["summary"]
+    assert set(written["summary"]) == {"random", "dm"}
+    assert [r["n"] for r in written["summary"]["dm"]] == [2, 2]  # 2 orders x 1 network per step
+    assert len(written["runs"]) == 2 * 2 * 2
+    step1 = [r for r in written["runs"] if r["step"] == 1]
+    assert all(r["memory_size"] == 10 and r["test_images"] == 50 for r in step1)
+    assert any(line.strip().startswith("dm:") for line in lines)
+
+
+@pytest.mark.parametrize("name", [n for n in available_run_specs() if n.startswith("continual_")])
+def test_every_shipped_continual_spec_is_valid(name):
+    spec = check_spec(load_spec(RECIPES_DIR / name))
+    assert spec["source"] in name and spec["methods"]
