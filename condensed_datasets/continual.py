@@ -211,9 +211,11 @@ class ClassIncrementalBuffer:
 
         from condensed_datasets._atomic import atomic_write_bytes
         from condensed_datasets.catalogue import default_repo_id
+        from condensed_datasets.hub import DEFAULT_REVISION, REPO_TYPE, hub_cache_dir, hub_endpoint, hub_offline
 
         local = hf_hub_download(self.repo_id or default_repo_id(self.source), f"classes/{path.name}",
-                                repo_type="dataset", revision=self.revision or "main")
+                                repo_type=REPO_TYPE, revision=self.revision or DEFAULT_REVISION,
+                                endpoint=hub_endpoint(), cache_dir=hub_cache_dir(), local_files_only=hub_offline())
         data = Path(local).read_bytes()
         CondensedSet.from_bytes(data, f"classes/{path.name}")  # refuses anything that is not a set
         return atomic_write_bytes(path, data)
