@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from condensed_datasets.sources import SOURCES
+from condensed_datasets.sources import SOURCES, get_source
 
 RECIPES_DIR = Path(os.environ.get("CONDENSED_RECIPES_DIR", Path(__file__).resolve().parents[1] / "recipes"))
 
@@ -257,8 +257,6 @@ def _check_classes(value: Any, source: str) -> list[int] | None:
     """``classes``: null, or a non-empty list of distinct source class indices."""
     if value is None:
         return None
-    from condensed_datasets.sources import get_source
-
     k = get_source(source).num_classes
     if (not isinstance(value, list) or not value
             or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < k for i in value)):
