@@ -24,6 +24,7 @@ from builders.data import RealData
 from builders.engine import resolve_device
 from builders.errors import RecipeError
 from builders.evaluate import TrainSettings, train_network
+from builders.nas import accuracy
 from builders.networks import available_networks, build_network
 from builders.plots import continual_plot
 from builders.recipe import RECIPES_DIR
@@ -97,14 +98,6 @@ def _seen_test(test: RealData, seen: list[int], per_class: int | None) -> tuple[
     return test.rows(rows), test.labels[rows.to(test.device)]
 
 
-@torch.no_grad()
-def _accuracy(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int = 1024) -> float:
-    net.eval()
-    correct = sum(int((net(images[i:i + batch]).argmax(1) == labels[i:i + batch]).sum())
-                  for i in range(0, len(labels), batch))
-    return 100.0 * correct / len(labels)
-
-
 def net_seed(seed: int, order: int, step: int, run: int) -> int:
     """The seed of one evaluation network: recorded, derived from the spec, never the clock."""
     return seed * 1_000_000 + order * 10_000 + step * 100 + run
@@ -145,7 +138,7 @@ def run_continual(spec: dict[str, Any], *, data_root: str | os.PathLike | None =
                     seed = net_seed(spec["seed"], order, step, run)
                     net = build_network(spec["model"], c, info.num_classes, (h, w), seed=seed).to(dev)
                     train_network(net, images, targets, settings, torch.Generator().manual_seed(seed))
-                    acc = _accuracy(net, x_test, y_test)
+                    acc = accuracy(net, x_test, y_test)
                     per_step[step].append(acc)
                     runs.append({"method": label, "order": order, "class_order": buffer.order, "step": step,
                                  "classes": buffer.classes(step), "memory_size": len(memory), "run": run,

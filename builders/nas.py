@@ -5,8 +5,8 @@ fixed protocol (same seed, same schedule) and tests it on a held-out split; :fun
 protocol behind ``condensed-nas``: a ground-truth table from real training images, one table per proxy
 set, the rank-correlation report, JSON and a scatter plot.
 
-Networks are trained one by one: on this project's 2-core CPU, training many same-shaped networks at
-once does not beat that, and the architectures of a space differ in shape anyway.
+Networks are trained one by one (the architectures of a space differ in shape; no multi-network
+trainer is used here).
 """
 
 from __future__ import annotations

@@ -36,6 +36,7 @@ from condensed_datasets.constants import DEFAULT_REVISION, REPO_TYPE
 from condensed_datasets.datasets import TARGET_TYPES
 from condensed_datasets.errors import CondensedDatasetsError, SetNotFoundError, UnknownNameError
 from condensed_datasets.format import CondensedSet
+from condensed_datasets.hub import hub_cache_dir, hub_endpoint, hub_offline
 from condensed_datasets.paths import check_repo_id, check_revision, subset_set_path
 from condensed_datasets.sources import get_source
 
@@ -216,7 +217,8 @@ class ClassIncrementalBuffer:
         """Fetch ``classes/{name}`` of the source's hub repository, check it is a set, write it atomically."""
         repo = check_repo_id(self.repo_id or default_repo_id(self.source))
         revision = check_revision(self.revision or DEFAULT_REVISION)
-        local = hf_hub_download(repo, f"classes/{path.name}", repo_type=REPO_TYPE, revision=revision)
+        local = hf_hub_download(repo, f"classes/{path.name}", repo_type=REPO_TYPE, revision=revision,
+                                endpoint=hub_endpoint(), cache_dir=hub_cache_dir(), local_files_only=hub_offline())
         data = Path(local).read_bytes()
         CondensedSet.from_bytes(data, f"classes/{path.name}")  # refuses anything that is not a set
         return atomic_write_bytes(path, data)

@@ -156,3 +156,17 @@ def test_a_tiny_continual_run_end_to_end(fashion_mnist_root, tmp_path):
 def test_every_shipped_continual_spec_is_valid(name):
     spec = check_spec(load_spec(RECIPES_DIR / name))
     assert spec["source"] in name and spec["methods"]
+
+
+def test_a_missing_step_is_downloaded_from_the_hub_and_checked(server, tmp_path):
+    repo = "someone/condensed-fashionmnist"
+    folder = server.repo_dir(repo) / "classes"
+    folder.mkdir(parents=True)
+    published = _fake_builder([])("fashionmnist", "dm", 1, [2, 8], tmp_path / "published")
+    published.rename(folder / "dm_ipc1_c2-8.safetensors")
+    buffer = ClassIncrementalBuffer("fashionmnist", "dm", 1, steps=5, order_seed=0, root=tmp_path / "data",
+                                    download=True, repo_id=repo)
+    assert buffer.dataset(0).targets == [2, 8]
+    assert buffer.path(0).is_file()  # kept where the buffer reads it
+    with pytest.raises(RuntimeError, match="could not download step 1"):
+        buffer.dataset(1)
