@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import click
+from torch.distributed.elastic.multiprocessing.errors import record
 
+from builders import distributed
 from builders.build import build, load_recipe, makes_set
 from builders.engine import BuildPaths, resolve_device
 from builders.data import RealData
@@ -47,6 +49,10 @@ def _user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _silent(*args: Any, **kwargs: Any) -> None:
+    """click.echo on ranks other than 0 under torchrun."""
+
+
 def format_evaluation(ev: dict[str, Any] | None) -> str:
     """One human line per result of an ``evaluation`` metadata block."""
     if not ev:
@@ -76,27 +82,34 @@ def format_evaluation(ev: dict[str, Any] | None) -> str:
 @click.option("--download", is_flag=True, help="Download the real data if it is missing.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_user_errors
+@record  # under torchrun: a failing rank's traceback goes into torchrun's failure report
 def build_command(recipe: Path, overrides: tuple[str, ...], out_root: Path | None, data_root: Path | None,
                   device: str, resume: bool, overwrite: bool, no_eval: bool, download: bool, quiet: bool) -> None:
-    """Build the condensed set a RECIPE (YAML) describes, evaluate it and save it."""
+    """Build the condensed set a RECIPE (YAML) describes, evaluate it and save it.
+
+    Under torchrun (``torchrun --nproc_per_node=N $(which condensed-build) RECIPE``) the build runs across
+    the N processes; rank 0 alone writes, logs and prints.
+    """
     r = load_recipe(recipe, parse_overrides(overrides))
     dev = resolve_device(device)
+    echo = click.echo if distributed.env_is_main() else _silent  # under torchrun one rank speaks
+    quiet = quiet or not distributed.env_is_main()
     options = dict(out_root=out_root, data_root=data_root, device=device, resume=resume, overwrite=overwrite,
                    evaluate=not no_eval, progress=not quiet, download=download)
     if not makes_set(r):  # e.g. expert trajectories
-        click.echo(f"running {r.method} on {r.source}, model {r.model}, device {dev}, seed {r.seed}")
-        click.echo(build(r, **options).summary())
+        echo(f"running {r.method} on {r.source}, model {r.model}, device {dev}, seed {r.seed}")
+        echo(build(r, **options).summary())
         return
-    click.echo(f"building {r.method} on {r.source}, ipc {r.ipc}, {r.iterations} iterations, "
-               f"model {r.model}, device {dev}, seed {r.seed}")
+    echo(f"building {r.method} on {r.source}, ipc {r.ipc}, {r.iterations} iterations, "
+         f"model {r.model}, device {dev}, seed {r.seed}")
     cset = build(r, **options)
     paths = BuildPaths.for_recipe(r, out_root)
-    click.echo(f"saved {paths.set}")
-    click.echo(f"grid  {paths.grid}")
+    echo(f"saved {paths.set}")
+    echo(f"grid  {paths.grid}")
     wall = cset.metadata["build"].get("wall_time_s")
     if wall is not None:
-        click.echo(f"time  {wall:.1f} s")
-    click.echo(format_evaluation(cset.evaluation))
+        echo(f"time  {wall:.1f} s")
+    echo(format_evaluation(cset.evaluation))
 
 
 @click.command(name="condensed-eval")

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from builders import distributed
 from builders.augment import Augmenter
 from builders.data import RealData
 from builders.networks import build_network
@@ -169,13 +170,14 @@ def evaluate_images(
 ) -> list[float]:
     """Accuracy (percent) of one freshly initialised ``model`` per seed, trained on ``images``."""
     c, h, w = test.image_shape
-    accuracies = []
-    for seed in seeds:
+
+    def one_run(seed: int) -> float:
         generator = torch.Generator().manual_seed(seed)
         net = build_network(model, c, test.num_classes, (h, w), seed=seed).to(test.device)
         train_network(net, images.to(test.device), targets.to(test.device), settings, generator)
-        accuracies.append(test_accuracy(net, test))
-    return accuracies
+        return test_accuracy(net, test)
+
+    return distributed.map_items(seeds, one_run)  # under torchrun: runs split across ranks, gathered in order
 
 
 def evaluate_set(
@@ -223,11 +225,13 @@ def evaluate_set(
     }
     if random_baseline:
         baseline = TrainSettings(epochs=epochs, lr=default_lr, batch=batch, augmenter=augmenter)
-        rand_acc = []
-        for s in seeds:
+
+        def random_run(s: int) -> float:
             pos = train.random_class_balanced(ipc, torch.Generator().manual_seed(s + 7919))
-            rand_acc += evaluate_images(train.rows(pos), train.labels[pos.to(train.device)], model=model,
-                                        settings=baseline, test=test, seeds=[s])
+            return evaluate_images(train.rows(pos), train.labels[pos.to(train.device)], model=model,
+                                   settings=baseline, test=test, seeds=[s])[0]
+
+        rand_acc = distributed.map_items(seeds, random_run)  # under torchrun: split across ranks
         rand = _summary(rand_acc)
         result["random_accuracies"] = rand["accuracies"]
         result["random_accuracy_mean"] = rand["accuracy_mean"]

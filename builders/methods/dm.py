@@ -35,6 +35,7 @@ class DistributionMatching(Method):
     """DM: per-class mean-embedding matching under random frozen networks."""
 
     name: ClassVar[str] = "dm"
+    splits_classes: ClassVar[bool] = True  # per-class losses: torchrun ranks may take blocks of classes
     defaults: ClassVar[dict[str, Any]] = {
         "lr_img": 1.0,
         "momentum": 0.5,
@@ -66,6 +67,10 @@ class DistributionMatching(Method):
             real, syn = ctx.augment_siamese(real, images[ctx.class_slice(c)])
             real_parts.append(real)
             syn_parts.append(syn)
+        # torchrun class split: every rank drew the whole iteration's random numbers above, in order;
+        # it computes only its own classes' terms (all of them in one process).
+        here = ctx.classes_here()
+        real_parts, syn_parts = [real_parts[c] for c in here], [syn_parts[c] for c in here]
         # One forward pass for all real and one for all synthetic images. With per-sample norms
         # this is the per-class loop's maths; with BatchNorm it is the paper's concatenated path.
         with torch.no_grad():
