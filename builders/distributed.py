@@ -108,7 +108,11 @@ def session(device: torch.device) -> Iterator[World]:
     backend = backend_for(device)
     if backend == "nccl":
         torch.cuda.set_device(local_device(device))
-    dist.init_process_group(backend=backend)
+    # torchrun keeps one rendezvous store across restarts of the job: keys of an earlier attempt (the dead
+    # ranks' addresses) would be read again, so each attempt works under its own prefix.
+    store, rank, world_size = next(dist.rendezvous("env://"))
+    store = dist.PrefixStore(f"condensed-build/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size)
     try:
         yield current()
     finally:
