@@ -136,19 +136,22 @@ def eval_command(set_file: Path, model: str | None, models: str, runs: int | Non
     for name in [model, *extra]:
         if name not in available_networks():
             raise click.BadParameter(f"unknown network {name!r}; valid: {', '.join(available_networks())}")
-    dev = resolve_device(device)
+    dev = distributed.local_device(resolve_device(device))
     data_root = root  # never a path from the file: a set's metadata is a stranger's
     train = RealData.from_source(cset.source, data_root, train=True, device=dev)
     test = RealData.from_source(cset.source, data_root, train=False, device=dev)
     train.set_zca(cset.zca)  # a set built in ZCA space is evaluated on whitened real images
     test.set_zca(cset.zca)
     augment = ev.get("augment") or recipe.get("augment") or "none"
-    result = evaluate_set(
-        cset.images.to(dev), cset.labels, soft_labels=cset.soft_labels, lr=cset.lr, ipc=cset.ipc, model=model,
-        models=extra, runs=runs or ev.get("runs", 5), epochs=epochs or ev.get("epochs", 1000),
-        default_lr=ev.get("lr", 0.01), batch=ev.get("batch", 256), augment=augment,
-        seed=cset.metadata.get("seed", 0) if seed is None else seed, train=train, test=test,
-    )
+    with distributed.session(dev):  # under torchrun: the runs are split across the processes
+        result = evaluate_set(
+            cset.images.to(dev), cset.labels, soft_labels=cset.soft_labels, lr=cset.lr, ipc=cset.ipc, model=model,
+            models=extra, runs=runs or ev.get("runs", 5), epochs=epochs or ev.get("epochs", 1000),
+            default_lr=ev.get("lr", 0.01), batch=ev.get("batch", 256), augment=augment,
+            seed=cset.metadata.get("seed", 0) if seed is None else seed, train=train, test=test,
+        )
+    if not distributed.env_is_main():  # one rank prints and saves
+        return
     click.echo(json.dumps(result, indent=2, sort_keys=True) if as_json else format_evaluation(result))
     if save:
         cset.with_metadata(evaluation=result).save(set_file)
