@@ -16,11 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 from builders import distributed
 from builders.build import build, recipe_from_dict
 from builders.distributed import World
 from condensed_datasets.format import CondensedSet
+from distributed_worker import collectives_worker
 
 REPO = Path(__file__).resolve().parent.parent
 CLI = Path(sys.executable).parent / "condensed-build"
@@ -59,6 +61,10 @@ def test_owned_items_and_the_one_process_world():
     assert distributed.map_items([1, 2, 3], lambda x: x * 10) == [10, 20, 30]
     assert distributed.backend_for(torch.device("cpu")) == "gloo"
     assert distributed.backend_for(torch.device("cuda", 0)) == "nccl"
+
+
+def test_collectives_on_two_gloo_processes(tmp_path):
+    mp.spawn(collectives_worker, args=(str(tmp_path / "rendezvous"),), nprocs=2, join=True)
 
 
 # -- real 2-process runs -------------------------------------------------------------------------
