@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import click
-from torch.distributed.elastic.multiprocessing.errors import record
 
 from builders import distributed
 from builders.build import build, load_recipe, makes_set
@@ -82,7 +81,7 @@ def format_evaluation(ev: dict[str, Any] | None) -> str:
 @click.option("--download", is_flag=True, help="Download the real data if it is missing.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_user_errors
-@record  # under torchrun: a failing rank's traceback goes into torchrun's failure report
+@distributed.record_errors  # under torchrun: a failing rank's traceback goes into torchrun's report
 def build_command(recipe: Path, overrides: tuple[str, ...], out_root: Path | None, data_root: Path | None,
                   device: str, resume: bool, overwrite: bool, no_eval: bool, download: bool, quiet: bool) -> None:
     """Build the condensed set a RECIPE (YAML) describes, evaluate it and save it.

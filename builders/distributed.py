@@ -24,12 +24,14 @@ and reports which rank failed (``@record`` on the entry point adds its traceback
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from builders.errors import BuildError
 
@@ -242,3 +244,16 @@ def require_ranks_at_most(count: int, what: str) -> None:
 def env_is_main() -> bool:
     """True unless torchrun made this process a rank other than 0 (readable before the group exists)."""
     return int(os.environ.get("RANK", "0") or 0) == 0
+
+
+def record_errors(func: Callable[..., R]) -> Callable[..., R]:
+    """Under torchrun, torchelastic's ``@record``: a failing rank's traceback goes into torchrun's failure
+    report. Outside torchrun, ``func`` unchanged."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> R:
+        if under_torchrun():
+            return record(func)(*args, **kwargs)
+        return func(*args, **kwargs)
+
+    return wrapper
