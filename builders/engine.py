@@ -127,7 +127,7 @@ class Engine:
         if not distributed.current().is_main or not self.paths.log.exists():
             return
         kept = [line for line in self.paths.log.read_text().splitlines()
-                if line and json.loads(line).get("iteration", 0) <= iteration]
+                if line and _log_iteration(line) <= iteration]
         atomic_write_bytes(self.paths.log, ("\n".join(kept) + "\n" if kept else "").encode())
 
     def _evaluation(self, contents: SetContents, ctx: BuildContext) -> dict[str, Any]:
@@ -164,7 +164,8 @@ class Engine:
         else:
             state = method.initial_state()
             optimizers = method.optimizers(state)
-            if self.resume and self.paths.checkpoint.exists():
+            # rank 0's disk decides (under torchrun the other ranks need not share it)
+            if distributed.broadcast_object(self.resume and self.paths.checkpoint.exists()):
                 start_iteration = self._restore(state, optimizers, ctx)
             elif not self.resume and self.paths.log.exists() and world.is_main:
                 self.paths.log.unlink()
@@ -311,6 +312,14 @@ class Engine:
             f"{what} became NaN or inf at iteration {iteration + 1}; {where}. "
             "Lower the method's learning rates (params.lr_img, ...) and build again, or --resume."
         )
+
+
+def _log_iteration(line: str) -> float:
+    """The iteration of a log line; inf for a line cut short by a killed process (it is dropped)."""
+    try:
+        return json.loads(line).get("iteration", 0)
+    except json.JSONDecodeError:
+        return math.inf
 
 
 def _device_name(device: torch.device) -> str:

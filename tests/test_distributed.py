@@ -21,6 +21,7 @@ import torch.multiprocessing as mp
 from builders import distributed
 from builders.build import build, recipe_from_dict
 from builders.distributed import World
+from builders.engine import _log_iteration
 from condensed_datasets.format import CondensedSet
 from distributed_worker import collectives_worker
 
@@ -191,3 +192,8 @@ def test_two_nodes_on_loopback_build_the_same_set(fashion_mnist_root, tmp_path, 
     assert [node.returncode for node in nodes] == [0, 0], results
     two = _dm_set(tmp_path / "two")
     assert torch.equal(two.images, one.images) and two.metadata["build"]["world_size"] == 2
+
+
+def test_a_log_line_cut_short_by_a_killed_process_is_dropped_on_resume():
+    assert _log_iteration('{"iteration": 3, "loss": 1.0}') == 3
+    assert _log_iteration('{"iteration": 4, "lo') == float("inf")
