@@ -98,7 +98,6 @@ def _cli_args(recipe: Path, out: Path, data_root: Path, *extra: str) -> list[str
 
 
 def _one_process_set(recipe: dict, data_root: Path, out: Path, evaluate: bool) -> CondensedSet:
-    os.environ.setdefault("SOURCE_DATE_EPOCH", "1700000000")
     return build(recipe_from_dict(recipe), out_root=out, data_root=data_root, device="cpu", evaluate=evaluate,
                  progress=False)
 
