@@ -15,6 +15,7 @@ from filelock import Timeout as LockTimeout
 
 import builders.experts  # noqa: F401 - registers the expert-training job
 import builders.methods  # noqa: F401 - registers every method
+from builders import distributed
 from builders.engine import Engine, resolve_device
 from builders.errors import BuildError, RecipeError
 from builders.experts import ExpertStore
@@ -68,12 +69,14 @@ def build(
     """Run a checked recipe: the engine for a method (returns the saved set), or the job (expert training
     returns its store). Real data is read under ``data_root`` (default: ``out_root``)."""
     data_root = out_root if data_root is None else data_root
-    if not makes_set(recipe):
-        job = get_method(recipe.method)(recipe, out_root=out_root, data_root=data_root,
-                                        device=resolve_device(device), progress=progress, download=download)
-        return job.run()
-    return make_engine(recipe, out_root=out_root, data_root=data_root, device=device, resume=resume,
-                       overwrite=overwrite, evaluate=evaluate, progress=progress, download=download).run()
+    with distributed.session(resolve_device(device)):  # under torchrun: one build across its processes
+        if not makes_set(recipe):
+            job = get_method(recipe.method)(recipe, out_root=out_root, data_root=data_root,
+                                            device=distributed.local_device(resolve_device(device)),
+                                            progress=progress, download=download)
+            return job.run()
+        return make_engine(recipe, out_root=out_root, data_root=data_root, device=device, resume=resume,
+                           overwrite=overwrite, evaluate=evaluate, progress=progress, download=download).run()
 
 
 def make_engine(recipe: Recipe, *, out_root: str | os.PathLike = DEFAULT_ROOT, data_root: str | os.PathLike | None = None,

@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 import click
 
+from builders import distributed
 from builders.allocator import tune_allocator
 from builders.build import build, load_recipe, makes_set
 from builders.continual import run_continual
@@ -51,6 +52,10 @@ def _user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _silent(*args: Any, **kwargs: Any) -> None:
+    """click.echo on ranks other than 0 under torchrun."""
+
+
 def format_evaluation(ev: dict[str, Any] | None) -> str:
     """One human line per result of an ``evaluation`` metadata block."""
     if not ev:
@@ -80,28 +85,35 @@ def format_evaluation(ev: dict[str, Any] | None) -> str:
 @click.option("--download", is_flag=True, help="Download the real data if it is missing.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_user_errors
+@distributed.record_errors  # under torchrun: a failing rank's traceback goes into torchrun's report
 def build_command(recipe: Path, overrides: tuple[str, ...], out_root: Path | None, data_root: Path | None,
                   device: str, resume: bool, overwrite: bool, no_eval: bool, download: bool, quiet: bool) -> None:
-    """Build the condensed set a RECIPE (YAML) describes, evaluate it and save it."""
+    """Build the condensed set a RECIPE (YAML) describes, evaluate it and save it.
+
+    Under torchrun (``torchrun --nproc_per_node=N $(which condensed-build) RECIPE``) the build runs across
+    the N processes; rank 0 alone writes, logs and prints.
+    """
     tune_allocator()
     r = load_recipe(recipe, parse_overrides(overrides))
     dev = resolve_device(device)
+    echo = click.echo if distributed.env_is_main() else _silent  # under torchrun one rank speaks
+    quiet = quiet or not distributed.env_is_main()
     options = dict(out_root=out_root, data_root=data_root, device=device, resume=resume, overwrite=overwrite,
                    evaluate=not no_eval, progress=not quiet, download=download)
     if not makes_set(r):  # e.g. expert trajectories
-        click.echo(f"running {r.method} on {r.source}, model {r.model}, device {dev}, seed {r.seed}")
-        click.echo(build(r, **options).summary())
+        echo(f"running {r.method} on {r.source}, model {r.model}, device {dev}, seed {r.seed}")
+        echo(build(r, **options).summary())
         return
-    click.echo(f"building {r.method} on {r.source}, ipc {r.ipc}, {r.iterations} iterations, "
-               f"model {r.model}, device {dev}, seed {r.seed}")
+    echo(f"building {r.method} on {r.source}, ipc {r.ipc}, {r.iterations} iterations, "
+         f"model {r.model}, device {dev}, seed {r.seed}")
     cset = build(r, **options)
     paths = BuildPaths.for_recipe(r, out_root)
-    click.echo(f"saved {paths.set}")
-    click.echo(f"grid  {paths.grid}")
+    echo(f"saved {paths.set}")
+    echo(f"grid  {paths.grid}")
     wall = cset.metadata["build"].get("wall_time_s")
     if wall is not None:
-        click.echo(f"time  {wall:.1f} s")
-    click.echo(format_evaluation(cset.evaluation))
+        echo(f"time  {wall:.1f} s")
+    echo(format_evaluation(cset.evaluation))
 
 
 @click.command(name="condensed-eval")
@@ -131,7 +143,7 @@ def eval_command(set_file: Path, model: str | None, models: str, runs: int | Non
     for name in [model, *extra]:
         if name not in available_networks():
             raise click.BadParameter(f"unknown network {name!r}; valid: {', '.join(available_networks())}")
-    dev = resolve_device(device)
+    dev = distributed.local_device(resolve_device(device))
     data_root = root  # never a path from the file: a set's metadata is a stranger's
     train = RealData.from_source(cset.source, data_root, train=True, device=dev)
     test = RealData.from_source(cset.source, data_root, train=False, device=dev)
@@ -139,13 +151,16 @@ def eval_command(set_file: Path, model: str | None, models: str, runs: int | Non
     train.set_zca(cset.zca, space)  # a set built in ZCA space is evaluated on whitened real images
     test.set_zca(cset.zca, space)
     augment = ev.get("augment") or recipe.get("augment") or "none"
-    result = evaluate_set(
-        cset.images.to(dev), cset.labels, soft_labels=cset.soft_labels, lr=cset.lr, ipc=cset.ipc, model=model,
-        models=extra, runs=runs or ev.get("runs", 5), epochs=epochs or ev.get("epochs", 1000),
-        default_lr=ev.get("lr", 0.01), batch=ev.get("batch", 256), augment=augment,
-        seed=cset.metadata.get("seed", 0) if seed is None else seed, train=train, test=test,
-        progress=not quiet,
-    )
+    with distributed.session(dev):  # under torchrun: the runs are split across the processes
+        result = evaluate_set(
+            cset.images.to(dev), cset.labels, soft_labels=cset.soft_labels, lr=cset.lr, ipc=cset.ipc, model=model,
+            models=extra, runs=runs or ev.get("runs", 5), epochs=epochs or ev.get("epochs", 1000),
+            default_lr=ev.get("lr", 0.01), batch=ev.get("batch", 256), augment=augment,
+            seed=cset.metadata.get("seed", 0) if seed is None else seed, train=train, test=test,
+            progress=not quiet and distributed.env_is_main(),
+        )
+    if not distributed.env_is_main():  # one rank prints and saves
+        return
     click.echo(json.dumps(result, indent=2, sort_keys=True) if as_json else format_evaluation(result))
     if save:
         cset.with_metadata(evaluation=result).save(set_file)

@@ -14,12 +14,14 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
+from builders import distributed
 from builders.augment import Augmenter
 from builders.checkpoint import load_checkpoint, restore_checkpoint, save_checkpoint
 from builders.data import RealData
 from builders.errors import BuildError, CheckpointError
 from builders.evaluate import evaluate_set
 from builders.methods.base import BuildContext, SetContents
+from builders.networks import build_network
 from builders.recipe import Recipe
 from builders.registry import get_method
 from builders.show import save_grid
@@ -90,7 +92,7 @@ class Engine:
         self.recipe = recipe
         self.out_root = Path(out_root)
         self.data_root = Path(data_root if data_root is not None else out_root)
-        self.device = resolve_device(device)
+        self.device = distributed.local_device(resolve_device(device))  # torchrun: GPU LOCAL_RANK
         self.resume = resume
         self.overwrite = overwrite
         self.evaluate = evaluate
@@ -98,6 +100,7 @@ class Engine:
         self.download = download
         self.paths = BuildPaths.for_recipe(recipe, self.out_root)
         self._test: RealData | None = None
+        self._row_blocks: list[range] | None = None  # set when classes are split across ranks
 
     # -- pieces ----------------------------------------------------------------------------
     def _context(self) -> BuildContext:
@@ -117,15 +120,17 @@ class Engine:
         return self._test
 
     def _log(self, entry: dict[str, Any]) -> None:
+        if not distributed.current().is_main:
+            return
         with open(self.paths.log, "a") as handle:
             handle.write(json.dumps(entry, sort_keys=True) + "\n")
 
     def _truncate_log(self, iteration: int) -> None:
         """Keep the log lines of iterations up to ``iteration`` (a resumed build rewrites the rest)."""
-        if not self.paths.log.exists():
+        if not distributed.current().is_main or not self.paths.log.exists():
             return
         kept = [line for line in self.paths.log.read_text().splitlines()
-                if line and json.loads(line).get("iteration", 0) <= iteration]
+                if line and _log_iteration(line) <= iteration]
         atomic_write_bytes(self.paths.log, ("\n".join(kept) + "\n" if kept else "").encode())
 
     def _evaluation(self, contents: SetContents, ctx: BuildContext) -> dict[str, Any]:
@@ -144,12 +149,17 @@ class Engine:
     def run(self, on_iteration: Callable[[int, float], None] | None = None) -> CondensedSet:
         """Build, evaluate and save the set; returns it."""
         r = self.recipe
-        self._refuse_to_clobber()
+        world = distributed.current()
+        if distributed.restarted():  # torchrun restarted the job: continue from the checkpoint, if any
+            self.resume = True
+        if world.is_main:
+            self._refuse_to_clobber()
         clock = _reproducible_clock()
         started = time.time()
         self.paths.set.parent.mkdir(parents=True, exist_ok=True)
         ctx = self._context()
         method = get_method(r.method)(ctx)
+        self._split_classes(method, ctx)
         start_iteration = 0
         if not method.iterative:
             contents = method.select()
@@ -157,11 +167,13 @@ class Engine:
         else:
             state = method.initial_state()
             optimizers = method.optimizers(state)
-            if self.resume and self.paths.checkpoint.exists():
+            # rank 0's disk decides (under torchrun the other ranks need not share it)
+            if distributed.broadcast_object(self.resume and self.paths.checkpoint.exists()):
                 start_iteration = self._restore(state, optimizers, ctx)
-            elif not self.resume and self.paths.log.exists():
+            elif not self.resume and self.paths.log.exists() and world.is_main:
                 self.paths.log.unlink()
             self._loop(method, state, optimizers, ctx, start_iteration, on_iteration)
+            self._sync(state, optimizers)
             contents = method.finalize(state)
             iterations_run = r.iterations
         if not torch.isfinite(contents.images).all():
@@ -173,7 +185,8 @@ class Engine:
             "versions": {"condensed_datasets": __version__, "torch": torch.__version__,
                          "python": platform.python_version()},
             "device": self.device.type if clock is not None else _device_name(self.device),
-            "build": {"iterations": iterations_run, "method": contents.metadata,
+            "build": {"iterations": iterations_run, "method": contents.metadata, **world.describe(),
+                      "split": "classes" if self._row_blocks is not None else "none",
                       "finished_at": _iso(clock if clock is not None else time.time())},
         }
         if r.classes is not None:
@@ -188,9 +201,10 @@ class Engine:
             lr=contents.lr, indices=contents.indices, metadata=metadata, zca=ctx.real.zca,
             storage=contents.storage, patch_mask=contents.patch_mask,
         )
-        cset.save(self.paths.set)
-
-        save_grid(cset, self.paths.grid)
+        if world.is_main:
+            cset.save(self.paths.set)
+            save_grid(cset, self.paths.grid)
+        distributed.barrier()  # every rank returns once the set is on disk
         return cset
 
     def _refuse_to_clobber(self) -> None:
@@ -206,9 +220,10 @@ class Engine:
 
     def _restore(self, state, optimizers, ctx: BuildContext) -> int:
         try:
-            meta, tensors = load_checkpoint(self.paths.checkpoint)
+            loaded = load_checkpoint(self.paths.checkpoint) if distributed.current().is_main else None
         except CheckpointError as exc:
             raise BuildError(str(exc)) from exc
+        meta, tensors = distributed.broadcast_object(loaded)  # one reader; ranks need no shared disk
         saved, now = meta["recipe"], self.recipe.to_dict()
         ignore = {"iterations", "checkpoint_every", "eval", "root", "notes"}
         differ = sorted(k for k in set(saved) | set(now) if k not in ignore and saved.get(k) != now.get(k))
@@ -223,6 +238,9 @@ class Engine:
         return iteration
 
     def _checkpoint(self, iteration: int, state, optimizers, ctx: BuildContext) -> None:
+        self._sync(state, optimizers)
+        if not distributed.current().is_main:
+            return
         save_checkpoint(self.paths.checkpoint, iteration=iteration, state=state, optimizers=optimizers,
                         generator=ctx.generator, recipe=self.recipe.to_dict())
 
@@ -230,7 +248,8 @@ class Engine:
         r = self.recipe
         t0 = time.perf_counter()
         bar = tqdm(range(start, r.iterations), initial=start, total=r.iterations,
-                   disable=None if self.progress else True,  # None: quiet when output is not a terminal
+                   # None: quiet when output is not a terminal; under torchrun only rank 0 shows it
+                   disable=None if self.progress and distributed.current().is_main else True,
                    desc=f"{r.method} {r.source} ipc{r.ipc}", unit="it", dynamic_ncols=True)
         for iteration in bar:
             total, steps = 0.0, 0
@@ -245,6 +264,8 @@ class Engine:
                     opt.step()
                 total += value
                 steps += 1
+            if self._row_blocks is not None:  # each rank summed its own classes' losses
+                total = distributed.all_reduce_sum(total)
             if not all(torch.isfinite(t).all() for t in state.values()):
                 self._fail_nonfinite(iteration, "synthetic tensors", state, optimizers, ctx, start, good=False)
             done = iteration + 1
@@ -255,14 +276,43 @@ class Engine:
             if r.checkpoint_every and done % r.checkpoint_every == 0 and done < r.iterations:
                 self._checkpoint(done, state, optimizers, ctx)
             if self.evaluate and r.eval.every and done % r.eval.every == 0 and done < r.iterations:
+                self._sync(state, optimizers)
                 self._log({"iteration": done, "eval": self._evaluation(method.finalize(state), ctx)})
         bar.close()
         if r.checkpoint_every:
             self._checkpoint(r.iterations, state, optimizers, ctx)
 
+    # -- several processes (torchrun) --------------------------------------------------------
+    def _split_classes(self, method, ctx: BuildContext) -> None:
+        """Under torchrun, give each rank a block of classes when the method's losses are independent per
+        class (``splits_classes``) and the network has no batch norm (which couples classes); otherwise
+        every rank computes the whole build (same result, no speed-up)."""
+        world = distributed.current()
+        if not world.active or not getattr(method, "splits_classes", False):
+            return
+        c, h, w = ctx.real.image_shape
+        net = build_network(self.recipe.model, c, ctx.num_classes, (h, w), seed=0)
+        if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules()):
+            return
+        distributed.require_ranks_at_most(ctx.num_classes, "classes")
+        ctx.owned_classes = tuple(distributed.owned_block(ctx.num_classes, world))
+        self._row_blocks = [range(b.start * ctx.ipc, b.stop * ctx.ipc)
+                            for b in distributed.blocks(ctx.num_classes, world.world_size)]
+
+    def _sync(self, state, optimizers) -> None:
+        """Class split: every rank takes every other rank's rows of the state and the optimisers' buffers."""
+        if self._row_blocks is None:
+            return
+        tensors = list(state.values())
+        for opt in optimizers.values():
+            for per_param in opt.state.values():
+                tensors += [t for t in per_param.values() if isinstance(t, torch.Tensor) and t.dim() > 0]
+        for t in tensors:
+            distributed.sync_rows(t, self._row_blocks)
+
     def _fail_nonfinite(self, iteration, what, state, optimizers, ctx, start, good: bool = True) -> None:
         """Stop with a clear error; when the state is still good, checkpoint it first."""
-        if good and self.recipe.checkpoint_every:
+        if good and self.recipe.checkpoint_every and self._row_blocks is None:  # a split needs every rank
             self._checkpoint(iteration, state, optimizers, ctx)
         where = (f"last good checkpoint: {self.paths.checkpoint}" if self.paths.checkpoint.exists()
                  else "no checkpoint was written (set checkpoint_every)")
@@ -270,6 +320,14 @@ class Engine:
             f"{what} became NaN or inf at iteration {iteration + 1}; {where}. "
             "Lower the method's learning rates (params.lr_img, ...) and build again, or --resume."
         )
+
+
+def _log_iteration(line: str) -> float:
+    """The iteration of a log line; inf for a line cut short by a killed process (it is dropped)."""
+    try:
+        return json.loads(line).get("iteration", 0)
+    except json.JSONDecodeError:
+        return math.inf
 
 
 def _device_name(device: torch.device) -> str:

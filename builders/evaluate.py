@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from builders import distributed
 from builders.augment import Augmenter
 from builders.data import RealData
 from builders.dc_augment import make_augmenter
@@ -148,6 +149,17 @@ def evaluate_images(
     per_run = 1 if settings.step_lrs is not None else settings.epochs
     bar = progress_bar(len(seeds) * per_run, progress if isinstance(progress, str) else f"eval {model}",
                        enabled=bool(progress), unit="run" if per_run == 1 else "epoch")
+    if distributed.current().active:  # under torchrun: runs split across ranks, gathered in order
+
+        def one_run(seed: int) -> float:
+            net = build_network(model, c, test.num_classes, (h, w), seed=seed).to(test.device)
+            train_network(net, images.to(test.device), targets.to(test.device), settings,
+                          torch.Generator().manual_seed(seed))
+            return test_accuracy(net, test)
+
+        accuracies = distributed.map_items(seeds, one_run)
+        bar.close()
+        return accuracies
     nets = [build_network(model, c, test.num_classes, (h, w), seed=seed).to(test.device) for seed in seeds]
     if together is None:
         together = use_together(test.device, len(seeds))
@@ -221,13 +233,16 @@ def evaluate_set(
     }
     if random_baseline:
         baseline = TrainSettings(epochs=epochs, lr=default_lr, batch=batch, augmenter=augmenter)
-        rand_acc = []
         bar = progress_bar(len(seeds) * epochs, f"random real {model}", enabled=progress, unit="epoch")
-        for s in seeds:
+
+        def random_run(s: int) -> float:
             pos = train.random_class_balanced(ipc, torch.Generator().manual_seed(s + 7919))
-            rand_acc += evaluate_images(train.rows(pos), train.labels[pos.to(train.device)], model=model,
-                                        settings=baseline, test=test, seeds=[s], progress=False)
+            accuracy = evaluate_images(train.rows(pos), train.labels[pos.to(train.device)], model=model,
+                                       settings=baseline, test=test, seeds=[s], progress=False)[0]
             bar.update(epochs)
+            return accuracy
+
+        rand_acc = distributed.map_items(seeds, random_run)  # under torchrun: split across ranks
         bar.close()
         rand = _summary(rand_acc)
         result["random_accuracies"] = rand["accuracies"]

@@ -42,6 +42,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 from tqdm.auto import tqdm
 
+from builders import distributed
 from builders.augment import Augmenter
 from builders.data import RealData
 from builders.errors import ExpertStoreError, RecipeError
@@ -506,34 +507,56 @@ class ExpertTraining:
                                   gsam=gsam)
         c, h, w = real.image_shape
         layout = ParamLayout.of(build_network(r.model, c, real.num_classes, (h, w), seed=0))
-        store = ExpertStore.create_or_extend(self.store_path(), self.header(layout, settings))
-        if p["zca"]:
-            zca = store.load_zca() if (store.path / ZCA_NAME).is_file() else None
-            if zca is None:
-                zca = fit_split_zca(real)
-                store.save_zca(zca, fitted_on=f"{r.source} train split, {len(real)} images, raw [0, 1] pixels")
+        world = distributed.current()
+        store, zca = None, None
+        if world.is_main:  # one rank reads and writes the store; under torchrun the others are told
+            store = ExpertStore.create_or_extend(self.store_path(), self.header(layout, settings))
+            if p["zca"]:
+                zca = store.load_zca() if (store.path / ZCA_NAME).is_file() else None
+                if zca is None:
+                    zca = fit_split_zca(real)
+                    store.save_zca(zca, fitted_on=f"{r.source} train split, {len(real)} images, raw [0, 1] pixels")
+        index, zca = distributed.broadcast_object((store.index if store is not None else None, zca))
+        store = store if store is not None else ExpertStore(self.store_path(), index)
+        if zca is not None:
             real.set_zca(zca)
         test.set_zca(real.zca)
         todo = [k for k in range(p["num_experts"]) if not store.has(k)]
-        bar = tqdm(todo, disable=not self.progress, desc=f"experts {r.source} {r.model}", unit="expert",
-                   dynamic_ncols=True)
-        for k in bar:
-            init_seed, train_seed = derive_seed(r.seed, k, "init"), derive_seed(r.seed, k, "train")
-            net = build_network(r.model, c, real.num_classes, (h, w), seed=init_seed).to(self.device)
-            generator = torch.Generator().manual_seed(train_seed)
-
-            def report(epoch: int, acc: float, k: int = k) -> None:
-                bar.set_postfix(expert=k, epoch=f"{epoch}/{settings.epochs}", train_acc=f"{acc:.1f}")
-
-            trajectory, train_acc = train_expert(net, real, settings, generator, on_epoch=report)
-            test_acc = test_accuracy(net, test)
-            store.add(k, trajectory, {
-                "init_seed": init_seed, "train_seed": train_seed, "test_accuracy": round(test_acc, 4),
-                "train_accuracy": round(train_acc, 4), "test_split": f"{test.info.name} test, {len(test)} images",
-                "versions": {"condensed_datasets": __version__, "torch": torch.__version__,
-                             "python": platform.python_version()},
-                "device": self.device.type,
-            })
-            bar.set_postfix(expert=k, test_acc=f"{test_acc:.2f}")
+        bar = tqdm(total=len(todo), disable=not self.progress or not world.is_main,
+                   desc=f"experts {r.source} {r.model}", unit="expert", dynamic_ncols=True)
+        # torchrun: experts in rounds of world_size, rank r trains the r-th of each round; rank 0 writes
+        # every finished expert of a round before the next starts (an interruption keeps whole rounds).
+        for first in range(0, len(todo), world.world_size):
+            round_ = todo[first:first + world.world_size]
+            mine = round_[world.rank] if world.rank < len(round_) else None
+            done = self._train_one(mine, real, test, settings, bar) if mine is not None else None
+            for item in distributed.gather_to_main(done) or []:
+                if item is not None:
+                    store.add(*item)
+                    bar.set_postfix(expert=item[0], test_acc=f"{item[2]['test_accuracy']:.2f}")
+            bar.update(len(round_))
         bar.close()
+        store.index = distributed.broadcast_object(store.index)  # every rank returns the finished store
         return store
+
+    def _train_one(self, k: int, real: RealData, test: RealData, settings: ExpertSettings,
+                   bar: tqdm) -> tuple[int, torch.Tensor, dict[str, Any]]:
+        """Train expert ``k`` (its seeds from the recipe seed and ``k`` alone): (k, trajectory, index record)."""
+        r = self.recipe
+        c, h, w = real.image_shape
+        init_seed, train_seed = derive_seed(r.seed, k, "init"), derive_seed(r.seed, k, "train")
+        net = build_network(r.model, c, real.num_classes, (h, w), seed=init_seed).to(self.device)
+        generator = torch.Generator().manual_seed(train_seed)
+
+        def report(epoch: int, acc: float) -> None:
+            bar.set_postfix(expert=k, epoch=f"{epoch}/{settings.epochs}", train_acc=f"{acc:.1f}")
+
+        trajectory, train_acc = train_expert(net, real, settings, generator, on_epoch=report)
+        test_acc = test_accuracy(net, test)
+        return k, trajectory, {
+            "init_seed": init_seed, "train_seed": train_seed, "test_accuracy": round(test_acc, 4),
+            "train_accuracy": round(train_acc, 4), "test_split": f"{test.info.name} test, {len(test)} images",
+            "versions": {"condensed_datasets": __version__, "torch": torch.__version__,
+                         "python": platform.python_version()},
+            "device": self.device.type,
+        }

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
+from builders.build import recipe_from_dict
 from builders.data import RealData
 from builders.recipe import RecipeError
-from builders.build import recipe_from_dict
-from condensed_datasets.paths import subset_set_path
 from condensed_datasets.format import CondensedSet, CondensedSetError
+from condensed_datasets.paths import subset_set_path
 from condensed_datasets.sources import load_split
 
 

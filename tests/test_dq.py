@@ -5,6 +5,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from builders.build import recipe_from_dict
 from builders.cli import build_command
 from builders.extractor import build_extractor
 from builders.graphcut import CosineSimilarity, bin_sizes, graphcut_bins
@@ -17,7 +18,6 @@ from builders.methods.dq import (
     top_patch_mask,
 )
 from builders.recipe import RecipeError
-from builders.build import recipe_from_dict
 from condensed_datasets import CondensedFashionMNIST
 from condensed_datasets.format import CondensedSet
 from condensed_datasets.sources import get_source

@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
+from builders.build import recipe_from_dict
 from builders.engine import Engine
 from builders.nas import NASProtocol, check_spec, run_nas, train_architectures
 from builders.recipe import RECIPES_DIR, RecipeError, available_run_specs
-from builders.build import recipe_from_dict
 from builders.runspec import load_spec
 from condensed_datasets.nas import ArchitectureResult, SearchSpace, kendall, rank_report, ranks, spearman
 

@@ -42,6 +42,7 @@ class BuildContext:
     generator: torch.Generator
     augmenter: "Augmenter | None" = None
     out_root: Path = Path("data")  # where the build writes (expert trajectories live under it)
+    owned_classes: tuple[int, ...] | None = None  # under torchrun: the classes this rank computes (None: all)
 
     @property
     def num_classes(self) -> int:
@@ -72,6 +73,10 @@ class BuildContext:
         if self.augmenter is None:
             return batch
         return self.augmenter(batch, self.generator)
+
+    def classes_here(self) -> tuple[int, ...]:
+        """The classes whose losses this process computes: all, unless a torchrun build split them."""
+        return self.owned_classes if self.owned_classes is not None else tuple(range(self.num_classes))
 
     def class_slice(self, c: int) -> slice:
         """Rows of class ``c`` in a class-contiguous set."""
@@ -122,6 +127,7 @@ class Method(ABC):
     name: ClassVar[str]
     defaults: ClassVar[dict[str, Any]] = {}
     iterative: ClassVar[bool] = True
+    splits_classes: ClassVar[bool] = False  # True: losses independent per class (torchrun may split them)
 
     def __init__(self, ctx: BuildContext) -> None:
         self.ctx = ctx

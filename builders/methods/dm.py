@@ -38,6 +38,7 @@ class DistributionMatching(Method):
     """DM: per-class mean-embedding matching under random frozen networks."""
 
     name: ClassVar[str] = "dm"
+    splits_classes: ClassVar[bool] = True  # per-class losses: torchrun ranks may take blocks of classes
     defaults: ClassVar[dict[str, Any]] = {
         "lr_img": 1.0,
         "momentum": 0.5,
@@ -71,6 +72,10 @@ class DistributionMatching(Method):
             real, syn = ctx.augment_siamese(real, images[ctx.class_slice(c)])
             real_parts.append(real)
             syn_parts.append(syn)
+        # torchrun class split: every rank drew the whole iteration's random numbers above, in order;
+        # it computes only its own classes' terms (all of them in one process).
+        here = ctx.classes_here()
+        real_parts, syn_parts = [real_parts[c] for c in here], [syn_parts[c] for c in here]
         real_sizes, syn_sizes = [len(p) for p in real_parts], [len(p) for p in syn_parts]
         if uses_batch_statistics(net):
             # BatchNorm mixes a batch's samples: the paper's one concatenated real forward pass.

@@ -1,0 +1,198 @@
+"""Scale-out with torchrun (CPU, gloo, loopback): the split of work, and real 2-process builds equal to 1-process ones.
+
+Bit-identical where the split is by class (DM) or by expert (expert trajectories), and for evaluation (runs
+split across ranks, accuracies gathered). MTT/DATM/TESLA and DC/DSA are not split (every rank computes the
+whole build), so no tolerance test applies to them here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from distributed_worker import collectives_worker
+
+from builders import distributed
+from builders.build import build, recipe_from_dict
+from builders.distributed import World
+from builders.engine import _log_iteration
+from condensed_datasets.format import CondensedSet
+
+REPO = Path(__file__).resolve().parent.parent
+CLI = Path(sys.executable).parent / "condensed-build"
+
+DM = {
+    "source": "fashionmnist", "method": "dm", "ipc": 2, "model": "ConvNetW32", "seed": 3,
+    "iterations": 6, "checkpoint_every": 2, "augment": "color_crop_cutout_flip_scale_rotate",
+    "real_per_class": 12, "params": {"batch_real": 8},
+    "eval": {"runs": 3, "epochs": 2, "test_per_class": 5},
+}
+EXPERTS = {
+    "source": "fashionmnist", "method": "experts", "ipc": 1, "model": "ConvNetW32", "seed": 5,
+    "real_per_class": 10, "augment": "color_crop_cutout_flip_scale_rotate",
+    "params": {"num_experts": 3, "epochs": 2, "batch": 32}, "eval": {"test_per_class": 10},
+}
+
+
+# -- the split, by hand --------------------------------------------------------------------------
+
+
+def test_blocks_are_contiguous_in_rank_order_and_cover_every_item_once():
+    assert distributed.blocks(10, 2) == [range(0, 5), range(5, 10)]
+    assert distributed.blocks(10, 3) == [range(0, 3), range(3, 6), range(6, 10)]
+    assert distributed.blocks(3, 4) == [range(0, 0), range(0, 1), range(1, 2), range(2, 3)]
+    for count in range(0, 12):
+        for n in range(1, 5):
+            flat = [i for b in distributed.blocks(count, n) for i in b]
+            assert flat == list(range(count))
+            assert max(map(len, distributed.blocks(count, n))) - min(map(len, distributed.blocks(count, n))) <= 1
+
+
+def test_owned_items_and_the_one_process_world():
+    assert distributed.owned_items("abcde", World(rank=1, world_size=2)) == ["c", "d", "e"]
+    assert distributed.current() == distributed.SINGLE and distributed.SINGLE.is_main
+    assert distributed.SINGLE.describe() == {"world_size": 1, "backend": "none"}
+    assert distributed.map_items([1, 2, 3], lambda x: x * 10) == [10, 20, 30]
+    assert distributed.backend_for(torch.device("cpu")) == "gloo"
+    assert distributed.backend_for(torch.device("cuda", 0)) == "nccl"
+
+
+def test_collectives_on_two_gloo_processes(tmp_path):
+    mp.spawn(collectives_worker, args=(str(tmp_path / "rendezvous"),), nprocs=2, join=True)
+
+
+# -- real 2-process runs -------------------------------------------------------------------------
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "SOURCE_DATE_EPOCH": "1700000000"}
+
+
+def _torchrun(args: list[str], *launcher: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", *launcher, *args]
+
+
+def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    done = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return done
+
+
+def _write_recipe(tmp_path: Path, recipe: dict, name: str) -> Path:
+    path = tmp_path / name
+    path.write_text(json.dumps(recipe))  # JSON is YAML
+    return path
+
+
+def _cli_args(recipe: Path, out: Path, data_root: Path, *extra: str) -> list[str]:
+    if not CLI.is_file():
+        pytest.skip(f"no condensed-build entry point beside {sys.executable} (pip install -e .)")
+    return [str(CLI), str(recipe), "--out", str(out), "--data-root", str(data_root), "--device", "cpu", "--quiet", *extra]
+
+
+def _one_process_set(recipe: dict, data_root: Path, out: Path, evaluate: bool) -> CondensedSet:
+    return build(recipe_from_dict(recipe), out_root=out, data_root=data_root, device="cpu", evaluate=evaluate,
+                 progress=False)
+
+
+def _dm_set(out: Path) -> CondensedSet:
+    return CondensedSet.load(out / "condensed" / "fashionmnist" / "dm_ipc2.safetensors")
+
+
+@pytest.mark.slow
+def test_two_process_dm_build_and_evaluation_equal_one_process(fashion_mnist_root, tmp_path, monkeypatch):
+    """DM split by class: bit-identical images. Evaluation split by run: the same per-run accuracies."""
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    one = _one_process_set(DM, fashion_mnist_root, tmp_path / "one", evaluate=True)
+    recipe = _write_recipe(tmp_path, DM, "dm.yaml")
+    _run(_torchrun(_cli_args(recipe, tmp_path / "two", fashion_mnist_root), "--standalone", "--nproc_per_node", "2"),
+         tmp_path)
+    two = _dm_set(tmp_path / "two")
+    assert torch.equal(two.images, one.images)
+    assert two.metadata["evaluation"] == one.metadata["evaluation"]
+    assert two.metadata["build"]["world_size"] == 2 and two.metadata["build"]["backend"] == "gloo"
+    assert two.metadata["build"]["split"] == "classes"
+    assert one.metadata["build"]["world_size"] == 1 and one.metadata["build"]["backend"] == "none"
+    # A failure on one rank ends the job with that rank's error: rank 0 alone refuses to replace the set.
+    again = subprocess.run(_torchrun(_cli_args(recipe, tmp_path / "two", fashion_mnist_root), "--standalone",
+                                     "--nproc_per_node", "2"), cwd=tmp_path, env=_env(), capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode != 0
+    assert "already exists; pass --overwrite" in again.stderr
+    assert "rank      : 0 (local_rank: 0)" in again.stderr.split("Root Cause")[1]
+
+
+@pytest.mark.slow
+def test_two_process_experts_write_the_same_store(fashion_mnist_root, tmp_path):
+    """Experts split in rounds (3 experts on 2 ranks): the same files, byte for byte."""
+    _one_process_set(EXPERTS, fashion_mnist_root, tmp_path / "one", evaluate=False)
+    recipe = _write_recipe(tmp_path, EXPERTS, "experts.yaml")
+    _run(_torchrun(_cli_args(recipe, tmp_path / "two", fashion_mnist_root), "--standalone", "--nproc_per_node", "2"),
+         tmp_path)
+    store_one = tmp_path / "one" / "experts" / "fashionmnist" / "ConvNetW32" / "plain"
+    store_two = tmp_path / "two" / "experts" / "fashionmnist" / "ConvNetW32" / "plain"
+    names = sorted(p.name for p in store_one.iterdir())
+    assert names == ["expert_0000.safetensors", "expert_0001.safetensors", "expert_0002.safetensors", "index.json"]
+    assert sorted(p.name for p in store_two.iterdir()) == names
+    for name in names:
+        assert (store_two / name).read_bytes() == (store_one / name).read_bytes(), name
+
+
+@pytest.mark.slow
+def test_a_killed_rank_restarts_and_the_build_resumes_to_the_same_set(fashion_mnist_root, tmp_path, monkeypatch):
+    """Rank 1 is killed after iteration 3 (checkpoint at 2); torchrun --max-restarts 1 restarts the job,
+    which resumes from the checkpoint and ends with the uninterrupted build's images."""
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    recipe = {**DM, "eval": {**DM["eval"], "runs": 1}}
+    one = _one_process_set(recipe, fashion_mnist_root, tmp_path / "one", evaluate=False)
+    path = _write_recipe(tmp_path, recipe, "dm.json")
+    out = tmp_path / "two"
+    out.mkdir()
+    script = REPO / "tests" / "torchrun_kill_build.py"
+    _run(_torchrun([str(script), str(path), str(fashion_mnist_root), str(out), "3"],
+                   "--standalone", "--nproc_per_node", "2", "--max-restarts", "1", "--monitor-interval", "0.2"),
+         tmp_path)
+    assert (out / "killed-rank-1").read_text() == "3"
+    two = _dm_set(out)
+    assert torch.equal(two.images, one.images)
+    log = [json.loads(line) for line in (out / "condensed" / "fashionmnist" / "dm_ipc2.log.jsonl").read_text().splitlines()]
+    assert [e["iteration"] for e in log] == [1, 2, 3, 4, 5, 6]  # resumed at 2: the rewritten tail, once
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_on_loopback_build_the_same_set(fashion_mnist_root, tmp_path, monkeypatch):
+    """Two torchrun launchers (--nnodes 2, one process each) meet at a c10d rendezvous on loopback, as two
+    machines would at --rdzv-endpoint; the set equals the 1-process build."""
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    recipe = {**DM, "iterations": 3, "checkpoint_every": 0}
+    one = _one_process_set(recipe, fashion_mnist_root, tmp_path / "one", evaluate=False)
+    path = _write_recipe(tmp_path, recipe, "dm.yaml")
+    endpoint = f"127.0.0.1:{_free_port()}"
+    args = _cli_args(path, tmp_path / "two", fashion_mnist_root, "--no-eval")
+    nodes = [subprocess.Popen(_torchrun(args, "--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d",
+                                        "--rdzv-endpoint", endpoint, "--rdzv-id", "test-two-nodes",
+                                        "--rdzv-conf", f"is_host={host}"),
+                              cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for host in (1, 0)]
+    results = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], results
+    two = _dm_set(tmp_path / "two")
+    assert torch.equal(two.images, one.images) and two.metadata["build"]["world_size"] == 2
+
+
+def test_a_log_line_cut_short_by_a_killed_process_is_dropped_on_resume():
+    assert _log_iteration('{"iteration": 3, "loss": 1.0}') == 3
+    assert _log_iteration('{"iteration": 4, "lo') == float("inf")
