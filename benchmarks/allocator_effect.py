@@ -45,8 +45,7 @@ def main(recipe: Path, overrides: tuple[str, ...], rounds: int, warmup: int, tim
         tmp = Path(tmp_name)
         install_system_fashion_mnist(tmp / "data")
         cmd = [sys.executable, str(REPO / "benchmarks" / "build_speed.py"), str(recipe.resolve()), "--device", "cpu",
-               "--data-root", str(tmp / "data"), "--out", str(tmp / "out"), "--warmup", str(warmup),
-               "--iterations", str(timed), "--stamps"]
+               "--data-root", str(tmp / "data"), "--warmup", str(warmup), "--iterations", str(timed), "--stamps"]
         for pair in overrides:
             cmd += ["--set", pair]
         for r in range(rounds):
@@ -57,7 +56,7 @@ def main(recipe: Path, overrides: tuple[str, ...], rounds: int, warmup: int, tim
                     env[ENV_OFF] = "1"
                 log = tmp / f"{mode}_{r}.log"
                 with open(log, "w") as out:
-                    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+                    proc = subprocess.Popen([*cmd, "--out", str(tmp / f"out_{mode}_{r}")], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
                     _, status, usage = os.wait4(proc.pid, 0)
                 text = log.read_text()
                 if os.waitstatus_to_exitcode(status) != 0:

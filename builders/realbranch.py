@@ -2,10 +2,11 @@
 
 The real images only enter the loss through each class's mean embedding, so for a network without
 batch statistics (every sample normalised on its own) each class batch can go through the network on
-its own: the activations of one class (a tenth of the concatenated batch) are all that is alive at a
-time. ``ConvNet`` family networks take a faster route with the same arithmetic: in-place activations
-(nothing needs the pre-activation values without a gradient) and 2x2 average pooling as a sum of four
-strided views (the pooling kernel is the slow part of the network after the convolutions on CPUs).
+its own, in chunks of :data:`CHUNK` images whose embedding sums add up to the class mean: the
+activations of one chunk are all that is alive at a time. ``ConvNet`` family networks take a faster
+route with the same arithmetic: in-place activations (nothing needs the pre-activation values without
+a gradient) and 2x2 average pooling as a sum of four strided views (the pooling kernel is the slow
+part of the network after the convolutions on CPUs).
 A network with BatchNorm must see the whole concatenated batch, as the papers' code does;
 :func:`class_mean_embeddings` refuses it.
 
@@ -23,6 +24,7 @@ from torch import nn
 from builders.networks import ConvNet, uses_batch_statistics
 
 PRECISIONS = ("fp32", "bf16-real")
+CHUNK = 64  # real images per forward pass: bounds activation memory; the class mean is unchanged
 
 
 def _avg_pool_2x2(x: torch.Tensor) -> torch.Tensor:
@@ -59,7 +61,8 @@ def embed_no_grad(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def class_mean_embeddings(net: nn.Module, batches: Sequence[torch.Tensor], precision: str = "fp32") -> torch.Tensor:
-    """``[len(batches), feature_dim]``: the mean embedding of each class batch, one forward per batch.
+    """``[len(batches), feature_dim]``: the mean embedding of each class batch (forward passes of at most
+    :data:`CHUNK` images).
 
     ``net`` must have no batch statistics (ValueError otherwise: concatenate the batches instead).
     """
@@ -70,10 +73,11 @@ def class_mean_embeddings(net: nn.Module, batches: Sequence[torch.Tensor], preci
                          "the concatenated batch, not one class at a time")
     means = []
     for batch in batches:
-        if precision == "bf16-real":
-            with torch.autocast(batch.device.type, dtype=torch.bfloat16):
-                emb = embed_no_grad(net, batch)
-            means.append(emb.float().mean(0))
-        else:
-            means.append(embed_no_grad(net, batch).mean(0))
+        total = None
+        for part in batch.split(CHUNK):
+            with torch.autocast(part.device.type, dtype=torch.bfloat16, enabled=precision == "bf16-real"):
+                emb = embed_no_grad(net, part)
+            part_sum = emb.float().sum(0)
+            total = part_sum if total is None else total.add_(part_sum)
+        means.append(total / batch.shape[0])
     return torch.stack(means)

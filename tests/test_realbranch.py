@@ -9,7 +9,7 @@ from builders.data import RealData
 from builders.methods.base import BuildContext
 from builders.methods.dm import DistributionMatching
 from builders.networks import build_network
-from builders.realbranch import _avg_pool_2x2, class_mean_embeddings
+from builders.realbranch import CHUNK, _avg_pool_2x2, class_mean_embeddings
 from condensed_datasets.sources import get_source
 
 
@@ -84,3 +84,12 @@ def test_view_pooling_equals_average_pooling(size):
     x = torch.randn(3, 4, *size, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(_avg_pool_2x2(x.clone()), nn.AvgPool2d(2, 2)(x))
 
+
+
+def test_class_means_over_several_chunks_equal_the_plain_means():
+    net = build_network("ConvNetW32", 1, 10, (12, 12), seed=0)
+    g = torch.Generator().manual_seed(4)
+    batches = [torch.randn(CHUNK + 7, 1, 12, 12, generator=g), torch.randn(3, 1, 12, 12, generator=g)]
+    with torch.no_grad():
+        plain = torch.stack([net.embed(b).mean(0) for b in batches])
+    torch.testing.assert_close(class_mean_embeddings(net, batches), plain, rtol=1e-5, atol=1e-6)
