@@ -55,7 +55,15 @@ class HubIntegrityError(HubError):
     """A file whose SHA-256 or content does not match what the hub says it is."""
 
 
+class HubStalledError(HubError):
+    """A download that made less than the minimum progress over the window (a stalled or trickling server)."""
+
+
+class HubServerError(HubError):
+    """The hub answered with a server error (HTTP 5xx) and the set is not in the cache."""
+
+
 __all__ = [
     "CondensedDatasetsError", "CondensedSetError", "HubError", "HubIntegrityError", "HubNotFoundError",
-    "HubOfflineError", "IndexFormatError", "SetNotFoundError", "SourceDataError", "UnknownNameError",
+    "HubOfflineError", "HubServerError", "HubStalledError", "IndexFormatError", "SetNotFoundError", "SourceDataError", "UnknownNameError",
 ]
