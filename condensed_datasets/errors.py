@@ -63,7 +63,12 @@ class HubServerError(HubError):
     """The hub answered with a server error (HTTP 5xx) and the set is not in the cache."""
 
 
+class SkippedEntryWarning(UserWarning):
+    """One entry of a listing (an index.json entry, a file in a folder) was malformed and left out."""
+
+
 __all__ = [
     "CondensedDatasetsError", "CondensedSetError", "HubError", "HubIntegrityError", "HubNotFoundError",
-    "HubOfflineError", "HubServerError", "HubStalledError", "IndexFormatError", "SetNotFoundError", "SourceDataError", "UnknownNameError",
+    "HubOfflineError", "HubServerError", "HubStalledError", "IndexFormatError", "SetNotFoundError",
+    "SkippedEntryWarning", "SourceDataError", "UnknownNameError",
 ]
