@@ -6,6 +6,7 @@ import json
 import math
 import os
 import platform
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,6 +146,7 @@ class Engine:
         clock = _reproducible_clock()
         started = time.time()
         self.paths.set.parent.mkdir(parents=True, exist_ok=True)
+        self._check_writable()
         ctx = self._context()
         method = get_method(r.method)(ctx)
         start_iteration = 0
@@ -185,6 +187,19 @@ class Engine:
 
         save_grid(cset, self.paths.grid)
         return cset
+
+    def _check_writable(self) -> None:
+        """Before any work: the output folder takes new files and no output path is a folder (BuildError)."""
+        folder = self.paths.set.parent
+        for path in (self.paths.set, self.paths.checkpoint, self.paths.log, self.paths.grid):
+            if path.is_dir():
+                raise BuildError(f"cannot write {path}: a folder is in the way; move it, or pass --out elsewhere")
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".write-probe.", suffix=".tmp", dir=folder)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise BuildError(f"cannot write into {folder} ({exc}); pass --out with a writable folder") from None
 
     def _refuse_to_clobber(self) -> None:
         """Never replace a finished set or an unfinished build's checkpoint unless asked to."""

@@ -44,7 +44,7 @@ from filelock import FileLock
 from filelock import Timeout as LockTimeout
 from huggingface_hub import HfApi, constants, get_hf_file_metadata, hf_hub_download, hf_hub_url
 from huggingface_hub import errors as hf_errors
-from tqdm.auto import tqdm
+from huggingface_hub.utils import tqdm  # huggingface_hub's bar: honours HF_HUB_DISABLE_PROGRESS_BARS
 
 from condensed_datasets._atomic import atomic_write_bytes
 from condensed_datasets.catalogue import default_repo_id, describe_sets, index_listing, parse_index, sort_key
