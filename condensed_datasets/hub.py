@@ -150,11 +150,15 @@ def _checked(repo_id: str, revision: str | None) -> tuple[str, str]:
         raise HubNotFoundError(str(exc), kind="revision" if "revision" in str(exc) else "repository") from None
 
 
-def _server_error(exc: BaseException) -> int | None:
-    """The HTTP status of a 5xx answer from the hub, or None for any other failure."""
-    response = getattr(exc, "response", None)
-    status = getattr(response, "status_code", None)
-    return status if isinstance(exc, HfHubHTTPError) and isinstance(status, int) and status >= 500 else None
+def _server_error(exc: BaseException | None) -> int | None:
+    """The HTTP status of a 5xx answer from the hub behind ``exc`` (or its causes), or None."""
+    seen = 0
+    while exc is not None and seen < 10:
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        if isinstance(exc, HfHubHTTPError) and isinstance(status, int) and status >= 500:
+            return status
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
 
 
 def _library() -> dict[str, str]:
@@ -338,6 +342,10 @@ def fetch_index(repo_id: str, revision: str | None = None) -> dict[str, Any] | N
     try:
         path = _hf_download(repo_id, HUB_INDEX_NAME, revision)
     except LocalEntryNotFoundError as exc:
+        if _server_error(exc) is not None:
+            raise HubServerError(f"{hub_endpoint()} answered HTTP {_server_error(exc)} (a server error) for "
+                                 f"{HUB_INDEX_NAME} of {_where(repo_id, revision)}, and it is not in the Hugging "
+                                 "Face cache; retry later") from exc
         raise HubOfflineError(
             f"cannot read {HUB_INDEX_NAME} of {_where(repo_id, revision)}: "
             f"{'HF_HUB_OFFLINE is set' if hub_offline() else f'{hub_endpoint()} could not be reached'} "
