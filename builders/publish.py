@@ -302,7 +302,7 @@ def publish_to_hub(
     cset = CondensedSet.from_bytes(data, str(set_file))
     repo_id = _check_repo_id(repo_id or default_repo_id(cset.source))
     try:
-        rev = check_revision(revision or DEFAULT_REVISION)
+        rev = check_revision(DEFAULT_REVISION if revision is None else revision)
     except UnknownNameError as exc:
         raise PublishError(str(exc)) from None
     api = api or HfApi(endpoint=hub.hub_endpoint())

@@ -34,7 +34,6 @@ import json
 import os
 import re
 import sys
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,9 +43,9 @@ from filelock import FileLock
 from filelock import Timeout as LockTimeout
 from huggingface_hub import HfApi, constants, get_hf_file_metadata, hf_hub_download, hf_hub_url
 from huggingface_hub import errors as hf_errors
-from huggingface_hub.utils import tqdm  # huggingface_hub's bar: honours HF_HUB_DISABLE_PROGRESS_BARS
 
 from condensed_datasets._atomic import atomic_write_bytes
+from condensed_datasets._speed import speed_limit
 from condensed_datasets.catalogue import default_repo_id, describe_sets, index_listing, parse_index, sort_key
 from condensed_datasets.constants import (
     DEFAULT_REVISION, HUB_INDEX_NAME, LOCK_TIMEOUT_S, MIN_DOWNLOAD_RATE, MIN_DOWNLOAD_RATE_ENV, MIN_DOWNLOAD_WINDOW_ENV,
@@ -145,7 +144,7 @@ def min_download_speed() -> tuple[float, float]:
 def _checked(repo_id: str, revision: str | None) -> tuple[str, str]:
     """(repo_id, revision) checked before they reach a URL or the cache's folder names; HubError otherwise."""
     try:
-        return check_repo_id(repo_id), check_revision(revision or DEFAULT_REVISION)
+        return check_repo_id(repo_id), check_revision(DEFAULT_REVISION if revision is None else revision)
     except UnknownNameError as exc:
         raise HubNotFoundError(str(exc), kind="revision" if "revision" in str(exc) else "repository") from None
 
@@ -282,42 +281,16 @@ def remote_file(repo_id: str, filename: str, revision: str | None = None) -> Rem
                       sha256=etag if etag and _SHA256.match(etag) else None, size=meta.size)
 
 
-def _speed_limited(rate: float, window: float) -> type[tqdm]:
-    """A progress-bar class for ``hf_hub_download`` that aborts a download (HubStalledError) whose bytes over
-    any ``window`` seconds average less than ``rate`` per second; checked as each chunk arrives, so together
-    with huggingface_hub's per-read timeout a stalled server is given up within about window + timeout."""
-
-    class SpeedLimit(tqdm):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self._since, self._bytes = time.monotonic(), 0
-
-        def update(self, n: float | None = 1) -> bool | None:
-            self._bytes += n or 0
-            elapsed = time.monotonic() - self._since
-            if elapsed >= window:
-                if self._bytes < rate * elapsed:
-                    raise HubStalledError(
-                        f"the download made {self._bytes / elapsed:.0f} bytes/s over {elapsed:.1f} s, under the "
-                        f"minimum of {rate:.0f} bytes/s over {window:g} s ({MIN_DOWNLOAD_RATE_ENV}, "
-                        f"{MIN_DOWNLOAD_WINDOW_ENV}); the server stalled"
-                    )
-                self._since, self._bytes = time.monotonic(), 0
-            return super().update(n)
-
-    return SpeedLimit
-
-
 def _hf_download(repo_id: str, filename: str, revision: str, *, local_only: bool = False,
                  force: bool = False) -> Path:
     """``hf_hub_download`` of one file of the dataset repository into the Hugging Face cache (aborted when
     it makes less than the minimum progress, see :func:`min_download_speed`)."""
-    rate, window = min_download_speed()
-    path = hf_hub_download(
-        repo_id, filename, repo_type=REPO_TYPE, revision=revision, endpoint=hub_endpoint(),
-        cache_dir=hub_cache_dir(), local_files_only=local_only or hub_offline(), force_download=force,
-        tqdm_class=_speed_limited(rate, window) if rate > 0 else None, **_library(),
-    )
+    with speed_limit(*min_download_speed()):
+        path = hf_hub_download(
+            repo_id, filename, repo_type=REPO_TYPE, revision=revision, endpoint=hub_endpoint(),
+            cache_dir=hub_cache_dir(), local_files_only=local_only or hub_offline(), force_download=force,
+            **_library(),
+        )
     return Path(path)
 
 

@@ -64,7 +64,7 @@ def metadata_problem(meta: Any) -> str | None:
     if problem:
         return f"metadata: {problem}"
     return _classes_problem(meta) or _shape_problem(meta) or _normalization_problem(meta.get("normalization")) \
-        or _evaluation_problem(meta.get("evaluation")) or _plain_problem(meta)
+        or _channels_problem(meta) or _evaluation_problem(meta.get("evaluation")) or _plain_problem(meta)
 
 
 def _classes_problem(meta: dict[str, Any]) -> str | None:
@@ -83,6 +83,18 @@ def _shape_problem(meta: dict[str, Any]) -> str | None:
     if shape is not None and (not isinstance(shape, list) or len(shape) != 3
                               or not all(is_count(d) and d >= 1 for d in shape)):
         return f"metadata 'image_shape' must be [C, H, W] of positive ints, got {shape!r}"
+    return None
+
+
+def _channels_problem(meta: dict[str, Any]) -> str | None:
+    """The image shape's channels agree with the source's and with the normalisation's."""
+    shape, norm, info = meta.get("image_shape"), meta.get("normalization"), SOURCES.get(meta["source"])
+    if shape is None:
+        return None
+    if info is not None and shape[0] != info.channels:
+        return f"{info.name} images have {info.channels} channel(s), the metadata says {shape[0]}"
+    if norm is not None and len(norm["mean"]) != shape[0]:
+        return f"normalization has {len(norm['mean'])} channels, the images have {shape[0]}"
     return None
 
 
