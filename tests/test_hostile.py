@@ -22,6 +22,7 @@ from safetensors.torch import save as st_save
 import builders.recipe
 from builders.build import build_set, load_recipe
 from builders.cli import build_command, eval_command, list_command, publish_command, show_command
+from builders.data import RealData
 from builders.engine import Engine
 from builders.errors import BuildError, PublishError, RecipeError
 from builders.publish import publish_to_dir, publish_to_hub
@@ -31,7 +32,7 @@ from condensed_datasets._atomic import atomic_write_bytes
 from condensed_datasets.datasets import set_path
 from condensed_datasets.errors import (
     CondensedSetError, HubError, HubIntegrityError, HubServerError, HubStalledError, SkippedEntryWarning,
-    UnknownNameError,
+    SourceDataError, UnknownNameError,
 )
 from condensed_datasets.format import METADATA_KEY, CondensedSet, encode_metadata
 from hubserver import HubServer, point_huggingface_hub_at
@@ -230,6 +231,7 @@ def tiny_shipped_dm(fashion_mnist_root: Path, tmp_path: Path, monkeypatch: pytes
     (recipes / "dm_fashionmnist.yaml").write_text(TINY_DM)
     monkeypatch.setattr(builders.recipe, "RECIPES_DIR", recipes)
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    monkeypatch.setenv("CONDENSED_DATASETS_EMBEDDED_DIR", str(tmp_path / "no_embedded"))
     root = tmp_path / "root"
     root.mkdir()
     os.symlink(fashion_mnist_root / "FashionMNIST", root / "FashionMNIST")
@@ -321,15 +323,22 @@ def test_bad_speed_settings_are_a_clear_error(tmp_path: Path, server: HubServer,
 
 
 # -- 7. condensed-eval reads real data only under --root ----------------------------------------------------------------
-def test_condensed_eval_ignores_any_data_root_in_the_file(fashion_mnist_root: Path, tmp_path: Path) -> None:
+def test_condensed_eval_ignores_any_data_root_in_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     evil = tmp_path / "evil"
     cset = make_cset(data_root=str(evil), recipe={"data_root": str(evil), "out_root": str(evil),
                                                   "eval": {"runs": 1, "epochs": 1}, "model": "ConvNetW32"})
     path = cset.save(tmp_path / "set.safetensors")
-    result = CliRunner().invoke(eval_command, [str(path), "--root", str(fashion_mnist_root), "--device", "cpu",
-                                               "--runs", "1", "--epochs", "1"])
-    assert result.exit_code == 0, result.output
-    assert not evil.exists()
+    roots: list[Path] = []
+
+    def from_source(source: str, root: Any, **kwargs: Any) -> Any:
+        roots.append(Path(root))
+        raise SourceDataError("stop here: the test only needs the root")
+
+    monkeypatch.setattr(RealData, "from_source", staticmethod(from_source))
+    mine = tmp_path / "mine"
+    result = CliRunner().invoke(eval_command, [str(path), "--root", str(mine), "--device", "cpu"])
+    assert result.exit_code == 1 and "stop here" in result.output
+    assert roots == [mine] and not evil.exists()
 
 
 # -- 8. untrusted listings -----------------------------------------------------------------------------------------------
@@ -342,9 +351,11 @@ def test_a_hub_index_with_one_malformed_entry_lists_the_rest(tmp_path: Path, ser
     index["files"]["dm_ipc2.safetensors"] = {**entry, "ipc": 2, "accuracy_mean": "NaN\x1b[2J"}
     index["files"]["dm_ipc3.safetensors"] = [1, 2]
     put_repo(server, good, index=index)
-    with pytest.warns(SkippedEntryWarning, match="dm_ipc2"):
+    with pytest.warns(SkippedEntryWarning) as caught:
         rows = hub.list_repo(REPO)
     assert [r["ipc"] for r in rows] == [1]
+    assert sorted(str(w.message).split("entry ")[1][:21] for w in caught) == ["'dm_ipc2.safetensors'",
+                                                                              "'dm_ipc3.safetensors'"]
     monkeypatch.setenv("CONDENSED_DATASETS_ORG", "org")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SkippedEntryWarning)
