@@ -29,7 +29,7 @@ from condensed_datasets.errors import CondensedSetError, IndexFormatError, Skipp
 from condensed_datasets.format import read_file_metadata
 from condensed_datasets.metadata_checks import MAX_TEXT, is_count, is_number
 from condensed_datasets.paths import check_name, parse_set_filename, set_filename
-from condensed_datasets.sources import get_source
+from condensed_datasets.sources import SOURCES, get_source
 
 #: The package's own folder of embedded sets (tests may monkeypatch this attribute).
 EMBEDDED_DIR: Path = Path(__file__).resolve().parent / "embedded"
@@ -250,6 +250,11 @@ def _scan_sources(base: Path, source: str | None, where: str) -> list[dict[str, 
     """The sets under ``base/{source}/`` for one source, or for every source folder when ``source`` is None."""
     names = [get_source(source).name] if source else (sorted(p.name for p in base.iterdir() if p.is_dir())
                                                       if base.is_dir() else [])
+    known = [name for name in names if name in SOURCES]
+    for name in sorted(set(names) - set(known)):
+        warnings.warn(f"{base / name} left out of the listing: {name!r} is not a source "
+                      f"({', '.join(SOURCES)})", SkippedEntryWarning, stacklevel=2)
+    names = known
     rows: list[dict[str, Any]] = []
     for name in names:
         rows += _scan_folder(base / name, where=where, source=name)

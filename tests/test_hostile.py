@@ -265,6 +265,22 @@ def test_build_true_resumes_an_interrupted_build(tiny_shipped_dm: Path, tmp_path
     assert [e["iteration"] for e in log if "loss" in e] == [1, 2, 3, 4]
 
 
+def test_build_true_over_another_recipes_checkpoint_says_what_to_delete(tiny_shipped_dm: Path) -> None:
+    root = tiny_shipped_dm
+    other = load_recipe(shipped_recipe_path("dm", "fashionmnist"), [("ipc", 1), ("seed", 5)])
+    part = Engine(other, out_root=root, data_root=root, device="cpu", progress=False)
+
+    def kill(iteration: int, loss: float) -> None:
+        if iteration == 2:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        part.run(on_iteration=kill)
+    assert part.paths.checkpoint.is_file()
+    with pytest.raises(BuildError, match=f"Delete {part.paths.checkpoint} to start this build over"):
+        CondensedFashionMNIST(root, "dm", 1, build=True)
+
+
 def test_concurrent_build_true_builds_once(tiny_shipped_dm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = tiny_shipped_dm
     runs: list[int] = []
@@ -381,9 +397,12 @@ def test_strings_from_files_are_escaped_before_the_terminal(tmp_path: Path) -> N
 def test_a_folder_with_one_broken_file_lists_the_rest(tmp_path: Path) -> None:
     make_cset().save(set_path(tmp_path, "fashionmnist", "dm", 1))
     set_path(tmp_path, "fashionmnist", "dm", 2).write_bytes(b"\x00" * 40)
+    (tmp_path / "condensed" / "not-a-source\x1b").mkdir()
     with pytest.warns(SkippedEntryWarning, match="dm_ipc2"):
         rows = catalogue.list_local(tmp_path, "fashionmnist")
     assert [r["ipc"] for r in rows] == [1]
+    with pytest.warns(SkippedEntryWarning, match="is not a source"):
+        assert [r["ipc"] for r in catalogue.list_local(tmp_path)] == [1]
 
 
 # -- 9. validation gaps -------------------------------------------------------------------------------------------------
