@@ -5,16 +5,20 @@ byte every few seconds holds a download (and our lock) for hours. Inside :func:`
 response of huggingface_hub's HTTP client is wrapped so that each network read checks the average speed
 since the window began, and raises :class:`~condensed_datasets.errors.HubStalledError` when less than
 ``rate`` bytes/s arrived over ``window`` seconds. Outside it (other threads, other code) nothing changes.
+
+This needs huggingface_hub's httpx-style client (huggingface_hub >= 1.0: ``event_hooks`` and
+``SyncByteStream``); with an older client, or downloads through Xet, only huggingface_hub's own per-read
+timeout applies.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import sys
 import time
 from typing import Any, Iterator
 
-import httpx2
 from huggingface_hub.utils import get_session
 
 from condensed_datasets.constants import MIN_DOWNLOAD_RATE_ENV, MIN_DOWNLOAD_WINDOW_ENV
@@ -24,8 +28,11 @@ _LIMIT: contextvars.ContextVar[tuple[float, float] | None] = contextvars.Context
     "condensed_datasets_speed_limit", default=None)
 
 
-class SpeedLimitedStream(httpx2.SyncByteStream):
-    """A response body that raises HubStalledError when it arrives slower than ``rate`` bytes/s over ``window`` s."""
+class SpeedLimitedStream:
+    """A response body that raises HubStalledError when it arrives slower than ``rate`` bytes/s over ``window`` s.
+
+    Made a subclass of the HTTP client's own ``SyncByteStream`` by :func:`_stream_class` (the client checks it).
+    """
 
     def __init__(self, stream: Any, rate: float, window: float) -> None:
         self._stream, self._rate, self._window = stream, rate, window
@@ -49,10 +56,22 @@ class SpeedLimitedStream(httpx2.SyncByteStream):
         self._stream.close()
 
 
-def _limit_response(response: httpx2.Response) -> None:
+_STREAM_CLASSES: dict[type, type] = {}
+
+
+def _stream_class(base: type) -> type:
+    """SpeedLimitedStream as a subclass of the client's ``SyncByteStream`` ``base`` (made once per base)."""
+    if base not in _STREAM_CLASSES:
+        _STREAM_CLASSES[base] = type("SpeedLimitedStream", (SpeedLimitedStream, base), {})
+    return _STREAM_CLASSES[base]
+
+
+def _limit_response(response: Any) -> None:
     limit = _LIMIT.get()
-    if limit is not None and response.request.method == "GET" and isinstance(response.stream, httpx2.SyncByteStream):
-        response.stream = SpeedLimitedStream(response.stream, *limit)
+    base = getattr(sys.modules.get(type(response).__module__.split(".")[0]), "SyncByteStream", None)
+    if (limit is not None and base is not None and response.request.method == "GET"
+            and isinstance(response.stream, base)):
+        response.stream = _stream_class(base)(response.stream, *limit)
 
 
 @contextlib.contextmanager
@@ -63,9 +82,9 @@ def speed_limit(rate: float, window: float) -> Iterator[None]:
         yield
         return
     client = get_session()
-    hooks = client.event_hooks
-    if _limit_response not in hooks["response"]:
-        client.event_hooks = {**hooks, "response": [*hooks["response"], _limit_response]}
+    hooks = getattr(client, "event_hooks", None)
+    if isinstance(hooks, dict) and _limit_response not in hooks.get("response", []):
+        client.event_hooks = {**hooks, "response": [*hooks.get("response", []), _limit_response]}
     token = _LIMIT.set((rate, window))
     try:
         yield
