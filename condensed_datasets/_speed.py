@@ -17,7 +17,8 @@ import contextlib
 import contextvars
 import sys
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from huggingface_hub.utils import get_session
 

@@ -17,11 +17,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 from filelock import FileLock
+from hubserver import HubServer, point_huggingface_hub_at
 from safetensors.torch import save as st_save
 
 import builders.recipe
 from builders.build import build_set, load_recipe
-from builders.cli import build_command, eval_command, list_command, publish_command, show_command
+from builders.cli import build_command, eval_command, list_command, show_command
 from builders.data import RealData
 from builders.engine import Engine
 from builders.errors import BuildError, PublishError, RecipeError
@@ -31,11 +32,16 @@ from condensed_datasets import CondensedFashionMNIST, catalogue, hub
 from condensed_datasets._atomic import atomic_write_bytes
 from condensed_datasets.datasets import set_path
 from condensed_datasets.errors import (
-    CondensedSetError, HubError, HubIntegrityError, HubServerError, HubStalledError, SkippedEntryWarning,
-    SourceDataError, UnknownNameError,
+    CondensedSetError,
+    HubError,
+    HubIntegrityError,
+    HubServerError,
+    HubStalledError,
+    SkippedEntryWarning,
+    SourceDataError,
+    UnknownNameError,
 )
 from condensed_datasets.format import METADATA_KEY, CondensedSet, encode_metadata
-from hubserver import HubServer, point_huggingface_hub_at
 
 REPO = "org/condensed-fashionmnist"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from typing import Any
 
 import torch
@@ -66,10 +67,9 @@ def tensors(draw: st.DrawFn) -> dict[str, torch.Tensor]:
         shape = draw(st.lists(st.integers(0, 12), max_size=4))
         dtype = draw(st.sampled_from(_DTYPES))
         fill = draw(st.sampled_from(_FILLS))
-        value = torch.full(shape, fill if dtype.is_floating_point else 0.0)
-        if not dtype.is_floating_point and fill == fill and abs(fill) != float("inf"):
-            value = torch.full(shape, fill)
-        out[name] = value.to(dtype)
+        if not dtype.is_floating_point and not math.isfinite(fill):
+            fill = 0.0  # NaN and inf have no integer form
+        out[name] = torch.full(shape, fill).to(dtype)
     return out
 
 
