@@ -118,7 +118,13 @@ def _build_on_demand(source: str, method: str, overrides: list[tuple[str, Any]],
             if target.is_file():  # built by another process while this one waited
                 return target
             engine.resume = engine.paths.checkpoint.is_file()
-            engine.run()
+            try:
+                engine.run()
+            except BuildError as exc:
+                if not engine.resume:
+                    raise
+                raise BuildError(f"build=True could not continue the earlier build of {target}: {exc}. Delete "
+                                 f"{engine.paths.checkpoint} to start this build over") from exc
     except LockTimeout:
         raise BuildError(f"another process has been building {target} for over {BUILD_LOCK_TIMEOUT_S:.0f} s "
                          f"(lock {lock.lock_file}); if none is, delete the lock file and retry") from None

@@ -25,6 +25,7 @@ from builders.recipe import DEFAULT_ROOT, parse_overrides
 from builders.runspec import load_spec
 from builders.show import save_grid
 from condensed_datasets import catalogue
+from condensed_datasets._text import printable
 from condensed_datasets.errors import CondensedDatasetsError, HubError
 from condensed_datasets.format import CondensedSet
 from condensed_datasets.hub import list_repo
@@ -47,7 +48,7 @@ def _user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         except _USER_ERRORS as exc:
             if os.environ.get("CONDENSED_DEBUG"):
                 raise
-            raise click.ClickException(str(exc)) from exc
+            raise click.ClickException(printable(exc, keep="\n")) from exc
 
     return wrapper
 
@@ -58,15 +59,21 @@ def _silent(*args: Any, **kwargs: Any) -> None:
 
 def format_evaluation(ev: dict[str, Any] | None) -> str:
     """One human line per result of an ``evaluation`` metadata block."""
-    if not ev:
+    if not ev or ev.get("accuracy_mean") is None:
         return "not evaluated"
-    lines = [f"{ev['model']}: {ev['accuracy_mean']:.2f} ± {ev['accuracy_std']:.2f} % "
-             f"({ev['runs']} runs, {ev['epochs']} epochs)"]
-    if "random_accuracy_mean" in ev:
-        lines.append(f"random real, same ipc: {ev['random_accuracy_mean']:.2f} ± {ev['random_accuracy_std']:.2f} % "
-                     f"-> improvement {ev['improvement_over_random']:+.2f} points")
+
+    def pm(mean: Any, std: Any) -> str:
+        return f"{mean:.2f}" + ("" if std is None else f" ± {std:.2f}") + " %"
+
+    protocol = ", ".join(f"{ev[k]} {k}" for k in ("runs", "epochs") if ev.get(k) is not None)
+    lines = [printable(f"{ev.get('model') or 'model?'}: {pm(ev['accuracy_mean'], ev.get('accuracy_std'))}"
+                       + (f" ({protocol})" if protocol else ""))]
+    if ev.get("random_accuracy_mean") is not None:
+        gain = ev.get("improvement_over_random")
+        lines.append(f"random real, same ipc: {pm(ev['random_accuracy_mean'], ev.get('random_accuracy_std'))}"
+                     + ("" if gain is None else f" -> improvement {gain:+.2f} points"))
     for name, res in (ev.get("cross_architecture") or {}).items():
-        lines.append(f"{name}: {res['accuracy_mean']:.2f} ± {res['accuracy_std']:.2f} %")
+        lines.append(printable(f"{name}: {pm(res['accuracy_mean'], res.get('accuracy_std'))}"))
     return "\n".join(lines)
 
 
@@ -262,7 +269,7 @@ def list_command(source: str | None, repo_id: str | None, revision: str | None, 
             try:
                 rows += list_repo(default, revision=revision, source=source)
             except HubError as exc:
-                click.echo(f"note: {default} not listed: {exc}", err=True)
+                click.echo(printable(f"note: {default} not listed: {exc}", keep="\n"), err=True)
     if as_json:
         click.echo(json.dumps(rows, indent=2, sort_keys=True))
         return
@@ -270,13 +277,13 @@ def list_command(source: str | None, repo_id: str | None, revision: str | None, 
         click.echo("no sets found")
         return
     header = ("where", "location", "source", "method", "ipc", "accuracy (%)", "vs random", "size")
-    table = [header] + [(
+    table = [header] + [tuple(printable(cell) for cell in (
         r["where"], str(r.get("location", "")), r["source"], r["method"], str(r["ipc"]),
         "-" if r.get("accuracy_mean") is None else f"{r['accuracy_mean']:.2f}"
         + ("" if r.get("accuracy_std") is None else f" ± {r['accuracy_std']:.2f}"),
         "-" if r.get("improvement_over_random") is None else f"{r['improvement_over_random']:+.2f}",
         _size_text(r.get("size")),
-    ) for r in rows]
+    )) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
         click.echo("  ".join(cell.ljust(w) if i < 4 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import platform
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,6 +158,7 @@ class Engine:
         clock = _reproducible_clock()
         started = time.time()
         self.paths.set.parent.mkdir(parents=True, exist_ok=True)
+        self._check_writable()
         ctx = self._context()
         method = get_method(r.method)(ctx)
         self._split_classes(method, ctx)
@@ -206,6 +208,19 @@ class Engine:
             save_grid(cset, self.paths.grid)
         distributed.barrier()  # every rank returns once the set is on disk
         return cset
+
+    def _check_writable(self) -> None:
+        """Before any work: the output folder takes new files and no output path is a folder (BuildError)."""
+        folder = self.paths.set.parent
+        for path in (self.paths.set, self.paths.checkpoint, self.paths.log, self.paths.grid):
+            if path.is_dir():
+                raise BuildError(f"cannot write {path}: a folder is in the way; move it, or pass --out elsewhere")
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".write-probe.", suffix=".tmp", dir=folder)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise BuildError(f"cannot write into {folder} ({exc}); pass --out with a writable folder") from None
 
     def _refuse_to_clobber(self) -> None:
         """Never replace a finished set or an unfinished build's checkpoint unless asked to."""

@@ -34,7 +34,7 @@ from condensed_datasets.catalogue import default_repo_id, index_entry, index_to_
 from condensed_datasets.constants import CARD_NAME, DEFAULT_REVISION, HUB_INDEX_NAME, METHOD_DISPLAY_NAMES
 from condensed_datasets.errors import HubNotFoundError, UnknownNameError
 from condensed_datasets.format import CondensedSet
-from condensed_datasets.paths import check_repo_id, set_filename
+from condensed_datasets.paths import check_repo_id, check_revision, set_filename
 from condensed_datasets.sources import SOURCES
 
 __all__ = [
@@ -301,7 +301,10 @@ def publish_to_hub(
     data = Path(set_file).read_bytes()
     cset = CondensedSet.from_bytes(data, str(set_file))
     repo_id = _check_repo_id(repo_id or default_repo_id(cset.source))
-    rev = revision or DEFAULT_REVISION
+    try:
+        rev = check_revision(DEFAULT_REVISION if revision is None else revision)
+    except UnknownNameError as exc:
+        raise PublishError(str(exc)) from None
     api = api or HfApi(endpoint=hub.hub_endpoint())
     filename = set_filename(cset.method, cset.ipc)
 

@@ -6,7 +6,7 @@ import copy
 import difflib
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +61,10 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         """Plain data for metadata: the recipe as built (the entry of ``ipc_overrides`` for this ipc is
         already merged in; the entries for other ipcs are not recorded)."""
-        out = asdict(self)
-        del out["ipc_overrides"]
+        # Never through the other ipcs' entries: asdict copies without sharing, so a YAML alias there would
+        # be expanded (a "billion laughs" recipe), and they do not describe this set anyway.
+        out = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "ipc_overrides"}
+        out["eval"] = asdict(self.eval)
         if self.classes is None:
             del out["classes"]  # recipes of whole sources record what they always did
         return out

@@ -1,16 +1,21 @@
-"""Atomic file writes: a reader never sees a half-written file at the target path."""
+"""Atomic file writes: a reader never sees a half-written file at the target path, and a killed writer's
+temporary file (``.{name}.{random}.tmp``) is removed by the next write of the same name once it is stale."""
 
 from __future__ import annotations
 
 import os
 import tempfile
+import time
 from pathlib import Path
+
+from condensed_datasets.constants import STALE_TEMP_AGE_S
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` through a temporary file in the same folder, fsync, then rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale_temps(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
@@ -27,6 +32,31 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def sweep_stale_temps(path: str | os.PathLike, max_age_s: float = STALE_TEMP_AGE_S) -> list[Path]:
+    """Remove the temporary files of earlier writes of ``path`` (``.{name}.*.tmp`` beside it) older than
+    ``max_age_s``: leftovers of a writer that was killed. Returns what was removed."""
+    path = Path(path)
+    removed = []
+    now = time.time()
+    try:
+        candidates = list(path.parent.glob(f".{glob_escape(path.name)}.*.tmp"))
+    except OSError:
+        return removed
+    for tmp in candidates:
+        try:
+            if tmp.is_file() and not tmp.is_symlink() and now - tmp.stat().st_mtime > max_age_s:
+                tmp.unlink()
+                removed.append(tmp)
+        except OSError:
+            continue
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    """``name`` with glob's special characters made literal."""
+    return "".join(f"[{ch}]" if ch in "*?[" else ch for ch in name)
 
 
 def _umask() -> int:

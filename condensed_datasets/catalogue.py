@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +31,11 @@ from condensed_datasets.constants import (
     METHODS,
     ORG_ENV,
 )
-from condensed_datasets.errors import CondensedSetError, IndexFormatError
+from condensed_datasets.errors import CondensedSetError, IndexFormatError, SkippedEntryWarning, UnknownNameError
 from condensed_datasets.format import read_file_metadata
-from condensed_datasets.paths import parse_set_filename, set_filename
-from condensed_datasets.sources import get_source
+from condensed_datasets.metadata_checks import MAX_TEXT, is_count, is_number
+from condensed_datasets.paths import check_name, parse_set_filename, set_filename
+from condensed_datasets.sources import SOURCES, get_source
 
 #: The package's own folder of embedded sets (tests may monkeypatch this attribute).
 EMBEDDED_DIR: Path = Path(__file__).resolve().parent / "embedded"
@@ -94,10 +97,11 @@ def recipe_summary(metadata: dict[str, Any]) -> dict[str, Any]:
     recipe = metadata.get("recipe") or {}
     out: dict[str, Any] = {}
     for key in ("name", "model", "iterations", "augment"):
-        if recipe.get(key) not in (None, ""):
-            out[key] = recipe[key]
+        value = recipe.get(key)
+        if value not in (None, "") and (isinstance(value, str) or is_number(value)):
+            out[key] = value
     seed = metadata.get("seed", recipe.get("seed"))
-    if seed is not None:
+    if is_number(seed):
         out["seed"] = seed
     if metadata.get("recipe_file"):
         out["file"] = metadata["recipe_file"]
@@ -146,7 +150,7 @@ def parse_index(data: bytes | str, name: str = HUB_INDEX_NAME) -> dict[str, Any]
     """Parse and check an ``index.json`` document; raises IndexFormatError naming ``name`` when it is malformed."""
     try:
         index = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise IndexFormatError(f"{name} is not JSON: {exc}") from exc
     if not isinstance(index, dict) or not isinstance(index.get("files"), dict):
         raise IndexFormatError(f"{name} is not a condensed-datasets index (no 'files' mapping)")
@@ -154,13 +158,61 @@ def parse_index(data: bytes | str, name: str = HUB_INDEX_NAME) -> dict[str, Any]
     if not isinstance(version, int) or version > HUB_INDEX_VERSION:
         raise IndexFormatError(f"{name} has index_version {version!r}; this package reads up to {HUB_INDEX_VERSION} "
                          "(upgrade condensed-datasets)")
+    files = {}
     for fname, entry in index["files"].items():
-        if not isinstance(entry, dict) or parse_set_filename(fname) is None:
-            raise IndexFormatError(f"{name}: bad entry {fname!r}")
-        for key in ("source", "method", "ipc", "sha256", "size"):
-            if key not in entry:
-                raise IndexFormatError(f"{name}: entry {fname!r} has no {key!r}")
-    return index
+        problem = index_entry_problem(fname, entry)
+        if problem:
+            warnings.warn(f"{name}: entry {fname!r} left out: {problem}", SkippedEntryWarning, stacklevel=2)
+        else:
+            files[fname] = entry
+    return {**index, "files": files}
+
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_ENTRY_NUMBERS = ("accuracy_mean", "accuracy_std", "improvement_over_random", "random_accuracy_mean")
+_ENTRY_COUNTS = ("size", "num_images", "format_version")
+
+
+def index_entry_problem(fname: str, entry: Any) -> str | None:
+    """Why one ``index.json`` entry cannot be listed, published over or trusted for a SHA-256, or None.
+
+    The file name must be a set's; source and method valid names agreeing with it; numbers finite; the
+    evaluation and recipe summaries objects of plain values.
+    """
+    parsed = parse_set_filename(fname)
+    if parsed is None:
+        return "not a set's file name ({method}_ipc{ipc}.safetensors)"
+    if not isinstance(entry, dict):
+        return "not a JSON object"
+    for key in ("source", "method", "ipc", "sha256", "size"):
+        if key not in entry:
+            return f"no {key!r}"
+    try:
+        check_name(entry["source"], "source")
+    except UnknownNameError as exc:
+        return str(exc)
+    if (entry["method"], entry["ipc"]) != parsed or isinstance(entry["ipc"], bool):
+        return f"method {entry['method']!r} / ipc {entry['ipc']!r} disagree with the file name"
+    if entry["sha256"] is not None and not (isinstance(entry["sha256"], str) and _SHA256.match(entry["sha256"])):
+        return f"sha256 {entry['sha256']!r} is not 64 lower-case hex digits"
+    for key in _ENTRY_COUNTS:
+        if entry.get(key) is not None and not is_count(entry[key]):
+            return f"{key} {entry[key]!r} is not a non-negative int"
+    for key in _ENTRY_NUMBERS:
+        if entry.get(key) is not None and not is_number(entry[key]):
+            return f"{key} {entry[key]!r} is not a finite number"
+    shape = entry.get("image_shape")
+    if shape is not None and (not isinstance(shape, list) or not all(is_count(d) for d in shape)):
+        return f"image_shape {shape!r} is not a list of ints"
+    for key in ("evaluation", "recipe"):
+        block = entry.get(key)
+        if block is None:
+            continue
+        if not isinstance(block, dict) or not all(
+                v is None or is_number(v) or isinstance(v, bool) or (isinstance(v, str) and len(v) <= MAX_TEXT)
+                for v in block.values()):
+            return f"{key} is not an object of plain values (strings, numbers)"
+    return None
 
 
 def index_listing(index: dict[str, Any], *, where: str, location: str,
@@ -186,7 +238,8 @@ def _scan_folder(folder: Path, *, where: str, source: str | None = None) -> list
         try:
             meta = read_set_metadata(path)
             entry = index_entry(meta, sha256=None, size=path.stat().st_size)
-        except (CondensedSetError, OSError, KeyError, TypeError, ValueError):
+        except (CondensedSetError, OSError) as exc:
+            warnings.warn(f"{path} left out of the listing: {exc}", SkippedEntryWarning, stacklevel=2)
             continue
         if source is not None and entry["source"] != get_source(source).name:
             continue
@@ -203,6 +256,11 @@ def _scan_sources(base: Path, source: str | None, where: str) -> list[dict[str, 
     """The sets under ``base/{source}/`` for one source, or for every source folder when ``source`` is None."""
     names = [get_source(source).name] if source else (sorted(p.name for p in base.iterdir() if p.is_dir())
                                                       if base.is_dir() else [])
+    known = [name for name in names if name in SOURCES]
+    for name in sorted(set(names) - set(known)):
+        warnings.warn(f"{base / name} left out of the listing: {name!r} is not a source "
+                      f"({', '.join(SOURCES)})", SkippedEntryWarning, stacklevel=2)
+    names = known
     rows: list[dict[str, Any]] = []
     for name in names:
         rows += _scan_folder(base / name, where=where, source=name)

@@ -10,12 +10,13 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.datasets import VisionDataset
 
+from condensed_datasets._text import printable
 from condensed_datasets.catalogue import describe_sets, embedded_path, list_local, sets_by_method
-from condensed_datasets.constants import METHODS
 from condensed_datasets.errors import (
     CondensedSetError,
     HubNotFoundError,
     HubOfflineError,
+    HubServerError,
     SetNotFoundError,
     UnknownNameError,
 )
@@ -23,7 +24,7 @@ from condensed_datasets.format import CondensedSet
 from condensed_datasets.hub import download_set, is_hub_copy
 from condensed_datasets.listing import available
 from condensed_datasets.mae_refill import load_mae, refill_patches
-from condensed_datasets.paths import check_ipc, set_path
+from condensed_datasets.paths import check_ipc, check_method, check_repo_id, check_revision, set_path
 from condensed_datasets.sources import get_source, load_split
 from condensed_datasets.zca import ZCA
 
@@ -137,9 +138,12 @@ class CondensedVisionDataset(VisionDataset):
         super().__init__(root, transform=transform, target_transform=target_transform)
         if not self.source:
             raise TypeError("CondensedVisionDataset is a base class; use a subclass such as CondensedCIFAR10")
-        if method not in METHODS:
-            raise UnknownNameError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
+        check_method(method)
         check_ipc(ipc)
+        if repo_id is not None:
+            check_repo_id(repo_id)
+        if revision is not None:
+            check_revision(revision)
         if target_type not in TARGET_TYPES:
             raise UnknownNameError(f"unknown target_type {target_type!r}; valid: {', '.join(TARGET_TYPES)}")
 
@@ -191,7 +195,7 @@ class CondensedVisionDataset(VisionDataset):
         if download:
             try:
                 return download_set(self.root, self.source, method, ipc, repo_id=repo_id, revision=revision)
-            except (HubNotFoundError, HubOfflineError):
+            except (HubNotFoundError, HubOfflineError, HubServerError):
                 if not build:
                     raise
         if build:
@@ -208,12 +212,12 @@ class CondensedVisionDataset(VisionDataset):
             raise UnknownNameError(
                 f"no {method} set with ipc {ipc} for {self.source} under {path.parent}; available ipcs for "
                 f"{method}: {', '.join(map(str, local[method]))}. To get ipc {ipc}, pass build=True or run "
-                f"`condensed-build {recipe} --out {self.root}` with ipc: {ipc}"
+                f"`condensed-build {recipe} --out {self.root} --set ipc={ipc}`"
             )
         raise SetNotFoundError(
             f"Condensed set not found at {path}. You can use download=True to download it, "
             f"build=True to build it, or run "
-            f"`condensed-build {recipe} --out {self.root}`. Sets present for {self.source}: {describe_sets(local)}"
+            f"`condensed-build {recipe} --out {self.root} --set ipc={ipc}`. Sets present for {self.source}: {describe_sets(local)}"
         )
 
     @classmethod
@@ -254,12 +258,12 @@ class CondensedVisionDataset(VisionDataset):
     def extra_repr(self) -> str:
         lines = [f"Source: {self.source}", f"Method: {self.method}", f"IPC: {self.ipc}", f"Targets: {self.target_type}"]
         evaluation = self.metadata.get("evaluation") or {}
-        if "accuracy_mean" in evaluation:
+        if evaluation.get("accuracy_mean") is not None:
             accuracy = f"{float(evaluation['accuracy_mean']):.2f}"
             if evaluation.get("accuracy_std") is not None:
                 accuracy += f" ± {float(evaluation['accuracy_std']):.2f}"
             accuracy += " %"
-            details = [str(evaluation[k]) for k in ("model",) if evaluation.get(k)]
+            details = [printable(evaluation[k]) for k in ("model",) if evaluation.get(k)]
             if evaluation.get("runs"):
                 details.append(f"{evaluation['runs']} runs")
             lines.append(f"Recorded accuracy: {accuracy}" + (f" ({', '.join(details)})" if details else ""))

@@ -59,7 +59,20 @@ class HubIntegrityError(HubError):
     """A file whose SHA-256 or content does not match what the hub says it is."""
 
 
+class HubStalledError(HubError):
+    """A download that made less than the minimum progress over the window (a stalled or trickling server)."""
+
+
+class HubServerError(HubError):
+    """The hub answered with a server error (HTTP 5xx) and the set is not in the cache."""
+
+
+class SkippedEntryWarning(UserWarning):
+    """One entry of a listing (an index.json entry, a file in a folder) was malformed and left out."""
+
+
 __all__ = [
     "CondensedDatasetsError", "CondensedSetError", "HubError", "HubIntegrityError", "HubNotFoundError",
-    "HubOfflineError", "IndexFormatError", "SetNotFoundError", "SourceDataError", "StorageError", "UnknownNameError",
+    "HubOfflineError", "HubServerError", "HubStalledError", "IndexFormatError", "SetNotFoundError",
+    "SkippedEntryWarning", "SourceDataError", "StorageError", "UnknownNameError",
 ]

@@ -14,15 +14,10 @@ from safetensors.torch import load as _safetensors_load
 from safetensors.torch import save as _safetensors_save
 
 from condensed_datasets._atomic import atomic_write_bytes
-from condensed_datasets.constants import (
-    FORMAT_VERSION,
-    HEADER_LIMIT,
-    METADATA_KEY,
-    STORAGE_FORMAT_VERSION,
-    SUPPORTED_FORMAT_VERSIONS,
-)
+from condensed_datasets.constants import FORMAT_VERSION, HEADER_LIMIT, METADATA_KEY, STORAGE_FORMAT_VERSION
 from condensed_datasets.errors import CondensedSetError
-from condensed_datasets.paths import NAME_PATTERN
+from condensed_datasets.metadata_checks import metadata_problem
+from condensed_datasets.metadata_checks import names_problem as _names_problem
 from condensed_datasets.pixel_storage import STORED_TENSORS, StorageError, decode_images, encode_images
 from condensed_datasets.sources import SOURCES, get_source
 from condensed_datasets.zca import ZCA
@@ -49,7 +44,7 @@ def encode_metadata(metadata: dict[str, Any]) -> str:
     """Sorted, strict JSON (no NaN), so the same metadata always gives the same bytes."""
     try:
         return json.dumps(metadata, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:
         raise CondensedSetError(f"metadata is not plain JSON (str, int, float, bool, list, dict): {exc}") from exc
 
 
@@ -76,16 +71,22 @@ class CondensedSet:
         """``storage`` (see :mod:`condensed_datasets.pixel_storage`) writes real images as uint8 pixels
         (``{"images": "uint8"}``) or as kept patches (``{"images": "patches", "patch_size": p, "kept": k}``
         with ``patch_mask``, bool [N, rows, cols], True where kept); ``images`` stay float either way."""
+        if metadata is not None and not isinstance(metadata, dict):
+            raise CondensedSetError(f"metadata must be a mapping, got {type(metadata).__name__}")
         meta = dict(metadata or {})
         meta.pop("storage", None)
         if storage is not None:
             meta["storage"] = dict(storage)
             meta["format_version"] = STORAGE_FORMAT_VERSION
         if zca is not None:
-            meta["zca"] = {**(meta.get("zca") or {}), "eps": float(zca.eps)}
-        meta["source"] = str(source).lower()
-        meta["method"] = str(method)
-        meta["ipc"] = int(ipc)
+            prior = meta.get("zca")
+            meta["zca"] = {**(prior if isinstance(prior, dict) else {}), "eps": float(zca.eps)}
+        problem = _names_problem(source, method, ipc)
+        if problem:
+            raise CondensedSetError(problem)
+        meta["source"] = source.lower()
+        meta["method"] = method
+        meta["ipc"] = ipc
         meta.setdefault("format_version", FORMAT_VERSION)
         if "classes" not in meta and isinstance(meta.get("class_subset"), list) and meta["source"] in SOURCES:
             names = get_source(meta["source"]).classes  # a set of some of the source's classes names them
@@ -107,7 +108,7 @@ class CondensedSet:
         tensors = {
             "images": images,
             "labels": torch.as_tensor(labels).detach().cpu().contiguous(),
-            "soft_labels": None if soft_labels is None else soft_labels.detach().cpu().contiguous(),
+            "soft_labels": None if soft_labels is None else torch.as_tensor(soft_labels).detach().cpu().contiguous(),
             "lr": lr,
             "indices": None if indices is None else torch.as_tensor(indices).detach().cpu().contiguous(),
             **(zca.tensors() if zca is not None else {}),
@@ -325,30 +326,18 @@ def read_file_metadata(path: str | os.PathLike) -> dict[str, Any]:
         if len(head) == 8:
             (header_len,) = struct.unpack("<Q", head)
             head += handle.read(min(header_len, HEADER_LIMIT))
-    return _our_metadata(_parse_header(head, size, str(path)), str(path))
+    metadata = _our_metadata(_parse_header(head, size, str(path)), str(path))
+    problem = metadata_problem(metadata)
+    if problem:
+        raise CondensedSetError(f"{path}: {problem}")
+    return metadata
 
 
 def _first_problem(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> str | None:
     """The first way ``tensors`` and ``meta`` break the format, or None."""
-    version = meta.get("format_version")
-    if version is None:
-        return "metadata has no format_version"
-    if version not in SUPPORTED_FORMAT_VERSIONS:
-        return (
-            f"unknown format_version {version!r} (this package reads {sorted(SUPPORTED_FORMAT_VERSIONS)}); "
-            "upgrade condensed-datasets"
-        )
-    for key in ("source", "method", "ipc", "classes"):
-        if key not in meta:
-            return f"metadata has no {key!r}"
-    for key in ("source", "method"):
-        if not isinstance(meta[key], str) or not NAME_PATTERN.match(meta[key]):
-            return (f"metadata {key} {meta[key]!r} is not a valid name (lower-case letters, digits and '_', "
-                    "starting with a letter)")
-    if not isinstance(meta["ipc"], int) or isinstance(meta["ipc"], bool) or meta["ipc"] < 1:
-        return f"ipc must be a positive int, got {meta['ipc']!r}"
-    if not isinstance(meta["classes"], list) or not meta["classes"]:
-        return "metadata 'classes' must be a non-empty list of class names"
+    problem = metadata_problem(meta)
+    if problem:
+        return problem
     subset_problem = _class_subset_problem(meta)
     if subset_problem:
         return subset_problem
@@ -359,8 +348,14 @@ def _first_problem(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> st
         if name in tensors and tensors[name].dtype != dtype:
             return f"tensor {name!r} has dtype {tensors[name].dtype}, expected {dtype}"
     images, labels = tensors["images"], tensors["labels"]
-    if images.dim() != 4:
-        return f"images must be [N,C,H,W], got shape {tuple(images.shape)}"
+    if images.dim() != 4 or min(images.shape[1:], default=0) < 1:
+        return f"images must be [N,C,H,W] with C, H, W >= 1, got shape {tuple(images.shape)}"
+    info = SOURCES.get(meta["source"])
+    if info is not None and images.shape[1] != info.channels:
+        return f"{info.name} images have {info.channels} channel(s), the file's have {images.shape[1]}"
+    norm = meta.get("normalization")
+    if norm is not None and len(norm["mean"]) != images.shape[1]:
+        return (f"normalization has {len(norm['mean'])} channels, the images have {images.shape[1]}")
     if labels.dim() != 1 or labels.shape[0] != images.shape[0]:
         return f"labels must be [N] with N={images.shape[0]}, got shape {tuple(labels.shape)}"
     shape = meta.get("image_shape")
@@ -378,12 +373,20 @@ def _first_problem(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> st
     soft = tensors.get("soft_labels")
     if soft is not None and (soft.dim() != 2 or tuple(soft.shape) != (n, k)):
         return f"soft_labels must be [N, K] = [{n}, {k}], got {tuple(soft.shape)}"
+    if soft is not None and not torch.isfinite(soft).all():
+        return "soft_labels contain NaN or inf"
     lr = tensors.get("lr")
-    if lr is not None and lr.dim() > 1:
+    if lr is not None and (lr.dim() > 1 or lr.numel() == 0):
         return f"lr must be a scalar or 1-D (one per step), got shape {tuple(lr.shape)}"
+    if lr is not None and not torch.isfinite(lr).all():
+        return "lr contains NaN or inf"
     indices = tensors.get("indices")
     if indices is not None and tuple(indices.shape) != (n,):
         return f"indices must be [N] = [{n}], got {tuple(indices.shape)}"
+    limit = info.train_size if info is not None and info.train_size else None
+    if indices is not None and n and (indices.min() < 0 or (limit is not None and indices.max() >= limit)):
+        return (f"indices must be rows of the real train split, in [0, {limit if limit else 'N'}): "
+                f"min {int(indices.min())}, max {int(indices.max())}")
     return _zca_problem(tensors, meta, math.prod(images.shape[1:]))
 
 

@@ -16,10 +16,15 @@ reports for the file (``X-Linked-Etag`` of the ``resolve`` HEAD response; the Hu
 in LFS/Xet, whose id is the file's SHA-256). When the server reports no SHA-256 (a file kept in plain
 git, whose ETag is a git blob id), the ``sha256`` of the file's entry in the repository's ``index.json``
 at the same commit is used instead. With neither, the download is refused. A downloaded file leaves a
-record beside it (``.{file}.hub.json``: repository, revision, commit, sha256); a local file with such a
-record is compared with the hub again on every ``download=True`` lookup and replaced when it differs
-(damaged, or the revision moved). Offline, a local copy is validated by :meth:`CondensedSet.load` and
-compared with its record; a damaged one is restored from the Hugging Face cache or refused, never used.
+record beside it (``.{file}.hub.json``: repository, revision, commit, sha256). The record counts only while
+the file holds exactly those bytes: such a hub copy is compared with the hub again on every
+``download=True`` lookup and replaced when the revision moved. A valid file whose bytes are not its
+record's (rebuilt, re-saved by ``condensed-eval --save``, changed) is the user's own and is never replaced.
+An invalid local file is replaced; offline it is restored from the Hugging Face cache or refused, never used.
+
+Strangers' names never reach a path or URL unchecked (:mod:`condensed_datasets.paths`); a download that
+makes less than the minimum progress (:func:`min_download_speed`) is aborted with HubStalledError; a
+file whose SHA-256 is wrong is removed from the Hugging Face cache as well as refused.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import json
 import os
 import re
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,18 +45,39 @@ from huggingface_hub import HfApi, constants, get_hf_file_metadata, hf_hub_downl
 from huggingface_hub import errors as hf_errors
 
 from condensed_datasets._atomic import atomic_write_bytes
+from condensed_datasets._speed import speed_limit
 from condensed_datasets.catalogue import default_repo_id, describe_sets, index_listing, parse_index, sort_key
-from condensed_datasets.constants import DEFAULT_REVISION, HUB_INDEX_NAME, LOCK_TIMEOUT_S, REPO_TYPE
+from condensed_datasets.constants import (
+    DEFAULT_REVISION,
+    HUB_INDEX_NAME,
+    LOCK_TIMEOUT_S,
+    MIN_DOWNLOAD_RATE,
+    MIN_DOWNLOAD_RATE_ENV,
+    MIN_DOWNLOAD_WINDOW_ENV,
+    MIN_DOWNLOAD_WINDOW_S,
+    REPO_TYPE,
+)
 from condensed_datasets.errors import (
     CondensedSetError,
     HubError,
     HubIntegrityError,
     HubNotFoundError,
     HubOfflineError,
+    HubServerError,
+    HubStalledError,
     IndexFormatError,
+    SkippedEntryWarning,
+    UnknownNameError,
 )
 from condensed_datasets.format import CondensedSet
-from condensed_datasets.paths import parse_set_filename, set_filename, set_path
+from condensed_datasets.paths import (
+    canonical_source,
+    check_repo_id,
+    check_revision,
+    parse_set_filename,
+    set_filename,
+    set_path,
+)
 from condensed_datasets.sources import get_source
 
 __all__ = [
@@ -83,6 +110,7 @@ RevisionNotFoundError = hf_errors.RevisionNotFoundError
 LocalEntryNotFoundError = hf_errors.LocalEntryNotFoundError
 # huggingface_hub >= 1.0 splits remote/local "entry not found"; older versions have one HTTP error class.
 RemoteEntryNotFoundError: type[Exception] = getattr(hf_errors, "RemoteEntryNotFoundError", hf_errors.EntryNotFoundError)
+HfHubHTTPError = hf_errors.HfHubHTTPError
 
 
 @dataclass(frozen=True)
@@ -116,6 +144,39 @@ def hub_cache_dir() -> str:
     if os.environ.get("HF_HOME"):
         return os.path.join(os.path.expanduser(os.environ["HF_HOME"]), "hub")
     return constants.HF_HUB_CACHE
+
+
+def min_download_speed() -> tuple[float, float]:
+    """(bytes/s, window in s) below which a download is aborted: the environment's, else the constants'."""
+    rate, window = float(MIN_DOWNLOAD_RATE), float(MIN_DOWNLOAD_WINDOW_S)
+    try:
+        rate = float(os.environ.get(MIN_DOWNLOAD_RATE_ENV) or rate)
+        window = float(os.environ.get(MIN_DOWNLOAD_WINDOW_ENV) or window)
+    except ValueError:
+        raise HubError(f"{MIN_DOWNLOAD_RATE_ENV} (bytes/s) and {MIN_DOWNLOAD_WINDOW_ENV} (seconds) must be "
+                       "numbers") from None
+    if not (rate >= 0 and window > 0):
+        raise HubError(f"{MIN_DOWNLOAD_RATE_ENV} must be >= 0 and {MIN_DOWNLOAD_WINDOW_ENV} > 0")
+    return rate, window
+
+
+def _checked(repo_id: str, revision: str | None) -> tuple[str, str]:
+    """(repo_id, revision) checked before they reach a URL or the cache's folder names; HubError otherwise."""
+    try:
+        return check_repo_id(repo_id), check_revision(DEFAULT_REVISION if revision is None else revision)
+    except UnknownNameError as exc:
+        raise HubNotFoundError(str(exc), kind="revision" if "revision" in str(exc) else "repository") from None
+
+
+def _server_error(exc: BaseException | None) -> int | None:
+    """The HTTP status of a 5xx answer from the hub behind ``exc`` (or its causes), or None."""
+    seen = 0
+    while exc is not None and seen < 10:
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        if isinstance(exc, HfHubHTTPError) and isinstance(status, int) and status >= 500:
+            return status
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
 
 
 def _library() -> dict[str, str]:
@@ -159,8 +220,18 @@ def read_record(path: str | os.PathLike) -> dict[str, Any] | None:
 
 
 def is_hub_copy(path: str | os.PathLike) -> bool:
-    """True when ``path`` was downloaded from a hub (it has a download record)."""
-    return read_record(path) is not None
+    """True when ``path`` holds exactly the bytes a download record beside it describes (its SHA-256).
+
+    A file rebuilt, re-saved (``condensed-eval --save``) or changed after its download no longer matches its
+    record: it is the user's own set from then on, and no download replaces it.
+    """
+    record = read_record(path)
+    if record is None:
+        return False
+    try:
+        return sha256_file(path) == record["sha256"]
+    except OSError:
+        return False
 
 
 def _write_record(path: Path, **fields: Any) -> None:
@@ -215,7 +286,7 @@ def remote_file(repo_id: str, filename: str, revision: str | None = None) -> Rem
     Raises HubNotFoundError for a missing repository / revision / file, and huggingface_hub's or the HTTP
     client's own errors when the hub cannot be reached.
     """
-    revision = revision or DEFAULT_REVISION
+    repo_id, revision = _checked(repo_id, revision)
     endpoint = hub_endpoint()
     url = hf_hub_url(repo_id, filename, repo_type=REPO_TYPE, revision=revision, endpoint=endpoint)
     try:
@@ -231,12 +302,27 @@ def remote_file(repo_id: str, filename: str, revision: str | None = None) -> Rem
 
 def _hf_download(repo_id: str, filename: str, revision: str, *, local_only: bool = False,
                  force: bool = False) -> Path:
-    """``hf_hub_download`` of one file of the dataset repository into the Hugging Face cache."""
-    path = hf_hub_download(
-        repo_id, filename, repo_type=REPO_TYPE, revision=revision, endpoint=hub_endpoint(),
-        cache_dir=hub_cache_dir(), local_files_only=local_only or hub_offline(), force_download=force, **_library(),
-    )
+    """``hf_hub_download`` of one file of the dataset repository into the Hugging Face cache (aborted when
+    it makes less than the minimum progress, see :func:`min_download_speed`)."""
+    with speed_limit(*min_download_speed()):
+        path = hf_hub_download(
+            repo_id, filename, repo_type=REPO_TYPE, revision=revision, endpoint=hub_endpoint(),
+            cache_dir=hub_cache_dir(), local_files_only=local_only or hub_offline(), force_download=force,
+            **_library(),
+        )
     return Path(path)
+
+
+def _forget_cached(cached: Path) -> None:
+    """Remove a damaged download from the Hugging Face cache (its snapshot link and the blob it points at)."""
+    cache = Path(hub_cache_dir()).resolve()
+    blob = Path(os.path.realpath(cached))
+    for path in (blob, cached):
+        if cache in path.resolve().parents or cache in path.parents:
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
 
 
 def fetch_index(repo_id: str, revision: str | None = None) -> dict[str, Any] | None:
@@ -244,10 +330,14 @@ def fetch_index(repo_id: str, revision: str | None = None) -> dict[str, Any] | N
 
     Raises HubNotFoundError (repository / revision), HubOfflineError (offline or unreachable, not cached).
     """
-    revision = revision or DEFAULT_REVISION
+    repo_id, revision = _checked(repo_id, revision)
     try:
         path = _hf_download(repo_id, HUB_INDEX_NAME, revision)
     except LocalEntryNotFoundError as exc:
+        if _server_error(exc) is not None:
+            raise HubServerError(f"{hub_endpoint()} answered HTTP {_server_error(exc)} (a server error) for "
+                                 f"{HUB_INDEX_NAME} of {_where(repo_id, revision)}, and it is not in the Hugging "
+                                 "Face cache; retry later") from exc
         raise HubOfflineError(
             f"cannot read {HUB_INDEX_NAME} of {_where(repo_id, revision)}: "
             f"{'HF_HUB_OFFLINE is set' if hub_offline() else f'{hub_endpoint()} could not be reached'} "
@@ -257,6 +347,11 @@ def fetch_index(repo_id: str, revision: str | None = None) -> dict[str, Any] | N
         return None
     except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
         raise _not_found(exc, repo_id, revision, HUB_INDEX_NAME) from None
+    except HfHubHTTPError as exc:
+        if _server_error(exc) is None:
+            raise
+        raise HubServerError(f"{hub_endpoint()} answered HTTP {_server_error(exc)} (a server error) for "
+                             f"{HUB_INDEX_NAME} of {_where(repo_id, revision)}; retry later") from exc
     return parse_index(path.read_bytes(), f"{HUB_INDEX_NAME} of {_where(repo_id, revision)}")
 
 
@@ -277,7 +372,7 @@ def list_repo(repo_id: str, revision: str | None = None, source: str | None = No
 
     From its ``index.json``; a repository without one is listed from its file names (no accuracies).
     """
-    revision = revision or DEFAULT_REVISION
+    repo_id, revision = _checked(repo_id, revision)
     location = repo_id if revision == DEFAULT_REVISION else _where(repo_id, revision)
     index = fetch_index(repo_id, revision)
     if index is not None:
@@ -286,14 +381,18 @@ def list_repo(repo_id: str, revision: str | None = None, source: str | None = No
         files = HfApi(endpoint=hub_endpoint()).list_repo_files(repo_id, repo_type=REPO_TYPE, revision=revision)
     except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
         raise _not_found(exc, repo_id, revision, HUB_INDEX_NAME) from None
-    guess = repo_id.rsplit("/", 1)[-1].removeprefix("condensed-")
+    try:
+        guess = canonical_source(source or repo_id.rsplit("/", 1)[-1].removeprefix("condensed-"))
+    except UnknownNameError:
+        warnings.warn(f"{repo_id} has no index.json and its name does not say its source; pass the source",
+                      SkippedEntryWarning, stacklevel=2)
+        return []
     rows = []
     for name in files:
         parsed = parse_set_filename(name.rsplit("/", 1)[-1]) if "/" not in name else None
         if parsed is None:
             continue
-        row_source = source or guess
-        rows.append({"source": row_source, "method": parsed[0], "ipc": parsed[1], "file": name, "where": "hub",
+        rows.append({"source": guess, "method": parsed[0], "ipc": parsed[1], "file": name, "where": "hub",
                      "location": location, "sha256": None, "size": None, "accuracy_mean": None,
                      "accuracy_std": None, "improvement_over_random": None})
     return sorted(rows, key=sort_key)
@@ -317,8 +416,7 @@ def download_set(
     HubOfflineError. Missing repository / revision / file: HubNotFoundError listing what exists.
     """
     name = get_source(source).name
-    repo = repo_id or default_repo_id(name)
-    rev = revision or DEFAULT_REVISION
+    repo, rev = _checked(repo_id or default_repo_id(name), revision)
     filename = set_filename(method, ipc)
     dest = set_path(root, name, method, ipc)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -340,10 +438,17 @@ def _download_locked(dest: Path, root: str | os.PathLike, source: str, method: s
         return _from_cache(dest, repo, rev, filename, source, method, ipc,
                            reason="HF_HUB_OFFLINE is set",
                            hint=f"Unset HF_HUB_OFFLINE (and connect) to download it. {hint}")
+    mine = _users_own(dest)
     try:
         remote = remote_file(repo, filename, rev)
     except HubNotFoundError as exc:
         raise HubNotFoundError(f"{exc} {hint}", kind=exc.kind) from None
+    except HfHubHTTPError as exc:
+        if _server_error(exc) is None:
+            raise
+        return _from_cache(dest, repo, rev, filename, source, method, ipc,
+                           reason=f"the hub at {hub_endpoint()} answered HTTP {_server_error(exc)} (a server error)",
+                           hint=f"Retry later. {hint}", error=HubServerError)
     except _network_errors() as exc:
         return _from_cache(dest, repo, rev, filename, source, method, ipc,
                            reason=f"the hub at {hub_endpoint()} could not be reached ({type(exc).__name__}: {exc})",
@@ -359,17 +464,29 @@ def _download_locked(dest: Path, root: str | os.PathLike, source: str, method: s
     if dest.is_file() and sha256_file(dest) == expected:
         _record(dest, repo, rev, remote.commit, filename, expected)
         return dest
+    if mine:
+        raise HubError(f"{dest} is a set of your own (built or changed here, not the hub's bytes); a download "
+                       f"never replaces it. Use it as it is (download=False), or move it away to download "
+                       f"{_where(repo, rev)}'s.")
     try:
         cached = _hf_download(repo, filename, rev)
         data = cached.read_bytes()
         if _sha256(data) != expected:  # a damaged cache entry: fetch it again once
+            _forget_cached(cached)
             cached = _hf_download(repo, filename, rev, force=True)
             data = cached.read_bytes()
+    except HubStalledError as exc:
+        raise HubStalledError(f"downloading {filename} from {_where(repo, rev)} at {hub_endpoint()}: {exc}; "
+                              f"nothing was written. Retry later, or: {hint}") from None
     except (LocalEntryNotFoundError, *_network_errors()) as exc:
+        if _server_error(exc) is not None:
+            raise HubServerError(f"downloading {filename} from {_where(repo, rev)}: {hub_endpoint()} answered "
+                                 f"HTTP {_server_error(exc)} (a server error). Retry later, or: {hint}") from exc
         raise HubError(f"downloading {filename} from {_where(repo, rev)} at {hub_endpoint()} failed "
                        f"({type(exc).__name__}: {exc}). Retry, or: {hint}") from exc
     got = _sha256(data)
     if got != expected:
+        _forget_cached(cached)
         raise HubIntegrityError(
             f"{filename} from {_where(repo, rev)} has SHA-256 {got}, but the hub's ({hash_from}) is {expected}; "
             "the download is damaged or the server is inconsistent — nothing was written. Retry later."
@@ -381,7 +498,7 @@ def _download_locked(dest: Path, root: str | os.PathLike, source: str, method: s
 
 
 def _from_cache(dest: Path, repo: str, rev: str, filename: str, source: str, method: str, ipc: int, *,
-                reason: str, hint: str) -> Path:
+                reason: str, hint: str, error: type[HubError] = HubOfflineError) -> Path:
     """No network: keep a sound local copy, else restore the cached download, else HubOfflineError."""
     problem = ""
     if dest.is_file():
@@ -391,7 +508,7 @@ def _from_cache(dest: Path, repo: str, rev: str, filename: str, source: str, met
     try:
         cached = _hf_download(repo, filename, rev, local_only=True)
     except (LocalEntryNotFoundError, FileNotFoundError):
-        raise HubOfflineError(
+        raise error(
             f"{reason}, and {filename} of {_where(repo, rev)} is not in the Hugging Face cache "
             f"({hub_cache_dir()}).{(' ' + problem) if problem else ''} {hint}"
         ) from None
@@ -399,8 +516,9 @@ def _from_cache(dest: Path, repo: str, rev: str, filename: str, source: str, met
     blob = Path(os.path.realpath(cached)).name
     got = _sha256(data)
     if _SHA256.match(blob) and got != blob:
-        raise HubIntegrityError(f"the cached copy {cached} is damaged (SHA-256 {got}, expected {blob}); "
-                                f"delete it and download again when online. {hint}")
+        _forget_cached(cached)
+        raise HubIntegrityError(f"the cached copy {cached} was damaged (SHA-256 {got}, expected {blob}) and is "
+                                f"removed; download it again when online. {hint}")
     _check_content(data, str(cached), source, method, ipc)
     atomic_write_bytes(dest, data)
     commit = cached.parent.name if _COMMIT.match(cached.parent.name) else None
@@ -414,22 +532,27 @@ def _local_problem(dest: Path) -> str:
         CondensedSet.load(dest)
     except (CondensedSetError, OSError) as exc:
         return f"The local file {dest} is not a valid set ({exc}); it is not used."
-    record = read_record(dest)
-    if record is not None:
-        got = sha256_file(dest)
-        if got != record["sha256"]:
-            return (f"The local file {dest} differs from the copy downloaded from {record.get('repo_id')} "
-                    f"(SHA-256 {got}, recorded {record['sha256']}): it was changed or damaged; it is not used.")
     return ""
+
+
+def _users_own(dest: Path) -> bool:
+    """A valid set at ``dest`` that is not a hub copy (no record of exactly its bytes): the user's, kept."""
+    if not dest.is_file() or is_hub_copy(dest):
+        return False
+    try:
+        CondensedSet.load(dest)
+    except (CondensedSetError, OSError):
+        return False
+    return True
 
 
 def _index_sha256(repo: str, revision: str, filename: str) -> str | None:
     try:
         index = fetch_index(repo, revision)
-    except HubError:
+    except (HubError, IndexFormatError):
         return None
     entry = (index or {}).get("files", {}).get(filename) or {}
-    sha = str(entry.get("sha256") or "").lower()
+    sha = entry.get("sha256") or ""
     return sha if _SHA256.match(sha) else None
 
 

@@ -11,7 +11,7 @@ import os
 import re
 from pathlib import Path
 
-from condensed_datasets.constants import SET_SUFFIX
+from condensed_datasets.constants import METHODS, SET_SUFFIX, USER_METHOD_PREFIX
 from condensed_datasets.errors import UnknownNameError
 
 #: Source and method names: lower-case letters, digits and underscores, starting with a letter.
@@ -31,6 +31,15 @@ def check_name(value: object, what: str) -> str:
             f"{what} {value!r} is not a valid name: lower-case letters, digits and '_', starting with a letter "
             "(at most 64 characters)"
         )
+    return value
+
+
+def check_method(value: object) -> str:
+    """``value`` if it names a method of this package (:data:`METHODS`) or a user's own (``user_<name>``)."""
+    check_name(value, "method")
+    if value not in METHODS and not (value.startswith(USER_METHOD_PREFIX) and len(value) > len(USER_METHOD_PREFIX)):
+        raise UnknownNameError(f"unknown method {value!r}; valid methods: {', '.join(METHODS)}, or "
+                               f"'{USER_METHOD_PREFIX}<name>' for a method of your own")
     return value
 
 

@@ -38,6 +38,8 @@ class SourceInfo:
     #: (MNIST and Fashion-MNIST: MIT, as on their Hub cards; CIFAR: none stated; SVHN, Tiny ImageNet:
     #: non-commercial research terms).
     license: str = "other"
+    #: Images in the real train split (a coreset's ``indices`` are rows of it).
+    train_size: int = 0
 
     @property
     def num_classes(self) -> int:
@@ -92,36 +94,36 @@ SOURCES: dict[str, SourceInfo] = {
             ("0 - zero", "1 - one", "2 - two", "3 - three", "4 - four",
              "5 - five", "6 - six", "7 - seven", "8 - eight", "9 - nine"),
             (0.1307,), (0.3081,),
-            display_name="MNIST", dataset_class="CondensedMNIST", hub_dataset="extended|mnist", license="mit",
+            display_name="MNIST", train_size=60000, dataset_class="CondensedMNIST", hub_dataset="extended|mnist", license="mit",
         ),
         SourceInfo(
             "fashionmnist", 1, 28,
             ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
              "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
             (0.2861,), (0.3530,),
-            display_name="Fashion-MNIST", dataset_class="CondensedFashionMNIST", hub_dataset="extended|fashion_mnist", license="mit",
+            display_name="Fashion-MNIST", train_size=60000, dataset_class="CondensedFashionMNIST", hub_dataset="extended|fashion_mnist", license="mit",
         ),
         SourceInfo(
             "svhn", 3, 32, tuple(str(d) for d in range(10)),
             (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970),
-            display_name="SVHN", dataset_class="CondensedSVHN", hub_dataset="extended|svhn", license="other",
+            display_name="SVHN", train_size=73257, dataset_class="CondensedSVHN", hub_dataset="extended|svhn", license="other",
         ),
         SourceInfo(
             "cifar10", 3, 32,
             ("airplane", "automobile", "bird", "cat", "deer",
              "dog", "frog", "horse", "ship", "truck"),
             (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010),
-            display_name="CIFAR-10", dataset_class="CondensedCIFAR10", hub_dataset="extended|cifar10", license="unknown",
+            display_name="CIFAR-10", train_size=50000, dataset_class="CondensedCIFAR10", hub_dataset="extended|cifar10", license="unknown",
         ),
         SourceInfo(
             "cifar100", 3, 32, tuple(_CIFAR100_CLASSES),
             (0.5071, 0.4866, 0.4409), (0.2673, 0.2564, 0.2762),
-            display_name="CIFAR-100", dataset_class="CondensedCIFAR100", hub_dataset="extended|cifar100", license="unknown",
+            display_name="CIFAR-100", train_size=50000, dataset_class="CondensedCIFAR100", hub_dataset="extended|cifar100", license="unknown",
         ),
         SourceInfo(
             "tinyimagenet", 3, 64, tuple(_TINYIMAGENET_WNIDS),
             (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
-            display_name="Tiny ImageNet", dataset_class="CondensedTinyImageNet", hub_dataset="extended|tiny-imagenet", license="other",
+            display_name="Tiny ImageNet", train_size=100000, dataset_class="CondensedTinyImageNet", hub_dataset="extended|tiny-imagenet", license="other",
         ),
     )
 }

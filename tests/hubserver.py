@@ -16,6 +16,10 @@ It serves dataset repositories from folders laid out as ``condensed-publish --to
 
 A repository's commit id is a SHA-1 over its files' names and contents, so it changes with them. Only the
 revision ``main`` (and the current commit id) exists. Every request is recorded in ``requests``.
+
+Faults on demand: ``trickle = (n, seconds)`` sends a file body ``n`` bytes at a time with a pause between
+(a stalled server); ``fail = {substring: status}`` answers every request whose path contains ``substring``
+with that HTTP status (e.g. 500).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import re
 import socket
 import tempfile
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -64,6 +69,8 @@ class HubServer:
         self.requests: list[tuple[str, str]] = []
         self.commits: list[dict[str, Any]] = []
         self.connections: set[Any] = set()
+        self.trickle: tuple[int, float] | None = None
+        self.fail: dict[str, int] = {}
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
@@ -186,12 +193,36 @@ def _handler_for(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             hub.requests.append((self.command, parts.path))
             return parts.path, parse_qs(parts.query)
 
+        def _failed(self, path: str) -> bool:
+            status = next((s for key, s in hub.fail.items() if key in path), None)
+            if status is not None:
+                self._error(status, None, f"injected HTTP {status}")
+            return status is not None
+
+        def _send_slowly(self, status: int, data: bytes, headers: dict[str, str]) -> None:
+            step, pause = hub.trickle
+            self.send_response(status)
+            self.send_header("Content-Type", "application/octet-stream")
+            for key, value in headers.items():
+                self.send_header(key, value)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            try:
+                for start in range(0, len(data), step):
+                    self.wfile.write(data[start:start + step])
+                    self.wfile.flush()
+                    time.sleep(pause)
+            except OSError:  # the client gave up
+                self.close_connection = True
+
         # -- reads -------------------------------------------------------------------------------------------
         def do_HEAD(self) -> None:  # noqa: N802 - http.server's naming
             self.do_GET()
 
         def do_GET(self) -> None:  # noqa: N802
             path, query = self._route()
+            if self._failed(path):
+                return None
             if m := _RESOLVE.match(path):
                 return self._resolve(m["repo"], m["rev"], unquote(m["file"]))
             if m := _TREE.match(path):
@@ -226,6 +257,8 @@ def _handler_for(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                 start = min(int(ranged[1]), len(data))
                 headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
                 data, status = data[start:], 206
+            if hub.trickle is not None and self.command == "GET" and hub.is_lfs(name):
+                return self._send_slowly(status, data, headers)
             self._send(status, data, headers, content_type="application/octet-stream")
 
         def _entry(self, repo_id: str, name: str, data: bytes) -> dict[str, Any]:

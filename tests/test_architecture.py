@@ -70,7 +70,7 @@ def test_the_local_import_scan_sees_an_import_inside_a_function(tmp_path: Path) 
 class FirstImagesPerClass(Method):
     """A one-shot method for this test: the first ``ipc`` real images of every class, scaled by ``params.gain``."""
 
-    name: ClassVar[str] = "firstimages"
+    name: ClassVar[str] = "user_firstimages"
     iterative: ClassVar[bool] = False
     defaults: ClassVar[dict[str, Any]] = {"gain": 1.0}
 
@@ -86,15 +86,15 @@ class FirstImagesPerClass(Method):
 
 
 def test_a_method_defined_outside_the_package_builds_through_the_cli(fashion_mnist_root: Path, tmp_path: Path) -> None:
-    assert get_method("firstimages") is FirstImagesPerClass and "firstimages" in method_names()
-    recipe = tmp_path / "firstimages.yaml"
-    recipe.write_text("source: fashionmnist\nmethod: firstimages\nipc: 2\nreal_per_class: 5\n")
+    assert get_method("user_firstimages") is FirstImagesPerClass and "user_firstimages" in method_names()
+    recipe = tmp_path / "user_firstimages.yaml"
+    recipe.write_text("source: fashionmnist\nmethod: user_firstimages\nipc: 2\nreal_per_class: 5\n")
     out = tmp_path / "out"
     result = CliRunner().invoke(build_command, [str(recipe), "--out", str(out), "--data-root", str(fashion_mnist_root),
                                                 "--device", "cpu", "--quiet", "--no-eval", "--set", "params.gain=2"])
     assert result.exit_code == 0, result.output
-    cset = CondensedSet.load(out / "condensed" / "fashionmnist" / "firstimages_ipc2.safetensors")
-    assert cset.method == "firstimages" and len(cset) == 20
+    cset = CondensedSet.load(out / "condensed" / "fashionmnist" / "user_firstimages_ipc2.safetensors")
+    assert cset.method == "user_firstimages" and len(cset) == 20
     assert cset.metadata["build"]["method"] == {"gain": 2.0} and cset.metadata["recipe"]["params"] == {"gain": 2.0}
     first = cset.indices.view(10, 2)
     assert (first[:, 0] < first[:, 1]).all()  # the first two of each class, in order

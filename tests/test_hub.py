@@ -139,23 +139,28 @@ def test_damaged_local_copy_is_replaced_never_used(tmp_path: Path, server: HubSe
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     good = served["dm_ipc1.safetensors"]
     path = CondensedFashionMNIST(tmp_path, "dm", 1, download=True, repo_id=REPO).path
-    flip_last_float(path)  # still a valid set: only the hash tells
-    CondensedSet.load(path)
+    path.write_bytes(good[:100])  # truncated: replaced
     ds = CondensedFashionMNIST(tmp_path, "dm", 1, download=True, repo_id=REPO)
     assert path.read_bytes() == good and torch.equal(ds.data, make_cset(1).images)
-    path.write_bytes(good[:100])  # truncated: replaced too
-    CondensedFashionMNIST(tmp_path, "dm", 1, download=True, repo_id=REPO)
-    assert path.read_bytes() == good
     # offline: the damaged copy is restored from the Hugging Face cache...
     go_offline(monkeypatch)
-    flip_last_float(path)
+    path.write_bytes(good[:100])
     CondensedFashionMNIST(tmp_path, "dm", 1, download=True, repo_id=REPO)
     assert path.read_bytes() == good
     # ... and refused when the cache cannot help
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_hf_home"))
-    flip_last_float(path)
-    with pytest.raises(hub.HubOfflineError, match="changed or damaged; it is not used"):
+    path.write_bytes(good[:100])
+    with pytest.raises(hub.HubOfflineError, match="is not a valid set"):
         CondensedFashionMNIST(tmp_path, "dm", 1, download=True, repo_id=REPO)
+
+
+def test_a_changed_download_is_the_users_and_kept(tmp_path: Path, server: HubServer, served: dict[str, bytes]) -> None:
+    path = CondensedFashionMNIST(tmp_path, "dm", 1, download=True, repo_id=REPO).path
+    flip_last_float(path)  # still a valid set, no longer the recorded bytes: the user's own from now on
+    changed = path.read_bytes()
+    assert not hub.is_hub_copy(path)
+    CondensedFashionMNIST(tmp_path, "dm", 1, download=True, repo_id=REPO)
+    assert path.read_bytes() == changed
 
 
 def test_broken_file_without_record_is_replaced(tmp_path: Path, server: HubServer, served: dict[str, bytes]) -> None:
