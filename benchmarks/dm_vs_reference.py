@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -32,6 +31,7 @@ from pathlib import Path
 
 import click
 import torch
+from machine import cpu_name  # benchmarks/machine.py (scripts run from benchmarks/)
 
 from condensed_datasets.sources import install_system_fashion_mnist
 
@@ -94,14 +94,6 @@ def _per_iteration(stamps: list[float], warmup: int, timed: int) -> float:
     return (stamps[warmup + timed - 1] - stamps[warmup - 1]) / timed
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 @click.command()
@@ -176,7 +168,7 @@ def main(reference: Path, rounds: int, warmup: int, timed: int, overrides: tuple
         "cpu_time_ratio_median": round(ref_cpu / pkg_cpu, 3),
         "reference_peak_rss_mib_max": max(side("reference", "peak_rss_mib")),
         "package_peak_rss_mib_max": max(side("package", "peak_rss_mib")),
-        "device": f"cpu: {_cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads",
+        "device": f"cpu: {cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads",
         "torch": torch.__version__,
         "reference_patches": ["networks.py ConvNet.embed: .view( -> .reshape(",
                               "main_DM.py: evaluations off, timestamp after each optimizer_img.step()"],

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from machine import cpu_name  # benchmarks/machine.py (scripts run from benchmarks/)
 from safetensors.torch import load_file, save_file
 
 from builders.data import RealData
@@ -30,16 +30,6 @@ from builders.methods.dq import auto_patch_size, kept_patches, sample_bins, top_
 from builders.networks import build_network
 from condensed_datasets.format import CondensedSet, class_contiguous_labels
 from condensed_datasets.pixel_storage import expand_mask
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def features_stage(args: argparse.Namespace) -> None:
@@ -84,7 +74,7 @@ def features_stage(args: argparse.Namespace) -> None:
                 "fits the 1 GiB default), and the chunked path (memory_bytes=0: columns computed per pick)",
         "command": "PYTHONPATH=. python benchmarks/dq_fashionmnist.py features " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in sorted(vars(args).items()) if k not in ("stage", "func")),
-        "device": f"cpu: {_cpu()}, 2 cores shared with ~6 other agents (noisy), "
+        "device": f"cpu: {cpu_name()}, 2 cores shared with ~6 other agents (noisy), "
                   f"torch threads {torch.get_num_threads()}",
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "extractor": {"network": args.extractor, "epochs": args.extractor_epochs, "lr": args.extractor_lr,
@@ -161,7 +151,7 @@ def _write_eval(out: Path, args: argparse.Namespace, settings: TrainSettings, te
         "command": f"PYTHONPATH=. python benchmarks/dq_fashionmnist.py eval --ipc {args.ipc} --seeds "
                    f"{' '.join(map(str, args.seeds))} --epochs {args.epochs} --model {args.model} "
                    f"--test-per-class {args.test_per_class} --per-class {args.per_class}",
-        "device": f"cpu: {_cpu()}, 2 cores shared with ~6 other agents",
+        "device": f"cpu: {cpu_name()}, 2 cores shared with ~6 other agents",
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "protocol": {**settings.describe(), "model": args.model, "test": f"{len(test)} test images "
                      f"({args.test_per_class} per class)", "net_seed": "seed * 1000 + 17"},

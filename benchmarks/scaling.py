@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import click
 import torch
+from machine import cpu_name  # benchmarks/machine.py (scripts run from benchmarks/)
 
 from condensed_datasets.format import CondensedSet
 
@@ -50,14 +50,6 @@ def _command(config: str, recipe: Path, out: Path, data_root: Path, device: str)
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={config}", *build]
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 @click.command()
@@ -107,7 +99,7 @@ def main(data_root: Path, device: str, procs: str, repeats: int, workloads: str,
         "what": "wall time of a build at 1 process (plain) and N processes (torchrun --standalone), interleaved",
         "workloads": {name: WORKLOADS[name] for name in results},
         "results_s": summary,
-        "device": device if device != "cpu" else f"cpu: {_cpu_name()}, {os.cpu_count()} cores",
+        "device": device if device != "cpu" else f"cpu: {cpu_name()}, {os.cpu_count()} cores",
         "torch": torch.__version__,
         "command": "python " + " ".join(sys.argv),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -156,18 +156,26 @@ def parse_overrides(pairs: list[str] | tuple[str, ...]) -> list[tuple[str, Any]]
     return out
 
 
-def load_recipe_data(path: str | os.PathLike) -> dict[str, Any]:
-    """The raw mapping of a recipe file."""
+def read_yaml_mapping(path: str | os.PathLike, what: str, missing_hint: str = "",
+                      keys_hint: str = "") -> dict[str, Any]:
+    """The mapping a YAML file holds; RecipeError naming ``what`` (recipe, run spec) when it is missing,
+    not YAML or not a mapping."""
     path = Path(path)
     if not path.is_file():
-        raise RecipeError(f"no recipe at {path}; shipped recipes: {', '.join(available_recipes())}")
+        raise RecipeError(f"no {what} at {path}{missing_hint}")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: not valid YAML ({exc})") from exc
     if not isinstance(data, dict):
-        raise RecipeError(f"{path}: a recipe is a YAML mapping of keys ({', '.join(sorted(_TOP_KEYS))})")
+        raise RecipeError(f"{path}: a {what} is a YAML mapping of keys{keys_hint}")
     return data
+
+
+def load_recipe_data(path: str | os.PathLike) -> dict[str, Any]:
+    """The raw mapping of a recipe file."""
+    return read_yaml_mapping(path, "recipe", f"; shipped recipes: {', '.join(available_recipes())}",
+                             f" ({', '.join(sorted(_TOP_KEYS))})")
 
 
 def parse_recipe(data: dict[str, Any], overrides: list[tuple[str, Any]] | tuple = ()) -> Recipe:

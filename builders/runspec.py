@@ -4,26 +4,15 @@ from __future__ import annotations
 
 import difflib
 import os
-from pathlib import Path
 from typing import Any
 
-import yaml
-
 from builders.errors import RecipeError
-from builders.recipe import set_dotted
+from builders.recipe import read_yaml_mapping, set_dotted
 
 
 def load_spec(path: str | os.PathLike, overrides: list[tuple[str, Any]] = ()) -> dict[str, Any]:
     """The mapping of a runner's YAML file with ``overrides`` (dotted keys) applied."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"no run spec at {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: not valid YAML ({exc})") from exc
-    if not isinstance(data, dict):
-        raise RecipeError(f"{path}: a run spec is a YAML mapping of keys")
+    data = read_yaml_mapping(path, "run spec")
     for key, value in overrides:
         set_dotted(data, key, value)
     return data
