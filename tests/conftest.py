@@ -6,6 +6,7 @@ import gzip
 import os
 import random
 import struct
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -167,6 +168,25 @@ def _same_global_rng_states_for_every_test() -> None:
     torch.manual_seed(0)
     np.random.seed(0)
     random.seed(0)
+
+
+def run_in_threads(task: Callable[[], Any], count: int, timeout: float = 120.0) -> tuple[list[Any], list[BaseException]]:
+    """Run ``task`` in ``count`` threads at once; its results and the exceptions it raised, in completion order."""
+    results: list[Any] = []
+    errors: list[BaseException] = []
+
+    def guarded() -> None:
+        try:
+            results.append(task())
+        except BaseException as exc:  # noqa: BLE001 - handed back to the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded) for _ in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    return results, errors
 
 
 class _Killed(Exception):

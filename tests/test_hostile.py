@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import run_in_threads
 from filelock import FileLock
 from hubserver import HubServer, point_huggingface_hub_at
 from safetensors.torch import save as st_save
@@ -298,20 +299,7 @@ def test_concurrent_build_true_builds_once(tiny_shipped_dm: Path, monkeypatch: p
         return real_run(self, *args, **kwargs)
 
     monkeypatch.setattr(Engine, "run", counted)
-    paths: list[Path] = []
-    errors: list[BaseException] = []
-
-    def ask() -> None:
-        try:
-            paths.append(build_set("fashionmnist", "dm", 1, root, device="cpu"))
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=ask) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    paths, errors = run_in_threads(lambda: build_set("fashionmnist", "dm", 1, root, device="cpu"), 2)
     assert errors == [] and len(runs) == 1 and len(set(paths)) == 1 and paths[0].is_file()
     log = [json.loads(line) for line in paths[0].with_name("dm_ipc1.log.jsonl").read_text().splitlines()]
     assert [e["iteration"] for e in log if "loss" in e] == [1, 2, 3, 4]  # one build's lines, not two interleaved

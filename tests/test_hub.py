@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import run_in_threads
 from hubserver import HubServer, go_offline, point_huggingface_hub_at
 
 from condensed_datasets import CondensedCIFAR10, CondensedFashionMNIST, catalogue, hub
@@ -216,20 +217,13 @@ def test_not_on_hub_with_build_builds(tmp_path: Path, server: HubServer, served:
 
 def test_concurrent_downloads_end_with_one_good_file(tmp_path: Path, server: HubServer,
                                                      served: dict[str, bytes]) -> None:
-    barrier, results, errors = threading.Barrier(4), [], []
+    barrier = threading.Barrier(4)
 
-    def worker() -> None:
-        try:
-            barrier.wait()
-            results.append(hub.download_set(tmp_path / "data", "fashionmnist", "dm", 10, repo_id=REPO))
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
+    def worker() -> Path:
+        barrier.wait()
+        return hub.download_set(tmp_path / "data", "fashionmnist", "dm", 10, repo_id=REPO)
 
-    threads = [threading.Thread(target=worker) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    results, errors = run_in_threads(worker, 4, timeout=60)
     assert not errors and len(results) == 4 and len(set(results)) == 1
     assert results[0].read_bytes() == served["dm_ipc10.safetensors"]
     assert sorted(p.name for p in results[0].parent.iterdir()) == [
