@@ -1,14 +1,19 @@
 """DM iteration time of this package against the papers' reference code, side by side on one machine.
 
     python benchmarks/dm_vs_reference.py --reference /path/to/DatasetCondensation [--rounds 2] [--record]
+        [--device cpu|cuda] [--source fashionmnist|cifar10-generated] [--ipc 10]
 
 ``--reference`` is a checkout of VICO-UoE/DatasetCondensation. It is copied to a temporary folder and
 that copy is patched at run time (nothing of it enters this repository): the one-word ``.view(`` ->
 ``.reshape(`` fix in its ConvNet ``embed`` that current PyTorch needs, a timestamp printed after each
-image update, and its evaluations switched off. Both sides run the same configuration: Fashion-MNIST
-(the system copy, installed under a temporary data root), ipc 10, DM, batch_real 256, DSA
-``color_crop_cutout_flip_scale_rotate``, ConvNet (depth 3, width 128, instance norm), on the CPU with
-PyTorch's default threads. Runs alternate (reference, package, reference, package, ...), each in its
+image update (after a CUDA synchronisation on a GPU), and its evaluations switched off. Both sides run
+the same configuration: DM, ipc 10 (``--ipc``), batch_real 256, DSA ``color_crop_cutout_flip_scale_rotate``,
+ConvNet (depth 3, width 128, instance norm), on the CPU with PyTorch's default threads or on the GPU
+(``--device cuda``). The data is Fashion-MNIST (the system copy, installed under a temporary data root)
+or, with ``--source cifar10-generated``, CIFAR-10-shaped generated images (uniform random bytes, 5,000
+per class, seed 0) written in CIFAR-10's own file layout; torchvision's MD5 check of those files is
+switched off for both sides by a ``sitecustomize`` module on their path (speed does not depend on the
+pixels). Runs alternate (reference, package, reference, package, ...), each in its
 own process; iterations ``warmup + 1`` to ``warmup + timed`` are timed (defaults: 6 to 25), in wall
 seconds and in the process's CPU seconds (all threads; steadier than wall time on a busy machine). For each
 run the child's user and system CPU seconds and peak RSS come from ``os.wait4`` (whole process,
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 import statistics
@@ -30,6 +36,7 @@ import time
 from pathlib import Path
 
 import click
+import numpy as np
 import torch
 from machine import cpu_name  # benchmarks/machine.py (scripts run from benchmarks/)
 
@@ -37,6 +44,38 @@ from condensed_datasets.sources import install_system_fashion_mnist
 
 REPO = Path(__file__).resolve().parent.parent
 STAMP = "BENCH_ITER"
+SOURCES = {"fashionmnist": ("FashionMNIST", "dm_fashionmnist.yaml"), "cifar10-generated": ("CIFAR10", "dm_cifar10.yaml")}
+ACCEPT_GENERATED_CIFAR = (
+    '"""Benchmark harness only: accept generated CIFAR-10 files (torchvision checks the real files\' MD5)."""\n'
+    "import torchvision.datasets.cifar\n"
+    "torchvision.datasets.cifar.check_integrity = lambda *args, **kwargs: True\n"
+    "torchvision.datasets.cifar.CIFAR10._check_integrity = lambda self: True\n"
+)
+
+
+def write_generated_cifar10(root: Path, per_class: int = 5000, test_per_class: int = 1000, seed: int = 0) -> None:
+    """CIFAR-10's python layout (``cifar-10-batches-py``) holding uniform random images, class-balanced."""
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+
+    def batch(n_per_class: int) -> tuple[np.ndarray, list[int]]:
+        labels = rng.permutation(np.repeat(np.arange(10), n_per_class))
+        return rng.integers(0, 256, size=(len(labels), 3 * 32 * 32), dtype=np.uint8), labels.tolist()
+
+    data, labels = batch(per_class)
+    parts = np.array_split(np.arange(len(labels)), 5)
+    for i, rows in enumerate(parts, start=1):
+        _write_pickle(folder / f"data_batch_{i}", {"data": data[rows], "labels": [labels[j] for j in rows]})
+    test_data, test_labels = batch(test_per_class)
+    _write_pickle(folder / "test_batch", {"data": test_data, "labels": test_labels})
+    _write_pickle(folder / "batches.meta", {"label_names": [f"class{c}" for c in range(10)]})
+
+
+def _write_pickle(path: Path, obj: dict) -> None:
+    """CIFAR-10's own container format is a Python pickle; torchvision reads it as such."""
+    with open(path, "wb") as handle:
+        pickle.dump(obj, handle)
 
 
 def _replace_once(text: str, old: str, new: str, where: str) -> str:
@@ -62,7 +101,8 @@ def patch_reference(src: Path, dst: Path) -> None:
     if step is None:
         raise click.ClickException("main_DM.py: no optimizer_img.step() line to time")
     indent = step.group(1)
-    main = (main[: step.end()] + f"{indent}print('{STAMP}', it, time.perf_counter(), time.process_time(), flush=True)\n"
+    main = (main[: step.end()] + f"{indent}torch.cuda.synchronize() if torch.cuda.is_available() else None\n"
+            f"{indent}print('{STAMP}', it, time.perf_counter(), time.process_time(), flush=True)\n"
             + main[step.end():])
     (dst / "main_DM.py").write_text(main)
 
@@ -106,10 +146,14 @@ def _per_iteration(stamps: list[float], warmup: int, timed: int) -> float:
               help="Recipe overrides for the package's side only (e.g. params.precision=bf16-real).")
 @click.option("--reference-pythonpath", default="", help="Extra PYTHONPATH for the reference (e.g. scipy).")
 @click.option("--python", "python", default=sys.executable, show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--source", type=click.Choice(sorted(SOURCES)), default="fashionmnist", show_default=True)
+@click.option("--ipc", type=click.IntRange(1), default=10, show_default=True)
 @click.option("--record", is_flag=True, help="Write the result to benchmarks/results/.")
 @click.option("--note", default="", help="Conditions worth recording (e.g. other load on the machine).")
 def main(reference: Path, rounds: int, warmup: int, timed: int, overrides: tuple[str, ...],
-         reference_pythonpath: str, python: str, record: bool, note: str) -> None:
+         reference_pythonpath: str, python: str, device: str, source: str, ipc: int, record: bool,
+         note: str) -> None:
     """Time DM iterations of the reference and of this package, interleaved."""
     if warmup < 1 or timed < 1:
         raise click.BadParameter("--warmup and --timed must be >= 1")
@@ -117,20 +161,32 @@ def main(reference: Path, rounds: int, warmup: int, timed: int, overrides: tuple
     with tempfile.TemporaryDirectory(prefix="dm_vs_reference_") as tmp_name:
         tmp = Path(tmp_name)
         data = tmp / "data"
-        if not install_system_fashion_mnist(data):
-            raise click.ClickException("no system copy of Fashion-MNIST (CONDENSED_FASHION_MNIST_DIR)")
+        harness = ""
+        if source == "fashionmnist":
+            if not install_system_fashion_mnist(data):
+                raise click.ClickException("no system copy of Fashion-MNIST (CONDENSED_FASHION_MNIST_DIR)")
+        else:
+            write_generated_cifar10(data)
+            (tmp / "harness").mkdir()
+            (tmp / "harness" / "sitecustomize.py").write_text(ACCEPT_GENERATED_CIFAR)
+            harness = str(tmp / "harness")
         patch_reference(reference, tmp / "ref")
-        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "CUDA_VISIBLE_DEVICES")}
-        env["CUDA_VISIBLE_DEVICES"] = ""  # both on the CPU
-        ref_env = dict(env, PYTHONPATH=os.pathsep.join(p for p in (str(tmp / "ref"), reference_pythonpath) if p))
-        pkg_env = dict(env, PYTHONPATH=str(REPO))
-        ref_cmd = [python, "main_DM.py", "--dataset", "FashionMNIST", "--model", "ConvNet", "--ipc", "10",
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+        if device == "cpu":
+            env["CUDA_VISIBLE_DEVICES"] = ""  # both on the CPU
+        elif not torch.cuda.is_available():
+            raise click.ClickException("--device cuda: no CUDA device here")
+        ref_env = dict(env, PYTHONPATH=os.pathsep.join(
+            p for p in (str(tmp / "ref"), harness, reference_pythonpath) if p))
+        pkg_env = dict(env, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), harness) if p))
+        ref_name, recipe_name = SOURCES[source]
+        ref_cmd = [python, "main_DM.py", "--dataset", ref_name, "--model", "ConvNet", "--ipc", str(ipc),
                    "--batch_real", "256", "--dsa_strategy", "color_crop_cutout_flip_scale_rotate",
                    "--init", "real", "--num_exp", "1", "--Iteration", str(total - 1),
                    "--data_path", str(data), "--save_path", str(tmp / "ref_out")]
-        pkg_cmd = [python, str(REPO / "benchmarks" / "build_speed.py"), str(REPO / "recipes" / "dm_fashionmnist.yaml"),
-                   "--device", "cpu", "--data-root", str(data), "--out", str(tmp / "pkg_out"),
-                   "--warmup", str(warmup - 1), "--iterations", str(timed + 1), "--stamps"]
+        pkg_cmd = [python, str(REPO / "benchmarks" / "build_speed.py"), str(REPO / "recipes" / recipe_name),
+                   "--device", device, "--data-root", str(data), "--out", str(tmp / "pkg_out"),
+                   "--warmup", str(warmup - 1), "--iterations", str(timed + 1), "--stamps", "--set", f"ipc={ipc}"]
         for pair in overrides:
             pkg_cmd += ["--set", pair]
         runs: list[dict] = []
@@ -154,7 +210,7 @@ def main(reference: Path, rounds: int, warmup: int, timed: int, overrides: tuple
                         statistics.median(side("package", "cpu_s_per_iteration")))
     result = {
         "benchmark": "DM iteration, reference main_DM.py vs this package",
-        "config": {"source": "fashionmnist", "ipc": 10, "method": "dm", "batch_real": 256, "model": "ConvNet",
+        "config": {"source": source, "ipc": ipc, "method": "dm", "batch_real": 256, "model": "ConvNet",
                    "augment": "color_crop_cutout_flip_scale_rotate", "package_overrides": list(overrides),
                    "timed_iterations": f"{warmup + 1}-{total}", "order": "reference, package, alternating"},
         "runs": runs,
@@ -168,10 +224,13 @@ def main(reference: Path, rounds: int, warmup: int, timed: int, overrides: tuple
         "cpu_time_ratio_median": round(ref_cpu / pkg_cpu, 3),
         "reference_peak_rss_mib_max": max(side("reference", "peak_rss_mib")),
         "package_peak_rss_mib_max": max(side("package", "peak_rss_mib")),
-        "device": f"cpu: {cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads",
+        "device": (f"cuda: {torch.cuda.get_device_name()} (host cpu: {cpu_name()}, {os.cpu_count()} cores)"
+                   if device == "cuda" else
+                   f"cpu: {cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"),
         "torch": torch.__version__,
         "reference_patches": ["networks.py ConvNet.embed: .view( -> .reshape(",
-                              "main_DM.py: evaluations off, timestamp after each optimizer_img.step()"],
+                              ("main_DM.py: evaluations off, timestamp after each optimizer_img.step() "
+                              "(after torch.cuda.synchronize() on a GPU)")],
         "cpu_and_rss": "whole child process (os.wait4): start-up and data loading included",
         "command": " ".join(["python", "benchmarks/dm_vs_reference.py", *sys.argv[1:]]),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -182,7 +241,8 @@ def main(reference: Path, rounds: int, warmup: int, timed: int, overrides: tuple
         folder = Path(__file__).parent / "results"
         folder.mkdir(exist_ok=True)
         tag = "_".join(p.replace("params.", "").replace("=", "-") for p in overrides)
-        path = folder / f"dm_vs_reference_cpu{'_' + tag if tag else ''}_{result['date'][:10]}.json"
+        base = f"dm_vs_reference_{device}" + ("" if (source, ipc) == ("fashionmnist", 10) else f"_{source}_ipc{ipc}")
+        path = folder / f"{base}{'_' + tag if tag else ''}_{result['date'][:10]}.json"
         path.write_text(json.dumps(result, indent=2) + "\n")
         click.echo(f"recorded {path}")
 

@@ -1,11 +1,14 @@
 """Peak memory of one trajectory-matching iteration, unrolled vs constant memory, as syn_steps grows.
 
     python benchmarks/tesla_memory.py [--steps 5,10,20,40] [--model ConvNetW32] [--shape 3x32x32]
-                                      [--images 20] [--device auto] [--record]
+                                      [--images 20] [--classes 10] [--batch-syn 0] [--device auto]
+                                      [--child-timeout 300] [--tag NAME] [--record]
 
 Each (memory mode, syn_steps) setting runs in a fresh subprocess: one MTT matching loss and its
 backward on random synthetic images (memory does not depend on their content) with a random expert
-start and target, per-sample DSA, every image in every step. Measured:
+start and target, per-sample DSA, every image in every step (or ``--batch-syn`` images per step, as
+the MTT recipes for large ipc do). A setting that runs out of GPU memory is recorded as such
+(``"oom": true``), one that outlasts ``--child-timeout`` as ``"timeout": true``. Measured:
 
 - on a GPU: ``torch.cuda.max_memory_allocated()`` during the iteration minus the memory allocated
   before it (so the network, images and expert vectors are not counted);
@@ -44,7 +47,7 @@ def _peak_rss_mib() -> float:
 
 
 def measure(memory: str, steps: int, model: str, shape: tuple[int, int, int], images: int, classes: int,
-            device: str, seed: int = 0) -> dict:
+            device: str, batch_syn: int = 0, seed: int = 0) -> dict:
     """One setting, in this process: build the problem, run one loss + backward, report memory and time."""
     sys.path.insert(0, str(ROOT))
     from builders.augment import Augmenter
@@ -64,7 +67,7 @@ def measure(memory: str, steps: int, model: str, shape: tuple[int, int, int], im
     x = torch.randn(images, *shape, generator=g).to(dev).requires_grad_(True)
     labels = torch.arange(classes).repeat_interleave(max(1, images // classes))[:images].to(dev)
     augmenter = Augmenter("color_crop_cutout_flip_scale_rotate")
-    plan = make_plan(images, steps, 0, g, augmenter)
+    plan = make_plan(images, steps, batch_syn, g, augmenter)
     traj = StudentTrajectory(net, layout, start, target, plan, augmenter)
     raw = raw_from_syn_lr(0.01, 0.01).to(dev).requires_grad_(True)
 
@@ -95,11 +98,14 @@ def measure(memory: str, steps: int, model: str, shape: tuple[int, int, int], im
 @click.option("--shape", default="3x32x32", show_default=True, help="CxHxW of the images.")
 @click.option("--images", type=int, default=20, show_default=True, help="Synthetic images (all used every step).")
 @click.option("--classes", type=int, default=10, show_default=True)
+@click.option("--batch-syn", type=int, default=0, show_default=True, help="Synthetic images per step (0: all).")
+@click.option("--child-timeout", type=float, default=300.0, show_default=True, help="Seconds per setting.")
+@click.option("--tag", default="", help="Added to the record's file name (e.g. cifar100_ipc50).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--record", is_flag=True, help="Write the result to benchmarks/results/.")
 @click.option("--child", default=None, hidden=True, help="Internal: MODE:STEPS, run one setting and print JSON.")
-def main(steps: str, modes: str, model: str, shape: str, images: int, classes: int, device: str, record: bool,
-         child: str | None) -> None:
+def main(steps: str, modes: str, model: str, shape: str, images: int, classes: int, batch_syn: int,
+         child_timeout: float, tag: str, device: str, record: bool, child: str | None) -> None:
     """Peak memory of unrolled vs constant-memory trajectory matching."""
     dims = tuple(int(v) for v in shape.lower().split("x"))
     if len(dims) != 3:
@@ -108,16 +114,28 @@ def main(steps: str, modes: str, model: str, shape: str, images: int, classes: i
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if child is not None:
         mode, n = child.split(":")
-        click.echo(json.dumps(measure(mode, int(n), model, dims, images, classes, device)))  # type: ignore[arg-type]
+        try:
+            row = measure(mode, int(n), model, dims, images, classes, device, batch_syn)  # type: ignore[arg-type]
+        except torch.cuda.OutOfMemoryError as exc:
+            row = {"memory": mode, "syn_steps": int(n), "oom": True, "error": str(exc).splitlines()[0]}
+        click.echo(json.dumps(row))
         return
     results = []
     for n in [int(v) for v in steps.split(",")]:
         for mode in modes.split(","):
             cmd = [sys.executable, __file__, "--model", model, "--shape", shape, "--images", str(images),
-                   "--classes", str(classes), "--device", device, "--child", f"{mode}:{n}"]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
-            row = json.loads(out.stdout.strip().splitlines()[-1])
+                   "--classes", str(classes), "--batch-syn", str(batch_syn), "--device", device,
+                   "--child", f"{mode}:{n}"]
+            try:
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT, timeout=child_timeout)
+            except subprocess.TimeoutExpired:
+                row = {"memory": mode, "syn_steps": n, "timeout": True, "seconds": f"> {child_timeout}"}
+            else:
+                row = json.loads(out.stdout.strip().splitlines()[-1])
             results.append(row)
+            if row.get("oom") or row.get("timeout"):
+                click.echo(f"{mode:9s} syn_steps {n:3d}: {'out of GPU memory' if row.get('oom') else 'timed out'}")
+                continue
             click.echo(f"{mode:9s} syn_steps {n:3d}: peak {row['peak_mib']:8.1f} MiB  {row['seconds']:7.2f} s  "
                        f"loss {row['loss']:.6f}  |grad images| {row['image_grad_norm']:.6e}")
     dev_name = (torch.cuda.get_device_name() if device.startswith("cuda") else
@@ -126,7 +144,7 @@ def main(steps: str, modes: str, model: str, shape: str, images: int, classes: i
         "benchmark": "tesla_memory",
         "what": "peak memory of one MTT matching loss + backward, unrolled vs constant memory",
         "model": model, "image_shape": list(dims), "images": images, "classes": classes,
-        "augment": "color_crop_cutout_flip_scale_rotate (per sample)", "batch_syn": "all",
+        "augment": "color_crop_cutout_flip_scale_rotate (per sample)", "batch_syn": batch_syn or "all",
         "measure": ("torch.cuda.max_memory_allocated minus allocated before the iteration" if device.startswith("cuda")
                     else "peak RSS (ru_maxrss) minus RSS before the iteration, fresh subprocess per setting"),
         "device": dev_name,
@@ -139,7 +157,7 @@ def main(steps: str, modes: str, model: str, shape: str, images: int, classes: i
         folder = Path(__file__).parent / "results"
         folder.mkdir(exist_ok=True)
         kind = "cuda" if device.startswith("cuda") else "cpu"
-        path = folder / f"tesla_memory_{model}_{kind}_{record_data['date']}.json"
+        path = folder / f"tesla_memory_{model}_{kind}{'_' + tag if tag else ''}_{record_data['date']}.json"
         path.write_text(json.dumps(record_data, indent=2) + "\n")
         click.echo(f"recorded {path}")
 

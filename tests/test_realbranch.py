@@ -9,6 +9,7 @@ from builders.data import RealData
 from builders.methods.base import BuildContext
 from builders.methods.dm import DistributionMatching
 from builders.networks import build_network
+import builders.realbranch as realbranch
 from builders.realbranch import CHUNK, _avg_pool_2x2, class_mean_embeddings
 from condensed_datasets.sources import get_source
 
@@ -93,3 +94,15 @@ def test_class_means_over_several_chunks_equal_the_plain_means():
     with torch.no_grad():
         plain = torch.stack([net.embed(b).mean(0) for b in batches])
     torch.testing.assert_close(class_mean_embeddings(net, batches), plain, rtol=1e-5, atol=1e-6)
+
+
+def test_concatenated_passes_give_the_plain_class_means(monkeypatch):
+    # The GPU route (one pass over all classes' batches, in GPU_CHUNK pieces), forced on the CPU; a small
+    # GPU_CHUNK makes the pieces cut across class boundaries.
+    monkeypatch.setattr(realbranch, "GPU_CHUNK", 5)
+    net = build_network("ConvNetW32", 1, 10, (12, 12), seed=0)
+    g = torch.Generator().manual_seed(5)
+    batches = [torch.randn(n, 1, 12, 12, generator=g) for n in (7, 3, 11)]
+    with torch.no_grad():
+        plain = torch.stack([net.embed(b).mean(0) for b in batches])
+    torch.testing.assert_close(class_mean_embeddings(net, batches, concatenate=True), plain, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,195 @@
+"""The GPU figures of one lent device session, in priority order, within a time budget.
+
+    python benchmarks/gpu_session.py --reference .gpu/DatasetCondensation --fashion-mnist .gpu/fashion-mnist
+        [--budget 500] [--out $OUT]
+
+Run from the repository root on a machine with a CUDA GPU; it installs nothing (the device has no
+network): the reference checkout (VICO-UoE/DatasetCondensation) and the gzipped Fashion-MNIST files
+travel with the working tree in an ignored folder. Each section is one of the benchmark scripts beside
+this file, run with ``--record`` (records land in ``benchmarks/results/``) and a time limit; a section
+is skipped when the budget left is too small for it. After every section the records written so far
+and the session log are copied to ``--out`` (the device tool's ``$OUT``), so a run cut short still
+brings back what it measured. Sections, in order:
+
+1. DM iteration time against the reference, Fashion-MNIST ipc 10 (``dm_vs_reference.py``);
+2. the same on CIFAR-10-shaped generated images, ipc 10;
+3. five ConvNets trained together against one after another (``ensemble_speed.py``);
+4. peak memory of MTT at CIFAR-100 shape, ipc 10, unrolled vs constant (``tesla_memory.py``);
+5. DM against the reference on CIFAR-10-shaped images, ipc 50 (one round);
+6. MTT memory at CIFAR-100 shape, ipc 50 (the recipe's 125 images per step);
+7. a DM Fashion-MNIST ipc 10 build with the paper's evaluation, at as many of the paper's 20,000
+   iterations as the budget left allows (the record says how many ran).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import click
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+
+
+class Session:
+    """Runs sections against one deadline and mirrors the log and new records to ``out``."""
+
+    def __init__(self, out: Path, budget: float, python: str) -> None:
+        self.out, self.python = out, python
+        self.deadline = time.monotonic() + budget
+        self.before = set(RESULTS.glob("*.json"))
+        self.log = out / "session.log"
+        self.summary: list[dict] = []
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def say(self, text: str) -> None:
+        click.echo(text)
+        with open(self.log, "a") as handle:
+            handle.write(text + "\n")
+
+    def section(self, name: str, args: list[str], needs: float, limit: float, env: dict | None = None) -> int | None:
+        """Run one benchmark script; skipped when less than ``needs`` seconds are left."""
+        if self.left() < needs:
+            self.say(f"== {name}: skipped ({self.left():.0f} s left, {needs:.0f} s needed)")
+            self.summary.append({"section": name, "skipped": True})
+            return None
+        limit = min(limit, self.left())
+        self.say(f"== {name} (limit {limit:.0f} s): {' '.join(args)}")
+        start = time.monotonic()
+        with open(self.out / f"{name}.log", "w") as handle:
+            try:
+                rc = subprocess.run([self.python, *args], check=False, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT,
+                                    timeout=limit, env=env).returncode
+            except subprocess.TimeoutExpired:
+                rc = -1
+        wall = time.monotonic() - start
+        tail = (self.out / f"{name}.log").read_text(errors="replace").splitlines()[-6:]
+        self.say(f"   rc {rc} ({'timed out' if rc == -1 else 'exit'}), {wall:.0f} s\n   " + "\n   ".join(tail))
+        self.summary.append({"section": name, "rc": rc, "wall_s": round(wall, 1)})
+        self.save()
+        return rc
+
+    def new_records(self) -> list[Path]:
+        return sorted(set(RESULTS.glob("*.json")) - self.before)
+
+    def save(self) -> None:
+        """The records written so far, as one archive in ``out`` (the device tool returns few files)."""
+        tmp = self.out / "records.tar.gz.part"
+        with tarfile.open(tmp, "w:gz") as tar:
+            for path in self.new_records():
+                tar.add(path, arcname=path.name)
+        tmp.replace(self.out / "records.tar.gz")
+
+
+def environment(python: str) -> str:
+    """Torch, CUDA and GPU as the device reports them."""
+    code = ("import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, "
+            "'cuda', torch.version.cuda, 'gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else None)")
+    return subprocess.run([python, "-c", code], check=False, capture_output=True, text=True).stdout.strip()
+
+
+def package_seconds_per_iteration(name: str) -> float | None:
+    """The package's median s/iteration from a dm_vs_reference record written this session."""
+    for path in sorted(RESULTS.glob(name)):
+        return json.loads(path.read_text()).get("package_s_per_iteration_median")
+    return None
+
+
+@click.command()
+@click.option("--reference", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@click.option("--fashion-mnist", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="Folder of the four gzipped Fashion-MNIST IDX files.")
+@click.option("--budget", type=float, default=500, show_default=True, help="Seconds for all sections together.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              default=lambda: os.environ.get("OUT", "gpu_session_out"), help="Where logs and records go ($OUT).")
+@click.option("--python", default=sys.executable, show_default=True)
+@click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True)
+@click.option("--reference-pythonpath", default="", help="Extra PYTHONPATH for the reference (e.g. scipy).")
+@click.option("--smoke", is_flag=True, help="Tiny counts everywhere: checks this script, measures nothing.")
+def main(reference: Path, fashion_mnist: Path, budget: float, out: Path, python: str, device: str,
+         reference_pythonpath: str, smoke: bool) -> None:
+    """Measure the GPU figures of issues 11 and 17 within BUDGET seconds."""
+    out.mkdir(parents=True, exist_ok=True)
+    s = Session(out, budget, python)
+    os.environ["CONDENSED_FASHION_MNIST_DIR"] = str(fashion_mnist.resolve())
+    os.environ["PYTHONUNBUFFERED"] = "1"
+    os.environ["PYTHONPATH"] = str(REPO)  # the scripts import the package from this checkout
+    s.say(f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {environment(python)}")
+    bench = "benchmarks"
+    counts = ({"warmup": "1", "timed": "1", "rounds": "1", "epochs": "1", "steps": "2", "images": "200",
+               "images50": "300", "batch_syn": "30", "paper_min": 1}
+              if smoke else {"warmup": "5", "timed": "30", "rounds": "2", "epochs": "30", "steps": "20,40,80",
+                             "images": "1000", "images50": "5000", "batch_syn": "125", "paper_min": 500})
+    dm = [f"{bench}/dm_vs_reference.py", "--reference", str(reference), "--device", device, "--record",
+          "--warmup", counts["warmup"], "--timed", counts["timed"], "--reference-pythonpath", reference_pythonpath]
+    s.section("dm_fashionmnist_ipc10", [*dm, "--rounds", counts["rounds"]], needs=60, limit=170)
+    s.section("dm_cifar10_ipc10", [*dm, "--source", "cifar10-generated", "--rounds", counts["rounds"]],
+              needs=60, limit=170)
+    s.section("ensemble", [f"{bench}/ensemble_speed.py", "--device", device, "--nets", "5",
+                           "--epochs", counts["epochs"], "--rounds", counts["rounds"], "--record"], needs=30, limit=90)
+    mtt = [f"{bench}/tesla_memory.py", "--device", device, "--model", "ConvNet", "--classes", "100",
+           "--steps", counts["steps"], "--record", "--child-timeout", "60"]
+    s.section("mtt_memory_cifar100_ipc10", [*mtt, "--images", counts["images"], "--tag", "cifar100_ipc10"],
+              needs=40, limit=150)
+    s.section("dm_cifar10_ipc50", [*dm, "--source", "cifar10-generated", "--ipc", "50", "--rounds", "1"],
+              needs=60, limit=120)
+    s.section("mtt_memory_cifar100_ipc50", [*mtt, "--images", counts["images50"], "--batch-syn", counts["batch_syn"],
+                                            "--tag", f"cifar100_ipc50_batch{counts['batch_syn']}"], needs=40, limit=120)
+    per_it = package_seconds_per_iteration(f"dm_vs_reference_{device}_2*.json")
+    eval_allowance = 120.0  # 5 + 5 evaluation runs of 1000 epochs on 100 images, and the test passes
+    if per_it:
+        iterations = int(min(20000, max(0.0, s.left() - eval_allowance - 30) / per_it))
+        if iterations >= counts["paper_min"]:
+            build_out = Path("/tmp/gpu_session_build")
+            shutil.rmtree(build_out, ignore_errors=True)
+            s.say(f"paper row: {iterations} of 20000 iterations fit ({per_it:.4f} s/it measured above)")
+            s.section("paper_dm_fashionmnist_ipc10",
+                      ["-c", "from builders.cli import build_command; build_command()",
+                       "recipes/dm_fashionmnist.yaml", "--device", device, "--quiet", "--out", str(build_out),
+                       "--set", f"iterations={iterations}", "--set", "checkpoint_every=0",
+                       *(["--set", "eval.runs=1", "--set", "eval.epochs=2"] if smoke else [])],
+                      needs=eval_allowance + 60, limit=s.left())
+            record_paper_row(build_out, iterations, device, s)
+        else:
+            s.say(f"paper row: skipped ({s.left():.0f} s left)")
+    s.say(json.dumps(s.summary))
+    s.save()
+
+
+def record_paper_row(build_out: Path, iterations: int, device: str, s: Session) -> None:
+    """The built set's evaluation, as a record in benchmarks/results/."""
+    sets = sorted(build_out.glob("condensed/fashionmnist/*.safetensors"))
+    sets = [p for p in sets if not p.name.endswith(".checkpoint.safetensors")]
+    if not sets:
+        s.say("paper row: no set was written")
+        return
+    code = ("import json, sys; from condensed_datasets.format import read_file_metadata; "
+            "print(json.dumps(read_file_metadata(sys.argv[1])))")
+    meta = json.loads(subprocess.run([s.python, "-c", code, str(sets[0])], cwd=REPO, capture_output=True,
+                                     text=True, check=True).stdout)
+    record = {
+        "benchmark": "paper row: DM Fashion-MNIST ipc 10, the recipe's evaluation (ConvNet, 5 runs x 1000 epochs)",
+        "recipe": "recipes/dm_fashionmnist.yaml",
+        "iterations": iterations, "paper_iterations": 20000,
+        "shortened": iterations < 20000,
+        "evaluation": meta.get("evaluation"), "build": meta.get("build"),
+        "command": f"python benchmarks/gpu_session.py (section paper_dm_fashionmnist_ipc10, --set iterations={iterations})",
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    path = RESULTS / f"paper_dm_fashionmnist_ipc10_{device}_{record['date'][:10]}.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    s.say(f"paper row recorded: {path.name}: {json.dumps(meta.get('evaluation'))[:400]}")
+    s.save()
+
+
+if __name__ == "__main__":
+    main()
