@@ -8,8 +8,10 @@ network): the reference checkout (VICO-UoE/DatasetCondensation) and the gzipped 
 travel with the working tree in an ignored folder. Each section is one of the benchmark scripts beside
 this file, run with ``--record`` (records land in ``benchmarks/results/``) and a time limit; a section
 is skipped when the budget left is too small for it. After every section the records written so far
-and the session log are copied to ``--out`` (the device tool's ``$OUT``), so a run cut short still
-brings back what it measured. Sections, in order:
+and every section's log are packed into ``--out``/``records.tar.gz`` beside ``session.log`` (the device
+tool's ``$OUT`` brings back only a few files), so a run cut short still brings back what it measured. A
+section that outlasts its limit is stopped with its whole process group (the reference runs as a
+grandchild). Sections, in order:
 
 1. DM iteration time against the reference, Fashion-MNIST ipc 10 (``dm_vs_reference.py``);
 2. the same on CIFAR-10-shaped generated images, ipc 10;
@@ -17,7 +19,9 @@ brings back what it measured. Sections, in order:
 4. peak memory of MTT at CIFAR-100 shape, ipc 10, unrolled vs constant (``tesla_memory.py``);
 5. DM against the reference on CIFAR-10-shaped images, ipc 50 (one round);
 6. MTT memory at CIFAR-100 shape, ipc 50 (the recipe's 125 images per step);
-7. a DM Fashion-MNIST ipc 10 build with the paper's evaluation, at as many of the paper's 20,000
+7. a one-process ``torchrun`` build (NCCL on a GPU): a tiny DM Fashion-MNIST set whose metadata must
+   say ``build.backend``;
+8. a DM Fashion-MNIST ipc 10 build with the paper's evaluation, at as many of the paper's 20,000
    iterations as the budget left allows (the record says how many ran).
 """
 
@@ -26,9 +30,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -46,6 +52,7 @@ class Session:
         self.deadline = time.monotonic() + budget
         self.before = set(RESULTS.glob("*.json"))
         self.log = out / "session.log"
+        self.logs = Path(tempfile.mkdtemp(prefix="gpu_session_logs_"))  # packed into records.tar.gz
         self.summary: list[dict] = []
 
     def left(self) -> float:
@@ -65,14 +72,18 @@ class Session:
         limit = min(limit, self.left())
         self.say(f"== {name} (limit {limit:.0f} s): {' '.join(args)}")
         start = time.monotonic()
-        with open(self.out / f"{name}.log", "w") as handle:
+        log = self.logs / f"{name}.log"
+        with open(log, "w") as handle:
+            proc = subprocess.Popen([self.python, *args], cwd=REPO, stdout=handle, stderr=subprocess.STDOUT,
+                                    env=env, start_new_session=True)
             try:
-                rc = subprocess.run([self.python, *args], check=False, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT,
-                                    timeout=limit, env=env).returncode
+                rc = proc.wait(timeout=limit)
             except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)  # the script and the runs it started
+                proc.wait()
                 rc = -1
         wall = time.monotonic() - start
-        tail = (self.out / f"{name}.log").read_text(errors="replace").splitlines()[-6:]
+        tail = log.read_text(errors="replace").splitlines()[-6:]
         self.say(f"   rc {rc} ({'timed out' if rc == -1 else 'exit'}), {wall:.0f} s\n   " + "\n   ".join(tail))
         self.summary.append({"section": name, "rc": rc, "wall_s": round(wall, 1)})
         self.save()
@@ -82,11 +93,13 @@ class Session:
         return sorted(set(RESULTS.glob("*.json")) - self.before)
 
     def save(self) -> None:
-        """The records written so far, as one archive in ``out`` (the device tool returns few files)."""
+        """The records and section logs so far, as one archive in ``out`` (the device tool returns few files)."""
         tmp = self.out / "records.tar.gz.part"
         with tarfile.open(tmp, "w:gz") as tar:
             for path in self.new_records():
                 tar.add(path, arcname=path.name)
+            for path in sorted(self.logs.glob("*.log")):
+                tar.add(path, arcname=f"logs/{path.name}")
         tmp.replace(self.out / "records.tar.gz")
 
 
@@ -127,7 +140,7 @@ def main(reference: Path, fashion_mnist: Path, budget: float, out: Path, python:
     bench = "benchmarks"
     counts = ({"warmup": "1", "timed": "1", "rounds": "1", "epochs": "1", "steps": "2", "images": "200",
                "images50": "300", "batch_syn": "30", "paper_min": 1}
-              if smoke else {"warmup": "5", "timed": "30", "rounds": "2", "epochs": "30", "steps": "20,40,80",
+              if smoke else {"warmup": "5", "timed": "30", "rounds": "2", "epochs": "300", "steps": "20,40,80",
                              "images": "1000", "images50": "5000", "batch_syn": "125", "paper_min": 500})
     dm = [f"{bench}/dm_vs_reference.py", "--reference", str(reference), "--device", device, "--record",
           "--warmup", counts["warmup"], "--timed", counts["timed"], "--reference-pythonpath", reference_pythonpath]
@@ -144,6 +157,16 @@ def main(reference: Path, fashion_mnist: Path, budget: float, out: Path, python:
               needs=60, limit=120)
     s.section("mtt_memory_cifar100_ipc50", [*mtt, "--images", counts["images50"], "--batch-syn", counts["batch_syn"],
                                             "--tag", f"cifar100_ipc50_batch{counts['batch_syn']}"], needs=40, limit=120)
+    torchrun_out = Path("/tmp/gpu_session_torchrun")
+    shutil.rmtree(torchrun_out, ignore_errors=True)
+    s.section("torchrun_dm_one_process", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+                                          "--no-python", python, "-c",
+                                          "from builders.cli import build_command; build_command()",
+                                          "recipes/dm_fashionmnist.yaml", "--device", device, "--quiet", "--no-eval",
+                                          "--out", str(torchrun_out), "--set", "ipc=1", "--set", "iterations=20"],
+              needs=40, limit=90)
+    for path in sorted(torchrun_out.glob("condensed/fashionmnist/*.safetensors")):
+        s.say(f"   {path.name}: build = {json.dumps(read_metadata(path, python).get('build'))[:600]}")
     per_it = package_seconds_per_iteration(f"dm_vs_reference_{device}_2*.json")
     eval_allowance = 120.0  # 5 + 5 evaluation runs of 1000 epochs on 100 images, and the test passes
     if per_it:
@@ -165,6 +188,14 @@ def main(reference: Path, fashion_mnist: Path, budget: float, out: Path, python:
     s.save()
 
 
+def read_metadata(path: Path, python: str) -> dict:
+    """A set file's metadata, read by the package (in a child: this script imports none of it)."""
+    code = ("import json, sys; from condensed_datasets.format import read_file_metadata; "
+            "print(json.dumps(read_file_metadata(sys.argv[1])))")
+    done = subprocess.run([python, "-c", code, str(path)], cwd=REPO, capture_output=True, text=True, check=False)
+    return json.loads(done.stdout) if done.returncode == 0 else {"error": done.stderr[-400:]}
+
+
 def record_paper_row(build_out: Path, iterations: int, device: str, s: Session) -> None:
     """The built set's evaluation, as a record in benchmarks/results/."""
     sets = sorted(build_out.glob("condensed/fashionmnist/*.safetensors"))
@@ -172,10 +203,7 @@ def record_paper_row(build_out: Path, iterations: int, device: str, s: Session) 
     if not sets:
         s.say("paper row: no set was written")
         return
-    code = ("import json, sys; from condensed_datasets.format import read_file_metadata; "
-            "print(json.dumps(read_file_metadata(sys.argv[1])))")
-    meta = json.loads(subprocess.run([s.python, "-c", code, str(sets[0])], cwd=REPO, capture_output=True,
-                                     text=True, check=True).stdout)
+    meta = read_metadata(sets[0], s.python)
     record = {
         "benchmark": "paper row: DM Fashion-MNIST ipc 10, the recipe's evaluation (ConvNet, 5 runs x 1000 epochs)",
         "recipe": "recipes/dm_fashionmnist.yaml",
