@@ -101,6 +101,7 @@ class TrajectoryMatching(Method):
         "teacher_label": False,  # TESLA's labels from the target expert (builders/methods/teacher_labels.py)
     }
     momentum: ClassVar[float] = 0.5
+    gradient_split: ClassVar[str] = "batches"  # torchrun: each student step's batch split across ranks
 
     @classmethod
     def check_recipe(cls, recipe: "Recipe") -> None:
@@ -195,7 +196,7 @@ class TrajectoryMatching(Method):
         rows = self.store.snapshots(expert, [start_epoch, start_epoch + p["expert_epochs"]]).to(ctx.device)
         plan = make_plan(state["images"].shape[0], p["syn_steps"], p["batch_syn"], ctx.generator, ctx.augmenter)
         return StudentTrajectory(self.net, self.layout, rows[0], rows[1], plan, ctx.augmenter,
-                                 extra={"expert": expert, "start_epoch": start_epoch})
+                                 extra={"expert": expert, "start_epoch": start_epoch}, shard=ctx.batch_shard)
 
     def targets(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
         """The labels the student trains with: class indices (MTT)."""

@@ -63,8 +63,13 @@ class _ConstantMemoryMatching(torch.autograd.Function):
             thetas.append(theta.to(store_on, copy=True) if store_on != theta.device else theta)
             with torch.enable_grad():
                 leaf = theta.detach().requires_grad_(True)
-                x, y = traj.batch(images.detach(), labels.detach(), step)
-                (grad,) = torch.autograd.grad(traj.step_loss(leaf, x, y), leaf)
+                if traj.shard is not None:  # this rank's share of the batch; the ranks' gradients summed
+                    x, y, weight = traj.batch_share(images.detach(), labels.detach(), step)
+                    (grad,) = torch.autograd.grad(weight * traj.step_loss(leaf, x, y), leaf)
+                    traj.shard.sum_(grad)
+                else:
+                    x, y = traj.batch(images.detach(), labels.detach(), step)
+                    (grad,) = torch.autograd.grad(traj.step_loss(leaf, x, y), leaf)
             theta = theta - step_size * grad
         ctx.save_for_backward(images, lr, labels)
         ctx.traj = traj
@@ -86,21 +91,27 @@ class _ConstantMemoryMatching(torch.autograd.Function):
         grad_labels = torch.zeros_like(labels) if want_labels else None
         grad_lr = torch.zeros_like(lr)
         for step in reversed(range(len(traj.plan))):
-            idx = traj.plan.batches[step].to(images.device)
+            positions, draw, weight = (traj.plan.batches[step], traj.plan.draws[step], None) if traj.shard is None \
+                else traj.share_of(step)  # a batch split: this rank's share, its terms summed below
+            idx = positions.to(images.device)
             with torch.enable_grad():
                 theta = ctx.thetas[step].to(images.device).detach().requires_grad_(True)
                 x_leaf = images[idx].detach().requires_grad_(want_images)
-                draw = traj.plan.draws[step]
                 x = traj.augmenter.apply(x_leaf, draw) if draw is not None else x_leaf
                 y_leaf = labels[idx].detach()
                 if want_labels:
                     y_leaf.requires_grad_(True)
-                (grad,) = torch.autograd.grad(traj.step_loss(theta, x, y_leaf), theta, create_graph=True)
+                step_loss = traj.step_loss(theta, x, y_leaf)
+                if weight is not None:
+                    step_loss = weight * step_loss
+                (grad,) = torch.autograd.grad(step_loss, theta, create_graph=True)
                 inputs = [theta] + ([x_leaf] if want_images else []) + ([y_leaf] if want_labels else [])
                 vjps = torch.autograd.grad(grad, inputs, grad_outputs=lam, allow_unused=True)
             if want_lr:
                 grad_lr = grad_lr - (grad.detach() * lam).sum()
             vjp_theta = vjps[0] if vjps[0] is not None else torch.zeros_like(lam)
+            if traj.shard is not None:  # the Hessian-vector product of the whole batch: every rank's share summed
+                traj.shard.sum_(vjp_theta)
             rest = list(vjps[1:])
             if want_images:
                 vjp_x = rest.pop(0)
