@@ -16,16 +16,19 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 import torch.multiprocessing as mp
 from conftest import TINY_EXPERTS
-from distributed_build_worker import builds_worker
+from distributed_build_worker import builds_worker, on_demand_worker
 from distributed_worker import collectives_worker
 
+import builders.recipe
 from builders import distributed
 from builders.build import build, recipe_from_dict
 from builders.distributed import BatchShard, World
 from builders.errors import BuildError
 from builders.engine import _log_iteration
+from condensed_datasets import CondensedFashionMNIST
 from condensed_datasets.format import CondensedSet
 
 REPO = Path(__file__).resolve().parent.parent
@@ -219,6 +222,30 @@ def test_two_process_gradient_splits_equal_one_process(fashion_mnist_root, tmp_p
         assert abs(one.lr.item() - recipe["params"].get("lr_teacher", 0.01)) > 1e-6  # the step size was learned
         if name != "mtt":
             torch.testing.assert_close(two.soft_labels, one.soft_labels, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_build_on_demand_in_a_process_group_builds_once_across_the_ranks(fashion_mnist_root, tmp_path, monkeypatch):
+    """Both ranks of a running group ask for a missing set (build=True; ipc 2 is not embedded in the package): they build it together (DM's class
+    split), rank 0 writes it, and each rank reads the set a 1-process build-on-demand makes, bit for bit."""
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    tiny = {**DM, "iterations": 2, "checkpoint_every": 0, "eval": {"runs": 1, "epochs": 1, "test_per_class": 2}}
+    (recipes / "dm_fashionmnist.yaml").write_text(yaml.safe_dump(tiny))
+    roots = [tmp_path / "two", tmp_path / "one"]
+    for root in roots:
+        root.mkdir()
+        (root / "FashionMNIST").symlink_to(fashion_mnist_root / "FashionMNIST", target_is_directory=True)
+    mp.spawn(on_demand_worker, args=(str(tmp_path / "rendezvous"), str(recipes), str(roots[0])), nprocs=2, join=True)
+    monkeypatch.setattr(builders.recipe, "RECIPES_DIR", recipes)
+    one = CondensedFashionMNIST(roots[1], method="dm", ipc=2, build=True)
+    seen = [json.loads((roots[0] / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert seen[0] == seen[1]
+    assert seen[0]["build"]["world_size"] == 2 and seen[0]["build"]["split"] == "classes"
+    written = sorted(p.name for p in (roots[0] / "condensed" / "fashionmnist").iterdir())
+    assert written == [".dm_ipc2.safetensors.build.lock", "dm_ipc2.log.jsonl", "dm_ipc2.png", "dm_ipc2.safetensors"]
+    two = CondensedFashionMNIST(roots[0], method="dm", ipc=2)
+    assert torch.equal(two.data, one.data) and one.metadata["build"]["world_size"] == 1
 
 
 def _free_port() -> int:
