@@ -29,6 +29,11 @@ recompute step i's graph from ``theta_i`` and the same batch and augmentation dr
 and free the graph. Peak memory: one step's double-backward graph plus the N parameter vectors;
 the unrolled version keeps N such graphs. Cost: about one extra forward/backward per step.
 
+Under a torchrun batch split (:mod:`builders.methods.mtt`) each rank computes ``g_i`` and the three
+vector-Jacobian products on its share of step i's batch; the shares of ``g_i`` (forward) and of the
+Hessian-vector product (backward) are summed over ranks, so ``theta_i`` and ``lam`` stay identical on
+every rank, while the gradients of the images, ``a`` and the labels stay per rank (the engine sums them).
+
 It is a :class:`torch.autograd.Function`: the loss it returns carries the true loss value, and the
 engine's ``loss.backward()`` runs the recursion above and leaves the gradients on the images, the
 step size (and through it on ``syn_lr_raw``) and the soft labels.

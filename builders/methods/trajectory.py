@@ -2,7 +2,9 @@
 student run (batches and augmentation draws), the student itself and the normalised parameter distance.
 
 MTT (:mod:`builders.methods.mtt`), DATM and TESLA's constant-memory gradients
-(:mod:`builders.methods.tesla`) build on these; none of them is a method on its own.
+(:mod:`builders.methods.tesla`) build on these; none of them is a method on its own. Under a torchrun
+batch split (``StudentTrajectory.shard``) each rank computes its share of every student step's batch and
+the shares are summed (see :mod:`builders.methods.mtt`).
 """
 
 from __future__ import annotations
