@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 import torch.multiprocessing as mp
+import yaml
 from conftest import TINY_EXPERTS
 from distributed_build_worker import builds_worker, on_demand_worker
 from distributed_worker import collectives_worker
@@ -26,8 +26,8 @@ import builders.recipe
 from builders import distributed
 from builders.build import build, recipe_from_dict
 from builders.distributed import BatchShard, World
-from builders.errors import BuildError
 from builders.engine import _log_iteration
+from builders.errors import BuildError
 from condensed_datasets import CondensedFashionMNIST
 from condensed_datasets.format import CondensedSet
 

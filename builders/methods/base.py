@@ -15,8 +15,8 @@ from builders.recipe import check_choice
 
 if TYPE_CHECKING:
     from builders.augment import Augmenter
-    from builders.distributed import BatchShard
     from builders.data import RealData
+    from builders.distributed import BatchShard
     from builders.recipe import Recipe
 
 
@@ -44,7 +44,7 @@ class BuildContext:
     augmenter: "Augmenter | None" = None
     out_root: Path = Path("data")  # where the build writes (expert trajectories live under it)
     owned_classes: tuple[int, ...] | None = None  # under torchrun: the classes this rank computes (None: all)
-    batch_shard: "BatchShard | None" = None  # under torchrun, gradient_split "batches": this rank's share of batches
+    batch_shard: BatchShard | None = None  # under torchrun, gradient_split "batches": this rank's share of batches
 
     @property
     def num_classes(self) -> int:

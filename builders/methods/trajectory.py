@@ -100,7 +100,7 @@ class StudentTrajectory:
     plan: InnerPlan
     augmenter: Augmenter | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-    shard: "BatchShard | None" = None  # torchrun batch split: this rank computes its share of every step's batch
+    shard: BatchShard | None = None  # torchrun batch split: this rank computes its share of every step's batch
 
     def batch(self, images: torch.Tensor, labels: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Step ``step``'s (augmented images, labels)."""
