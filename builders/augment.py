@@ -112,6 +112,12 @@ class AugmentDraw:
         """True when one transform is shared by every image."""
         return self.batch_size is None
 
+    def rows(self, start: int, stop: int) -> "AugmentDraw":
+        """The draw of images ``[start, stop)`` of its batch (a siamese draw is returned as it is)."""
+        if self.batch_size is None:
+            return self
+        return AugmentDraw(self.family, {k: v[start:stop] for k, v in self.params.items()}, stop - start)
+
 
 def _side_ratio(side: int, ratio: float) -> int:
     """``int(side * ratio + 0.5)``: the reference's rounding of a fraction of a side."""

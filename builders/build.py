@@ -92,7 +92,9 @@ def build_set(source: str, method: str, ipc: int, root: str | os.PathLike, *, de
 
     What ``CondensedX(..., build=True)`` calls. One process builds a given set at a time (a lock file beside
     it); another asking for the same set waits and then finds it. An interrupted earlier build is resumed
-    from its checkpoint.
+    from its checkpoint. Inside a running ``torch.distributed`` process group (a torchrun job that called
+    ``init_process_group``) every rank must ask for the same set: they build it together, rank 0 holds
+    the lock and writes, and every rank returns once the set is on rank 0's disk.
     """
     return _build_on_demand(source, method, [("ipc", int(ipc))], root, device)
 
@@ -113,6 +115,8 @@ def _build_on_demand(source: str, method: str, overrides: list[tuple[str, Any]],
     target = engine.paths.set
     target.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(target.parent / f".{target.name}.build.lock"), timeout=BUILD_LOCK_TIMEOUT_S)
+    if distributed.current().active:
+        return _build_across_ranks(engine, lock)
     try:
         with lock:
             if target.is_file():  # built by another process while this one waited
@@ -126,9 +130,38 @@ def _build_on_demand(source: str, method: str, overrides: list[tuple[str, Any]],
                 raise BuildError(f"build=True could not continue the earlier build of {target}: {exc}. Delete "
                                  f"{engine.paths.checkpoint} to start this build over") from exc
     except LockTimeout:
-        raise BuildError(f"another process has been building {target} for over {BUILD_LOCK_TIMEOUT_S:.0f} s "
-                         f"(lock {lock.lock_file}); if none is, delete the lock file and retry") from None
+        raise _lock_timeout(target, lock) from None
     return target
+
+
+def _build_across_ranks(engine: Engine, lock: FileLock) -> Path:
+    """Build-on-demand by every rank of the running process group: rank 0 takes the lock and decides (the set
+    is there / resume its checkpoint / build), every rank follows, rank 0 writes (the engine's split)."""
+    target, world = engine.paths.set, distributed.current()
+    status = "build"
+    if world.is_main:
+        try:
+            lock.acquire()
+        except LockTimeout:
+            status = "timeout"
+        else:
+            status = "exists" if target.is_file() else "resume" if engine.paths.checkpoint.is_file() else "build"
+    status = distributed.broadcast_object(status)
+    if status == "timeout":
+        raise _lock_timeout(target, lock)
+    try:
+        if status != "exists":
+            engine.resume = status == "resume"
+            engine.run()  # every rank returns once rank 0 has written the set
+    finally:
+        if world.is_main:
+            lock.release()
+    return target
+
+
+def _lock_timeout(target: Path, lock: FileLock) -> BuildError:
+    return BuildError(f"another process has been building {target} for over {BUILD_LOCK_TIMEOUT_S:.0f} s "
+                      f"(lock {lock.lock_file}); if none is, delete the lock file and retry")
 
 
 __all__ = ["DEFAULT_ROOT", "build", "build_set", "build_subset_set", "load_recipe", "make_engine", "makes_set", "prepare",

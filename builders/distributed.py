@@ -15,7 +15,10 @@ What this module gives the builders:
 - :func:`map_items`: run a function on this rank's share of a list and gather every result, in list
   order, on every rank (nested calls run locally: the outer one already split the work);
 - :func:`sync_rows`: make every rank hold every rank's block of rows of a tensor (bit-exact copies);
-- :func:`all_reduce_sum`, :func:`broadcast_object`, :func:`gather_to_main`, :func:`barrier`.
+- :func:`all_reduce_sum`, :func:`all_reduce_gradients`, :func:`broadcast_object`, :func:`gather_to_main`,
+  :func:`barrier`;
+- :class:`BatchShard`: this rank's share of every batch of a computation whose per-sample terms are
+  summed over ranks (data-parallel student steps of trajectory matching), with the sums it needs.
 
 Errors: a rank that fails exits non-zero with its own message; torchrun then stops the other ranks
 and reports which rank failed (``@record`` on the entry point adds its traceback to torchrun's report).
@@ -201,6 +204,68 @@ def all_reduce_gradients(parameters: Sequence[torch.Tensor]) -> None:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         dist.all_reduce(p.grad)
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """Forward: the sum of the ranks' tensors (on every rank). Backward: the gradient as it is (the result
+    feeds a computation every rank repeats identically, so each rank's part gets that gradient)."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
+        total = tensor.clone()
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
+class _FanOut(torch.autograd.Function):
+    """Forward: the (identical) tensor as it is. Backward: the ranks' gradients summed (each rank used it
+    for its own share of the samples)."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        total = grad.clone()
+        dist.all_reduce(total)
+        return total
+
+
+@dataclass(frozen=True)
+class BatchShard:
+    """This rank's share of every batch of a computation that every rank repeats with the same values
+    except for per-sample terms, which are split across ranks and summed (gradients of a mean loss).
+
+    Rank r takes the contiguous block :func:`owned_block` of each batch's positions.
+    """
+
+    world: World
+
+    def share(self, count: int) -> range:
+        """Positions ``[start, stop)`` of a batch of ``count`` samples this rank computes."""
+        if count < self.world.world_size:
+            raise BuildError(f"a batch of {count} samples cannot be split across {self.world.world_size} processes; "
+                             "raise the batch size (e.g. params.batch_syn) or launch fewer processes")
+        return owned_block(count, self.world)
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The ranks' parts summed (differentiable: each part's gradient is the sum's)."""
+        return _SumOverRanks.apply(tensor)
+
+    def fan_out(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` (identical on every rank) for use on this rank's share; its gradient is summed over ranks."""
+        return _FanOut.apply(tensor)
+
+    @torch.no_grad()
+    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """In place, the ranks' parts summed (no gradient); returns ``tensor``."""
+        dist.all_reduce(tensor)
+        return tensor
 
 
 def broadcast_object(obj: T) -> T:

@@ -102,6 +102,8 @@ class Engine:
         self.paths = BuildPaths.for_recipe(recipe, self.out_root)
         self._test: RealData | None = None
         self._row_blocks: list[range] | None = None  # set when classes are split across ranks
+        self._split = "none"  # torchrun: "classes" or "batches" when the work is split across ranks
+        self._reduce_gradients = False  # torchrun: sum the state's gradients over ranks after every backward
 
     # -- pieces ----------------------------------------------------------------------------
     def _context(self) -> BuildContext:
@@ -161,7 +163,7 @@ class Engine:
         self._check_writable()
         ctx = self._context()
         method = get_method(r.method)(ctx)
-        self._split_classes(method, ctx)
+        self._split_work(method, ctx)
         start_iteration = 0
         if not method.iterative:
             contents = method.select()
@@ -188,7 +190,7 @@ class Engine:
                          "python": platform.python_version()},
             "device": self.device.type if clock is not None else _device_name(self.device),
             "build": {"iterations": iterations_run, "method": contents.metadata, **world.describe(),
-                      "split": "classes" if self._row_blocks is not None else "none",
+                      "split": self._split,
                       "finished_at": _iso(clock if clock is not None else time.time())},
         }
         if r.classes is not None:
@@ -270,17 +272,19 @@ class Engine:
             total, steps = 0.0, 0
             for loss in method.losses(state, iteration):
                 value = float(loss.detach())
+                if self._split == "classes":  # each rank's loss holds its own classes' terms
+                    value = distributed.all_reduce_sum(value)
                 if not math.isfinite(value):
                     self._fail_nonfinite(iteration, "loss", state, optimizers, ctx, start, good=steps == 0)
                 for opt in optimizers.values():
                     opt.zero_grad(set_to_none=True)
                 loss.backward()
+                if self._reduce_gradients:  # each rank's gradients are its share: every rank steps with the sum
+                    distributed.all_reduce_gradients([t for t in state.values() if t.requires_grad])
                 for opt in optimizers.values():
                     opt.step()
                 total += value
                 steps += 1
-            if self._row_blocks is not None:  # each rank summed its own classes' losses
-                total = distributed.all_reduce_sum(total)
             if not all(torch.isfinite(t).all() for t in state.values()):
                 self._fail_nonfinite(iteration, "synthetic tensors", state, optimizers, ctx, start, good=False)
             done = iteration + 1
@@ -298,19 +302,39 @@ class Engine:
             self._checkpoint(r.iterations, state, optimizers, ctx)
 
     # -- several processes (torchrun) --------------------------------------------------------
-    def _split_classes(self, method, ctx: BuildContext) -> None:
-        """Under torchrun, give each rank a block of classes when the method's losses are independent per
-        class (``splits_classes``) and the network has no batch norm (which couples classes); otherwise
-        every rank computes the whole build (same result, no speed-up)."""
+    def _split_work(self, method, ctx: BuildContext) -> None:
+        """Under torchrun, split the method's work across ranks as it declares:
+
+        - ``splits_classes`` (DM): each rank a block of classes and its rows of the set, exchanged at
+          checkpoints and at the end; not with batch norm (which couples the classes in DM's forward);
+        - ``gradient_split = "classes"`` (DC, DSA): each rank a block of classes' loss terms; the gradients
+          are summed over ranks after every backward, so every rank steps (and trains its network) alike;
+        - ``gradient_split = "batches"`` (MTT, DATM, TESLA): each rank a share of every student step's
+          batch (``ctx.batch_shard``); gradients summed likewise; not with batch norm (whose batch
+          statistics couple the samples of a step).
+
+        Otherwise every rank computes the whole build (same result, no speed-up)."""
         world = distributed.current()
-        if not world.active or not getattr(method, "splits_classes", False):
+        split = getattr(method, "gradient_split", "")
+        if not world.active or not (split or getattr(method, "splits_classes", False)):
             return
-        c, h, w = ctx.real.image_shape
-        net = build_network(self.recipe.model, c, ctx.num_classes, (h, w), seed=0)
-        if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules()):
+        if split not in ("", "classes", "batches"):
+            raise BuildError(f"method {self.recipe.method}: unknown gradient_split {split!r}")
+        if split != "classes":  # batch norm couples DM's classes and a student step's samples
+            c, h, w = ctx.real.image_shape
+            net = build_network(self.recipe.model, c, ctx.num_classes, (h, w), seed=0)
+            if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules()):
+                return
+        if split == "batches":
+            ctx.batch_shard = distributed.BatchShard(world)
+            self._split, self._reduce_gradients = "batches", True
             return
         distributed.require_ranks_at_most(ctx.num_classes, "classes")
         ctx.owned_classes = tuple(distributed.owned_block(ctx.num_classes, world))
+        self._split = "classes"
+        if split == "classes":
+            self._reduce_gradients = True
+            return
         self._row_blocks = [range(b.start * ctx.ipc, b.stop * ctx.ipc)
                             for b in distributed.blocks(ctx.num_classes, world.world_size)]
 

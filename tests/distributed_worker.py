@@ -29,6 +29,16 @@ def collectives_worker(rank: int, init_file: str) -> None:
         assert with_grad.grad.tolist() == [3.0, 3.0, 3.0] and without.grad.tolist() == [0.0, 0.0]
         assert distributed.broadcast_object({"from": rank}) == {"from": 0}
         assert distributed.gather_to_main(rank * 10) == ([0, 10] if rank == 0 else None)
+        # a batch split: rank 0 takes samples [0, 2) of 5, rank 1 [2, 5); sums with hand-computed gradients
+        shard = distributed.BatchShard(world)
+        assert shard.share(5) == (range(2) if rank == 0 else range(2, 5))
+        assert shard.sum_(torch.tensor([rank + 1.0])).tolist() == [3.0]
+        x = torch.tensor([1.0, 2.0], requires_grad=True)  # the same on both ranks
+        summed = shard.sum((rank + 1.0) * shard.fan_out(x))  # (1 + 2) * x on both ranks
+        assert summed.tolist() == [3.0, 6.0]
+        (summed * torch.tensor([1.0, 10.0])).sum().backward()
+        assert x.grad.tolist() == [3.0, 30.0]  # d/dx of the (replicated) 3 * (x0 + 10 x1)
         distributed.barrier()
     finally:
         dist.destroy_process_group()
+

@@ -326,3 +326,17 @@ def test_dc_mnist_recipe_evaluates_with_dcs_own_augmentation():
 
     r = load_recipe(RECIPES_DIR / "dc_mnist.yaml")
     assert r.eval.augment == "dc:crop_scale_rotate" and r.eval.epochs == 1000
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_rows_of_a_per_sample_draw_transform_those_images_alone(family: str) -> None:
+    """A batch split across processes: rows [2, 5) of a per-sample draw on images [2, 5) give the rows of the
+    whole batch's output; a siamese draw is its own rows."""
+    aug = Augmenter(family)
+    x = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    draw = aug.sample(torch.Generator().manual_seed(2), 6)
+    part = draw.rows(2, 5)
+    assert part.batch_size == 3 and part.family == draw.family
+    torch.testing.assert_close(aug.apply(x[2:5], part), aug.apply(x, draw)[2:5], rtol=0, atol=1e-6)
+    siamese = aug.sample(torch.Generator().manual_seed(3))
+    assert siamese.rows(2, 5) is siamese

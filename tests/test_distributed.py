@@ -1,8 +1,8 @@
 """Scale-out with torchrun (CPU, gloo, loopback): the split of work, and real 2-process builds equal to 1-process ones.
 
-Bit-identical where the split is by class (DM) or by expert (expert trajectories), and for evaluation (runs
-split across ranks, accuracies gathered). MTT/DATM/TESLA and DC/DSA are not split (every rank computes the
-whole build), so no tolerance test applies to them here.
+Bit-identical where the split is by class (DM, DC/DSA) or by expert (expert trajectories), and for evaluation
+(runs split across ranks, accuracies gathered). MTT/DATM/TESLA split each student step's batch and sum the
+ranks' gradients (all-reduce), which adds the same terms in another order: equal within 1e-5, not bit for bit.
 """
 
 from __future__ import annotations
@@ -17,12 +17,18 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+import yaml
+from conftest import TINY_EXPERTS
+from distributed_build_worker import builds_worker, on_demand_worker
 from distributed_worker import collectives_worker
 
+import builders.recipe
 from builders import distributed
 from builders.build import build, recipe_from_dict
-from builders.distributed import World
+from builders.distributed import BatchShard, World
 from builders.engine import _log_iteration
+from builders.errors import BuildError
+from condensed_datasets import CondensedFashionMNIST
 from condensed_datasets.format import CondensedSet
 
 REPO = Path(__file__).resolve().parent.parent
@@ -62,6 +68,13 @@ def test_owned_items_and_the_one_process_world():
     assert distributed.map_items([1, 2, 3], lambda x: x * 10) == [10, 20, 30]
     assert distributed.backend_for(torch.device("cpu")) == "gloo"
     assert distributed.backend_for(torch.device("cuda", 0)) == "nccl"
+
+
+def test_a_batch_too_small_to_split_is_refused_on_every_rank():
+    for rank in (0, 1):
+        assert BatchShard(World(rank, 2)).share(2) == range(rank, rank + 1)
+        with pytest.raises(BuildError, match="batch of 1 samples cannot be split across 2 processes"):
+            BatchShard(World(rank, 2)).share(1)
 
 
 def test_collectives_on_two_gloo_processes(tmp_path):
@@ -164,6 +177,75 @@ def test_a_killed_rank_restarts_and_the_build_resumes_to_the_same_set(fashion_mn
     assert torch.equal(two.images, one.images)
     log = [json.loads(line) for line in (out / "condensed" / "fashionmnist" / "dm_ipc2.log.jsonl").read_text().splitlines()]
     assert [e["iteration"] for e in log] == [1, 2, 3, 4, 5, 6]  # resumed at 2: the rewritten tail, once
+
+
+def _mtt_recipes(store: Path) -> dict[str, dict]:
+    mtt = {"source": "fashionmnist", "method": "mtt", "ipc": 1, "model": TINY_EXPERTS["model"], "seed": 2,
+           "real_per_class": 10, "iterations": 3, "augment": "color_crop_cutout_flip_scale_rotate",
+           "params": {"syn_steps": 3, "expert_epochs": 1, "max_start_epoch": 1, "batch_syn": 0, "lr_img": 10.0,
+                      "lr_lr": 1e-4, "expert_dir": str(store)}}
+    return {
+        "mtt": mtt,  # unrolled; every step takes the 10 images: 5 on each rank
+        "tesla": {**mtt, "params": {**mtt["params"], "memory": "constant", "teacher_label": True, "batch_syn": 7}},
+        "datm": {**mtt, "method": "datm", "params": {**mtt["params"], "max_start_epoch": 2, "current_max_start_epoch": 1,
+                                                     "expansion_end_epoch": 2, "expert_optimizer": "sgd"}},
+        "dsa": {"source": "fashionmnist", "method": "dsa", "ipc": 1, "model": "ConvNetW32", "seed": 4,
+                "real_per_class": 10, "iterations": 2, "classes": [0, 1, 2], "augment": "color_crop_cutout_flip_scale_rotate",
+                "params": {"batch_real": 8, "outer_loop": 2, "inner_loop": 1}},
+    }
+
+
+def _only_set(out: Path) -> CondensedSet:
+    (path,) = (out / "condensed").rglob("*.safetensors")
+    return CondensedSet.load(path)
+
+
+@pytest.mark.slow
+def test_two_process_gradient_splits_equal_one_process(fashion_mnist_root, tmp_path, expert_store):
+    """MTT, TESLA (memory: constant, teacher labels) and DATM split each student step's batch across the ranks
+    and all-reduce (sum) the images', step size's and soft labels' gradients: the sums add the same terms in
+    another order, so the sets agree within 1e-5, not bit for bit. DSA splits the classes' matching terms and
+    sums the image gradients: each row's gradient is one rank's plus exact zeros, so its images are identical."""
+    recipes = _mtt_recipes(expert_store.path)
+    mp.spawn(builds_worker, args=(str(tmp_path / "rendezvous"), recipes, str(fashion_mnist_root), str(tmp_path / "two")),
+             nprocs=2, join=True)
+    for name, recipe in recipes.items():
+        one = _one_process_set(recipe, fashion_mnist_root, tmp_path / "one" / name, evaluate=False)
+        two = _only_set(tmp_path / "two" / name)
+        assert two.metadata["build"]["world_size"] == 2
+        assert two.metadata["build"]["split"] == ("classes" if name == "dsa" else "batches")
+        if name == "dsa":
+            assert torch.equal(two.images, one.images)
+            continue
+        torch.testing.assert_close(two.images, one.images, rtol=0, atol=1e-5)
+        torch.testing.assert_close(two.lr, one.lr, rtol=1e-5, atol=0)
+        assert abs(one.lr.item() - recipe["params"].get("lr_teacher", 0.01)) > 1e-6  # the step size was learned
+        if name != "mtt":
+            torch.testing.assert_close(two.soft_labels, one.soft_labels, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_build_on_demand_in_a_process_group_builds_once_across_the_ranks(fashion_mnist_root, tmp_path, monkeypatch):
+    """Both ranks of a running group ask for a missing set (build=True; ipc 2 is not embedded in the package): they build it together (DM's class
+    split), rank 0 writes it, and each rank reads the set a 1-process build-on-demand makes, bit for bit."""
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    tiny = {**DM, "iterations": 2, "checkpoint_every": 0, "eval": {"runs": 1, "epochs": 1, "test_per_class": 2}}
+    (recipes / "dm_fashionmnist.yaml").write_text(yaml.safe_dump(tiny))
+    roots = [tmp_path / "two", tmp_path / "one"]
+    for root in roots:
+        root.mkdir()
+        (root / "FashionMNIST").symlink_to(fashion_mnist_root / "FashionMNIST", target_is_directory=True)
+    mp.spawn(on_demand_worker, args=(str(tmp_path / "rendezvous"), str(recipes), str(roots[0])), nprocs=2, join=True)
+    monkeypatch.setattr(builders.recipe, "RECIPES_DIR", recipes)
+    one = CondensedFashionMNIST(roots[1], method="dm", ipc=2, build=True)
+    seen = [json.loads((roots[0] / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert seen[0] == seen[1]
+    assert seen[0]["build"]["world_size"] == 2 and seen[0]["build"]["split"] == "classes"
+    written = sorted(p.name for p in (roots[0] / "condensed" / "fashionmnist").iterdir())
+    assert written == [".dm_ipc2.safetensors.build.lock", "dm_ipc2.log.jsonl", "dm_ipc2.png", "dm_ipc2.safetensors"]
+    two = CondensedFashionMNIST(roots[0], method="dm", ipc=2)
+    assert torch.equal(two.data, one.data) and one.metadata["build"]["world_size"] == 1
 
 
 def _free_port() -> int:

@@ -16,6 +16,7 @@ from builders.recipe import check_choice
 if TYPE_CHECKING:
     from builders.augment import Augmenter
     from builders.data import RealData
+    from builders.distributed import BatchShard
     from builders.recipe import Recipe
 
 
@@ -43,6 +44,7 @@ class BuildContext:
     augmenter: "Augmenter | None" = None
     out_root: Path = Path("data")  # where the build writes (expert trajectories live under it)
     owned_classes: tuple[int, ...] | None = None  # under torchrun: the classes this rank computes (None: all)
+    batch_shard: BatchShard | None = None  # under torchrun, gradient_split "batches": this rank's share of batches
 
     @property
     def num_classes(self) -> int:
@@ -128,6 +130,10 @@ class Method(ABC):
     defaults: ClassVar[dict[str, Any]] = {}
     iterative: ClassVar[bool] = True
     splits_classes: ClassVar[bool] = False  # True: losses independent per class (torchrun may split them)
+    #: Under torchrun, a split whose state gradients the engine sums over ranks after every backward, so
+    #: that every rank takes the identical step: "classes" (the loss holds the terms of ``ctx.classes_here()``)
+    #: or "batches" (per-sample terms of ``ctx.batch_shard``'s share of each batch); "" none.
+    gradient_split: ClassVar[str] = ""
 
     def __init__(self, ctx: BuildContext) -> None:
         self.ctx = ctx

@@ -15,6 +15,13 @@ matched; the inner training runs in train mode.
 
 DSA is the same loop with one siamese DSA draw per class applied to the real and the synthetic
 batch before matching, and per-sample DSA while the inner network trains.
+
+Under torchrun with N processes (``gradient_split = "classes"``) rank r computes the matching terms of
+its block of classes ``[r*C//N, (r+1)*C//N)``; every rank draws every random number of the iteration
+in the same order (all classes' batches and DSA draws, the inner training's order). The engine sums the
+image gradients over ranks before each step, so every rank holds the same images and trains the same
+network on them between matching steps: the result equals one process's up to float rounding of that
+sum. Batch norm is no obstacle here (its statistics are frozen while gradients are matched).
 """
 
 from __future__ import annotations
@@ -59,15 +66,17 @@ def class_matching_loss(
     real_batches: Sequence[torch.Tensor],
     syn_batches: Sequence[torch.Tensor],
     metric: str = "ours",
+    classes: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Sum over classes ``c`` of the distance between the gradients on ``real_batches[c]`` and ``syn_batches[c]``.
 
-    The real gradients are detached; the synthetic ones keep their graph, so the result backpropagates
-    into the synthetic images.
+    ``classes``: the class label of each pair of batches (default ``0, 1, ...``). The real gradients are
+    detached; the synthetic ones keep their graph, so the result backpropagates into the synthetic images.
     """
     params = [p for p in net.parameters() if p.requires_grad]
+    labels = range(len(real_batches)) if classes is None else classes
     total = None
-    for c, (real, syn) in enumerate(zip(real_batches, syn_batches)):
+    for c, real, syn in zip(labels, real_batches, syn_batches):
         g_real = [g.detach() for g in class_gradient(net, params, real, c, create_graph=False)]
         g_syn = class_gradient(net, params, syn, c, create_graph=True)
         dist = gradient_distance(g_real, g_syn, metric)
@@ -95,6 +104,7 @@ class GradientMatching(Method):
     }
     #: DSA: a siamese draw per class while matching, per-sample DSA while the inner net trains.
     augmented: ClassVar[bool] = False
+    gradient_split: ClassVar[str] = "classes"  # torchrun: classes' matching terms across ranks, gradients summed
 
     @classmethod
     def check_recipe(cls, recipe: "Recipe") -> None:
@@ -163,7 +173,11 @@ class GradientMatching(Method):
                 freeze_batch_norm(net, torch.cat([ctx.real.sample_class(c, n, ctx.generator)
                                                   for c in range(ctx.num_classes)]))
             real_batches, syn_batches = self.matching_batches(state["images"])
-            yield class_matching_loss(net, real_batches, syn_batches, self.params["distance"])
+            # torchrun class split: every rank drew every class's batches above, in order; it matches only
+            # its own classes (all of them in one process), and the engine sums the image gradients.
+            here = ctx.classes_here()
+            yield class_matching_loss(net, [real_batches[c] for c in here], [syn_batches[c] for c in here],
+                                      self.params["distance"], classes=here)
             if outer == self.outer_loop - 1:
                 break  # the paper does not train the network after the last matching step
             self.train_inner(net, optimizer, state["images"])

@@ -29,6 +29,17 @@ the step size zero or negative. It starts at ``lr_teacher``. The set stores the 
 Memory (``params.memory``): ``unrolled`` keeps every student step's graph (memory grows with
 ``syn_steps``); ``constant`` computes the same gradients with one step's graph alive at a time
 (:mod:`builders.methods.tesla`). Both draw the same batches and augmentations.
+
+Under torchrun with N processes (``gradient_split = "batches"``, DATM and TESLA alike) every rank draws
+the iteration's expert, start epoch and plan in the same order and runs the same student; rank r
+computes each student step's gradient on its block ``[r*B//N, (r+1)*B//N)`` of the step's ``B``
+images (weighted ``len(block) / B``, so the blocks' gradients sum to the batch mean's), and the ranks'
+gradients are summed before the step, so every rank holds the same student. Backpropagating the
+(identical) loss leaves on each rank its share of the gradients of the images, the step size and the
+soft labels; the engine sums them over ranks before the optimisers step, so every rank applies the same
+update. The result equals one process's within float rounding (the same terms summed in another order).
+Not with batch norm (its batch statistics couple a step's images): every rank then computes the whole
+build. Each step's batch needs at least N images.
 """
 
 from __future__ import annotations
@@ -101,6 +112,7 @@ class TrajectoryMatching(Method):
         "teacher_label": False,  # TESLA's labels from the target expert (builders/methods/teacher_labels.py)
     }
     momentum: ClassVar[float] = 0.5
+    gradient_split: ClassVar[str] = "batches"  # torchrun: each student step's batch split across ranks
 
     @classmethod
     def check_recipe(cls, recipe: "Recipe") -> None:
@@ -195,7 +207,7 @@ class TrajectoryMatching(Method):
         rows = self.store.snapshots(expert, [start_epoch, start_epoch + p["expert_epochs"]]).to(ctx.device)
         plan = make_plan(state["images"].shape[0], p["syn_steps"], p["batch_syn"], ctx.generator, ctx.augmenter)
         return StudentTrajectory(self.net, self.layout, rows[0], rows[1], plan, ctx.augmenter,
-                                 extra={"expert": expert, "start_epoch": start_epoch})
+                                 extra={"expert": expert, "start_epoch": start_epoch}, shard=ctx.batch_shard)
 
     def targets(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
         """The labels the student trains with: class indices (MTT)."""

@@ -29,6 +29,11 @@ recompute step i's graph from ``theta_i`` and the same batch and augmentation dr
 and free the graph. Peak memory: one step's double-backward graph plus the N parameter vectors;
 the unrolled version keeps N such graphs. Cost: about one extra forward/backward per step.
 
+Under a torchrun batch split (:mod:`builders.methods.mtt`) each rank computes ``g_i`` and the three
+vector-Jacobian products on its share of step i's batch; the shares of ``g_i`` (forward) and of the
+Hessian-vector product (backward) are summed over ranks, so ``theta_i`` and ``lam`` stay identical on
+every rank, while the gradients of the images, ``a`` and the labels stay per rank (the engine sums them).
+
 It is a :class:`torch.autograd.Function`: the loss it returns carries the true loss value, and the
 engine's ``loss.backward()`` runs the recursion above and leaves the gradients on the images, the
 step size (and through it on ``syn_lr_raw``) and the soft labels.
@@ -63,8 +68,13 @@ class _ConstantMemoryMatching(torch.autograd.Function):
             thetas.append(theta.to(store_on, copy=True) if store_on != theta.device else theta)
             with torch.enable_grad():
                 leaf = theta.detach().requires_grad_(True)
-                x, y = traj.batch(images.detach(), labels.detach(), step)
-                (grad,) = torch.autograd.grad(traj.step_loss(leaf, x, y), leaf)
+                if traj.shard is not None:  # this rank's share of the batch; the ranks' gradients summed
+                    x, y, weight = traj.batch_share(images.detach(), labels.detach(), step)
+                    (grad,) = torch.autograd.grad(weight * traj.step_loss(leaf, x, y), leaf)
+                    traj.shard.sum_(grad)
+                else:
+                    x, y = traj.batch(images.detach(), labels.detach(), step)
+                    (grad,) = torch.autograd.grad(traj.step_loss(leaf, x, y), leaf)
             theta = theta - step_size * grad
         ctx.save_for_backward(images, lr, labels)
         ctx.traj = traj
@@ -86,21 +96,27 @@ class _ConstantMemoryMatching(torch.autograd.Function):
         grad_labels = torch.zeros_like(labels) if want_labels else None
         grad_lr = torch.zeros_like(lr)
         for step in reversed(range(len(traj.plan))):
-            idx = traj.plan.batches[step].to(images.device)
+            positions, draw, weight = (traj.plan.batches[step], traj.plan.draws[step], None) if traj.shard is None \
+                else traj.share_of(step)  # a batch split: this rank's share, its terms summed below
+            idx = positions.to(images.device)
             with torch.enable_grad():
                 theta = ctx.thetas[step].to(images.device).detach().requires_grad_(True)
                 x_leaf = images[idx].detach().requires_grad_(want_images)
-                draw = traj.plan.draws[step]
                 x = traj.augmenter.apply(x_leaf, draw) if draw is not None else x_leaf
                 y_leaf = labels[idx].detach()
                 if want_labels:
                     y_leaf.requires_grad_(True)
-                (grad,) = torch.autograd.grad(traj.step_loss(theta, x, y_leaf), theta, create_graph=True)
+                step_loss = traj.step_loss(theta, x, y_leaf)
+                if weight is not None:
+                    step_loss = weight * step_loss
+                (grad,) = torch.autograd.grad(step_loss, theta, create_graph=True)
                 inputs = [theta] + ([x_leaf] if want_images else []) + ([y_leaf] if want_labels else [])
                 vjps = torch.autograd.grad(grad, inputs, grad_outputs=lam, allow_unused=True)
             if want_lr:
                 grad_lr = grad_lr - (grad.detach() * lam).sum()
             vjp_theta = vjps[0] if vjps[0] is not None else torch.zeros_like(lam)
+            if traj.shard is not None:  # the Hessian-vector product of the whole batch: every rank's share summed
+                traj.shard.sum_(vjp_theta)
             rest = list(vjps[1:])
             if want_images:
                 vjp_x = rest.pop(0)

@@ -2,13 +2,15 @@
 student run (batches and augmentation draws), the student itself and the normalised parameter distance.
 
 MTT (:mod:`builders.methods.mtt`), DATM and TESLA's constant-memory gradients
-(:mod:`builders.methods.tesla`) build on these; none of them is a method on its own.
+(:mod:`builders.methods.tesla`) build on these; none of them is a method on its own. Under a torchrun
+batch split (``StudentTrajectory.shard``) each rank computes its share of every student step's batch and
+the shares are summed (see :mod:`builders.methods.mtt`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +20,9 @@ from torch.func import functional_call
 from builders.augment import AugmentDraw, Augmenter
 from builders.evaluate import label_loss
 from builders.experts import ParamLayout
+
+if TYPE_CHECKING:
+    from builders.distributed import BatchShard
 
 LR_FLOOR = 1e-4  # times lr_teacher: the least step size
 LR_BETA = 100.0  # divided by lr_teacher: softplus sharpness
@@ -95,6 +100,7 @@ class StudentTrajectory:
     plan: InnerPlan
     augmenter: Augmenter | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    shard: BatchShard | None = None  # torchrun batch split: this rank computes its share of every step's batch
 
     def batch(self, images: torch.Tensor, labels: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Step ``step``'s (augmented images, labels)."""
@@ -105,6 +111,25 @@ class StudentTrajectory:
             assert self.augmenter is not None
             x = self.augmenter.apply(x, draw)
         return x, labels[idx]
+
+    def share_of(self, step: int) -> tuple[torch.Tensor, AugmentDraw | None, float]:
+        """Under a batch split, this rank's share of step ``step``: its positions in the set (CPU), its
+        augmentation draw and its weight ``len(share) / len(batch)`` (the ranks' weights sum to 1)."""
+        assert self.shard is not None, "share_of needs a batch split"
+        batch, draw = self.plan.batches[step], self.plan.draws[step]
+        part = self.shard.share(len(batch))
+        return (batch[part.start:part.stop], draw.rows(part.start, part.stop) if draw is not None else None,
+                len(part) / len(batch))
+
+    def batch_share(self, images: torch.Tensor, labels: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """This rank's share of step ``step`` (see :meth:`share_of`): augmented images, labels, weight."""
+        positions, draw, weight = self.share_of(step)
+        idx = positions.to(images.device)
+        x = images[idx]
+        if draw is not None:
+            assert self.augmenter is not None
+            x = self.augmenter.apply(x, draw)
+        return x, labels[idx], weight
 
     def step_loss(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The student's training loss at flat parameters ``theta`` on the batch (x, y)."""
@@ -128,6 +153,12 @@ def unrolled_matching_loss(
     """The matching loss with every student step kept in the autograd graph (memory grows with steps)."""
     theta = traj.start.detach().clone().requires_grad_(True)
     for step in range(len(traj.plan)):
+        if traj.shard is not None:  # this rank's share of the step; the ranks' steps summed
+            here = traj.shard.fan_out(theta)
+            x, y, weight = traj.batch_share(images, labels, step)
+            (grad,) = torch.autograd.grad(weight * traj.step_loss(here, x, y), here, create_graph=True)
+            theta = theta - traj.shard.sum(lr * grad)
+            continue
         x, y = traj.batch(images, labels, step)
         (grad,) = torch.autograd.grad(traj.step_loss(theta, x, y), theta, create_graph=True)
         theta = theta - lr * grad
