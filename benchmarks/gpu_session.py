@@ -16,12 +16,13 @@ grandchild). Sections, in order:
 1. DM iteration time against the reference, Fashion-MNIST ipc 10 (``dm_vs_reference.py``);
 2. the same on CIFAR-10-shaped generated images, ipc 10;
 3. five ConvNets trained together against one after another (``ensemble_speed.py``);
-4. peak memory of MTT at CIFAR-100 shape, ipc 10, unrolled vs constant (``tesla_memory.py``);
+4. the quickstart built at fp32 and at bf16-real, two seeds each (``precision_check.py``);
 5. DM against the reference on CIFAR-10-shaped images, ipc 50 (one round);
-6. MTT memory at CIFAR-100 shape, ipc 50 (the recipe's 125 images per step);
-7. a one-process ``torchrun`` build (NCCL on a GPU): a tiny DM Fashion-MNIST set whose metadata must
+6. peak memory of MTT at CIFAR-100 shape, ipc 10, unrolled vs constant (``tesla_memory.py``);
+7. MTT memory at CIFAR-100 shape, ipc 50 (the recipe's 125 images per step);
+8. a one-process ``torchrun`` build (NCCL on a GPU): a tiny DM Fashion-MNIST set whose metadata must
    say ``build.backend``;
-8. a DM Fashion-MNIST ipc 10 build with the paper's evaluation, at as many of the paper's 20,000
+9. a DM Fashion-MNIST ipc 10 build with the paper's evaluation, at as many of the paper's 20,000
    iterations as the budget left allows (the record says how many ran).
 """
 
@@ -110,10 +111,11 @@ def environment(python: str) -> str:
     return subprocess.run([python, "-c", code], check=False, capture_output=True, text=True).stdout.strip()
 
 
-def package_seconds_per_iteration(name: str) -> float | None:
-    """The package's median s/iteration from a dm_vs_reference record written this session."""
-    for path in sorted(RESULTS.glob(name)):
-        return json.loads(path.read_text()).get("package_s_per_iteration_median")
+def package_seconds_per_iteration(s: Session, prefix: str) -> float | None:
+    """The package's median s/iteration from the Fashion-MNIST dm_vs_reference record written this session."""
+    for path in s.new_records():
+        if path.name.startswith(prefix) and path.name[len(prefix):len(prefix) + 1].isdigit():
+            return json.loads(path.read_text()).get("package_s_per_iteration_median")
     return None
 
 
@@ -149,12 +151,16 @@ def main(reference: Path, fashion_mnist: Path, budget: float, out: Path, python:
               needs=60, limit=170)
     s.section("ensemble", [f"{bench}/ensemble_speed.py", "--device", device, "--nets", "5",
                            "--epochs", counts["epochs"], "--rounds", counts["rounds"], "--record"], needs=30, limit=90)
+    precision_smoke = ["--set", "iterations=2", "--set", "eval.runs=1", "--set", "eval.epochs=2",
+                       "--set", "params.batch_real=8"] if smoke else []
+    s.section("precision_quickstart", [f"{bench}/precision_check.py", "--device", device, "--record",
+                                       *precision_smoke], needs=60, limit=200)
+    s.section("dm_cifar10_ipc50", [*dm, "--source", "cifar10-generated", "--ipc", "50", "--rounds", "1"],
+              needs=60, limit=120)
     mtt = [f"{bench}/tesla_memory.py", "--device", device, "--model", "ConvNet", "--classes", "100",
            "--steps", counts["steps"], "--record", "--child-timeout", "60"]
     s.section("mtt_memory_cifar100_ipc10", [*mtt, "--images", counts["images"], "--tag", "cifar100_ipc10"],
               needs=40, limit=150)
-    s.section("dm_cifar10_ipc50", [*dm, "--source", "cifar10-generated", "--ipc", "50", "--rounds", "1"],
-              needs=60, limit=120)
     s.section("mtt_memory_cifar100_ipc50", [*mtt, "--images", counts["images50"], "--batch-syn", counts["batch_syn"],
                                             "--tag", f"cifar100_ipc50_batch{counts['batch_syn']}"], needs=40, limit=120)
     torchrun_out = Path("/tmp/gpu_session_torchrun")
@@ -167,7 +173,7 @@ def main(reference: Path, fashion_mnist: Path, budget: float, out: Path, python:
               needs=40, limit=90)
     for path in sorted(torchrun_out.glob("condensed/fashionmnist/*.safetensors")):
         s.say(f"   {path.name}: build = {json.dumps(read_metadata(path, python).get('build'))[:600]}")
-    per_it = package_seconds_per_iteration(f"dm_vs_reference_{device}_2*.json")
+    per_it = package_seconds_per_iteration(s, f"dm_vs_reference_{device}_")
     eval_allowance = 120.0  # 5 + 5 evaluation runs of 1000 epochs on 100 images, and the test passes
     if per_it:
         iterations = int(min(20000, max(0.0, s.left() - eval_allowance - 30) / per_it))
@@ -184,6 +190,8 @@ def main(reference: Path, fashion_mnist: Path, budget: float, out: Path, python:
             record_paper_row(build_out, iterations, device, s)
         else:
             s.say(f"paper row: skipped ({s.left():.0f} s left)")
+    else:
+        s.say("paper row: skipped (no DM s/iteration measured this session)")
     s.say(json.dumps(s.summary))
     s.save()
 
