@@ -185,7 +185,7 @@ def main(reference: Path, rounds: int, warmup: int, timed: int, overrides: tuple
                    "--init", "real", "--num_exp", "1", "--Iteration", str(total - 1),
                    "--data_path", str(data), "--save_path", str(tmp / "ref_out")]
         pkg_cmd = [python, str(REPO / "benchmarks" / "build_speed.py"), str(REPO / "recipes" / recipe_name),
-                   "--device", device, "--data-root", str(data), "--out", str(tmp / "pkg_out"),
+                   "--device", device, "--data-root", str(data), "--out", "PKG_OUT",
                    "--warmup", str(warmup - 1), "--iterations", str(timed + 1), "--stamps", "--set", f"ipc={ipc}"]
         for pair in overrides:
             pkg_cmd += ["--set", pair]
@@ -193,6 +193,7 @@ def main(reference: Path, rounds: int, warmup: int, timed: int, overrides: tuple
         for r in range(rounds):
             for side, cmd, cwd, run_env in (("reference", ref_cmd, tmp / "ref", ref_env),
                                               ("package", pkg_cmd, REPO, pkg_env)):
+                cmd = [str(tmp / f"pkg_out_{r}") if c == "PKG_OUT" else c for c in cmd]  # a fresh output per run
                 result = _run(cmd, cwd, run_env, tmp / f"{side}_{r}.log")
                 result["s_per_iteration"] = round(_per_iteration(result.pop("stamps"), warmup, timed), 4)
                 result["cpu_s_per_iteration"] = round(_per_iteration(result.pop("cpu_stamps"), warmup, timed), 4)
