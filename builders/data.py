@@ -124,7 +124,7 @@ class RealData:
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         """Images at positions ``idx`` of this split, in the build's space (see :meth:`normalize`)."""
-        return self.normalize(self.images[idx.to(self.device)])
+        return self.normalize(self.images[idx.to(self.device, non_blocking=True)])
 
     def sample_class(self, c: int, n: int, generator: torch.Generator) -> torch.Tensor:
         """``n`` random images of class ``c`` without replacement (all of them if the class has fewer)."""

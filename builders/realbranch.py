@@ -39,10 +39,11 @@ def _avg_pool_2x2(x: torch.Tensor) -> torch.Tensor:
 
 
 def _fast_layer(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``layer(x)`` without a gradient: ReLU in place, 2x2 average pooling by strided views."""
+    """``layer(x)`` without a gradient: ReLU in place, 2x2 average pooling by strided views on a CPU (on a
+    GPU the pooling kernel is faster: the views' in-place adds were a fifth of a DM iteration's GPU time)."""
     if type(layer) is nn.ReLU:
         return x.relu_()
-    if type(layer) is nn.AvgPool2d and layer.kernel_size in (2, (2, 2)) and layer.stride in (2, (2, 2)) \
+    if x.device.type == "cpu" and type(layer) is nn.AvgPool2d and layer.kernel_size in (2, (2, 2)) and layer.stride in (2, (2, 2)) \
             and layer.padding in (0, (0, 0)) and not layer.ceil_mode:
         return _avg_pool_2x2(x)
     return layer(x)
