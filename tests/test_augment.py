@@ -340,3 +340,31 @@ def test_the_rows_of_a_per_sample_draw_transform_those_images_alone(family: str)
     torch.testing.assert_close(aug.apply(x[2:5], part), aug.apply(x, draw)[2:5], rtol=0, atol=1e-6)
     siamese = aug.sample(torch.Generator().manual_seed(3))
     assert siamese.rows(2, 5) is siamese
+
+
+def test_apply_each_equals_applying_each_siamese_draw_alone():
+    # Many classes' (real, synthetic) batches, each pair with its own siamese draw, transformed in one
+    # call per family: every image must come out as its own batch's transform alone makes it.
+    aug = Augmenter("color_crop_cutout_flip_scale_rotate")
+    g = torch.Generator().manual_seed(11)
+    batches, draws = [], []
+    for c in range(24):  # enough draws that every family occurs, most several times
+        draw = aug.sample(g, None)
+        for n in (5 + c % 3, 2):
+            batches.append(torch.randn(n, 3, 9, 11, generator=g))
+            draws.append(draw)
+    assert {d.family for d in draws} == set(FAMILIES)
+    together = aug.apply_each(batches, draws)
+    for b, d, out in zip(batches, draws, together):
+        torch.testing.assert_close(out, aug.apply(b, d), rtol=1e-6, atol=1e-6)
+
+
+def test_apply_each_refuses_per_sample_draws_and_mismatched_lists():
+    aug = Augmenter("flip")
+    g = torch.Generator().manual_seed(0)
+    x = torch.zeros(3, 1, 4, 4)
+    with pytest.raises(ValueError, match="siamese"):
+        aug.apply_each([x], [aug.sample(g, 3)])
+    with pytest.raises(ValueError, match="as many draws"):
+        aug.apply_each([x, x], [aug.sample(g, None)])
+    assert aug.apply_each([], []) == []
