@@ -93,11 +93,12 @@ def ab(rounds: int, warmup: int, timed: int, python: str, record: bool, note: st
             raise click.ClickException("no system copy of Fashion-MNIST (CONDENSED_FASHION_MNIST_DIR)")
         env = dict(os.environ, PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="")
         base = [python, str(REPO / "benchmarks" / "build_speed.py"), str(REPO / "recipes" / "dm_fashionmnist.yaml"),
-                "--device", "cpu", "--data-root", str(tmp / "data"), "--out", str(tmp / "out"),
+                "--device", "cpu", "--data-root", str(tmp / "data"),
                 "--warmup", str(warmup - 1), "--iterations", str(timed + 1), "--stamps"]
         for r in range(rounds):
             for compiled in (False, True):
-                cmd = base + (["--set", "params.compile=true"] if compiled else [])
+                cmd = base + ["--out", str(tmp / f"out_{compiled}_{r}")]  # a build refuses to overwrite a set
+                cmd += ["--set", "params.compile=true"] if compiled else []
                 result = _run(cmd, env, tmp / f"{compiled}_{r}.log", warmup, timed)
                 runs.append({"compile": compiled, "round": r, **result})
                 click.echo(f"round {r} compile={compiled!s:5}: {result['s_per_iteration']:.3f} s/it "
