@@ -37,8 +37,10 @@ from builders.networks import ConvNet, uses_batch_statistics
 
 PRECISIONS = ("fp32", "bf16-real")
 CHUNK = 64  # real images per forward pass on a CPU: bounds activation memory; the class mean is unchanged
-# compiled CPU passes: fused norm/activation/pooling keep fewer activations alive, and larger passes measured
-# faster here (ConvNet, 28x28: 256 images 0.75x the CPU time of 64; benchmarks/results/dm_compiled_chunk_cpu_*.json)
+# compiled CPU passes (value chosen here): fused norm/activation/pooling keep fewer activations alive. ConvNet
+# 28x28 real branch: 256 took 0.75x the CPU time of 64 in a scratch run under heavy load, but within 4% of
+# 64 and 128 in the recorded one (benchmarks/results/dm_compiled_chunk_cpu_2026-11-26.json); kept at 256,
+# which every recorded end-to-end figure used
 COMPILED_CHUNK = 256
 GPU_CHUNK = 4096  # on a GPU, all classes' batches go through together (small passes are launch-bound)
 
