@@ -127,17 +127,21 @@ def test_only_convnets_without_batch_statistics_are_compilable():
     assert not realbranch.compilable(build_network("MLP", 1, 10, (12, 12), seed=0))
 
 
-def test_compiled_class_means_equal_the_plain_means_and_a_fresh_network_does_not_recompile(monkeypatch):
+def test_compiled_class_means_equal_the_plain_means_and_a_fresh_network_does_not_recompile():
     # The one compiling test (inductor compiles C++ kernels: tens of seconds with a cold cache). Shapes
     # are those of _context's DM builds, so a DM build with params.compile in this process reuses them.
     g = torch.Generator().manual_seed(7)
-    for seed in (0, 1):  # DM draws a fresh network every iteration: the second one must reuse the code
+
+    def check(seed: int) -> None:
         net = build_network("ConvNetW32", 1, 10, (12, 12), seed=seed)
         batches = [torch.randn(8, 1, 12, 12, generator=g) for _ in range(3)]
         with torch.no_grad():
             plain = torch.stack([net.embed(b).mean(0) for b in batches])
         torch.testing.assert_close(class_mean_embeddings(net, batches, compiled=True), plain, rtol=1e-5, atol=1e-6)
-        monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+
+    check(seed=0)  # compiles (or finds this shape compiled by an earlier test)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        check(seed=1)  # DM draws a fresh network every iteration: it must reuse the compiled code
 
 
 def test_dm_with_compile_warns_and_runs_uncompiled_for_batchnorm_networks():
