@@ -14,19 +14,34 @@ A network with BatchNorm must see the whole concatenated batch, as the papers' c
 
 ``precision="bf16-real"`` runs the real branch under bfloat16 autocast (CPU or CUDA); the synthetic
 branch, which carries the gradient, always stays in float32.
+
+``compiled=True`` sends a ``ConvNet``'s passes through ``torch.compile`` (inductor fuses norm,
+activation and pooling). The compiled function takes the network's weights as arguments, so the fresh
+network DM draws every iteration reuses the compiled code: it compiles once per process for each
+distinct pass size (with DM's fixed ``batch_real``, one or two), not once per network. Other networks,
+and ConvNets holding a layer not listed in :func:`_functional_layers`, run the uncompiled route
+(silently here: :func:`compilable` tells the caller).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from builders.networks import ConvNet, uses_batch_statistics
 
 PRECISIONS = ("fp32", "bf16-real")
 CHUNK = 64  # real images per forward pass on a CPU: bounds activation memory; the class mean is unchanged
+# compiled CPU passes (value chosen here): fused norm/activation/pooling keep fewer activations alive. ConvNet
+# 28x28 real branch: 256 took 0.75x the CPU time of 64 in a scratch run under heavy load, but within 4% of
+# 64 and 128 in the recorded one (benchmarks/results/dm_compiled_chunk_cpu_2026-11-26.json); kept at 256,
+# which every recorded end-to-end figure used
+COMPILED_CHUNK = 256
 GPU_CHUNK = 4096  # on a GPU, all classes' batches go through together (small passes are launch-bound)
 
 
@@ -64,12 +79,101 @@ def embed_no_grad(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return net.embed(x)
 
 
+Layer = tuple[Any, ...]  # (kind, constant arguments...): hashable, so dynamo guards on it as a constant
+
+
+def _functional_layers(net: nn.Module) -> tuple[tuple[Layer, ...], list[tuple[torch.Tensor | None, ...]]] | None:
+    """A ``ConvNet``'s feature layers as (constant description, weight tensors) pairs; None if not expressible."""
+    if type(net) is not ConvNet:
+        return None
+    spec: list[Layer] = []
+    weights: list[tuple[torch.Tensor | None, ...]] = []
+    for layer in net.features:
+        kind = type(layer)
+        if kind is nn.Conv2d and layer.padding_mode == "zeros" and isinstance(layer.padding, tuple):
+            spec.append(("conv", layer.stride, layer.padding, layer.dilation, layer.groups))
+            weights.append((layer.weight, layer.bias))
+        elif kind is nn.GroupNorm:
+            spec.append(("group_norm", layer.num_groups, layer.eps))
+            weights.append((layer.weight, layer.bias))
+        elif kind is nn.LayerNorm:
+            spec.append(("layer_norm", tuple(layer.normalized_shape), layer.eps))
+            weights.append((layer.weight, layer.bias))
+        elif kind in (nn.ReLU, nn.Sigmoid, nn.SiLU):
+            spec.append(({nn.ReLU: "relu", nn.Sigmoid: "sigmoid", nn.SiLU: "silu"}[kind],))
+            weights.append(())
+        elif kind is nn.LeakyReLU:
+            spec.append(("leaky_relu", layer.negative_slope))
+            weights.append(())
+        elif kind is nn.AvgPool2d and layer.divisor_override is None:
+            spec.append(("avg_pool", layer.kernel_size, layer.stride, layer.padding, layer.ceil_mode,
+                         layer.count_include_pad))
+            weights.append(())
+        elif kind is nn.MaxPool2d and not layer.return_indices:
+            spec.append(("max_pool", layer.kernel_size, layer.stride, layer.padding, layer.dilation, layer.ceil_mode))
+            weights.append(())
+        else:
+            return None
+    return tuple(spec), weights
+
+
+def compilable(net: nn.Module) -> bool:
+    """True when ``class_mean_embeddings(net, ..., compiled=True)`` takes the compiled route for ``net``."""
+    return _functional_layers(net) is not None and not uses_batch_statistics(net)
+
+
+def _embed_from_weights(x: torch.Tensor, weights: list[tuple[torch.Tensor | None, ...]],
+                        spec: tuple[Layer, ...]) -> torch.Tensor:
+    """A ``ConvNet``'s ``embed(x)`` from its layer description and weight tensors (the function compiled)."""
+    for (kind, *args), w in zip(spec, weights):
+        if kind == "conv":
+            x = F.conv2d(x, w[0], w[1], *args)
+        elif kind == "group_norm":
+            x = F.group_norm(x, args[0], w[0], w[1], args[1])
+        elif kind == "layer_norm":
+            x = F.layer_norm(x, args[0], w[0], w[1], args[1])
+        elif kind == "relu":
+            x = F.relu(x)
+        elif kind == "sigmoid":
+            x = torch.sigmoid(x)
+        elif kind == "silu":
+            x = F.silu(x)
+        elif kind == "leaky_relu":
+            x = F.leaky_relu(x, args[0])
+        elif kind == "avg_pool":
+            x = F.avg_pool2d(x, *args)
+        else:  # max_pool
+            x = F.max_pool2d(x, *args)
+    return x.flatten(1)
+
+
+@functools.cache
+def _compiled_embed() -> Callable[..., torch.Tensor]:
+    """:func:`_embed_from_weights` under ``torch.compile`` with static shapes (created on first use)."""
+    return torch.compile(_embed_from_weights, dynamic=False)
+
+
+def _embedder(net: nn.Module, compiled: bool) -> tuple[Callable[[torch.Tensor], torch.Tensor], int]:
+    """``x -> net.embed(x)`` without a gradient (compiled when asked and ``net`` allows it), and its CPU pass size."""
+    layers = _functional_layers(net) if compiled and not uses_batch_statistics(net) else None
+    if layers is None:
+        return functools.partial(embed_no_grad, net), CHUNK
+    spec, weights = layers
+    function = _compiled_embed()
+
+    def embed(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return function(x, weights, spec)
+    return embed, COMPILED_CHUNK
+
+
 def class_mean_embeddings(net: nn.Module, batches: Sequence[torch.Tensor], precision: str = "fp32",
-                          concatenate: bool | None = None) -> torch.Tensor:
+                          concatenate: bool | None = None, compiled: bool = False) -> torch.Tensor:
     """``[len(batches), feature_dim]``: the mean embedding of each class batch.
 
-    Forward passes of at most :data:`CHUNK` images of one batch, or (``concatenate``, the default on a
+    Forward passes of at most :data:`CHUNK` (compiled: :data:`COMPILED_CHUNK`) images of one batch, or (``concatenate``, the default on a
     GPU) of up to :data:`GPU_CHUNK` images of the concatenated batches. ``net`` must have no batch statistics (ValueError otherwise: concatenate the batches instead).
+    ``compiled``: the passes go through ``torch.compile`` where :func:`compilable` (uncompiled otherwise).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision: unknown {precision!r}; valid: {', '.join(PRECISIONS)}")
@@ -78,25 +182,31 @@ def class_mean_embeddings(net: nn.Module, batches: Sequence[torch.Tensor], preci
                          "the concatenated batch, not one class at a time")
     if concatenate is None:  # by device: concatenated passes on a GPU, per-class chunks elsewhere
         concatenate = bool(batches) and batches[0].device.type == "cuda"
+    embed, chunk = _embedder(net, compiled)
     if concatenate:
-        return _concatenated_means(net, batches, precision)
+        return _concatenated_means(net, batches, precision, embed)
     means = []
     for batch in batches:
         total = None
-        for part in batch.split(CHUNK):
+        for part in batch.split(chunk):
             with torch.autocast(part.device.type, dtype=torch.bfloat16, enabled=precision == "bf16-real"):
-                emb = embed_no_grad(net, part)
+                emb = embed(part)
             part_sum = emb.float().sum(0)
             total = part_sum if total is None else total.add_(part_sum)
         means.append(total / batch.shape[0])
     return torch.stack(means)
 
 
-def _concatenated_means(net: nn.Module, batches: Sequence[torch.Tensor], precision: str) -> torch.Tensor:
-    """Per-batch mean embeddings from passes over the concatenated batches (:data:`GPU_CHUNK` images each)."""
+def _concatenated_means(net: nn.Module, batches: Sequence[torch.Tensor], precision: str,
+                        embed: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Per-batch mean embeddings from passes over the concatenated batches (:data:`GPU_CHUNK` images each).
+
+    ``embed``: the no-gradient embedding to use (default :func:`embed_no_grad` of ``net``).
+    """
+    embed = embed or functools.partial(embed_no_grad, net)
     sizes = [batch.shape[0] for batch in batches]
     parts = []
     for part in torch.cat(list(batches)).split(GPU_CHUNK):
         with torch.autocast(part.device.type, dtype=torch.bfloat16, enabled=precision == "bf16-real"):
-            parts.append(embed_no_grad(net, part).float())
+            parts.append(embed(part).float())
     return torch.stack([emb.mean(0) for emb in torch.cat(parts).split(sizes)])

@@ -14,21 +14,22 @@ from builders.realbranch import CHUNK, _avg_pool_2x2, class_mean_embeddings
 from condensed_datasets.sources import get_source
 
 
-def _context(model: str, precision: str = "fp32", per_class: int = 12, size: int = 12) -> BuildContext:
+def _context(model: str, precision: str = "fp32", per_class: int = 12, size: int = 12,
+             compile: bool = False) -> BuildContext:
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (10 * per_class, 1, size, size), generator=g, dtype=torch.uint8)
     real = RealData(images, torch.arange(10).repeat_interleave(per_class), get_source("fashionmnist"))
     recipe = recipe_from_dict({"source": "fashionmnist", "method": "dm", "ipc": 2, "model": model,
                                "augment": "color_crop_cutout_flip_scale_rotate",
-                               "params": {"batch_real": 8, "precision": precision}})
+                               "params": {"batch_real": 8, "precision": precision, "compile": compile}})
     return BuildContext(recipe, real, torch.device("cpu"), torch.Generator().manual_seed(1), augmenter=None)
 
 
-def _loss_and_plain_loss(model: str, precision: str = "fp32"):
+def _loss_and_plain_loss(model: str, precision: str = "fp32", compile: bool = False):
     """DM's loss, and the loss computed class by class with ``net.embed``, on the same net and draws."""
     from builders.augment import Augmenter
 
-    ctx = _context(model, precision)
+    ctx = _context(model, precision, compile=compile)
     ctx.augmenter = Augmenter(ctx.recipe.augment)
     nets, draws = [], []
     new_network, augment = ctx.new_network, ctx.augment_siamese
@@ -42,9 +43,10 @@ def _loss_and_plain_loss(model: str, precision: str = "fp32"):
     return loss, plain, state["images"]
 
 
-@pytest.mark.parametrize("model", ["ConvNetW32", "ConvNetD2", "ConvNetMP"])
-def test_fast_path_loss_and_image_gradient_equal_the_plain_per_class_computation(model):
-    loss, plain, images = _loss_and_plain_loss(model)
+@pytest.mark.parametrize("model, compile", [("ConvNetW32", False), ("ConvNetD2", False), ("ConvNetMP", False),
+                                            ("ConvNetW32", True)])
+def test_fast_path_loss_and_image_gradient_equal_the_plain_per_class_computation(model, compile):
+    loss, plain, images = _loss_and_plain_loss(model, compile=compile)
     (grad,) = torch.autograd.grad(loss, images, retain_graph=True)
     (plain_grad,) = torch.autograd.grad(plain, images)
     torch.testing.assert_close(loss, plain, rtol=1e-5, atol=1e-6)
@@ -106,3 +108,46 @@ def test_concatenated_passes_give_the_plain_class_means(monkeypatch):
     with torch.no_grad():
         plain = torch.stack([net.embed(b).mean(0) for b in batches])
     torch.testing.assert_close(class_mean_embeddings(net, batches, concatenate=True), plain, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("model", ["ConvNetD1", "ConvNetAS", "ConvNetAL", "ConvNetASwish", "ConvNetNN", "ConvNetLN",
+                                   "ConvNetGN", "ConvNetNP", "ConvNetMP"])
+def test_the_weights_function_is_the_networks_embedding(model):
+    # The function compiled by params.compile, run uncompiled: every ConvNet variant's layers translate.
+    net = build_network(model, 1, 10, (12, 12), seed=0)
+    spec, weights = realbranch._functional_layers(net)
+    x = torch.randn(5, 1, 12, 12, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        torch.testing.assert_close(realbranch._embed_from_weights(x, weights, spec), net.embed(x), rtol=1e-5, atol=1e-6)
+
+
+def test_only_convnets_without_batch_statistics_are_compilable():
+    assert realbranch.compilable(build_network("ConvNetW32", 1, 10, (12, 12), seed=0))
+    assert not realbranch.compilable(build_network("ConvNetBN", 1, 10, (12, 12), seed=0))
+    assert not realbranch.compilable(build_network("MLP", 1, 10, (12, 12), seed=0))
+
+
+def test_compiled_class_means_equal_the_plain_means_and_a_fresh_network_does_not_recompile():
+    # The one compiling test (inductor compiles C++ kernels: tens of seconds with a cold cache). Shapes
+    # are those of _context's DM builds, so a DM build with params.compile in this process reuses them.
+    g = torch.Generator().manual_seed(7)
+
+    def check(seed: int) -> None:
+        net = build_network("ConvNetW32", 1, 10, (12, 12), seed=seed)
+        batches = [torch.randn(8, 1, 12, 12, generator=g) for _ in range(3)]
+        with torch.no_grad():
+            plain = torch.stack([net.embed(b).mean(0) for b in batches])
+        torch.testing.assert_close(class_mean_embeddings(net, batches, compiled=True), plain, rtol=1e-5, atol=1e-6)
+
+    check(seed=0)  # compiles (or finds this shape compiled by an earlier test)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        check(seed=1)  # DM draws a fresh network every iteration: it must reuse the compiled code
+
+
+def test_dm_with_compile_warns_and_runs_uncompiled_for_batchnorm_networks():
+    ctx = _context("ConvNetBN", compile=True)
+    method = DistributionMatching(ctx)
+    state = method.initial_state()
+    with pytest.warns(UserWarning, match="params.compile: model 'ConvNetBN'"):
+        loss = next(iter(method.losses(state, 0)))
+    assert torch.isfinite(loss)

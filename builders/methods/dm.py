@@ -7,13 +7,14 @@ shared (siamese) DSA draw per class.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, ClassVar, Iterator
 
 import torch
 
 from builders.methods.base import Method, SetContents, check_init
 from builders.networks import uses_batch_statistics
-from builders.realbranch import PRECISIONS, class_mean_embeddings
+from builders.realbranch import PRECISIONS, class_mean_embeddings, compilable
 from builders.recipe import check_choice
 from builders.registry import register
 
@@ -45,6 +46,7 @@ class DistributionMatching(Method):
         "batch_real": 256,
         "init": "real",
         "precision": "fp32",  # or "bf16-real": the real branch under bfloat16 autocast (see README)
+        "compile": False,  # true: the real branch through torch.compile, ConvNets without BatchNorm (see README)
     }
 
     @classmethod
@@ -78,6 +80,8 @@ class DistributionMatching(Method):
         real_parts, syn_parts = [real_parts[c] for c in here], [syn_parts[c] for c in here]
         real_sizes, syn_sizes = [len(p) for p in real_parts], [len(p) for p in syn_parts]
         if uses_batch_statistics(net):
+            if self.params["compile"]:
+                self._can_compile(net)  # says once that this network runs uncompiled
             # BatchNorm mixes a batch's samples: the paper's one concatenated real forward pass.
             with torch.no_grad():
                 real_emb = net.embed(torch.cat(real_parts))
@@ -85,10 +89,22 @@ class DistributionMatching(Method):
             return
         # Per-sample norms: one real forward pass per class (a tenth of the memory, the same maths),
         # finished before the synthetic forward pass so that its graph is not alive meanwhile.
-        real_means = class_mean_embeddings(net, real_parts, self.params["precision"])
+        compiled = self.params["compile"] and self._can_compile(net)
+        real_means = class_mean_embeddings(net, real_parts, self.params["precision"], compiled=compiled)
         syn_emb = net.embed(torch.cat(syn_parts))
         syn_means = torch.stack([part.mean(0) for part in torch.split(syn_emb, syn_sizes)])
         yield ((real_means - syn_means) ** 2).sum()
+
+    def _can_compile(self, net: torch.nn.Module) -> bool:
+        """Whether ``params.compile`` applies to ``net``; warns once per build when it does not."""
+        if compilable(net):
+            return True
+        if not getattr(self, "_compile_warned", False):
+            self._compile_warned = True
+            warnings.warn(f"params.compile: model {self.ctx.recipe.model!r} is not a ConvNet without BatchNorm "
+                          "(or holds a layer the compiled route does not know); its real branch runs uncompiled. "
+                          "Set params.compile: false to silence this.", stacklevel=2)
+        return False
 
     def finalize(self, state: dict[str, torch.Tensor]) -> SetContents:
         return SetContents(images=state["images"].detach(), metadata={"init": self.params["init"]})

@@ -1,0 +1,185 @@
+"""DM's ``params.compile``: the package against itself, compiled real branch on and off, interleaved.
+
+    python benchmarks/dm_compile.py ab [--rounds 2] [--warmup 3] [--timed 8] [--record] [--note TEXT]
+    python benchmarks/dm_compile.py chunk [--repeats 3] [--record] [--note TEXT]
+
+``ab`` runs ``build_speed.py recipes/dm_fashionmnist.yaml`` (Fashion-MNIST, ipc 10, ConvNet, DSA,
+batch_real 256) alternately without and with ``--set params.compile=true`` (off, on, off, on, ...),
+each in its own process, and reports wall and CPU seconds (all threads) per iteration over iterations
+``warmup + 1`` to ``warmup + timed`` (the first compilation falls in the warm-up), and each child's
+user/sys CPU and peak RSS (``os.wait4``, whole process).
+
+``chunk`` times the real branch alone (ConvNet, 10 classes x 256 random 28x28 images, a fresh network
+per call) in one process: uncompiled passes of 64 images against compiled passes of 64, 128 and 256,
+interleaved, after one untimed call of each compiled size (the compilations).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import torch
+from machine import cpu_name  # benchmarks/machine.py (scripts run from benchmarks/)
+
+from builders import realbranch
+from builders.networks import build_network
+from condensed_datasets.sources import install_system_fashion_mnist
+
+REPO = Path(__file__).resolve().parent.parent
+STAMP = "BENCH_ITER"
+
+
+def _device() -> str:
+    return f"cpu: {cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
+def _record(result: dict, name: str) -> None:
+    folder = Path(__file__).parent / "results"
+    folder.mkdir(exist_ok=True)
+    path = folder / f"{name}_{result['date'][:10]}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    click.echo(f"recorded {path}")
+
+
+def _run(cmd: list[str], env: dict[str, str], log: Path, warmup: int, timed: int) -> dict:
+    """One child: per-iteration wall and CPU seconds from its stamps, user/sys CPU and peak RSS."""
+    load_before = os.getloadavg()[0]
+    with open(log, "w") as out:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+    text = log.read_text()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise click.ClickException(f"{' '.join(cmd)} failed; last lines:\n" + "\n".join(text.splitlines()[-15:]))
+    found = re.findall(rf"^{STAMP} \d+ ([0-9.]+) ([0-9.]+)$", text, re.MULTILINE)
+    if len(found) < warmup + timed:
+        raise click.ClickException(f"only {len(found)} iteration stamps, {warmup + timed} needed")
+    walls, cpus = [float(w) for w, _ in found], [float(c) for _, c in found]
+    return {"s_per_iteration": round((walls[warmup + timed - 1] - walls[warmup - 1]) / timed, 4),
+            "cpu_s_per_iteration": round((cpus[warmup + timed - 1] - cpus[warmup - 1]) / timed, 4),
+            "user_s": round(usage.ru_utime, 1), "sys_s": round(usage.ru_stime, 1),
+            "peak_rss_mib": round(usage.ru_maxrss / 1024, 1), "wall_s": round(wall, 1),
+            "load_average_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+
+
+@click.group()
+def main() -> None:
+    """DM with and without ``params.compile``."""
+
+
+@main.command()
+@click.option("--rounds", type=int, default=2, show_default=True, help="Pairs (off, on) to run.")
+@click.option("--warmup", type=click.IntRange(1), default=3, show_default=True, help="Iterations not timed.")
+@click.option("--timed", type=click.IntRange(1), default=8, show_default=True, help="Iterations timed.")
+@click.option("--python", "python", default=sys.executable, show_default=True)
+@click.option("--record", is_flag=True, help="Write the result to benchmarks/results/.")
+@click.option("--note", default="", help="Conditions worth recording (e.g. other load on the machine).")
+def ab(rounds: int, warmup: int, timed: int, python: str, record: bool, note: str) -> None:
+    """Build iterations with the compiled real branch off and on, alternating."""
+    runs: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="dm_compile_") as tmp_name:
+        tmp = Path(tmp_name)
+        if not install_system_fashion_mnist(tmp / "data"):
+            raise click.ClickException("no system copy of Fashion-MNIST (CONDENSED_FASHION_MNIST_DIR)")
+        env = dict(os.environ, PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="")
+        base = [python, str(REPO / "benchmarks" / "build_speed.py"), str(REPO / "recipes" / "dm_fashionmnist.yaml"),
+                "--device", "cpu", "--data-root", str(tmp / "data"),
+                "--warmup", str(warmup - 1), "--iterations", str(timed + 1), "--stamps"]
+        for r in range(rounds):
+            for compiled in (False, True):
+                cmd = base + ["--out", str(tmp / f"out_{compiled}_{r}")]  # a build refuses to overwrite a set
+                cmd += ["--set", "params.compile=true"] if compiled else []
+                result = _run(cmd, env, tmp / f"{compiled}_{r}.log", warmup, timed)
+                runs.append({"compile": compiled, "round": r, **result})
+                click.echo(f"round {r} compile={compiled!s:5}: {result['s_per_iteration']:.3f} s/it "
+                           f"({result['cpu_s_per_iteration']:.3f} CPU-s/it), peak RSS {result['peak_rss_mib']} MiB")
+
+    def median(compiled: bool, key: str) -> float:
+        return statistics.median(r[key] for r in runs if r["compile"] is compiled)
+
+    result = {
+        "benchmark": "DM iteration, this package: params.compile off vs on",
+        "config": {"recipe": "recipes/dm_fashionmnist.yaml", "source": "fashionmnist", "ipc": 10, "model": "ConvNet",
+                   "batch_real": 256, "augment": "color_crop_cutout_flip_scale_rotate",
+                   "timed_iterations": f"{warmup + 1}-{warmup + timed}", "order": "off, on, alternating"},
+        "runs": runs,
+        "off_s_per_iteration_median": median(False, "s_per_iteration"),
+        "on_s_per_iteration_median": median(True, "s_per_iteration"),
+        "off_cpu_s_per_iteration_median": median(False, "cpu_s_per_iteration"),
+        "on_cpu_s_per_iteration_median": median(True, "cpu_s_per_iteration"),
+        "cpu_time_ratio_off_over_on": round(median(False, "cpu_s_per_iteration")
+                                            / median(True, "cpu_s_per_iteration"), 3),
+        "wall_ratio_off_over_on": round(median(False, "s_per_iteration") / median(True, "s_per_iteration"), 3),
+        "peak_rss_mib_max": {"off": max(r["peak_rss_mib"] for r in runs if not r["compile"]),
+                             "on": max(r["peak_rss_mib"] for r in runs if r["compile"])},
+        "device": _device(),
+        "torch": torch.__version__,
+        "command": " ".join(["python", "benchmarks/dm_compile.py", *sys.argv[1:]]),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "note": note,
+    }
+    click.echo(json.dumps(result, indent=2))
+    if record:
+        _record(result, "dm_compile_ab_cpu")
+
+
+@main.command()
+@click.option("--repeats", type=click.IntRange(1), default=3, show_default=True)
+@click.option("--record", is_flag=True, help="Write the result to benchmarks/results/.")
+@click.option("--note", default="", help="Conditions worth recording (e.g. other load on the machine).")
+def chunk(repeats: int, record: bool, note: str) -> None:
+    """The real branch alone: uncompiled 64-image passes against compiled passes of 64, 128, 256 images."""
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(256, 1, 28, 28, generator=g) for _ in range(10)]
+    variants = [("plain", 64), ("compiled", 64), ("compiled", 128), ("compiled", 256)]
+
+    def call(kind: str, size: int, seed: int) -> tuple[float, float]:
+        net = build_network("ConvNet", 1, 10, (28, 28), seed=seed)
+        for p in net.parameters():
+            p.requires_grad_(False)
+        compiled = kind == "compiled"
+        original = realbranch.COMPILED_CHUNK if compiled else realbranch.CHUNK
+        setattr(realbranch, "COMPILED_CHUNK" if compiled else "CHUNK", size)
+        try:
+            cpu, wall = time.process_time(), time.perf_counter()
+            realbranch.class_mean_embeddings(net, batches, compiled=compiled)
+            return time.process_time() - cpu, time.perf_counter() - wall
+        finally:
+            setattr(realbranch, "COMPILED_CHUNK" if compiled else "CHUNK", original)
+
+    for kind, size in variants[1:]:
+        call(kind, size, seed=1000)  # the compilation of each pass size, untimed
+    times: dict[str, list[tuple[float, float]]] = {f"{k}_{s}": [] for k, s in variants}
+    for rep in range(repeats):
+        for kind, size in variants:
+            times[f"{kind}_{size}"].append(call(kind, size, seed=rep))
+            click.echo(f"repeat {rep} {kind} {size}: {times[f'{kind}_{size}'][-1][0]:.2f} CPU-s")
+    result = {
+        "benchmark": "DM real branch alone (10 classes x 256 images, ConvNet 28x28): pass size, compiled or not",
+        "cpu_s": {k: [round(c, 3) for c, _ in v] for k, v in times.items()},
+        "wall_s": {k: [round(w, 3) for _, w in v] for k, v in times.items()},
+        "cpu_s_median": {k: round(statistics.median(c for c, _ in v), 3) for k, v in times.items()},
+        "order": "plain_64, compiled_64, compiled_128, compiled_256, repeated",
+        "device": _device(),
+        "torch": torch.__version__,
+        "command": " ".join(["python", "benchmarks/dm_compile.py", *sys.argv[1:]]),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "note": note,
+    }
+    click.echo(json.dumps(result, indent=2))
+    if record:
+        _record(result, "dm_compiled_chunk_cpu")
+
+
+if __name__ == "__main__":
+    main()
