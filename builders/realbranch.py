@@ -4,11 +4,11 @@ The real images only enter the loss through each class's mean embedding, so for 
 batch statistics (every sample normalised on its own) each class batch can go through the network on
 its own, in chunks of :data:`CHUNK` images whose embedding sums add up to the class mean: the
 activations of one chunk are all that is alive at a time. On a GPU, where many small passes cost more
-in kernel launches than in arithmetic, the class batches are concatenated and sent through in passes of
-up to :data:`GPU_CHUNK` images (per-sample norms make this the same maths). ``ConvNet`` family networks take a faster
-route with the same arithmetic: in-place activations (nothing needs the pre-activation values without
-a gradient) and 2x2 average pooling as a sum of four strided views (the pooling kernel is the slow
-part of the network after the convolutions on CPUs).
+in kernel launches than in arithmetic, the class batches are concatenated and sent through in passes
+of up to :data:`GPU_CHUNK` images (per-sample norms make this the same maths). ``ConvNet`` family
+networks take a faster route with the same arithmetic: in-place activations (nothing needs the
+pre-activation values without a gradient) and, on CPUs, 2x2 average pooling as a sum of four strided
+views (the pooling kernel is the slow part of the network after the convolutions there).
 A network with BatchNorm must see the whole concatenated batch, as the papers' code does;
 :func:`class_mean_embeddings` refuses it.
 
@@ -58,7 +58,8 @@ def _fast_layer(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     GPU the pooling kernel is faster: the views' in-place adds were a fifth of a DM iteration's GPU time)."""
     if type(layer) is nn.ReLU:
         return x.relu_()
-    if x.device.type == "cpu" and type(layer) is nn.AvgPool2d and layer.kernel_size in (2, (2, 2)) and layer.stride in (2, (2, 2)) \
+    if x.device.type == "cpu" and type(layer) is nn.AvgPool2d and layer.kernel_size in (2, (2, 2)) \
+            and layer.stride in (2, (2, 2)) \
             and layer.padding in (0, (0, 0)) and not layer.ceil_mode:
         return _avg_pool_2x2(x)
     return layer(x)
@@ -171,8 +172,9 @@ def class_mean_embeddings(net: nn.Module, batches: Sequence[torch.Tensor], preci
                           concatenate: bool | None = None, compiled: bool = False) -> torch.Tensor:
     """``[len(batches), feature_dim]``: the mean embedding of each class batch.
 
-    Forward passes of at most :data:`CHUNK` (compiled: :data:`COMPILED_CHUNK`) images of one batch, or (``concatenate``, the default on a
-    GPU) of up to :data:`GPU_CHUNK` images of the concatenated batches. ``net`` must have no batch statistics (ValueError otherwise: concatenate the batches instead).
+    Forward passes of at most :data:`CHUNK` (compiled: :data:`COMPILED_CHUNK`) images of one batch, or
+    (``concatenate``, the default on a GPU) of up to :data:`GPU_CHUNK` images of the concatenated batches.
+    ``net`` must have no batch statistics (ValueError otherwise: concatenate the batches instead).
     ``compiled``: the passes go through ``torch.compile`` where :func:`compilable` (uncompiled otherwise).
     """
     if precision not in PRECISIONS:

@@ -25,16 +25,28 @@ def _context(model: str, precision: str = "fp32", per_class: int = 12, size: int
     return BuildContext(recipe, real, torch.device("cpu"), torch.Generator().manual_seed(1), augmenter=None)
 
 
+def _spy(ctx: BuildContext) -> tuple[list, list]:
+    """Record the networks ``ctx`` draws and each class's augmented (real, synthetic) batch pair."""
+    nets, pairs = [], []
+    new_network, apply = ctx.new_network, ctx.apply_siamese_draws
+    ctx.new_network = lambda name=None: nets.append(new_network(name)) or nets[-1]
+
+    def spy(draws, *batch_lists):
+        out = apply(draws, *batch_lists)
+        pairs.extend(zip(*out))
+        return out
+
+    ctx.apply_siamese_draws = spy
+    return nets, pairs
+
+
 def _loss_and_plain_loss(model: str, precision: str = "fp32", compile: bool = False):
     """DM's loss, and the loss computed class by class with ``net.embed``, on the same net and draws."""
     from builders.augment import Augmenter
 
     ctx = _context(model, precision, compile=compile)
     ctx.augmenter = Augmenter(ctx.recipe.augment)
-    nets, draws = [], []
-    new_network, augment = ctx.new_network, ctx.augment_siamese
-    ctx.new_network = lambda name=None: nets.append(new_network(name)) or nets[-1]
-    ctx.augment_siamese = lambda *b: draws.append(augment(*b)) or draws[-1]
+    nets, draws = _spy(ctx)
     method = DistributionMatching(ctx)
     state = method.initial_state()
     loss = next(iter(method.losses(state, 0)))
@@ -70,10 +82,7 @@ def test_batchnorm_networks_are_refused_by_the_per_class_path():
 
 def test_batchnorm_dm_loss_is_the_concatenated_computation():
     ctx = _context("ConvNetBN")
-    nets, draws = [], []
-    new_network, augment = ctx.new_network, ctx.augment_siamese
-    ctx.new_network = lambda name=None: nets.append(new_network(name)) or nets[-1]
-    ctx.augment_siamese = lambda *b: draws.append(augment(*b)) or draws[-1]
+    nets, draws = _spy(ctx)
     method = DistributionMatching(ctx)
     loss = next(iter(method.losses(method.initial_state(), 0)))
     net = nets[0]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from abc import ABC
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -14,7 +14,7 @@ from builders.networks import build_network
 from builders.recipe import check_choice
 
 if TYPE_CHECKING:
-    from builders.augment import Augmenter
+    from builders.augment import AugmentDraw, Augmenter
     from builders.data import RealData
     from builders.distributed import BatchShard
     from builders.recipe import Recipe
@@ -69,6 +69,22 @@ class BuildContext:
         if self.augmenter is None:
             return batches
         return self.augmenter.siamese(self.generator, *batches)
+
+    def siamese_draw(self) -> "AugmentDraw | None":
+        """One DSA draw for a group of batches (None when the recipe has no augmentation); draws the same
+        random numbers as :meth:`augment_siamese`."""
+        return None if self.augmenter is None else self.augmenter.sample(self.generator, None)
+
+    def apply_siamese_draws(self, draws: Sequence["AugmentDraw | None"],
+                            *batch_lists: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], ...]:
+        """``batch_lists[k][i]`` transformed by ``draws[i]``, every list alike: what ``augment_siamese``
+        gives group by group, in one pass per augmentation family (see ``Augmenter.apply_each``)."""
+        if self.augmenter is None:
+            return tuple(list(batches) for batches in batch_lists)
+        n = len(draws)
+        flat = self.augmenter.apply_each([b for batches in batch_lists for b in batches],
+                                         list(draws) * len(batch_lists))
+        return tuple(flat[k * n:(k + 1) * n] for k in range(len(batch_lists)))
 
     def augment_each(self, batch: torch.Tensor) -> torch.Tensor:
         """Per-sample DSA (identity when the recipe has no augmentation)."""

@@ -59,7 +59,8 @@ class DistributionMatching(Method):
         return {"images": images}
 
     def optimizers(self, state: dict[str, torch.Tensor]) -> dict[str, torch.optim.Optimizer]:
-        return {"images": torch.optim.SGD([state["images"]], lr=self.params["lr_img"], momentum=self.params["momentum"])}
+        return {"images": torch.optim.SGD([state["images"]], lr=self.params["lr_img"],
+                                          momentum=self.params["momentum"])}
 
     def losses(self, state: dict[str, torch.Tensor], iteration: int) -> Iterator[torch.Tensor]:
         ctx = self.ctx
@@ -68,16 +69,15 @@ class DistributionMatching(Method):
         for p in net.parameters():
             p.requires_grad_(False)
         images = state["images"]
-        real_parts, syn_parts = [], []
-        for c in range(ctx.num_classes):
-            real = ctx.real.sample_class(c, self.params["batch_real"], ctx.generator)
-            real, syn = ctx.augment_siamese(real, images[ctx.class_slice(c)])
-            real_parts.append(real)
-            syn_parts.append(syn)
+        reals, draws = [], []
+        for c in range(ctx.num_classes):  # per class: a real batch, then one siamese DSA draw
+            reals.append(ctx.real.sample_class(c, self.params["batch_real"], ctx.generator))
+            draws.append(ctx.siamese_draw())
         # torchrun class split: every rank drew the whole iteration's random numbers above, in order;
         # it computes only its own classes' terms (all of them in one process).
         here = ctx.classes_here()
-        real_parts, syn_parts = [real_parts[c] for c in here], [syn_parts[c] for c in here]
+        real_parts, syn_parts = ctx.apply_siamese_draws([draws[c] for c in here], [reals[c] for c in here],
+                                                        [images[ctx.class_slice(c)] for c in here])
         real_sizes, syn_sizes = [len(p) for p in real_parts], [len(p) for p in syn_parts]
         if uses_batch_statistics(net):
             if self.params["compile"]:
