@@ -4,12 +4,12 @@ import pytest
 import torch
 from torch import nn
 
+import builders.realbranch as realbranch
 from builders.build import recipe_from_dict
 from builders.data import RealData
 from builders.methods.base import BuildContext
 from builders.methods.dm import DistributionMatching
 from builders.networks import build_network
-import builders.realbranch as realbranch
 from builders.realbranch import CHUNK, _avg_pool_2x2, class_mean_embeddings
 from condensed_datasets.sources import get_source
 
