@@ -28,7 +28,7 @@ from pathlib import Path
 
 import click
 import torch
-from machine import cpu_name  # benchmarks/machine.py (scripts run from benchmarks/)
+from machine import cpu_name, provenance  # benchmarks/machine.py (scripts run from benchmarks/)
 
 from builders import realbranch
 from builders.networks import build_network
@@ -122,11 +122,7 @@ def ab(rounds: int, warmup: int, timed: int, python: str, record: bool, note: st
         "wall_ratio_off_over_on": round(median(False, "s_per_iteration") / median(True, "s_per_iteration"), 3),
         "peak_rss_mib_max": {"off": max(r["peak_rss_mib"] for r in runs if not r["compile"]),
                              "on": max(r["peak_rss_mib"] for r in runs if r["compile"])},
-        "device": _device(),
-        "torch": torch.__version__,
-        "command": " ".join(["python", "benchmarks/dm_compile.py", *sys.argv[1:]]),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "note": note,
+        **provenance("dm_compile.py", _device(), note),
     }
     click.echo(json.dumps(result, indent=2))
     if record:
@@ -170,11 +166,7 @@ def chunk(repeats: int, record: bool, note: str) -> None:
         "wall_s": {k: [round(w, 3) for _, w in v] for k, v in times.items()},
         "cpu_s_median": {k: round(statistics.median(c for c, _ in v), 3) for k, v in times.items()},
         "order": "plain_64, compiled_64, compiled_128, compiled_256, repeated",
-        "device": _device(),
-        "torch": torch.__version__,
-        "command": " ".join(["python", "benchmarks/dm_compile.py", *sys.argv[1:]]),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "note": note,
+        **provenance("dm_compile.py", _device(), note),
     }
     click.echo(json.dumps(result, indent=2))
     if record:

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import click
 import torch
+from machine import cpu_name, provenance  # benchmarks/machine.py (scripts run from benchmarks/)
 
 from builders.augment import Augmenter
 from builders.ensemble import train_together
@@ -80,13 +79,8 @@ def main(nets: int, epochs: int, rounds: int, model: str, device: str, record: b
         "runs": runs,
         "speedup_wall_median": round(med("sequential", "wall_s") / med("together", "wall_s"), 3),
         "speedup_cpu_median": round(med("sequential", "cpu_s") / med("together", "cpu_s"), 3),
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else
-                  f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                  f"{torch.get_num_threads()} torch threads",
-        "torch": torch.__version__,
-        "command": " ".join(["python", "benchmarks/ensemble_speed.py", *sys.argv[1:]]),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "note": note,
+        **provenance("ensemble_speed.py", torch.cuda.get_device_name(dev) if dev.type == "cuda" else
+                     f"cpu: {cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads", note),
     }
     click.echo(json.dumps(result, indent=2))
     if record:
