@@ -155,8 +155,10 @@ class Engine:
         world = distributed.current()
         if distributed.restarted():  # torchrun restarted the job: continue from the checkpoint, if any
             self.resume = True
-        if world.is_main:
-            self._refuse_to_clobber()
+        # rank 0's disk decides; every rank then fails alike (torchrun's report names whichever rank it sees first)
+        refusal = distributed.broadcast_object(self._clobber_problem() if world.is_main else None)
+        if refusal is not None:
+            raise BuildError(refusal)
         clock = _reproducible_clock()
         started = time.time()
         self.paths.set.parent.mkdir(parents=True, exist_ok=True)
@@ -224,16 +226,18 @@ class Engine:
         except OSError as exc:
             raise BuildError(f"cannot write into {folder} ({exc}); pass --out with a writable folder") from None
 
-    def _refuse_to_clobber(self) -> None:
-        """Never replace a finished set or an unfinished build's checkpoint unless asked to."""
+    def _clobber_problem(self) -> str | None:
+        """Why this build would replace a finished set or an unfinished build's checkpoint (never done unless
+        asked to), or None."""
         if self.overwrite or self.resume:
-            return
+            return None
         if self.paths.set.exists():
-            raise BuildError(f"{self.paths.set} already exists; pass --overwrite to replace it, "
-                             "or --out to build somewhere else")
+            return (f"{self.paths.set} already exists; pass --overwrite to replace it, "
+                    "or --out to build somewhere else")
         if self.paths.checkpoint.exists():
-            raise BuildError(f"an earlier build left a checkpoint at {self.paths.checkpoint}; pass --resume to "
-                             "continue it, or --overwrite to start over")
+            return (f"an earlier build left a checkpoint at {self.paths.checkpoint}; pass --resume to "
+                    "continue it, or --overwrite to start over")
+        return None
 
     def _restore(self, state, optimizers, ctx: BuildContext) -> int:
         try:

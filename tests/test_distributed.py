@@ -133,13 +133,14 @@ def test_two_process_dm_build_and_evaluation_equal_one_process(fashion_mnist_roo
     assert two.metadata["build"]["world_size"] == 2 and two.metadata["build"]["backend"] == "gloo"
     assert two.metadata["build"]["split"] == "classes"
     assert one.metadata["build"]["world_size"] == 1 and one.metadata["build"]["backend"] == "none"
-    # A failure on one rank ends the job with that rank's error: rank 0 alone refuses to replace the set.
+    # Refusing to replace the set ends the job with that error: rank 0's disk decides and every rank raises
+    # it, so torchrun's root cause carries it whichever rank it names first (it once named a rank whose
+    # collective had broken when rank 0 alone raised).
     again = subprocess.run(_torchrun(_cli_args(recipe, tmp_path / "two", fashion_mnist_root), "--standalone",
                                      "--nproc_per_node", "2"), cwd=tmp_path, env=_env(), capture_output=True,
                            text=True, timeout=300)
     assert again.returncode != 0
-    assert "already exists; pass --overwrite" in again.stderr
-    assert "rank      : 0 (local_rank: 0)" in again.stderr.split("Root Cause")[1]
+    assert "already exists; pass --overwrite" in again.stderr.split("Root Cause")[1]
 
 
 @pytest.mark.slow
