@@ -290,14 +290,25 @@ def list_command(source: str | None, repo_id: str | None, revision: str | None, 
                    .rstrip())
 
 
-@click.command(name="condensed-continual")
-@click.argument("spec", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a spec key (dotted).")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Where continual.json and continual.png go (default: the spec's out).")
-@click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Where the real data lives (default: the spec's root).")
-@click.option("--device", default=None, help="auto, cpu or cuda (default: the spec's).")
+def _spec_command(name: str, outputs: str, data: str) -> Callable[[Callable[..., Any]], Any]:
+    """The options every run-spec command shares (SPEC, --set, --out, --data-root, --device, --quiet)."""
+    def wrap(func: Callable[..., Any]) -> Any:
+        for option in reversed((
+            click.argument("spec", type=click.Path(dir_okay=False, path_type=Path)),
+            click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                         help="Override a spec key (dotted)."),
+            click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+                         help=f"Where {outputs} go (default: the spec's out)."),
+            click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None,
+                         help=f"Where {data} (default: the spec's root)."),
+            click.option("--device", default=None, help="auto, cpu or cuda (default: the spec's)."),
+        )):
+            func = option(func)
+        return click.command(name=name)(func)
+    return wrap
+
+
+@_spec_command("condensed-continual", "continual.json and continual.png", "the real data lives")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @_user_errors
 def continual_command(spec: Path, overrides: tuple[str, ...], out: Path | None, data_root: Path | None,
@@ -307,14 +318,7 @@ def continual_command(spec: Path, overrides: tuple[str, ...], out: Path | None, 
                   progress=not quiet, echo=click.echo)
 
 
-@click.command(name="condensed-nas")
-@click.argument("spec", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a spec key (dotted).")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Where nas.json and nas.png go (default: the spec's out).")
-@click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Where the real data and the proxy sets live (default: the spec's root).")
-@click.option("--device", default=None, help="auto, cpu or cuda (default: the spec's).")
+@_spec_command("condensed-nas", "nas.json and nas.png", "the real data and the proxy sets live")
 @click.option("--only", default=None, metavar="TABLE",
               help="Make only this table ('truth' or a proxy's name) and keep it for a later full run.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")

@@ -22,7 +22,7 @@ from builders.data import RealData
 from builders.errors import BuildError, CheckpointError
 from builders.evaluate import evaluate_set
 from builders.methods.base import BuildContext, SetContents
-from builders.networks import build_network
+from builders.networks import build_network, uses_batch_statistics
 from builders.recipe import Recipe
 from builders.registry import get_method
 from builders.show import save_grid
@@ -327,7 +327,7 @@ class Engine:
         if split != "classes":  # batch norm couples DM's classes and a student step's samples
             c, h, w = ctx.real.image_shape
             net = build_network(self.recipe.model, c, ctx.num_classes, (h, w), seed=0)
-            if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules()):
+            if uses_batch_statistics(net):
                 return
         if split == "batches":
             ctx.batch_shard = distributed.BatchShard(world)
