@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import click
+from machine import write_record  # benchmarks/machine.py (scripts run from benchmarks/)
 
 from builders.allocator import ENV_OFF
 from condensed_datasets.sources import install_system_fashion_mnist
@@ -86,9 +87,7 @@ def main(recipe: Path, overrides: tuple[str, ...], rounds: int, warmup: int, tim
     }
     click.echo(json.dumps(result, indent=2))
     if record:
-        name = f"allocator_{recipe.stem}_{'_'.join(o.replace('=', '-') for o in overrides)}_{result['date'][:10]}.json"
-        path = Path(__file__).parent / "results" / name
-        path.write_text(json.dumps(result, indent=2) + "\n")
+        path = write_record(f"allocator_{recipe.stem}_{'_'.join(o.replace('=', '-') for o in overrides)}", result)
         click.echo(f"recorded {path}")
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import click
 import torch
+from machine import write_record  # benchmarks/machine.py (scripts run from benchmarks/)
 
 from builders.allocator import tune_allocator
 from builders.build import load_recipe
@@ -76,11 +77,7 @@ def main(recipe: Path, iterations: int, warmup: int, overrides: tuple[str, ...],
     }
     click.echo(json.dumps(result, indent=2))
     if record:
-        folder = Path(__file__).parent / "results"
-        folder.mkdir(exist_ok=True)
-        name = f"speed_{r.method}_{r.source}_ipc{r.ipc}_{engine.device.type}_{result['date']}.json"
-        (folder / name).write_text(json.dumps(result, indent=2) + "\n")
-        click.echo(f"recorded {folder / name}")
+        click.echo(f"recorded {write_record(f'speed_{r.method}_{r.source}_ipc{r.ipc}_{engine.device.type}', result)}")
 
 
 if __name__ == "__main__":

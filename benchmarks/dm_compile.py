@@ -10,8 +10,9 @@ each in its own process, and reports wall and CPU seconds (all threads) per iter
 user/sys CPU and peak RSS (``os.wait4``, whole process).
 
 ``chunk`` times the real branch alone (ConvNet, 10 classes x 256 random 28x28 images, a fresh network
-per call) in one process: uncompiled passes of 64 images against compiled passes of 64, 128 and 256,
-interleaved, after one untimed call of each compiled size (the compilations).
+per call) in one process, interleaved, after one untimed call of each compiled variant (the
+compilations): uncompiled passes of 64 images, the compiled direct route (passes of 256) and the
+compiled Winograd route (:mod:`builders.winograd`) in passes of 16, 32 and 64.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import click
 import torch
-from machine import cpu_name, provenance  # benchmarks/machine.py (scripts run from benchmarks/)
+from machine import cpu_name, provenance, write_record  # benchmarks/machine.py (scripts run from benchmarks/)
 
 from builders import realbranch
 from builders.networks import build_network
@@ -43,10 +44,7 @@ def _device() -> str:
 
 
 def _record(result: dict, name: str) -> None:
-    folder = Path(__file__).parent / "results"
-    folder.mkdir(exist_ok=True)
-    path = folder / f"{name}_{result['date'][:10]}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    path = write_record(name, result)
     click.echo(f"recorded {path}")
 
 
@@ -134,24 +132,27 @@ def ab(rounds: int, warmup: int, timed: int, python: str, record: bool, note: st
 @click.option("--record", is_flag=True, help="Write the result to benchmarks/results/.")
 @click.option("--note", default="", help="Conditions worth recording (e.g. other load on the machine).")
 def chunk(repeats: int, record: bool, note: str) -> None:
-    """The real branch alone: uncompiled 64-image passes against compiled passes of 64, 128, 256 images."""
+    """The real branch alone: uncompiled passes, the compiled direct route, the compiled Winograd route."""
     g = torch.Generator().manual_seed(0)
     batches = [torch.randn(256, 1, 28, 28, generator=g) for _ in range(10)]
-    variants = [("plain", 64), ("compiled", 64), ("compiled", 128), ("compiled", 256)]
+    variants = [("plain", 64), ("direct", 256), ("winograd", 16), ("winograd", 32), ("winograd", 64)]
+    sizes = {"plain": "CHUNK", "direct": "COMPILED_CHUNK", "winograd": "WINOGRAD_CHUNK"}
 
     def call(kind: str, size: int, seed: int) -> tuple[float, float]:
         net = build_network("ConvNet", 1, 10, (28, 28), seed=seed)
         for p in net.parameters():
             p.requires_grad_(False)
-        compiled = kind == "compiled"
-        original = realbranch.COMPILED_CHUNK if compiled else realbranch.CHUNK
-        setattr(realbranch, "COMPILED_CHUNK" if compiled else "CHUNK", size)
+        original_size, original_plan = getattr(realbranch, sizes[kind]), realbranch.winograd.plan
+        setattr(realbranch, sizes[kind], size)
+        if kind == "direct":  # the compiled route without Winograd: plan accepts nothing
+            realbranch.winograd.plan = lambda spec, weights: None
         try:
             cpu, wall = time.process_time(), time.perf_counter()
-            realbranch.class_mean_embeddings(net, batches, compiled=compiled)
+            realbranch.class_mean_embeddings(net, batches, compiled=kind != "plain")
             return time.process_time() - cpu, time.perf_counter() - wall
         finally:
-            setattr(realbranch, "COMPILED_CHUNK" if compiled else "CHUNK", original)
+            setattr(realbranch, sizes[kind], original_size)
+            realbranch.winograd.plan = original_plan
 
     for kind, size in variants[1:]:
         call(kind, size, seed=1000)  # the compilation of each pass size, untimed
@@ -161,11 +162,11 @@ def chunk(repeats: int, record: bool, note: str) -> None:
             times[f"{kind}_{size}"].append(call(kind, size, seed=rep))
             click.echo(f"repeat {rep} {kind} {size}: {times[f'{kind}_{size}'][-1][0]:.2f} CPU-s")
     result = {
-        "benchmark": "DM real branch alone (10 classes x 256 images, ConvNet 28x28): pass size, compiled or not",
+        "benchmark": "DM real branch alone (10 classes x 256 images, ConvNet 28x28): route and pass size",
         "cpu_s": {k: [round(c, 3) for c, _ in v] for k, v in times.items()},
         "wall_s": {k: [round(w, 3) for _, w in v] for k, v in times.items()},
         "cpu_s_median": {k: round(statistics.median(c for c, _ in v), 3) for k, v in times.items()},
-        "order": "plain_64, compiled_64, compiled_128, compiled_256, repeated",
+        "order": ", ".join(f"{k}_{s}" for k, s in variants) + ", repeated",
         **provenance("dm_compile.py", _device(), note),
     }
     click.echo(json.dumps(result, indent=2))

@@ -38,7 +38,7 @@ from pathlib import Path
 import click
 import numpy as np
 import torch
-from machine import cpu_name  # benchmarks/machine.py (scripts run from benchmarks/)
+from machine import cpu_name, write_record  # benchmarks/machine.py (scripts run from benchmarks/)
 
 from condensed_datasets.sources import install_system_fashion_mnist
 
@@ -239,12 +239,9 @@ def main(reference: Path, rounds: int, warmup: int, timed: int, overrides: tuple
     }
     click.echo(json.dumps(result, indent=2))
     if record:
-        folder = Path(__file__).parent / "results"
-        folder.mkdir(exist_ok=True)
         tag = "_".join(p.replace("params.", "").replace("=", "-") for p in overrides)
         base = f"dm_vs_reference_{device}" + ("" if (source, ipc) == ("fashionmnist", 10) else f"_{source}_ipc{ipc}")
-        path = folder / f"{base}{'_' + tag if tag else ''}_{result['date'][:10]}.json"
-        path.write_text(json.dumps(result, indent=2) + "\n")
+        path = write_record(f"{base}{'_' + tag if tag else ''}", result)
         click.echo(f"recorded {path}")
 
 

@@ -13,11 +13,10 @@ import json
 import os
 import statistics
 import time
-from pathlib import Path
 
 import click
 import torch
-from machine import cpu_name, provenance  # benchmarks/machine.py (scripts run from benchmarks/)
+from machine import cpu_name, provenance, write_record  # benchmarks/machine.py (scripts run from benchmarks/)
 
 from builders.augment import Augmenter
 from builders.ensemble import train_together
@@ -84,8 +83,7 @@ def main(nets: int, epochs: int, rounds: int, model: str, device: str, record: b
     }
     click.echo(json.dumps(result, indent=2))
     if record:
-        path = Path(__file__).parent / "results" / f"ensemble_{nets}x{model}_{dev.type}_{result['date'][:10]}.json"
-        path.write_text(json.dumps(result, indent=2) + "\n")
+        path = write_record(f"ensemble_{nets}x{model}_{dev.type}", result)
         click.echo(f"recorded {path}")
 
 

@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 
 import click
+from machine import write_record  # benchmarks/machine.py (scripts run from benchmarks/)
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -221,8 +222,7 @@ def record_paper_row(build_out: Path, iterations: int, device: str, s: Session) 
         "command": f"python benchmarks/gpu_session.py (section paper_dm_fashionmnist_ipc10, --set iterations={iterations})",
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    path = RESULTS / f"paper_dm_fashionmnist_ipc10_{device}_{record['date'][:10]}.json"
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    path = write_record(f"paper_dm_fashionmnist_ipc10_{device}", record)
     s.say(f"paper row recorded: {path.name}: {json.dumps(meta.get('evaluation'))[:400]}")
     s.save()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import platform
 import sys
 import time
@@ -30,3 +31,22 @@ def provenance(script: str, device: str, note: str = "") -> dict[str, str]:
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "note": note,
     }
+
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def write_record(stem: str, record: dict) -> Path:
+    """Write ``record`` as ``results/<stem>_<date>.json`` and return the path; never replaces a record.
+
+    ``date`` is the record's own (its first 10 characters); when that file exists (an earlier run on the
+    same day), the name gets ``_2``, ``_3``, ... before ``.json``.
+    """
+    RESULTS.mkdir(exist_ok=True)
+    base = f"{stem}_{str(record['date'])[:10]}"
+    path, n = RESULTS / f"{base}.json", 1
+    while path.exists():
+        n += 1
+        path = RESULTS / f"{base}_{n}.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import click
 import torch
+from machine import write_record  # benchmarks/machine.py (scripts run from benchmarks/)
 
 from builders.build import build, load_recipe
 from builders.recipe import parse_overrides
@@ -76,8 +77,7 @@ def main(recipe: Path, seeds: str, device: str, data_root: Path | None, override
     click.echo(json.dumps(result, indent=2))
     if record:
         kind = "cuda" if result["device"] != "cpu" else "cpu"
-        path = Path(__file__).parent / "results" / f"precision_{recipe.stem}_{kind}_{result['date'][:10]}.json"
-        path.write_text(json.dumps(result, indent=2) + "\n")
+        path = write_record(f"precision_{recipe.stem}_{kind}", result)
         click.echo(f"recorded {path}")
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import click
 import torch
-from machine import cpu_name  # benchmarks/machine.py (scripts run from benchmarks/)
+from machine import cpu_name, write_record  # benchmarks/machine.py (scripts run from benchmarks/)
 
 from condensed_datasets.format import CondensedSet
 
@@ -107,8 +107,7 @@ def main(data_root: Path, device: str, procs: str, repeats: int, workloads: str,
     }
     click.echo(json.dumps(summary, indent=2))
     if record:
-        path = REPO / "benchmarks" / "results" / f"scaling_{device}_{time.strftime('%Y-%m-%d', time.gmtime())}.json"
-        path.write_text(json.dumps(record_, indent=2) + "\n")
+        path = write_record(f"scaling_{device}", record_)
         click.echo(f"wrote {path}")
 
 

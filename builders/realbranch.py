@@ -1,4 +1,5 @@
-"""The real branch of distribution matching: per-class mean embeddings of real batches, no gradient.
+"""The real branch of distribution matching: per-class mean embeddings of real batches, no gradient
+(and, compiled, its synthetic branch: :func:`embed_with_gradient`).
 
 The real images only enter the loss through each class's mean embedding, so for a network without
 batch statistics (every sample normalised on its own) each class batch can go through the network on
@@ -16,7 +17,10 @@ A network with BatchNorm must see the whole concatenated batch, as the papers' c
 branch, which carries the gradient, always stays in float32.
 
 ``compiled=True`` sends a ``ConvNet``'s passes through ``torch.compile`` (inductor fuses norm,
-activation and pooling). The compiled function takes the network's weights as arguments, so the fresh
+activation and pooling). On a CPU in float32, per-class passes of a ConvNet whose layers
+:func:`builders.winograd.plan` accepts (3x3 convolutions, 2x2 pooling: every ConvNet variant without
+BatchNorm) go through :func:`builders.winograd.embed_chwn` instead, compiled: Winograd convolutions
+with 4x fewer multiply-adds in the wide layers, in passes of :data:`WINOGRAD_CHUNK` images. The compiled function takes the network's weights as arguments, so the fresh
 network DM draws every iteration reuses the compiled code: it compiles once per process for each
 distinct pass size (with DM's fixed ``batch_real``, one or two), not once per network. Other networks,
 and ConvNets holding a layer not listed in :func:`_functional_layers`, run the uncompiled route
@@ -33,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from builders import winograd
 from builders.networks import ConvNet, uses_batch_statistics
 
 PRECISIONS = ("fp32", "bf16-real")
@@ -42,6 +47,10 @@ CHUNK = 64  # real images per forward pass on a CPU: bounds activation memory; t
 # 64 and 128 in the recorded one (benchmarks/results/dm_compiled_chunk_cpu_2026-11-26.json); kept at 256,
 # which every recorded end-to-end figure used
 COMPILED_CHUNK = 256
+# compiled Winograd passes on a CPU (value chosen here): a pass's transformed tiles (36 x 128 channels x 16 tiles
+# x 32 images x 4 bytes = 9.4 MB at the 16x16 layer) stay near the cache; 256 28x28 images through ConvNet took
+# 327-346 / 311-353 / 354-398 ms in passes of 16 / 32 / 64 (scratch run, 2026-11-26, idle 2-core machine)
+WINOGRAD_CHUNK = 32
 GPU_CHUNK = 4096  # on a GPU, all classes' batches go through together (small passes are launch-bound)
 
 
@@ -154,12 +163,33 @@ def _compiled_embed() -> Callable[..., torch.Tensor]:
     return torch.compile(_embed_from_weights, dynamic=False)
 
 
-def _embedder(net: nn.Module, compiled: bool) -> tuple[Callable[[torch.Tensor], torch.Tensor], int]:
-    """``x -> net.embed(x)`` without a gradient (compiled when asked and ``net`` allows it), and its CPU pass size."""
+@functools.cache
+def _compiled_winograd() -> Callable[..., torch.Tensor]:
+    """:func:`builders.winograd.embed_chwn` under ``torch.compile`` with static shapes (created on first use)."""
+    return torch.compile(winograd.embed_chwn, dynamic=False)
+
+
+def _embedder(net: nn.Module, compiled: bool, cpu_fp32_classes: bool = False
+              ) -> tuple[Callable[[torch.Tensor], torch.Tensor], int]:
+    """``x -> net.embed(x)`` without a gradient (compiled when asked and ``net`` allows it), and its CPU pass size.
+
+    ``cpu_fp32_classes``: the passes are per-class float32 passes on a CPU, where the compiled route is
+    the Winograd one when :func:`builders.winograd.plan` accepts ``net``.
+    """
     layers = _functional_layers(net) if compiled and not uses_batch_statistics(net) else None
     if layers is None:
         return functools.partial(embed_no_grad, net), CHUNK
     spec, weights = layers
+    planned = winograd.plan(spec, weights) if cpu_fp32_classes else None
+    if planned is not None:
+        steps, prepared = planned
+        winograd_function = _compiled_winograd()
+        transforms = (winograd.INPUT_TRANSFORM, winograd.OUTPUT_TRANSFORM)
+
+        def embed_winograd(x: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return winograd_function(x, prepared, steps, transforms)
+        return embed_winograd, WINOGRAD_CHUNK
     function = _compiled_embed()
 
     def embed(x: torch.Tensor) -> torch.Tensor:
@@ -168,11 +198,23 @@ def _embedder(net: nn.Module, compiled: bool) -> tuple[Callable[[torch.Tensor], 
     return embed, COMPILED_CHUNK
 
 
+def embed_with_gradient(net: nn.Module, x: torch.Tensor, compiled: bool = False) -> torch.Tensor:
+    """``net.embed(x)`` with autograd (DM's synthetic branch); through ``torch.compile`` when ``compiled`` and
+    :func:`compilable` (the direct route: the network's own convolutions, inductor fusing norm, activation
+    and pooling and their backward; not Winograd, whose rounding would reach the images' gradient)."""
+    layers = _functional_layers(net) if compiled and not uses_batch_statistics(net) else None
+    if layers is None:
+        return net.embed(x)
+    spec, weights = layers
+    return _compiled_embed()(x, weights, spec)
+
+
 def class_mean_embeddings(net: nn.Module, batches: Sequence[torch.Tensor], precision: str = "fp32",
                           concatenate: bool | None = None, compiled: bool = False) -> torch.Tensor:
     """``[len(batches), feature_dim]``: the mean embedding of each class batch.
 
-    Forward passes of at most :data:`CHUNK` (compiled: :data:`COMPILED_CHUNK`) images of one batch, or
+    Forward passes of at most :data:`CHUNK` (compiled: :data:`COMPILED_CHUNK`, or :data:`WINOGRAD_CHUNK` on
+    the Winograd route) images of one batch, or
     (``concatenate``, the default on a GPU) of up to :data:`GPU_CHUNK` images of the concatenated batches.
     ``net`` must have no batch statistics (ValueError otherwise: concatenate the batches instead).
     ``compiled``: the passes go through ``torch.compile`` where :func:`compilable` (uncompiled otherwise).
@@ -184,7 +226,8 @@ def class_mean_embeddings(net: nn.Module, batches: Sequence[torch.Tensor], preci
                          "the concatenated batch, not one class at a time")
     if concatenate is None:  # by device: concatenated passes on a GPU, per-class chunks elsewhere
         concatenate = bool(batches) and batches[0].device.type == "cuda"
-    embed, chunk = _embedder(net, compiled)
+    cpu_fp32_classes = not concatenate and precision == "fp32" and bool(batches) and batches[0].device.type == "cpu"
+    embed, chunk = _embedder(net, compiled, cpu_fp32_classes)
     if concatenate:
         return _concatenated_means(net, batches, precision, embed)
     means = []

@@ -14,7 +14,7 @@ import torch
 
 from builders.methods.base import Method, SetContents, check_init
 from builders.networks import uses_batch_statistics
-from builders.realbranch import PRECISIONS, class_mean_embeddings, compilable
+from builders.realbranch import PRECISIONS, class_mean_embeddings, compilable, embed_with_gradient
 from builders.recipe import check_choice
 from builders.registry import register
 
@@ -91,7 +91,7 @@ class DistributionMatching(Method):
         # finished before the synthetic forward pass so that its graph is not alive meanwhile.
         compiled = self.params["compile"] and self._can_compile(net)
         real_means = class_mean_embeddings(net, real_parts, self.params["precision"], compiled=compiled)
-        syn_emb = net.embed(torch.cat(syn_parts))
+        syn_emb = embed_with_gradient(net, torch.cat(syn_parts), compiled)
         syn_means = torch.stack([part.mean(0) for part in torch.split(syn_emb, syn_sizes)])
         yield ((real_means - syn_means) ** 2).sum()
 
@@ -102,7 +102,7 @@ class DistributionMatching(Method):
         if not getattr(self, "_compile_warned", False):
             self._compile_warned = True
             warnings.warn(f"params.compile: model {self.ctx.recipe.model!r} is not a ConvNet without BatchNorm "
-                          "(or holds a layer the compiled route does not know); its real branch runs uncompiled. "
+                          "(or holds a layer the compiled route does not know); it runs uncompiled. "
                           "Set params.compile: false to silence this.", stacklevel=2)
         return False
 
