@@ -47,9 +47,9 @@ CHUNK = 64  # real images per forward pass on a CPU: bounds activation memory; t
 # 64 and 128 in the recorded one (benchmarks/results/dm_compiled_chunk_cpu_2026-11-26.json); kept at 256,
 # which every recorded end-to-end figure used
 COMPILED_CHUNK = 256
-# compiled Winograd passes on a CPU (value chosen here): a pass's transformed tiles (36 x 128 channels x 16 tiles
-# x 32 images x 4 bytes = 9.4 MB at the 16x16 layer) stay near the cache; 256 28x28 images through ConvNet took
-# 327-346 / 311-353 / 354-398 ms in passes of 16 / 32 / 64 (scratch run, 2026-11-26, idle 2-core machine)
+# compiled Winograd passes on a CPU (value chosen here): the real branch alone, 10 classes x 256 28x28 images through
+# ConvNet, took a median 6.46 / 6.07 / 7.21 CPU-s in passes of 16 / 32 / 64 images (uncompiled: 11.64; compiled
+# direct route: 9.80; benchmarks/results/dm_compiled_chunk_cpu_2026-11-26_2.json)
 WINOGRAD_CHUNK = 32
 GPU_CHUNK = 4096  # on a GPU, all classes' batches go through together (small passes are launch-bound)
 
