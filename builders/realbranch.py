@@ -20,9 +20,10 @@ branch, which carries the gradient, always stays in float32.
 activation and pooling). On a CPU in float32, per-class passes of a ConvNet whose layers
 :func:`builders.winograd.plan` accepts (3x3 convolutions, 2x2 pooling: every ConvNet variant without
 BatchNorm) go through :func:`builders.winograd.embed_chwn` instead, compiled: Winograd convolutions
-with 4x fewer multiply-adds in the wide layers, in passes of :data:`WINOGRAD_CHUNK` images. The compiled function takes the network's weights as arguments, so the fresh
-network DM draws every iteration reuses the compiled code: it compiles once per process for each
-distinct pass size (with DM's fixed ``batch_real``, one or two), not once per network. Other networks,
+with 4x fewer multiply-adds in the wide layers, in passes of :data:`WINOGRAD_CHUNK` images. The
+compiled function takes the network's weights as arguments, so the fresh network DM draws every
+iteration reuses the compiled code: it compiles once per process for each distinct pass size (with
+DM's fixed ``batch_real``, one or two), not once per network. Other networks,
 and ConvNets holding a layer not listed in :func:`_functional_layers`, run the uncompiled route
 (silently here: :func:`compilable` tells the caller).
 """
@@ -163,6 +164,13 @@ def _compiled_embed() -> Callable[..., torch.Tensor]:
     return torch.compile(_embed_from_weights, dynamic=False)
 
 
+def _compiled_layers(net: nn.Module, compiled: bool
+                     ) -> tuple[tuple[Layer, ...], list[tuple[torch.Tensor | None, ...]]] | None:
+    """``net``'s layer description for a compiled route, or None when ``compiled`` is off or ``net`` is not
+    :func:`compilable`."""
+    return _functional_layers(net) if compiled and not uses_batch_statistics(net) else None
+
+
 @functools.cache
 def _compiled_winograd() -> Callable[..., torch.Tensor]:
     """:func:`builders.winograd.embed_chwn` under ``torch.compile`` with static shapes (created on first use)."""
@@ -176,7 +184,7 @@ def _embedder(net: nn.Module, compiled: bool, cpu_fp32_classes: bool = False
     ``cpu_fp32_classes``: the passes are per-class float32 passes on a CPU, where the compiled route is
     the Winograd one when :func:`builders.winograd.plan` accepts ``net``.
     """
-    layers = _functional_layers(net) if compiled and not uses_batch_statistics(net) else None
+    layers = _compiled_layers(net, compiled)
     if layers is None:
         return functools.partial(embed_no_grad, net), CHUNK
     spec, weights = layers
@@ -202,7 +210,7 @@ def embed_with_gradient(net: nn.Module, x: torch.Tensor, compiled: bool = False)
     """``net.embed(x)`` with autograd (DM's synthetic branch); through ``torch.compile`` when ``compiled`` and
     :func:`compilable` (the direct route: the network's own convolutions, inductor fusing norm, activation
     and pooling and their backward; not Winograd, whose rounding would reach the images' gradient)."""
-    layers = _functional_layers(net) if compiled and not uses_batch_statistics(net) else None
+    layers = _compiled_layers(net, compiled)
     if layers is None:
         return net.embed(x)
     spec, weights = layers
