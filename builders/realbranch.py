@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from builders import winograd
+from builders.errors import BuildError
 from builders.networks import ConvNet, uses_batch_statistics
 
 PRECISIONS = ("fp32", "bf16-real")
@@ -177,6 +178,17 @@ def _compiled_winograd() -> Callable[..., torch.Tensor]:
     return torch.compile(winograd.embed_chwn, dynamic=False)
 
 
+def _call_compiled(function: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
+    """``function(*args)`` for a function made by ``torch.compile``; a failed compilation is a :class:`BuildError`."""
+    try:
+        return function(*args)
+    except torch._dynamo.exc.BackendCompilerFailed as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise BuildError(f"params.compile: torch.compile could not compile the network ({reason}). It needs a "
+                         "working C++ compiler on CPUs (Triton on GPUs): install one (e.g. g++), or set "
+                         "params.compile: false.") from error
+
+
 def _embedder(net: nn.Module, compiled: bool, cpu_fp32_classes: bool = False
               ) -> tuple[Callable[[torch.Tensor], torch.Tensor], int]:
     """``x -> net.embed(x)`` without a gradient (compiled when asked and ``net`` allows it), and its CPU pass size.
@@ -196,13 +208,13 @@ def _embedder(net: nn.Module, compiled: bool, cpu_fp32_classes: bool = False
 
         def embed_winograd(x: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
-                return winograd_function(x, prepared, steps, transforms)
+                return _call_compiled(winograd_function, x, prepared, steps, transforms)
         return embed_winograd, WINOGRAD_CHUNK
     function = _compiled_embed()
 
     def embed(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return function(x, weights, spec)
+            return _call_compiled(function, x, weights, spec)
     return embed, COMPILED_CHUNK
 
 
@@ -214,7 +226,7 @@ def embed_with_gradient(net: nn.Module, x: torch.Tensor, compiled: bool = False)
     if layers is None:
         return net.embed(x)
     spec, weights = layers
-    return _compiled_embed()(x, weights, spec)
+    return _call_compiled(_compiled_embed(), x, weights, spec)
 
 
 def class_mean_embeddings(net: nn.Module, batches: Sequence[torch.Tensor], precision: str = "fp32",

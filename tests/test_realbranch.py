@@ -6,6 +6,7 @@ from torch import nn
 
 import builders.realbranch as realbranch
 from builders.build import recipe_from_dict
+from builders.errors import BuildError
 from builders.data import RealData
 from builders.methods.base import BuildContext
 from builders.methods.dm import DistributionMatching
@@ -160,3 +161,11 @@ def test_dm_with_compile_warns_and_runs_uncompiled_for_batchnorm_networks():
     with pytest.warns(UserWarning, match="params.compile: model 'ConvNetBN'"):
         loss = next(iter(method.losses(state, 0)))
     assert torch.isfinite(loss)
+
+
+def test_a_failed_compilation_is_a_build_error_that_names_the_fix():
+    # No C++ compiler for inductor (a shape no other test compiles, and no cache to fall back on).
+    net = build_network("ConvNetW32", 1, 10, (13, 13), seed=0)
+    with torch._inductor.config.patch({"cpp.cxx": ("/nonexistent/bin/c++",), "fx_graph_cache": False}):
+        with pytest.raises(BuildError, match="params.compile: torch.compile could not compile.*params.compile: false"):
+            class_mean_embeddings(net, [torch.rand(7, 1, 13, 13)], compiled=True)
