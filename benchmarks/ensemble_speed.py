@@ -1,10 +1,17 @@
 """Training N same-shaped networks together (builders/ensemble.py) against one after another.
 
     python benchmarks/ensemble_speed.py [--nets 5] [--epochs 20] [--rounds 2] [--device cpu] [--record]
+    python benchmarks/ensemble_speed.py --count-ops [--nets 5] [--record]
 
 The evaluation protocol's workload: ConvNet on a 100-image set (ipc 10, Fashion-MNIST-shaped random
 images), batch 256, DSA ``color_crop_cutout_flip_scale_rotate``. Alternates sequential and together
 (A, B, A, B); records wall seconds and, on the CPU, process CPU seconds of each.
+
+``--count-ops`` times nothing: it counts the operators dispatched from Python (``aten::`` events
+without an ``aten::`` parent in ``torch.profiler``; on a GPU each launches one or a few kernels, which
+is what a launch-bound step pays for) in one training step of one network, of the N networks
+together, and in the N networks' augmentation alone (each network's own draw, as training does),
+from the difference between 3 epochs and 1 of one step each.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import time
 import click
 import torch
 from machine import cpu_name, provenance, write_record  # benchmarks/machine.py (scripts run from benchmarks/)
+from torch.profiler import profile
 
 from builders.augment import Augmenter
 from builders.ensemble import train_together
@@ -31,9 +39,14 @@ from builders.networks import build_network
 @click.option("--model", default="ConvNet", show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--record", is_flag=True)
+@click.option("--count-ops", is_flag=True, help="Count the operators of one step instead of timing.")
 @click.option("--note", default="")
-def main(nets: int, epochs: int, rounds: int, model: str, device: str, record: bool, note: str) -> None:
+def main(nets: int, epochs: int, rounds: int, model: str, device: str, record: bool, count_ops: bool,
+         note: str) -> None:
     """Time sequential vs together training of NETS networks."""
+    if count_ops:
+        _count_ops(nets, model, record, note)
+        return
     dev = torch.device(device)
     g = torch.Generator().manual_seed(0)
     images = torch.randn(100, 1, 28, 28, generator=g).to(dev)
@@ -85,6 +98,47 @@ def main(nets: int, epochs: int, rounds: int, model: str, device: str, record: b
     if record:
         path = write_record(f"ensemble_{nets}x{model}_{dev.type}", result)
         click.echo(f"recorded {path}")
+
+
+def _top_level_ops(fn) -> int:
+    """Operators ``fn()`` dispatches from Python (``aten::`` events whose parent is not one)."""
+    with profile() as prof:
+        fn()
+    return sum(1 for e in prof.events() if e.name.startswith("aten::")
+               and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+
+
+def _count_ops(nets: int, model: str, record: bool, note: str) -> None:
+    """Operators per training step: one network, N together, and N networks' augmentation."""
+    augmenter = Augmenter("color_crop_cutout_flip_scale_rotate")
+    images, targets = torch.rand(20, 1, 28, 28), torch.arange(10).repeat(2)
+    seeds = list(range(1, nets + 1))
+
+    def per_step(run) -> float:  # epochs of one 20-image step each: 3 epochs minus 1, halved
+        return (_top_level_ops(lambda: run(3)) - _top_level_ops(lambda: run(1))) / 2
+
+    def single(epochs: int) -> None:
+        train_network(build_network(model, 1, 10, (28, 28), seed=1), images, targets,
+                      TrainSettings(epochs=epochs, batch=20, augmenter=augmenter), torch.Generator().manual_seed(1))
+
+    def together(epochs: int) -> None:
+        train_together([build_network(model, 1, 10, (28, 28), seed=s) for s in seeds], images, targets,
+                       TrainSettings(epochs=epochs, batch=20, augmenter=augmenter),
+                       [torch.Generator().manual_seed(s) for s in seeds], label_loss)
+
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    augment_ops = _top_level_ops(lambda: [augmenter(images, g) for g in generators])
+    one, many = per_step(single), per_step(together)
+    result = {
+        "benchmark": f"operators per training step: 1 {model}, {nets} together, {nets} networks' augmentation",
+        "ops_per_step_one_network": one, f"ops_per_step_{nets}_sequential": one * nets,
+        f"ops_per_step_{nets}_together": many, f"ops_augmentation_{nets}_networks": augment_ops,
+        "ratio_sequential_over_together": round(one * nets / many, 2),
+        **provenance("ensemble_speed.py", f"cpu: {cpu_name()} (counts, not times)", note),
+    }
+    click.echo(json.dumps(result, indent=2))
+    if record:
+        click.echo(f"recorded {write_record(f'ensemble_ops_{nets}x{model}_cpu', result)}")
 
 
 if __name__ == "__main__":
