@@ -15,15 +15,16 @@ grandchild). Sections, in order:
 
 1. DM iteration time against the reference, Fashion-MNIST ipc 10 (``dm_vs_reference.py``);
 2. the same on CIFAR-10-shaped generated images, ipc 10;
-3. five ConvNets trained together against one after another (``ensemble_speed.py``);
-4. the quickstart built at fp32 and at bf16-real, two seeds each (``precision_check.py``);
-5. DM against the reference on CIFAR-10-shaped images, ipc 50 (one round);
-6. peak memory of MTT at CIFAR-100 shape, ipc 10, unrolled vs constant (``tesla_memory.py``);
-7. MTT memory at CIFAR-100 shape, ipc 50 (the recipe's 125 images per step);
-8. a one-process ``torchrun`` build (NCCL on a GPU): a tiny DM Fashion-MNIST set whose metadata must
+3. the Fashion-MNIST comparison with ``params.compile`` on (one round);
+4. five ConvNets trained together against one after another (``ensemble_speed.py``);
+5. the quickstart built at fp32 and at bf16-real, two seeds each (``precision_check.py``);
+6. DM against the reference on CIFAR-10-shaped images, ipc 50 (one round);
+7. peak memory of MTT at CIFAR-100 shape, ipc 10, unrolled vs constant (``tesla_memory.py``);
+8. MTT memory at CIFAR-100 shape, ipc 50 (the recipe's 125 images per step);
+9. a one-process ``torchrun`` build (NCCL on a GPU): a tiny DM Fashion-MNIST set whose metadata must
    say ``build.backend``;
-9. a DM Fashion-MNIST ipc 10 build with the paper's evaluation, at as many of the paper's 20,000
-   iterations as the budget left allows (the record says how many ran).
+10. a DM Fashion-MNIST ipc 10 build with the paper's evaluation, at as many of the paper's 20,000
+    iterations as the budget left allows (the record says how many ran).
 """
 
 from __future__ import annotations
@@ -150,6 +151,8 @@ def main(reference: Path, fashion_mnist: Path, budget: float, out: Path, python:
     s.section("dm_fashionmnist_ipc10", [*dm, "--rounds", counts["rounds"]], needs=60, limit=170)
     s.section("dm_cifar10_ipc10", [*dm, "--source", "cifar10-generated", "--rounds", counts["rounds"]],
               needs=60, limit=170)
+    s.section("dm_fashionmnist_ipc10_compile", [*dm, "--rounds", "1", "--set", "params.compile=true"],
+              needs=60, limit=200)  # compiled real and synthetic branches (Triton on a GPU), one round
     s.section("ensemble", [f"{bench}/ensemble_speed.py", "--device", device, "--nets", "5",
                            "--epochs", counts["epochs"], "--rounds", counts["rounds"], "--record"], needs=30, limit=90)
     precision_smoke = ["--set", "iterations=2", "--set", "eval.runs=1", "--set", "eval.epochs=2",

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import click
 import torch
+from machine import write_record  # benchmarks/machine.py (scripts run from benchmarks/)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -154,11 +155,8 @@ def main(steps: str, modes: str, model: str, shape: str, images: int, classes: i
         "date": time.strftime("%Y-%m-%d"),
     }
     if record:
-        folder = Path(__file__).parent / "results"
-        folder.mkdir(exist_ok=True)
         kind = "cuda" if device.startswith("cuda") else "cpu"
-        path = folder / f"tesla_memory_{model}_{kind}{'_' + tag if tag else ''}_{record_data['date']}.json"
-        path.write_text(json.dumps(record_data, indent=2) + "\n")
+        path = write_record(f"tesla_memory_{model}_{kind}{'_' + tag if tag else ''}", record_data)
         click.echo(f"recorded {path}")
 
 
