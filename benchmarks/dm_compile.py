@@ -131,15 +131,18 @@ def ab(rounds: int, warmup: int, timed: int, python: str, record: bool, note: st
 @click.option("--repeats", type=click.IntRange(1), default=3, show_default=True)
 @click.option("--record", is_flag=True, help="Write the result to benchmarks/results/.")
 @click.option("--note", default="", help="Conditions worth recording (e.g. other load on the machine).")
-def chunk(repeats: int, record: bool, note: str) -> None:
+@click.option("--shape", type=click.Choice(["fashionmnist", "cifar"]), default="fashionmnist", show_default=True,
+              help="1x28x28 images (Fashion-MNIST) or 3x32x32 (CIFAR-shaped).")
+def chunk(repeats: int, record: bool, note: str, shape: str) -> None:
     """The real branch alone: uncompiled passes, the compiled direct route, the compiled Winograd route."""
     g = torch.Generator().manual_seed(0)
-    batches = [torch.randn(256, 1, 28, 28, generator=g) for _ in range(10)]
+    channels, size = (1, 28) if shape == "fashionmnist" else (3, 32)
+    batches = [torch.randn(256, channels, size, size, generator=g) for _ in range(10)]
     variants = [("plain", 64), ("direct", 256), ("winograd", 16), ("winograd", 32), ("winograd", 64)]
     sizes = {"plain": "CHUNK", "direct": "COMPILED_CHUNK", "winograd": "WINOGRAD_CHUNK"}
 
     def call(kind: str, size: int, seed: int) -> tuple[float, float]:
-        net = build_network("ConvNet", 1, 10, (28, 28), seed=seed)
+        net = build_network("ConvNet", channels, 10, (size, size), seed=seed)
         for p in net.parameters():
             p.requires_grad_(False)
         original_size, original_plan = getattr(realbranch, sizes[kind]), realbranch.winograd.plan
@@ -162,7 +165,8 @@ def chunk(repeats: int, record: bool, note: str) -> None:
             times[f"{kind}_{size}"].append(call(kind, size, seed=rep))
             click.echo(f"repeat {rep} {kind} {size}: {times[f'{kind}_{size}'][-1][0]:.2f} CPU-s")
     result = {
-        "benchmark": "DM real branch alone (10 classes x 256 images, ConvNet 28x28): route and pass size",
+        "benchmark": f"DM real branch alone (10 classes x 256 images, ConvNet {channels}x{size}x{size}): route and "
+                     "pass size",
         "cpu_s": {k: [round(c, 3) for c, _ in v] for k, v in times.items()},
         "wall_s": {k: [round(w, 3) for _, w in v] for k, v in times.items()},
         "cpu_s_median": {k: round(statistics.median(c for c, _ in v), 3) for k, v in times.items()},
@@ -171,7 +175,7 @@ def chunk(repeats: int, record: bool, note: str) -> None:
     }
     click.echo(json.dumps(result, indent=2))
     if record:
-        _record(result, "dm_compiled_chunk_cpu")
+        _record(result, "dm_compiled_chunk_cpu" + ("" if shape == "fashionmnist" else f"_{shape}"))
 
 
 if __name__ == "__main__":
