@@ -29,7 +29,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-BLOCK_ROWS = 4  # output rows per product in a first layer followed by instance norm (value chosen here: 256
+BLOCK_ROWS = 4  # output rows per product in a first layer followed by instance norm; even, so that 2x2 pooling
+# windows never straddle two blocks (value chosen here: 256
 # 28x28 images through ConvNet, compiled, interleaved in one process on the 2-core CPU, 2026-11-26: median 303 / 320
 # / 327 ms with blocks of 4 / 8 / 32 rows; 282-316 ms against 320-328 ms with the unmerged im2col + norm steps)
 WINOGRAD_MIN_CHANNELS = 16  # input channels from which a 3x3 layer uses Winograd (value chosen here: the first
