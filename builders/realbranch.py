@@ -203,19 +203,15 @@ def _embedder(net: nn.Module, compiled: bool, cpu_fp32_classes: bool = False
     planned = winograd.plan(spec, weights) if cpu_fp32_classes else None
     if planned is not None:
         steps, prepared = planned
-        winograd_function = _compiled_winograd()
         transforms = (winograd.INPUT_TRANSFORM, winograd.OUTPUT_TRANSFORM)
-
-        def embed_winograd(x: torch.Tensor) -> torch.Tensor:
-            with torch.no_grad():
-                return _call_compiled(winograd_function, x, prepared, steps, transforms)
-        return embed_winograd, WINOGRAD_CHUNK
-    function = _compiled_embed()
+        function, args, chunk = _compiled_winograd(), (prepared, steps, transforms), WINOGRAD_CHUNK
+    else:
+        function, args, chunk = _compiled_embed(), (weights, spec), COMPILED_CHUNK
 
     def embed(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return _call_compiled(function, x, weights, spec)
-    return embed, COMPILED_CHUNK
+            return _call_compiled(function, x, *args)
+    return embed, chunk
 
 
 def embed_with_gradient(net: nn.Module, x: torch.Tensor, compiled: bool = False) -> torch.Tensor:

@@ -161,10 +161,8 @@ def _group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias:
 
 
 def _layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """``F.layer_norm`` over ``[C, H, W]`` of a ``[C, H, W, N]`` map."""
-    mean = x.mean(dim=(0, 1, 2), keepdim=True)
-    centred = x - mean
-    y = centred * torch.rsqrt(centred.square().mean(dim=(0, 1, 2), keepdim=True) + eps)
+    """``F.layer_norm`` over ``[C, H, W]`` of a ``[C, H, W, N]`` map: one group, a weight per position."""
+    y = _group_norm(x, 1, None, None, eps)
     if weight is not None:
         y = y * weight.unsqueeze(-1)
     return y if bias is None else y + bias.unsqueeze(-1)
