@@ -16,6 +16,7 @@ grandchild). Sections, in order:
 1. DM iteration time against the reference, Fashion-MNIST ipc 10 (``dm_vs_reference.py``);
 2. the same on CIFAR-10-shaped generated images, ipc 10;
 3. the Fashion-MNIST comparison with ``params.compile`` on (one round);
+3b. where DM's iterations spend their time, plain and with ``params.compile`` (``dm_profile.py``);
 4. five ConvNets trained together against one after another (``ensemble_speed.py``);
 5. the quickstart built at fp32 and at bf16-real, two seeds each (``precision_check.py``);
 6. DM against the reference on CIFAR-10-shaped images, ipc 50 (one round);
@@ -50,8 +51,8 @@ RESULTS = REPO / "benchmarks" / "results"
 class Session:
     """Runs sections against one deadline and mirrors the log and new records to ``out``."""
 
-    def __init__(self, out: Path, budget: float, python: str) -> None:
-        self.out, self.python = out, python
+    def __init__(self, out: Path, budget: float, python: str, only: set[str] | None = None) -> None:
+        self.out, self.python, self.only = out, python, only
         self.deadline = time.monotonic() + budget
         self.before = set(RESULTS.glob("*.json"))
         self.log = out / "session.log"
@@ -67,7 +68,9 @@ class Session:
             handle.write(text + "\n")
 
     def section(self, name: str, args: list[str], needs: float, limit: float, env: dict | None = None) -> int | None:
-        """Run one benchmark script; skipped when less than ``needs`` seconds are left."""
+        """Run one benchmark script; skipped when not selected or less than ``needs`` seconds are left."""
+        if self.only is not None and name not in self.only:
+            return None
         if self.left() < needs:
             self.say(f"== {name}: skipped ({self.left():.0f} s left, {needs:.0f} s needed)")
             self.summary.append({"section": name, "skipped": True})
@@ -132,11 +135,14 @@ def package_seconds_per_iteration(s: Session, prefix: str) -> float | None:
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True)
 @click.option("--reference-pythonpath", default="", help="Extra PYTHONPATH for the reference (e.g. scipy).")
 @click.option("--smoke", is_flag=True, help="Tiny counts everywhere: checks this script, measures nothing.")
+@click.option("--only", default="", metavar="NAME,NAME",
+              help="Run only these sections (names as the log prints them; 'paper_dm_fashionmnist_ipc10' for the "
+                   "paper row); all when empty.")
 def main(reference: Path, fashion_mnist: Path, budget: float, out: Path, python: str, device: str,
-         reference_pythonpath: str, smoke: bool) -> None:
+         reference_pythonpath: str, smoke: bool, only: str) -> None:
     """Measure the GPU figures of issues 11 and 17 within BUDGET seconds."""
     out.mkdir(parents=True, exist_ok=True)
-    s = Session(out, budget, python)
+    s = Session(out, budget, python, {name.strip() for name in only.split(",") if name.strip()} or None)
     os.environ["CONDENSED_FASHION_MNIST_DIR"] = str(fashion_mnist.resolve())
     os.environ["PYTHONUNBUFFERED"] = "1"
     os.environ["PYTHONPATH"] = str(REPO)  # the scripts import the package from this checkout
@@ -153,6 +159,10 @@ def main(reference: Path, fashion_mnist: Path, budget: float, out: Path, python:
               needs=60, limit=170)
     s.section("dm_fashionmnist_ipc10_compile", [*dm, "--rounds", "1", "--set", "params.compile=true"],
               needs=60, limit=200)  # compiled real and synthetic branches (Triton on a GPU), one round
+    profile = [f"{bench}/dm_profile.py", "recipes/dm_fashionmnist.yaml", "--device", device, "--record",
+               "--warmup", counts["warmup"], "--iterations", counts["timed"], "--rows", "30"]
+    s.section("dm_profile", profile, needs=40, limit=90)
+    s.section("dm_profile_compile", [*profile, "--set", "params.compile=true", "--tag", "compile"], needs=60, limit=150)
     s.section("ensemble", [f"{bench}/ensemble_speed.py", "--device", device, "--nets", "5",
                            "--epochs", counts["epochs"], "--rounds", counts["rounds"], "--record"], needs=30, limit=90)
     precision_smoke = ["--set", "iterations=2", "--set", "eval.runs=1", "--set", "eval.epochs=2",
