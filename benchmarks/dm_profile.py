@@ -6,8 +6,9 @@
 Runs the engine (no evaluation, nothing saved outside ``--out``) for ``warmup + iterations``
 iterations, profiles the last ``iterations`` of them (CPU and, on a GPU, CUDA activities) and prints
 the operators by self device time and by self host time. The record holds both tables, the per-
-iteration wall time of the window, and per iteration: device busy time, host time, and the counts of
-kernel launches, stream synchronisations and host-device copies (the signs of a host-bound loop).
+iteration wall time of the window, and per iteration: device busy time, host time, the operators
+dispatched from Python, and the counts of kernel launches, stream synchronisations and host-device
+copies (the signs of a host-bound loop).
 """
 
 from __future__ import annotations
@@ -69,6 +70,10 @@ def main(recipe: Path, warmup: int, iterations: int, overrides: tuple[str, ...],
     by_device = events.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=rows)
     by_host = events.table(sort_by="self_cpu_time_total", row_limit=rows)
     calls = {e.key: e.count for e in events if e.key in RUNTIME_CALLS}
+    # operators dispatched from Python (an aten:: event without an aten:: parent): on a GPU each launches
+    # one kernel or a few, so this is what a host-bound loop pays for, and it can be counted on a CPU
+    top_level = sum(1 for e in prof.events() if e.name.startswith("aten::")
+                    and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
     # kernels and copies are the events that run on the device; operators only launch them
     device_us = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA)
     host_us = sum(e.self_cpu_time_total for e in events)
@@ -80,6 +85,7 @@ def main(recipe: Path, warmup: int, iterations: int, overrides: tuple[str, ...],
         "per_iteration": {
             "device_busy_ms": round(device_us / 1000 / iterations, 2),
             "host_self_ms": round(host_us / 1000 / iterations, 2),
+            "top_level_operators": round(top_level / iterations, 1),
             **{name: round(count / iterations, 1) for name, count in sorted(calls.items())},
         },
         "table_by_device_time": by_device,

@@ -299,8 +299,7 @@ class Augmenter:
         for family in dict.fromkeys(d.family for d in draws):  # first-seen order
             members = [i for i, d in enumerate(draws) if d.family == family]
             sizes = [batches[i].shape[0] for i in members]
-            sizes_t = torch.tensor(sizes)
-            params = {key: torch.repeat_interleave(torch.cat([draws[i].params[key] for i in members]), sizes_t)
+            params = {key: torch.cat([draws[i].params[key].expand(size) for i, size in zip(members, sizes)])
                       for key in _PARAMS[family]}
             joined = self.apply(torch.cat([batches[i] for i in members]), AugmentDraw(family, params, sum(sizes)))
             for i, part in zip(members, joined.split(sizes)):

@@ -126,11 +126,14 @@ class RealData:
         """Images at positions ``idx`` of this split, in the build's space (see :meth:`normalize`)."""
         return self.normalize(self.images[idx.to(self.device, non_blocking=True)])
 
+    def pick_class(self, c: int, n: int, generator: torch.Generator) -> torch.Tensor:
+        """Positions of ``n`` random images of class ``c`` without replacement (all of them if it has fewer)."""
+        pool = self.class_indices[c]
+        return pool[torch.randperm(len(pool), generator=generator)[:n]]
+
     def sample_class(self, c: int, n: int, generator: torch.Generator) -> torch.Tensor:
         """``n`` random images of class ``c`` without replacement (all of them if the class has fewer)."""
-        pool = self.class_indices[c]
-        pick = pool[torch.randperm(len(pool), generator=generator)[:n]]
-        return self.rows(pick)
+        return self.rows(self.pick_class(c, n, generator))
 
     def random_class_balanced(self, ipc: int, generator: torch.Generator) -> torch.Tensor:
         """Positions of ``ipc`` random images per class, class-contiguous."""

@@ -275,14 +275,16 @@ class Engine:
         for iteration in bar:
             total, steps = 0.0, 0
             for loss in method.losses(state, iteration):
+                for opt in optimizers.values():
+                    opt.zero_grad(set_to_none=True)
+                # backward before the loss is read: on a GPU the host then queues the backward pass while the
+                # forward runs, instead of waiting for it; the state is untouched until the optimisers step
+                loss.backward()
                 value = float(loss.detach())
                 if self._split == "classes":  # each rank's loss holds its own classes' terms
                     value = distributed.all_reduce_sum(value)
                 if not math.isfinite(value):
                     self._fail_nonfinite(iteration, "loss", state, optimizers, ctx, start, good=steps == 0)
-                for opt in optimizers.values():
-                    opt.zero_grad(set_to_none=True)
-                loss.backward()
                 if self._reduce_gradients:  # each rank's gradients are its share: every rank steps with the sum
                     distributed.all_reduce_gradients([t for t in state.values() if t.requires_grad])
                 for opt in optimizers.values():

@@ -270,4 +270,14 @@ def _concatenated_means(net: nn.Module, batches: Sequence[torch.Tensor], precisi
     for part in torch.cat(list(batches)).split(GPU_CHUNK):
         with torch.autocast(part.device.type, dtype=torch.bfloat16, enabled=precision == "bf16-real"):
             parts.append(embed(part).float())
-    return torch.stack([emb.mean(0) for emb in torch.cat(parts).split(sizes)])
+    return group_means(torch.cat(parts), sizes)
+
+
+def group_means(rows: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+    """``[len(sizes), ...]``: the mean of each group of consecutive ``rows`` (group ``i`` has ``sizes[i]`` rows).
+
+    Groups of one size are averaged in one reduction (on a GPU, one launch instead of one per group).
+    """
+    if sizes and all(size == sizes[0] for size in sizes) and sizes[0] > 0 and sum(sizes) == rows.shape[0]:
+        return rows.reshape(len(sizes), sizes[0], *rows.shape[1:]).mean(1)
+    return torch.stack([part.mean(0) for part in rows.split(list(sizes))])

@@ -6,8 +6,8 @@ from torch import nn
 
 import builders.realbranch as realbranch
 from builders.build import recipe_from_dict
-from builders.errors import BuildError
 from builders.data import RealData
+from builders.errors import BuildError
 from builders.methods.base import BuildContext
 from builders.methods.dm import DistributionMatching
 from builders.networks import build_network
@@ -169,3 +169,21 @@ def test_a_failed_compilation_is_a_build_error_that_names_the_fix():
     with torch._inductor.config.patch({"cpp.cxx": ("/nonexistent/bin/c++",), "fx_graph_cache": False}):
         with pytest.raises(BuildError, match="params.compile: torch.compile could not compile.*params.compile: false"):
             class_mean_embeddings(net, [torch.rand(7, 1, 13, 13)], compiled=True)
+
+
+@pytest.mark.parametrize("sizes", [[3, 3, 3], [1, 4, 2], [5], [2, 0, 2]])
+def test_group_means_are_the_means_of_consecutive_groups(sizes):
+    rows = torch.randn(sum(sizes), 4, 2, generator=torch.Generator().manual_seed(len(sizes)))
+    means = realbranch.group_means(rows, sizes)
+    start = 0
+    for i, size in enumerate(sizes):
+        assert torch.allclose(means[i], rows[start:start + size].mean(0), atol=1e-6, equal_nan=True)
+        start += size
+    assert means.shape == (len(sizes), 4, 2)
+
+
+def test_picked_class_positions_hold_that_class_and_give_sample_class_images():
+    real = _context("ConvNetW32").real
+    picked = real.pick_class(3, 5, torch.Generator().manual_seed(7))
+    assert len(set(picked.tolist())) == 5 and (real.labels[picked] == 3).all()
+    assert torch.equal(real.rows(picked), real.sample_class(3, 5, torch.Generator().manual_seed(7)))
