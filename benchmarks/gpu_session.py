@@ -13,10 +13,11 @@ tool's ``$OUT`` brings back only a few files), so a run cut short still brings b
 section that outlasts its limit is stopped with its whole process group (the reference runs as a
 grandchild). Sections, in order:
 
-1. DM iteration time against the reference, Fashion-MNIST ipc 10 (``dm_vs_reference.py``);
+1. DM iteration time against the reference, Fashion-MNIST ipc 10 (``dm_vs_reference.py``; DM's
+   default ``params.compile: auto`` compiles on a GPU);
 2. the same on CIFAR-10-shaped generated images, ipc 10;
-3. the Fashion-MNIST comparison with ``params.compile`` on (one round);
-3b. where DM's iterations spend their time, plain and with ``params.compile`` (``dm_profile.py``);
+3. the Fashion-MNIST comparison with ``params.compile: false`` (one round);
+3b. where DM's iterations spend their time, by default and uncompiled (``dm_profile.py``);
 4. five ConvNets trained together against one after another (``ensemble_speed.py``);
 5. the quickstart built at fp32 and at bf16-real, two seeds each (``precision_check.py``);
 6. DM against the reference on CIFAR-10-shaped images, ipc 50 (one round);
@@ -157,12 +158,13 @@ def main(reference: Path, fashion_mnist: Path, budget: float, out: Path, python:
     s.section("dm_fashionmnist_ipc10", [*dm, "--rounds", counts["rounds"]], needs=60, limit=170)
     s.section("dm_cifar10_ipc10", [*dm, "--source", "cifar10-generated", "--rounds", counts["rounds"]],
               needs=60, limit=170)
-    s.section("dm_fashionmnist_ipc10_compile", [*dm, "--rounds", "1", "--set", "params.compile=true"],
-              needs=60, limit=200)  # compiled real and synthetic branches (Triton on a GPU), one round
+    s.section("dm_fashionmnist_ipc10_uncompiled", [*dm, "--rounds", "1", "--set", "params.compile=false"],
+              needs=60, limit=200)  # params.compile's default, auto, compiles on a GPU: this row without it
     profile = [f"{bench}/dm_profile.py", "recipes/dm_fashionmnist.yaml", "--device", device, "--record",
                "--warmup", counts["warmup"], "--iterations", counts["timed"], "--rows", "30"]
     s.section("dm_profile", profile, needs=40, limit=90)
-    s.section("dm_profile_compile", [*profile, "--set", "params.compile=true", "--tag", "compile"], needs=60, limit=150)
+    s.section("dm_profile_uncompiled", [*profile, "--set", "params.compile=false", "--tag", "uncompiled"],
+              needs=60, limit=150)
     s.section("ensemble", [f"{bench}/ensemble_speed.py", "--device", device, "--nets", "5",
                            "--epochs", counts["epochs"], "--rounds", counts["rounds"], "--record"], needs=30, limit=90)
     precision_smoke = ["--set", "iterations=2", "--set", "eval.runs=1", "--set", "eval.epochs=2",

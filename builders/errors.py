@@ -21,6 +21,10 @@ class BuildError(BuildersError, RuntimeError):
     """A build that cannot go on (non-finite loss, incompatible checkpoint, unusable device, ...)."""
 
 
+class CompileError(BuildError):
+    """``torch.compile`` could not compile a network (no C++ compiler on a CPU, no working Triton on a GPU)."""
+
+
 class CheckpointError(BuildError):
     """A checkpoint that is missing, damaged or made by something else."""
 
@@ -37,5 +41,5 @@ class PublishConflict(PublishError):
     """A different file already has this name in the repository or folder; pass force to replace it."""
 
 
-__all__ = ["BuildError", "BuildersError", "CheckpointError", "ExpertStoreError", "PublishConflict",
+__all__ = ["BuildError", "BuildersError", "CheckpointError", "CompileError", "ExpertStoreError", "PublishConflict",
            "PublishError", "RecipeError"]

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from builders import winograd
-from builders.errors import BuildError
+from builders.errors import CompileError
 from builders.networks import ConvNet, uses_batch_statistics
 
 PRECISIONS = ("fp32", "bf16-real")
@@ -179,12 +179,12 @@ def _compiled_winograd() -> Callable[..., torch.Tensor]:
 
 
 def _call_compiled(function: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
-    """``function(*args)`` for a function made by ``torch.compile``; a failed compilation is a :class:`BuildError`."""
+    """``function(*args)`` for a function made by ``torch.compile``; a failed compilation is a :class:`CompileError`."""
     try:
         return function(*args)
     except torch._dynamo.exc.BackendCompilerFailed as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise BuildError(f"params.compile: torch.compile could not compile the network ({reason}). It needs a "
+        raise CompileError(f"params.compile: torch.compile could not compile the network ({reason}). It needs a "
                          "working C++ compiler on CPUs (Triton on GPUs): install one (e.g. g++), or set "
                          "params.compile: false.") from error
 

@@ -86,8 +86,12 @@ _REQUIRED = ("source", "method")
 _YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
+AUTO = "auto"  # the default of a switch that decides by the machine; such a key takes true, false or "auto"
+
+
 def _check_type(key: str, value: Any, expected: Any) -> Any:
-    """Coerce ``value`` to the type of ``expected`` (int->float allowed) or raise naming ``key``."""
+    """Coerce ``value`` to the type of ``expected`` (int->float allowed; true/false where ``expected`` is
+    :data:`AUTO`) or raise naming ``key``."""
     if expected is None:
         return value
     if isinstance(expected, bool):
@@ -105,6 +109,8 @@ def _check_type(key: str, value: Any, expected: Any) -> Any:
             raise RecipeError(f"{key}: expected a number, got {value!r}")
         return float(value)
     if isinstance(expected, str):
+        if expected == AUTO and isinstance(value, bool):  # a switch whose default is "auto" takes true/false too
+            return value
         if not isinstance(value, str):
             raise RecipeError(f"{key}: expected a string, got {value!r}")
         return value
@@ -290,10 +296,11 @@ def check_params(section: str, params: dict[str, Any], defaults: dict[str, Any])
     return merged
 
 
-def check_choice(key: str, value: str, valid: tuple[str, ...]) -> None:
+def check_choice(key: str, value: Any, valid: tuple[Any, ...]) -> None:
     """RecipeError naming ``params.key`` unless ``value`` is one of ``valid``."""
-    if value not in valid:
-        raise RecipeError(f"params.{key}: unknown {value!r}; valid: {', '.join(valid)}")
+    if not any(value == choice and type(value) is type(choice) for choice in valid):
+        names = ", ".join(str(choice).lower() if isinstance(choice, bool) else str(choice) for choice in valid)
+        raise RecipeError(f"params.{key}: unknown {value!r}; valid: {names}")
 
 
 def check_at_least(params: dict[str, Any], keys: tuple[str, ...], low: float, *, strict: bool = False,

@@ -4,10 +4,11 @@ import pytest
 import torch
 from torch import nn
 
+import builders.methods.dm as dm_module
 import builders.realbranch as realbranch
 from builders.build import recipe_from_dict
 from builders.data import RealData
-from builders.errors import BuildError
+from builders.errors import BuildError, RecipeError
 from builders.methods.base import BuildContext
 from builders.methods.dm import DistributionMatching
 from builders.networks import build_network
@@ -16,7 +17,7 @@ from condensed_datasets.sources import get_source
 
 
 def _context(model: str, precision: str = "fp32", per_class: int = 12, size: int = 12,
-             compile: bool = False) -> BuildContext:
+             compile: bool | str = False) -> BuildContext:
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (10 * per_class, 1, size, size), generator=g, dtype=torch.uint8)
     real = RealData(images, torch.arange(10).repeat_interleave(per_class), get_source("fashionmnist"))
@@ -187,3 +188,40 @@ def test_picked_class_positions_hold_that_class_and_give_sample_class_images():
     picked = real.pick_class(3, 5, torch.Generator().manual_seed(7))
     assert len(set(picked.tolist())) == 5 and (real.labels[picked] == 3).all()
     assert torch.equal(real.rows(picked), real.sample_class(3, 5, torch.Generator().manual_seed(7)))
+
+
+@pytest.mark.parametrize("value", [True, False, "auto"])
+def test_compile_takes_true_false_or_auto(value):
+    assert _context("ConvNetW32", compile=value).recipe.params["compile"] == value
+
+
+@pytest.mark.parametrize("value", ["yes", 1, "on", None])
+def test_compile_refuses_anything_else_and_names_the_choices(value):
+    with pytest.raises(RecipeError, match="params.compile: .*(valid: false, true, auto|expected a string)"):
+        _context("ConvNetW32", compile=value)
+
+
+def test_compile_auto_does_not_compile_on_a_cpu(monkeypatch):
+    def refuse(*args):
+        raise AssertionError("compiled on a CPU under params.compile: auto")
+
+    monkeypatch.setattr(realbranch, "_compiled_embed", refuse)
+    monkeypatch.setattr(realbranch, "_compiled_winograd", refuse)
+    ctx = _context("ConvNetW32", compile="auto")
+    method = DistributionMatching(ctx)
+    assert torch.isfinite(next(iter(method.losses(method.initial_state(), 0))))
+
+
+def test_compile_auto_falls_back_to_uncompiled_with_a_warning_when_compilation_fails(monkeypatch):
+    # auto compiling here (as on a GPU), with no C++ compiler for inductor and a shape no other test compiles
+    monkeypatch.setattr(dm_module, "auto_compiles", lambda device: True)
+    ctx = _context("ConvNetW32", compile="auto", size=11)
+    nets, pairs = _spy(ctx)
+    method = DistributionMatching(ctx)
+    state = method.initial_state()
+    with torch._inductor.config.patch({"cpp.cxx": ("/nonexistent/bin/c++",), "fx_graph_cache": False}):
+        with pytest.warns(UserWarning, match="could not compile.*This build runs uncompiled"):
+            loss = next(iter(method.losses(state, 0)))
+        plain = sum(((nets[0].embed(real).mean(0) - nets[0].embed(syn).mean(0)) ** 2).sum() for real, syn in pairs)
+        torch.testing.assert_close(loss, plain, rtol=1e-5, atol=1e-6)
+        assert not method._compiles(nets[0])  # the rest of the build runs uncompiled, without trying again

@@ -15,7 +15,7 @@ def build(**changes):
 def test_defaults_are_filled_from_the_method():
     r = build()
     assert r.params == {"lr_img": 1.0, "momentum": 0.5, "batch_real": 256, "init": "real", "precision": "fp32",
-                        "compile": False}
+                        "compile": "auto"}
     assert r.eval.runs == 5 and r.eval.epochs == 1000 and r.eval_model == "ConvNet"
 
 
