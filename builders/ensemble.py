@@ -58,6 +58,8 @@ def _check(nets: Sequence[nn.Module], generators: Sequence[torch.Generator], set
     shapes = [[(k, tuple(v.shape)) for k, v in net.state_dict().items()] for net in nets]
     if any(s != shapes[0] for s in shapes[1:]) or any(type(n) is not type(nets[0]) for n in nets):
         raise ValueError("train_together: the networks must have the same class and parameter shapes")
+    if any(repr(n) != repr(nets[0]) for n in nets):  # e.g. ConvNet vs ConvNetAS: same shapes, other layers
+        raise ValueError("train_together: the networks must have the same layers (one architecture)")
     if any(uses_batch_statistics(n) for n in nets):
         raise ValueError("train_together: networks with BatchNorm update running statistics in place; "
                          "train them one by one with train_network")

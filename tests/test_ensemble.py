@@ -113,6 +113,13 @@ def test_batchnorm_networks_are_refused():
         train_together(nets, images, targets, TrainSettings(epochs=1), [torch.Generator() for _ in nets], label_loss)
 
 
+def test_networks_of_other_layers_are_refused():
+    images, targets = _data()
+    nets = [build_network(model, 1, 10, (12, 12), seed=1) for model in ("ConvNet", "ConvNetAS")]  # same shapes
+    with pytest.raises(ValueError, match="same layers"):
+        train_together(nets, images, targets, TrainSettings(epochs=1), [torch.Generator() for _ in nets], label_loss)
+
+
 def test_together_is_the_default_on_cuda_only():
     assert use_together(torch.device("cuda"), 5) and not use_together(torch.device("cpu"), 5)
     assert not use_together(torch.device("cuda"), 1)
