@@ -1,9 +1,9 @@
-"""Many same-shaped networks trained together: stacked parameters, one vectorised step for all.
+"""Many same-shaped networks trained together: stacked parameters, one step for all.
 
 Evaluation runs, random baselines and architecture-search proxies train many networks of one shape on
-small sets. :func:`train_together` stacks their parameters (``torch.func.stack_module_state``) and
-takes each SGD step for all of them at once (``vmap`` of the gradient of ``functional_call``). Every
-network keeps its own generator, so its batch order and augmentation draws are those it would get
+small sets. :func:`train_together` stacks their parameters and takes each SGD step for all of them at
+once (one optimiser over the stacked tensors: SGD acts elementwise, so each network gets its own
+update). Every network keeps its own generator, so its batch order and augmentation draws are those it would get
 trained alone with :func:`builders.evaluate.train_network`, and it follows the same trajectory up to
 float rounding.
 
@@ -78,8 +78,9 @@ def train_together(
 
     The networks must share class and parameter shapes and have no BatchNorm; ``images`` and
     ``targets`` are shared (same device as the networks); ``loss_fn(logits, targets)`` is the training
-    loss of one network's batch (``builders.evaluate.label_loss`` for the evaluation protocol; it is
-    vmapped over the networks). ``on_epoch`` is called after each epoch. :func:`together_mode` says
+    loss of one network's batch (``builders.evaluate.label_loss`` for the evaluation protocol; a mean
+    over rows, as that one is, is taken in one call for all networks, any other loss is vmapped).
+    ``on_epoch`` is called after each epoch. :func:`together_mode` says
     which step runs. Example::
 
         nets = [build_network("ConvNet", 1, 10, (28, 28), seed=s) for s in seeds]
@@ -119,12 +120,29 @@ class _WideStep:
     def __init__(self, nets: Sequence[nn.Module], loss_fn: LossFn) -> None:
         self.wide = WideConvNet(nets)
         self.leaves = self.wide.parameters()
+        self.loss_fn, self.count = loss_fn, len(nets)
         self.losses = vmap(loss_fn)
+        self.row_mean: bool | None = None  # is loss_fn a mean over its rows? decided on the first batch
         self.write_back = self.wide.write_back
 
     def backward(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Set every leaf's ``.grad`` for the batches ``x`` [N, B, C, H, W], targets ``y`` [N, B, ...]."""
-        self.losses(self.wide(widen_inputs(x)), y).sum().backward()
+        logits = self.wide(widen_inputs(x))  # [N, B, classes]
+        if self.row_mean is None:
+            self.row_mean = self._is_row_mean(logits, y)
+        if self.row_mean:  # the N networks' losses summed = N x the mean over all N*B rows: one call, no vmap
+            loss = self.loss_fn(logits.flatten(0, 1), y.flatten(0, 1)) * self.count
+        else:
+            loss = self.losses(logits, y).sum()
+        loss.backward()
+
+    @torch.no_grad()
+    def _is_row_mean(self, logits: torch.Tensor, y: torch.Tensor) -> bool:
+        """Whether ``loss_fn`` over the N batches joined is the mean of its N values (as for a mean over
+        rows, like ``label_loss``); the vmapped loss (several times the host time) serves any other."""
+        each = self.losses(logits, y)
+        joined = self.loss_fn(logits.flatten(0, 1), y.flatten(0, 1))
+        return bool(torch.isclose(joined, each.mean(), rtol=1e-5, atol=1e-7))
 
 
 class _VmapStep:

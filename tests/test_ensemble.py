@@ -53,6 +53,21 @@ def test_soft_targets_train_wide_as_alone():
     _assert_same_trajectories("ConvNetW32", 3, None, targets=probs)
 
 
+def test_a_loss_that_is_not_a_mean_over_rows_trains_wide_as_alone():
+    def summed(logits, targets):  # a sum over rows: the N networks' losses cannot be one call's mean
+        return torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+
+    images, targets = _data()
+    settings = TrainSettings(epochs=2, lr=0.001, batch=8)
+    nets = [build_network("ConvNetW32", 1, 10, (12, 12), seed=s) for s in (1, 2, 3)]
+    alone = [copy.deepcopy(n) for n in nets]
+    train_together(nets, images, targets, settings, [torch.Generator().manual_seed(s) for s in (1, 2, 3)], summed)
+    for net, single, s in zip(nets, alone, (1, 2, 3)):
+        train_together([single], images, targets, settings, [torch.Generator().manual_seed(s)], summed)
+        for got, want in zip(net.parameters(), single.parameters()):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_other_networks_train_by_vmap_as_alone():
     assert together_mode(build_network("MLP", 1, 10, (12, 12))) == "vmap"
     _assert_same_trajectories("MLP", 3, DSA)
