@@ -324,7 +324,8 @@ class Augmenter:
             if len(members) == 1:  # no copies: the draw as it is
                 done = self.apply(batches[members[0]], draws[members[0]])
             else:
-                params = {key: torch.cat([draws[i].params[key].expand(sizes[i]) for i in members])
+                params = {key: torch.cat([draws[i].params[key] if draws[i].batch_size is not None
+                                          else draws[i].params[key].expand(sizes[i]) for i in members])
                           for key in _PARAMS[family]}
                 joined = torch.cat([batches[i] for i in members])
                 done = self.apply(joined, AugmentDraw(family, params, sum(sizes[i] for i in members)))
