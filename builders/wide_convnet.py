@@ -59,7 +59,8 @@ class WideConvNet:
 
     ``params`` maps each parameter name of the ConvNet to a leaf tensor holding the N networks'
     values (a copy, in the wide layout: a feature layer's ``[N*C, ...]``, the head's weight
-    ``[N, features, classes]`` and bias ``[N, 1, classes]``; :meth:`write_back` copies them into the networks). Example::
+    ``[N, features, classes]`` and bias ``[N, 1, classes]``; :meth:`write_back` copies them into
+    the networks). Example::
 
         wide = WideConvNet(nets)
         logits = wide(widen_inputs(torch.stack(batches)))  # [N, B, num_classes]
