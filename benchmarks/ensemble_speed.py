@@ -5,13 +5,15 @@
 
 The evaluation protocol's workload: ConvNet on a 100-image set (ipc 10, Fashion-MNIST-shaped random
 images), batch 256, DSA ``color_crop_cutout_flip_scale_rotate``. Alternates sequential and together
-(A, B, A, B); records wall seconds and, on the CPU, process CPU seconds of each.
+(A, B, A, B); records wall seconds and, on the CPU, process CPU seconds of each, and which step
+``train_together`` took (``together_mode``: ``"wide"`` for ConvNets, one grouped-convolution network).
 
 ``--count-ops`` times nothing: it counts the operators dispatched from Python (``aten::`` events
 without an ``aten::`` parent in ``torch.profiler``; on a GPU each launches one or a few kernels, which
 is what a launch-bound step pays for) in one training step of one network, of the N networks
-together, and in the N networks' augmentation alone (each network's own draw, as training does),
-from the difference between 3 epochs and 1 of one step each.
+together, with DSA and without, from the difference between 3 epochs and 1 of one step each; and in
+the N networks' augmentation alone: one call per network, and the one pass ``train_together`` makes
+(each network's own draw, applied in one call per family, ``Augmenter.apply_many``).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from machine import cpu_name, provenance, write_record  # benchmarks/machine.py 
 from torch.profiler import profile
 
 from builders.augment import Augmenter
-from builders.ensemble import train_together
+from builders.ensemble import together_mode, train_together
 from builders.evaluate import TrainSettings, label_loss, train_network
 from builders.networks import build_network
 
@@ -69,7 +71,7 @@ def main(nets: int, epochs: int, rounds: int, model: str, device: str, record: b
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
-    together()  # warm-up (vmap's first trace)
+    together()  # warm-up (allocations; vmap's first trace where it runs)
     sequential()
     runs = []
     for r in range(rounds):
@@ -88,6 +90,7 @@ def main(nets: int, epochs: int, rounds: int, model: str, device: str, record: b
 
     result = {
         "benchmark": f"{nets} x {model} trained together vs sequentially", "epochs": epochs, "set": "100 images",
+        "together_mode": together_mode(fresh()[0]),
         "runs": runs,
         "speedup_wall_median": round(med("sequential", "wall_s") / med("together", "wall_s"), 3),
         "speedup_cpu_median": round(med("sequential", "cpu_s") / med("together", "cpu_s"), 3),
@@ -109,31 +112,44 @@ def _top_level_ops(fn) -> int:
 
 
 def _count_ops(nets: int, model: str, record: bool, note: str) -> None:
-    """Operators per training step: one network, N together, and N networks' augmentation."""
+    """Operators per training step: one network and N together (with DSA and without), and N networks'
+    augmentation (separate calls, and the one pass of ``train_together``)."""
     augmenter = Augmenter("color_crop_cutout_flip_scale_rotate")
     images, targets = torch.rand(20, 1, 28, 28), torch.arange(10).repeat(2)
     seeds = list(range(1, nets + 1))
 
-    def per_step(run) -> float:  # epochs of one 20-image step each: 3 epochs minus 1, halved
-        return (_top_level_ops(lambda: run(3)) - _top_level_ops(lambda: run(1))) / 2
+    def per_step(run, augment: Augmenter | None) -> float:  # epochs of one 20-image step each: 3 minus 1, halved
+        return (_top_level_ops(lambda: run(3, augment)) - _top_level_ops(lambda: run(1, augment))) / 2
 
-    def single(epochs: int) -> None:
+    def single(epochs: int, augment: Augmenter | None) -> None:
         train_network(build_network(model, 1, 10, (28, 28), seed=1), images, targets,
-                      TrainSettings(epochs=epochs, batch=20, augmenter=augmenter), torch.Generator().manual_seed(1))
+                      TrainSettings(epochs=epochs, batch=20, augmenter=augment), torch.Generator().manual_seed(1))
 
-    def together(epochs: int) -> None:
+    def together(epochs: int, augment: Augmenter | None) -> None:
         train_together([build_network(model, 1, 10, (28, 28), seed=s) for s in seeds], images, targets,
-                       TrainSettings(epochs=epochs, batch=20, augmenter=augmenter),
+                       TrainSettings(epochs=epochs, batch=20, augmenter=augment),
                        [torch.Generator().manual_seed(s) for s in seeds], label_loss)
 
-    generators = [torch.Generator().manual_seed(s) for s in seeds]
-    augment_ops = _top_level_ops(lambda: [augmenter(images, g) for g in generators])
-    one, many = per_step(single), per_step(together)
+    def one_pass(generators: list[torch.Generator]) -> None:
+        draws = [augmenter.sample(g, images.shape[0]) for g in generators]
+        augmenter.apply_many([images] * len(draws), draws)
+
+    augment_ops = _top_level_ops(lambda: [augmenter(images, g) for g in (torch.Generator().manual_seed(s)
+                                                                          for s in seeds)])
+    augment_pass_ops = [_top_level_ops(lambda: one_pass([torch.Generator().manual_seed(100 * t + s) for s in seeds]))
+                        for t in range(20)]  # the number of families among the N draws varies: a mean
+    one, many = per_step(single, augmenter), per_step(together, augmenter)
+    plain_one, plain_many = per_step(single, None), per_step(together, None)
     result = {
         "benchmark": f"operators per training step: 1 {model}, {nets} together, {nets} networks' augmentation",
+        "together_mode": together_mode(build_network(model, 1, 10, (28, 28))),
         "ops_per_step_one_network": one, f"ops_per_step_{nets}_sequential": one * nets,
-        f"ops_per_step_{nets}_together": many, f"ops_augmentation_{nets}_networks": augment_ops,
+        f"ops_per_step_{nets}_together": many,
         "ratio_sequential_over_together": round(one * nets / many, 2),
+        "ops_per_step_one_network_no_augmentation": plain_one,
+        f"ops_per_step_{nets}_together_no_augmentation": plain_many,
+        f"ops_augmentation_{nets}_networks_separate_calls": augment_ops,
+        f"ops_augmentation_{nets}_networks_one_pass_mean_of_20_draws": statistics.fmean(augment_pass_ops),
         **provenance("ensemble_speed.py", f"cpu: {cpu_name()} (counts, not times)", note),
     }
     click.echo(json.dumps(result, indent=2))

@@ -306,6 +306,32 @@ class Augmenter:
                 out[i] = part
         return out  # type: ignore[return-value]
 
+    def apply_many(self, batches: Sequence[Tensor], draws: Sequence[AugmentDraw]) -> Tensor:
+        """``torch.cat([apply(b, d) for b, d in zip(batches, draws)])`` in one call per family.
+
+        ``draws`` may be per-sample (one per image of its batch, e.g. each of N networks' own draw
+        from its own generator) or siamese. The batches whose draws share a family are concatenated
+        with their parameters and transformed together; every transform acts on each image alone, so
+        each image gets what ``apply`` gives it. Fewer, larger kernel launches on a GPU.
+        """
+        if len(batches) != len(draws):
+            raise ValueError(f"apply_many: {len(batches)} batches need as many draws, got {len(draws)}")
+        sizes = [b.shape[0] for b in batches]
+        parts: list[Tensor | None] = [None] * len(batches)
+        for family in dict.fromkeys(d.family for d in draws):  # first-seen order
+            members = [i for i, d in enumerate(draws) if d.family == family]
+            if len(members) == 1:  # no copies: the draw as it is
+                done = self.apply(batches[members[0]], draws[members[0]])
+            else:
+                params = {key: torch.cat([draws[i].params[key] if draws[i].batch_size is not None
+                                          else draws[i].params[key].expand(sizes[i]) for i in members])
+                          for key in _PARAMS[family]}
+                joined = torch.cat([batches[i] for i in members])
+                done = self.apply(joined, AugmentDraw(family, params, sum(sizes[i] for i in members)))
+            for i, part in zip(members, done.split([sizes[i] for i in members])):
+                parts[i] = part
+        return parts[0] if len(parts) == 1 else torch.cat(parts)  # type: ignore[arg-type]
+
     def siamese(self, generator: torch.Generator, *batches: Tensor) -> tuple[Tensor, ...]:
         """Apply one siamese draw to every batch (e.g. the real and synthetic batch of one class)."""
         draw = self.sample(generator, None)

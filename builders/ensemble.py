@@ -1,13 +1,25 @@
-"""Many same-shaped networks trained together: stacked parameters, one vectorised step for all.
+"""Many same-shaped networks trained together: stacked parameters, one step for all.
 
 Evaluation runs, random baselines and architecture-search proxies train many networks of one shape on
-small sets. :func:`train_together` stacks their parameters (``torch.func.stack_module_state``) and
-takes each SGD step for all of them at once (``vmap`` of the gradient of ``functional_call``). Every
-network keeps its own generator, so its batch order and augmentation draws are those it would get
+small sets. :func:`train_together` stacks their parameters and takes each SGD step for all of them at
+once (one optimiser over the stacked tensors: SGD acts elementwise, so each network gets its own
+update). Every network keeps its own generator, so its batch order and augmentation draws are those it would get
 trained alone with :func:`builders.evaluate.train_network`, and it follows the same trajectory up to
-float rounding. On GPUs, where small networks leave the device idle between kernel launches, this is
-several times faster than one network after another; on a small CPU it is not (both cores are already
-busy with one network), so :func:`use_together` turns it on for CUDA only.
+float rounding.
+
+Two forms of the step (:func:`together_mode` says which a network gets):
+
+- ``"wide"``: ConvNets (any width, depth, activation, pooling; instance, group, layer or no norm) run as
+  ONE wide network (:mod:`builders.wide_convnet`: grouped convolutions over ``[B, N*C, H, W]``) with
+  plain autograd, so a step of N networks dispatches about as many operators as one network's step;
+- ``"vmap"``: any other network: ``vmap`` of the gradient of ``functional_call`` over the stacked
+  parameters.
+
+Either way the N networks' augmentation is one pass (:meth:`builders.augment.Augmenter.apply_many`):
+each network draws its per-sample parameters from its own generator, the draws of one family are
+applied in one call. On GPUs, where small networks leave the device idle between kernel launches,
+this is the point; on a small CPU it is not faster (both cores are already busy with one network),
+so :func:`use_together` turns it on for CUDA only.
 
 Networks with BatchNorm (running statistics updated in place) are refused.
 """
@@ -23,6 +35,7 @@ from torch.func import functional_call, grad, stack_module_state, vmap
 
 from builders.networks import uses_batch_statistics
 from builders.train_settings import TrainSettings
+from builders.wide_convnet import WideConvNet, widen_inputs, widens
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -30,6 +43,11 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 def use_together(device: torch.device, nets_per_call: int) -> bool:
     """The default: train together on CUDA when there is more than one network."""
     return device.type == "cuda" and nets_per_call > 1
+
+
+def together_mode(net: nn.Module) -> str:
+    """The step :func:`train_together` takes for networks like ``net``: ``"wide"`` or ``"vmap"``."""
+    return "wide" if widens(net) else "vmap"
 
 
 def _check(nets: Sequence[nn.Module], generators: Sequence[torch.Generator], settings: TrainSettings) -> None:
@@ -40,6 +58,8 @@ def _check(nets: Sequence[nn.Module], generators: Sequence[torch.Generator], set
     shapes = [[(k, tuple(v.shape)) for k, v in net.state_dict().items()] for net in nets]
     if any(s != shapes[0] for s in shapes[1:]) or any(type(n) is not type(nets[0]) for n in nets):
         raise ValueError("train_together: the networks must have the same class and parameter shapes")
+    if any(repr(n) != repr(nets[0]) for n in nets):  # e.g. ConvNet vs ConvNetAS: same shapes, other layers
+        raise ValueError("train_together: the networks must have the same layers (one architecture)")
     if any(uses_batch_statistics(n) for n in nets):
         raise ValueError("train_together: networks with BatchNorm update running statistics in place; "
                          "train them one by one with train_network")
@@ -58,45 +78,96 @@ def train_together(
 
     The networks must share class and parameter shapes and have no BatchNorm; ``images`` and
     ``targets`` are shared (same device as the networks); ``loss_fn(logits, targets)`` is the training
-    loss (``builders.evaluate.label_loss`` for the evaluation protocol). ``on_epoch`` is called after
-    each epoch. Example::
+    loss of one network's batch (``builders.evaluate.label_loss`` for the evaluation protocol; a mean
+    over rows, as that one is, is taken in one call for all networks, any other loss is vmapped).
+    ``on_epoch`` is called after each epoch. :func:`together_mode` says
+    which step runs. Example::
 
         nets = [build_network("ConvNet", 1, 10, (28, 28), seed=s) for s in seeds]
         train_together(nets, images, labels, TrainSettings(epochs=300), [Generator().manual_seed(s) for s in seeds],
                        label_loss)
     """
     _check(nets, generators, settings)
-    params, buffers = stack_module_state(list(nets))
-    params = {k: v.detach().requires_grad_(False) for k, v in params.items()}
-    base = nets[0]
-
-    def loss_of(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor):
-        return loss_fn(functional_call(base, (p, b), (x,)), y)
-
-    step_grads = vmap(grad(loss_of))
-    leaves = list(params.values())
-    opt = torch.optim.SGD(leaves, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
-    n = images.shape[0]
+    step = _WideStep(nets, loss_fn) if together_mode(nets[0]) == "wide" else _VmapStep(nets, loss_fn)
+    opt = torch.optim.SGD(step.leaves, lr=settings.lr, momentum=settings.momentum,
+                          weight_decay=settings.weight_decay)
+    n, augmenter = images.shape[0], settings.augmenter
     for net in nets:
         net.train()
     for epoch in range(settings.epochs):
         if epoch == settings.epochs // 2 and settings.epochs > 1:
             for group in opt.param_groups:
                 group["lr"] = settings.lr * 0.1
-        orders = [torch.randperm(n, generator=g).to(images.device) for g in generators]
+        orders = torch.stack([torch.randperm(n, generator=g) for g in generators]).to(images.device)
         for start in range(0, n, settings.batch):
-            idx = [order[start : start + settings.batch] for order in orders]
-            xs = [images[i] for i in idx]
-            if settings.augmenter is not None:
-                xs = [settings.augmenter(x, g) for x, g in zip(xs, generators)]
-            grads = step_grads(params, buffers, torch.stack(xs), torch.stack([targets[i] for i in idx]))
-            for leaf, name in zip(leaves, params):
-                leaf.grad = grads[name]
+            idx = orders[:, start : start + settings.batch]  # [N, B]: each network's own batch
+            x = images[idx]  # [N, B, C, H, W]
+            if augmenter is not None:
+                draws = [augmenter.sample(g, idx.shape[1]) for g in generators]
+                x = augmenter.apply_many(x.flatten(0, 1).split(idx.shape[1]), draws).reshape(x.shape)
+            opt.zero_grad(set_to_none=True)
+            step.backward(x, targets[idx])
             opt.step()
         if on_epoch is not None:
             on_epoch()
-    with torch.no_grad():
+    step.write_back(nets)
+    return list(nets)
+
+
+class _WideStep:
+    """ConvNets as one wide network; the summed loss of the N networks, backward by autograd."""
+
+    def __init__(self, nets: Sequence[nn.Module], loss_fn: LossFn) -> None:
+        self.wide = WideConvNet(nets)
+        self.leaves = self.wide.parameters()
+        self.loss_fn, self.count = loss_fn, len(nets)
+        self.losses = vmap(loss_fn)
+        self.row_mean: bool | None = None  # is loss_fn a mean over its rows? decided on the first batch
+        self.write_back = self.wide.write_back
+
+    def backward(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Set every leaf's ``.grad`` for the batches ``x`` [N, B, C, H, W], targets ``y`` [N, B, ...]."""
+        logits = self.wide(widen_inputs(x))  # [N, B, classes]
+        if self.row_mean is None:
+            self.row_mean = self._is_row_mean(logits, y)
+        if self.row_mean:  # the N networks' losses summed = N x the mean over all N*B rows: one call, no vmap
+            loss = self.loss_fn(logits.flatten(0, 1), y.flatten(0, 1)) * self.count
+        else:
+            loss = self.losses(logits, y).sum()
+        loss.backward()
+
+    @torch.no_grad()
+    def _is_row_mean(self, logits: torch.Tensor, y: torch.Tensor) -> bool:
+        """Whether ``loss_fn`` over the N batches joined is the mean of its N values (as for a mean over
+        rows, like ``label_loss``); the vmapped loss (several times the host time) serves any other."""
+        each = self.losses(logits, y)
+        joined = self.loss_fn(logits.flatten(0, 1), y.flatten(0, 1))
+        return bool(torch.isclose(joined, each.mean(), rtol=1e-5, atol=1e-7))
+
+
+class _VmapStep:
+    """Any same-shaped networks: ``vmap`` of the per-network gradient over the stacked parameters."""
+
+    def __init__(self, nets: Sequence[nn.Module], loss_fn: LossFn) -> None:
+        params, self.buffers = stack_module_state(list(nets))
+        self.params = {k: v.detach().requires_grad_(False) for k, v in params.items()}
+        self.leaves = list(self.params.values())
+        base = nets[0]
+
+        def loss_of(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor):
+            return loss_fn(functional_call(base, (p, b), (x,)), y)
+
+        self.grads = vmap(grad(loss_of))
+
+    def backward(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Set every leaf's ``.grad`` for the batches ``x`` [N, B, ...], targets ``y`` [N, B, ...]."""
+        grads = self.grads(self.params, self.buffers, x, y)
+        for leaf, name in zip(self.leaves, self.params):
+            leaf.grad = grads[name]
+
+    @torch.no_grad()
+    def write_back(self, nets: Sequence[nn.Module]) -> None:
+        """Copy network ``i``'s stacked parameters into ``nets[i]``."""
         for i, net in enumerate(nets):
             for name, p in net.named_parameters():
-                p.copy_(params[name][i])
-    return list(nets)
+                p.copy_(self.params[name][i])

@@ -6,9 +6,12 @@ import pytest
 import torch
 
 from builders.augment import Augmenter
-from builders.ensemble import train_together, use_together
+from builders.ensemble import together_mode, train_together, use_together
 from builders.evaluate import TrainSettings, label_loss, train_network
 from builders.networks import build_network
+from builders.wide_convnet import WideConvNet, widen_inputs, widens
+
+DSA = "color_crop_cutout_flip_scale_rotate"
 
 
 def _data(n=16, size=12):
@@ -16,12 +19,11 @@ def _data(n=16, size=12):
     return torch.randn(n, 1, size, size, generator=g), torch.arange(n) % 10
 
 
-@pytest.mark.parametrize("model, augment", [("ConvNetW32", "color_crop_cutout_flip_scale_rotate"), ("MLP", "none")])
-def test_a_network_trained_together_follows_its_trajectory_alone(model, augment):
-    images, targets = _data()
-    settings = TrainSettings(epochs=3, lr=0.01, batch=8,
-                             augmenter=Augmenter(augment) if augment != "none" else None)
-    seeds = [11, 12, 13]
+def _assert_same_trajectories(model, count, augment, targets=None, epochs=3):
+    images, labels = _data()
+    targets = labels if targets is None else targets
+    settings = TrainSettings(epochs=epochs, lr=0.01, batch=8, augmenter=Augmenter(augment) if augment else None)
+    seeds = [11 + i for i in range(count)]
     nets = [build_network(model, 1, 10, (12, 12), seed=s) for s in seeds]
     alone = [copy.deepcopy(n) for n in nets]
     train_together(nets, images, targets, settings, [torch.Generator().manual_seed(s) for s in seeds], label_loss)
@@ -29,15 +31,107 @@ def test_a_network_trained_together_follows_its_trajectory_alone(model, augment)
         before = copy.deepcopy(single.state_dict())
         train_network(single, images, targets, settings, torch.Generator().manual_seed(s))
         moved = max((single.state_dict()[k] - before[k]).abs().max().item() for k in before)
-        assert moved > 1e-3  # 6 steps changed the weights: the comparison below is not vacuous
+        assert moved > 1e-3  # the steps changed the weights: the comparison below is not vacuous
         for (name, got), want in zip(net.state_dict().items(), single.state_dict().values()):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("model, count, augment", [
+    ("ConvNetW32", 1, DSA),  # N = 1: the wide form is the network itself
+    ("ConvNetW32", 3, DSA),
+    ("ConvNetW32", 4, None),
+    ("ConvNetD2", 3, DSA),  # width 128, depth 2
+    ("ConvNetLN", 2, "crop_scale"),  # layer norm: GroupNorm(N, N*C) and the elementwise affine
+])
+def test_a_convnet_trained_wide_follows_its_trajectory_alone(model, count, augment):
+    assert together_mode(build_network(model, 1, 10, (12, 12))) == "wide"
+    _assert_same_trajectories(model, count, augment, epochs=4)  # 8 steps, lr x0.1 after epoch 2
+
+
+def test_soft_targets_train_wide_as_alone():
+    probs = torch.softmax(torch.randn(16, 10, generator=torch.Generator().manual_seed(4)), 1)
+    _assert_same_trajectories("ConvNetW32", 3, None, targets=probs)
+
+
+def test_a_loss_that_is_not_a_mean_over_rows_trains_wide_as_alone():
+    def summed(logits, targets):  # a sum over rows: the N networks' losses cannot be one call's mean
+        return torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+
+    images, targets = _data()
+    settings = TrainSettings(epochs=2, lr=0.001, batch=8)
+    nets = [build_network("ConvNetW32", 1, 10, (12, 12), seed=s) for s in (1, 2, 3)]
+    alone = [copy.deepcopy(n) for n in nets]
+    train_together(nets, images, targets, settings, [torch.Generator().manual_seed(s) for s in (1, 2, 3)], summed)
+    for net, single, s in zip(nets, alone, (1, 2, 3)):
+        train_together([single], images, targets, settings, [torch.Generator().manual_seed(s)], summed)
+        for got, want in zip(net.parameters(), single.parameters()):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_other_networks_train_by_vmap_as_alone():
+    assert together_mode(build_network("MLP", 1, 10, (12, 12))) == "vmap"
+    _assert_same_trajectories("MLP", 3, DSA)
+
+
+@pytest.mark.parametrize("model", ["ConvNet", "ConvNetD1", "ConvNetW32", "ConvNetNN", "ConvNetGN", "ConvNetLN",
+                                   "ConvNetMP", "ConvNetNP", "ConvNetAS", "ConvNetAL", "ConvNetASwish"])
+def test_the_wide_forward_is_the_separate_forwards(model):
+    nets = [build_network(model, 3, 7, (16, 16), seed=s) for s in (1, 2, 3)]
+    batches = torch.randn(3, 5, 3, 16, 16, generator=torch.Generator().manual_seed(0))  # each network its own
+    got = WideConvNet(nets)(widen_inputs(batches))
+    want = torch.stack([net(x) for net, x in zip(nets, batches)])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_the_wide_form_covers_convnets_without_batchnorm_only():
+    assert widens(build_network("ConvNet", 3, 10, (32, 32)))
+    for model in ("ConvNetBN", "MLP", "LeNet", "AlexNet"):
+        assert not widens(build_network(model, 3, 10, (32, 32)))
+    with pytest.raises(ValueError, match="ConvNet"):
+        WideConvNet([build_network("MLP", 3, 10, (32, 32))])
+
+
+def test_widened_inputs_put_network_i_on_channels_i_times_c():
+    x = torch.arange(2 * 3 * 4 * 1 * 1.0).view(2, 3, 4, 1, 1)  # N=2 networks, B=3, C=4
+    wide = widen_inputs(x)
+    assert wide.shape == (3, 8, 1, 1)
+    assert torch.equal(wide[:, 4:], x[1]) and torch.equal(wide[:, :4], x[0])
+
+
+def test_write_back_restores_each_networks_parameters():
+    nets = [build_network("ConvNetW32", 1, 10, (12, 12), seed=s) for s in (1, 2)]
+    copies = [copy.deepcopy(n) for n in nets]
+    with torch.no_grad():
+        for n in nets:
+            for p in n.parameters():
+                p.zero_()
+    WideConvNet(copies).write_back(nets)
+    for net, original in zip(nets, copies):
+        for got, want in zip(net.parameters(), original.parameters()):
+            assert torch.equal(got, want)
+
+
+def test_apply_many_gives_each_batch_what_apply_gives_it():
+    augmenter = Augmenter(DSA)
+    batches = torch.rand(8, 4, 3, 10, 10, generator=torch.Generator().manual_seed(1)).unbind()
+    draws = [augmenter.sample(torch.Generator().manual_seed(s), 4) for s in range(7)] + [augmenter.sample(
+        torch.Generator().manual_seed(9), None)]  # per-sample draws of several families, and one siamese
+    assert len({d.family for d in draws}) < len(draws)  # some families are shared: the joined path runs
+    want = torch.cat([augmenter.apply(b, d) for b, d in zip(batches, draws)])
+    torch.testing.assert_close(augmenter.apply_many(batches, draws), want, rtol=1e-6, atol=1e-6)
 
 
 def test_batchnorm_networks_are_refused():
     images, targets = _data()
     nets = [build_network("ConvNetBN", 1, 10, (12, 12), seed=s) for s in (1, 2)]
     with pytest.raises(ValueError, match="BatchNorm"):
+        train_together(nets, images, targets, TrainSettings(epochs=1), [torch.Generator() for _ in nets], label_loss)
+
+
+def test_networks_of_other_layers_are_refused():
+    images, targets = _data()
+    nets = [build_network(model, 1, 10, (12, 12), seed=1) for model in ("ConvNet", "ConvNetAS")]  # same shapes
+    with pytest.raises(ValueError, match="same layers"):
         train_together(nets, images, targets, TrainSettings(epochs=1), [torch.Generator() for _ in nets], label_loss)
 
 
