@@ -285,26 +285,15 @@ class Augmenter:
         return self.apply(x, self.sample(generator, None if siamese else x.shape[0]))
 
     def apply_each(self, batches: Sequence[Tensor], draws: Sequence[AugmentDraw]) -> list[Tensor]:
-        """``[apply(b, d) for b, d in zip(batches, draws)]`` with siamese ``draws``, in one call per family.
-
-        The batches whose draws share a family are concatenated and transformed together, each image
-        with its own batch's parameters (every transform acts on each image alone, so the result is
-        the same); on a GPU this replaces many small kernel launches by a few large ones.
-        """
+        """``[apply(b, d) for b, d in zip(batches, draws)]`` with siamese ``draws``, in one call per family
+        (:meth:`apply_many`, split back into the batches)."""
         if len(batches) != len(draws):
             raise ValueError(f"apply_each: {len(batches)} batches need as many draws, got {len(draws)}")
         if any(not d.siamese for d in draws):
             raise ValueError("apply_each takes siamese draws (one transform per batch)")
-        out: list[Tensor | None] = [None] * len(batches)
-        for family in dict.fromkeys(d.family for d in draws):  # first-seen order
-            members = [i for i, d in enumerate(draws) if d.family == family]
-            sizes = [batches[i].shape[0] for i in members]
-            params = {key: torch.cat([draws[i].params[key].expand(size) for i, size in zip(members, sizes)])
-                      for key in _PARAMS[family]}
-            joined = self.apply(torch.cat([batches[i] for i in members]), AugmentDraw(family, params, sum(sizes)))
-            for i, part in zip(members, joined.split(sizes)):
-                out[i] = part
-        return out  # type: ignore[return-value]
+        if not batches:
+            return []
+        return list(self.apply_many(batches, draws).split([b.shape[0] for b in batches]))
 
     def apply_many(self, batches: Sequence[Tensor], draws: Sequence[AugmentDraw]) -> Tensor:
         """``torch.cat([apply(b, d) for b, d in zip(batches, draws)])`` in one call per family.
