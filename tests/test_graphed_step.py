@@ -1,0 +1,94 @@
+"""GraphedStep: a training step captured as a CUDA graph gives the eager step's results (GPU tests run
+only where CUDA is; on CPUs the step must simply run eagerly)."""
+
+import pytest
+import torch
+
+from builders.graphed_step import GraphedStep
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+
+
+def _training(device: str, seed: int = 0):
+    """A small regression model, its SGD and a step function of (batch positions, noise) device tensors."""
+    g = torch.Generator().manual_seed(seed)
+    data = torch.randn(64, 8, generator=g).to(device)
+    target = torch.randn(64, 3, generator=g).to(device)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)).to(device)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+
+    def step(idx: torch.Tensor, noise: torch.Tensor) -> None:
+        opt.zero_grad(set_to_none=True)
+        loss = ((model(data[idx] + noise) - target[idx]) ** 2).mean()
+        loss.backward()
+        opt.step()
+
+    return model, opt, step
+
+
+def _inputs(steps: int, device: str, batch: int = 16):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randperm(64, generator=g)[:batch].to(device), 0.1 * torch.randn(batch, 8, generator=g).to(device))
+            for _ in range(steps)]
+
+
+def _train(step_fn, inputs, opt=None, drop_at=None, graphed=None):
+    for i, args in enumerate(inputs):
+        if i == drop_at:
+            for group in opt.param_groups:
+                group["lr"] *= 0.1
+            if graphed is not None:
+                graphed.invalidate()
+        step_fn(*args)
+
+
+def test_disabled_runs_the_step_eagerly_every_call():
+    model, opt, step = _training("cpu")
+    plain_model, plain_opt, plain_step = _training("cpu")
+    graphed = GraphedStep(step, enabled=False)
+    inputs = _inputs(5, "cpu")
+    _train(graphed, inputs)
+    _train(plain_step, inputs)
+    for p, q in zip(model.parameters(), plain_model.parameters()):
+        assert torch.equal(p, q)
+    assert graphed.mode == "eager" and not graphed.graphs
+
+
+def test_warmup_must_be_at_least_one_call():
+    with pytest.raises(ValueError, match="warmup must be >= 1"):
+        GraphedStep(lambda: None, enabled=False, warmup=0)
+
+
+@cuda
+def test_replayed_steps_give_the_eager_steps_parameters_through_a_learning_rate_drop():
+    model, opt, step = _training("cuda")
+    plain_model, plain_opt, plain_step = _training("cuda")
+    graphed = GraphedStep(step, enabled=True)
+    inputs = _inputs(12, "cuda")
+    _train(graphed, inputs, opt, drop_at=6, graphed=graphed)
+    _train(plain_step, inputs, plain_opt, drop_at=6)
+    assert graphed.mode == "graph" and graphed.replays == 12 - 2
+    for p, q in zip(model.parameters(), plain_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+@cuda
+def test_a_step_that_cannot_be_captured_runs_eagerly_with_a_warning():
+    model, opt, step = _training("cuda")
+    plain_model, plain_opt, plain_step = _training("cuda")
+
+    def synchronising(idx, noise):
+        if float(noise.sum()) != float("inf"):  # a host read: illegal while capturing
+            step(idx, noise)
+
+    graphed = GraphedStep(synchronising, enabled=True)
+    inputs = _inputs(5, "cuda")
+    with pytest.warns(UserWarning, match="could not be captured"):
+        _train(graphed, inputs)
+    _train(plain_step, inputs)
+    assert graphed.mode == "eager" and graphed.failure
+    for p, q in zip(model.parameters(), plain_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
