@@ -15,9 +15,11 @@ Two forms of the step (:func:`together_mode` says which a network gets):
 - ``"vmap"``: any other network: ``vmap`` of the gradient of ``functional_call`` over the stacked
   parameters.
 
-Either way the N networks' augmentation is one pass (:meth:`builders.augment.Augmenter.apply_many`):
-each network draws its per-sample parameters from its own generator, the draws of one family are
-applied in one call. On GPUs, where small networks leave the device idle between kernel launches,
+Either way the N networks' augmentation is one pass of fixed operators
+(:meth:`builders.augment.Augmenter.apply_packed`): each network draws its per-sample parameters from its own
+generator, the draws are packed into one tensor on the host, and every family runs on all images, each
+image getting its own. The GPU work of a step is one function of device tensors (:func:`make_device_step`),
+with no host synchronisation, so it can be captured in a CUDA graph. On GPUs, where small networks leave the device idle between kernel launches,
 this is the point; on a small CPU it is not faster (both cores are already busy with one network),
 so :func:`use_together` turns it on for CUDA only.
 
@@ -33,6 +35,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, stack_module_state, vmap
 
+from builders.augment import Augmenter
 from builders.networks import uses_batch_statistics
 from builders.train_settings import TrainSettings
 from builders.wide_convnet import WideConvNet, widen_inputs, widens
@@ -91,27 +94,51 @@ def train_together(
     step = _WideStep(nets, loss_fn) if together_mode(nets[0]) == "wide" else _VmapStep(nets, loss_fn)
     opt = torch.optim.SGD(step.leaves, lr=settings.lr, momentum=settings.momentum,
                           weight_decay=settings.weight_decay)
-    n, augmenter = images.shape[0], settings.augmenter
+    n, augmenter, device = images.shape[0], settings.augmenter, images.device
+    device_step = make_device_step(step, opt, images, targets, augmenter)
     for net in nets:
         net.train()
     for epoch in range(settings.epochs):
         if epoch == settings.epochs // 2 and settings.epochs > 1:
             for group in opt.param_groups:
                 group["lr"] = settings.lr * 0.1
-        orders = torch.stack([torch.randperm(n, generator=g) for g in generators]).to(images.device)
+        orders = torch.stack([torch.randperm(n, generator=g) for g in generators])  # CPU, each network its own
         for start in range(0, n, settings.batch):
             idx = orders[:, start : start + settings.batch]  # [N, B]: each network's own batch
-            x = images[idx]  # [N, B, C, H, W]
-            if augmenter is not None:
-                draws = [augmenter.sample(g, idx.shape[1]) for g in generators]
-                x = augmenter.apply_many(x.flatten(0, 1).split(idx.shape[1]), draws).reshape(x.shape)
-            opt.zero_grad(set_to_none=True)
-            step.backward(x, targets[idx])
-            opt.step()
+            packed = None
+            if augmenter is not None:  # each network's own draw from its own generator, in train_network's order
+                packed = augmenter.pack([augmenter.sample(g, idx.shape[1]) for g in generators])
+                packed = packed.to(device, non_blocking=True)
+            device_step(idx.to(device, non_blocking=True), packed)
         if on_epoch is not None:
             on_epoch()
     step.write_back(nets)
     return list(nets)
+
+
+DeviceStep = Callable[[torch.Tensor, "torch.Tensor | None"], None]
+
+
+def make_device_step(step: "_WideStep | _VmapStep", opt: torch.optim.Optimizer, images: torch.Tensor,
+                     targets: torch.Tensor, augmenter: Augmenter | None) -> DeviceStep:
+    """The GPU work of one training step of the N networks, from device tensors only:
+    ``device_step(idx, packed)`` with ``idx`` [N, B] (each network's batch, indices into ``images``) and
+    ``packed`` [N*B, PACK_WIDTH] (:meth:`Augmenter.pack` of the N draws; None without augmentation), both on
+    ``images``' device, gathers the batches, augments them, and takes the SGD step.
+
+    One fixed sequence of operators for a given batch size, with no host synchronisation (after the first
+    call of a wide step, which checks whether the loss is a mean over rows): fit for capture in a CUDA graph.
+    Everything host-side (batch orders, draws, packing, the learning-rate drop) is the caller's.
+    """
+    def device_step(idx: torch.Tensor, packed: torch.Tensor | None) -> None:
+        x = images[idx]  # [N, B, C, H, W]
+        if packed is not None:
+            x = augmenter.apply_packed(x.flatten(0, 1), packed).view(x.shape)  # type: ignore[union-attr]
+        opt.zero_grad(set_to_none=True)
+        step.backward(x, targets[idx])
+        opt.step()
+
+    return device_step
 
 
 class _WideStep:
