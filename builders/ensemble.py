@@ -19,9 +19,9 @@ Either way the N networks' augmentation is one pass of fixed operators
 (:meth:`builders.augment.Augmenter.apply_packed`): each network draws its per-sample parameters from its own
 generator, the draws are packed into one tensor on the host, and every family runs on all images, each
 image getting its own. The GPU work of a step is one function of device tensors (:func:`make_device_step`),
-with no host synchronisation, so it can be captured in a CUDA graph. On GPUs, where small networks leave the device idle between kernel launches,
-this is the point; on a small CPU it is not faster (both cores are already busy with one network),
-so :func:`use_together` turns it on for CUDA only.
+with no host synchronisation, so it can be captured in a CUDA graph. On GPUs, where small networks leave the
+device idle between kernel launches, this is the point; on a small CPU it is not faster (both cores are
+already busy with one network), so :func:`use_together` turns it on for CUDA only.
 
 Networks with BatchNorm (running statistics updated in place) are refused.
 """
@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.func import functional_call, grad, stack_module_state, vmap
+from torch.profiler import record_function
 
 from builders.augment import Augmenter
 from builders.networks import uses_batch_statistics
@@ -105,38 +106,40 @@ def train_together(
         orders = torch.stack([torch.randperm(n, generator=g) for g in generators])  # CPU, each network its own
         for start in range(0, n, settings.batch):
             idx = orders[:, start : start + settings.batch]  # [N, B]: each network's own batch
-            packed = None
+            inputs = [idx]
             if augmenter is not None:  # each network's own draw from its own generator, in train_network's order
-                packed = augmenter.pack([augmenter.sample(g, idx.shape[1]) for g in generators])
-                packed = packed.to(device, non_blocking=True)
-            device_step(idx.to(device, non_blocking=True), packed)
+                inputs.append(augmenter.pack([augmenter.sample(g, idx.shape[1]) for g in generators]))
+            device_step(*(t.to(device, non_blocking=True) for t in inputs))
         if on_epoch is not None:
             on_epoch()
     step.write_back(nets)
     return list(nets)
 
 
-DeviceStep = Callable[[torch.Tensor, "torch.Tensor | None"], None]
+DeviceStep = Callable[..., None]  # (idx) or (idx, packed): device tensors only
+#: The label of :func:`make_device_step`'s work in a ``torch.profiler`` trace.
+DEVICE_STEP = "train_together.device_step"
 
 
 def make_device_step(step: "_WideStep | _VmapStep", opt: torch.optim.Optimizer, images: torch.Tensor,
                      targets: torch.Tensor, augmenter: Augmenter | None) -> DeviceStep:
     """The GPU work of one training step of the N networks, from device tensors only:
     ``device_step(idx, packed)`` with ``idx`` [N, B] (each network's batch, indices into ``images``) and
-    ``packed`` [N*B, PACK_WIDTH] (:meth:`Augmenter.pack` of the N draws; None without augmentation), both on
-    ``images``' device, gathers the batches, augments them, and takes the SGD step.
+    ``packed`` [N*B, PACK_WIDTH] (:meth:`Augmenter.pack` of the N draws; left out without augmentation), both
+    on ``images``' device, gathers the batches, augments them, and takes the SGD step.
 
     One fixed sequence of operators for a given batch size, with no host synchronisation (after the first
     call of a wide step, which checks whether the loss is a mean over rows): fit for capture in a CUDA graph.
     Everything host-side (batch orders, draws, packing, the learning-rate drop) is the caller's.
     """
-    def device_step(idx: torch.Tensor, packed: torch.Tensor | None) -> None:
-        x = images[idx]  # [N, B, C, H, W]
-        if packed is not None:
-            x = augmenter.apply_packed(x.flatten(0, 1), packed).view(x.shape)  # type: ignore[union-attr]
-        opt.zero_grad(set_to_none=True)
-        step.backward(x, targets[idx])
-        opt.step()
+    def device_step(idx: torch.Tensor, packed: torch.Tensor | None = None) -> None:
+        with record_function(DEVICE_STEP):  # a profiler's label for the step's device work
+            x = images[idx]  # [N, B, C, H, W]
+            if packed is not None:
+                x = augmenter.apply_packed(x.flatten(0, 1), packed).view(x.shape)  # type: ignore[union-attr]
+            opt.zero_grad(set_to_none=True)
+            step.backward(x, targets[idx])
+            opt.step()
 
     return device_step
 

@@ -470,8 +470,8 @@ def _dispatched_ops(fn) -> list[str]:
 def test_apply_packed_dispatches_the_same_operators_whatever_the_families() -> None:
     aug = Augmenter(FULL)
     x = torch.randn(12, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    mixes = [["color"] * 4, ["flip", "crop", "flip", "flip"], list(FAMILIES[:4]), ["rotate", "scale", "cutout", "color"],
-             ["rotate"] * 4]
+    mixes = [["color"] * 4, ["flip", "crop", "flip", "flip"], list(FAMILIES[:4]),
+             ["rotate", "scale", "cutout", "color"], ["rotate"] * 4]
     packs = [aug.pack(_draws_of(m, [3] * 4, 1)) for m in mixes]  # drawn and packed outside: the host's part
     sequences = [_dispatched_ops(lambda p=p: aug.apply_packed(x, p)) for p in packs]
     assert len(sequences[0]) > 30 and all(s == sequences[0] for s in sequences[1:])
