@@ -59,6 +59,9 @@ def _check(nets: Sequence[nn.Module], generators: Sequence[torch.Generator], set
         raise ValueError(f"train_together: {len(nets)} networks need as many generators, got {len(generators)}")
     if settings.step_lrs is not None:
         raise ValueError("train_together: replaying learned per-step lrs is not supported; use train_network")
+    if settings.augmenter is not None and not isinstance(settings.augmenter, Augmenter):
+        raise ValueError(f"train_together: {settings.augmenter!r} is not DSA's Augmenter (its draws cannot be "
+                         "packed for one pass over the N networks); train these networks with train_network")
     shapes = [[(k, tuple(v.shape)) for k, v in net.state_dict().items()] for net in nets]
     if any(s != shapes[0] for s in shapes[1:]) or any(type(n) is not type(nets[0]) for n in nets):
         raise ValueError("train_together: the networks must have the same class and parameter shapes")

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from builders.augment import Augmenter
+from builders.dc_augment import make_augmenter
 from builders.ensemble import _WideStep, make_device_step, together_mode, train_together, use_together
 from builders.evaluate import TrainSettings, label_loss, train_network
 from builders.networks import build_network
@@ -205,3 +206,11 @@ def test_the_device_step_never_waits_for_the_gpu():
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
     assert all(torch.isfinite(p).all() for p in step.wide.parameters())
+
+
+def test_an_augmentation_other_than_dsas_is_refused_with_the_way_out():
+    images, targets = _data()
+    settings = TrainSettings(epochs=1, augmenter=make_augmenter("dc:crop_scale_rotate"))
+    nets = [build_network("ConvNetW32", 1, 10, (12, 12), seed=s) for s in (1, 2)]
+    with pytest.raises(ValueError, match="train_network"):
+        train_together(nets, images, targets, settings, [torch.Generator() for _ in nets], label_loss)
