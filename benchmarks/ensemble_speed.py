@@ -2,6 +2,7 @@
 
     python benchmarks/ensemble_speed.py [--nets 5] [--epochs 20] [--rounds 2] [--device cpu] [--record]
     python benchmarks/ensemble_speed.py --count-ops [--nets 5] [--record]
+    python benchmarks/ensemble_speed.py --augment-timing [--nets 5] [--device cuda] [--record]
 
 The evaluation protocol's workload: ConvNet on a 100-image set (ipc 10, Fashion-MNIST-shaped random
 images), batch 256, DSA ``color_crop_cutout_flip_scale_rotate``. Alternates sequential and together
@@ -13,7 +14,11 @@ without an ``aten::`` parent in ``torch.profiler``; on a GPU each launches one o
 is what a launch-bound step pays for) in one training step of one network, of the N networks
 together, with DSA and without, from the difference between 3 epochs and 1 of one step each; and in
 the N networks' augmentation alone: one call per network, and the one pass ``train_together`` makes
-(each network's own draw, applied in one call per family, ``Augmenter.apply_many``).
+(each network's own draw, applied in one call per family, ``Augmenter.apply_many``), and the fixed
+sequence ``train_together`` now runs (``Augmenter.pack`` on the host, ``Augmenter.apply_packed``).
+
+``--augment-timing`` times the N networks' augmentation of a batch of 256 alone (draws included):
+``apply_many`` against ``pack`` + ``apply_packed``, alternated.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from machine import cpu_name, provenance, write_record  # benchmarks/machine.py 
 from torch.profiler import profile
 
 from builders.augment import Augmenter
-from builders.ensemble import together_mode, train_together
+from builders.ensemble import DEVICE_STEP, together_mode, train_together
 from builders.evaluate import TrainSettings, label_loss, train_network
 from builders.networks import build_network
 
@@ -42,12 +47,16 @@ from builders.networks import build_network
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--record", is_flag=True)
 @click.option("--count-ops", is_flag=True, help="Count the operators of one step instead of timing.")
+@click.option("--augment-timing", is_flag=True, help="Time the N networks' augmentation alone.")
 @click.option("--note", default="")
 def main(nets: int, epochs: int, rounds: int, model: str, device: str, record: bool, count_ops: bool,
-         note: str) -> None:
+         augment_timing: bool, note: str) -> None:
     """Time sequential vs together training of NETS networks."""
     if count_ops:
         _count_ops(nets, model, record, note)
+        return
+    if augment_timing:
+        _augment_timing(nets, torch.device(device), rounds, record, note)
         return
     dev = torch.device(device)
     g = torch.Generator().manual_seed(0)
@@ -103,12 +112,20 @@ def main(nets: int, epochs: int, rounds: int, model: str, device: str, record: b
         click.echo(f"recorded {path}")
 
 
-def _top_level_ops(fn) -> int:
-    """Operators ``fn()`` dispatches from Python (``aten::`` events whose parent is not one)."""
+def _top_level_ops(fn, within: str | None = None) -> int:
+    """Operators ``fn()`` dispatches from Python (``aten::`` events whose parent is not one); with ``within``,
+    only those under a ``record_function`` of that name."""
     with profile() as prof:
         fn()
+
+    def inside(e) -> bool:
+        while e is not None and e.name != within:
+            e = e.cpu_parent
+        return e is not None
+
     return sum(1 for e in prof.events() if e.name.startswith("aten::")
-               and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+               and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
+               and (within is None or inside(e)))
 
 
 def _count_ops(nets: int, model: str, record: bool, note: str) -> None:
@@ -118,8 +135,9 @@ def _count_ops(nets: int, model: str, record: bool, note: str) -> None:
     images, targets = torch.rand(20, 1, 28, 28), torch.arange(10).repeat(2)
     seeds = list(range(1, nets + 1))
 
-    def per_step(run, augment: Augmenter | None) -> float:  # epochs of one 20-image step each: 3 minus 1, halved
-        return (_top_level_ops(lambda: run(3, augment)) - _top_level_ops(lambda: run(1, augment))) / 2
+    def per_step(run, augment: Augmenter | None, within: str | None = None) -> float:
+        """Epochs of one 20-image step each: 3 minus 1, halved."""
+        return (_top_level_ops(lambda: run(3, augment), within) - _top_level_ops(lambda: run(1, augment), within)) / 2
 
     def single(epochs: int, augment: Augmenter | None) -> None:
         train_network(build_network(model, 1, 10, (28, 28), seed=1), images, targets,
@@ -134,11 +152,21 @@ def _count_ops(nets: int, model: str, record: bool, note: str) -> None:
         draws = [augmenter.sample(g, images.shape[0]) for g in generators]
         augmenter.apply_many([images] * len(draws), draws)
 
+    def packed_pass(generators: list[torch.Generator]) -> tuple[int, int]:  # ops of (pack, apply_packed)
+        draws = [augmenter.sample(g, images.shape[0]) for g in generators]
+        packed = [None]
+        pack_ops = _top_level_ops(lambda: packed.__setitem__(0, augmenter.pack(draws)))
+        return pack_ops, _top_level_ops(lambda: augmenter.apply_packed(joined, packed[0]))
+
+    joined = images.repeat(nets, 1, 1, 1)
+
     augment_ops = _top_level_ops(lambda: [augmenter(images, g) for g in (torch.Generator().manual_seed(s)
                                                                           for s in seeds)])
     augment_pass_ops = [_top_level_ops(lambda: one_pass([torch.Generator().manual_seed(100 * t + s) for s in seeds]))
                         for t in range(20)]  # the number of families among the N draws varies: a mean
+    packed_ops = [packed_pass([torch.Generator().manual_seed(100 * t + s) for s in seeds]) for t in range(20)]
     one, many = per_step(single, augmenter), per_step(together, augmenter)
+    on_device = per_step(together, augmenter, DEVICE_STEP)
     plain_one, plain_many = per_step(single, None), per_step(together, None)
     result = {
         "benchmark": f"operators per training step: 1 {model}, {nets} together, {nets} networks' augmentation",
@@ -146,15 +174,65 @@ def _count_ops(nets: int, model: str, record: bool, note: str) -> None:
         "ops_per_step_one_network": one, f"ops_per_step_{nets}_sequential": one * nets,
         f"ops_per_step_{nets}_together": many,
         "ratio_sequential_over_together": round(one * nets / many, 2),
+        f"ops_per_step_{nets}_together_in_device_step": on_device,  # the part a CUDA graph can replay
+        f"ops_per_step_{nets}_together_on_host": many - on_device,  # randperm, draws, pack, copies
         "ops_per_step_one_network_no_augmentation": plain_one,
         f"ops_per_step_{nets}_together_no_augmentation": plain_many,
         f"ops_augmentation_{nets}_networks_separate_calls": augment_ops,
         f"ops_augmentation_{nets}_networks_one_pass_mean_of_20_draws": statistics.fmean(augment_pass_ops),
+        f"ops_augmentation_{nets}_networks_pack_on_host_of_20_draws": sorted({p for p, _ in packed_ops}),
+        f"ops_augmentation_{nets}_networks_apply_packed_of_20_draws": sorted({a for _, a in packed_ops}),
         **provenance("ensemble_speed.py", f"cpu: {cpu_name()} (counts, not times)", note),
     }
     click.echo(json.dumps(result, indent=2))
     if record:
         click.echo(f"recorded {write_record(f'ensemble_ops_{nets}x{model}_cpu', result)}")
+
+
+def _augment_timing(nets: int, dev: torch.device, rounds: int, record: bool, note: str) -> None:
+    """Seconds per call of N networks' augmentation of a batch of 256 each (draws on the host included):
+    ``apply_many`` against ``pack`` + ``apply_packed``, alternated."""
+    augmenter, batch, calls = Augmenter("color_crop_cutout_flip_scale_rotate"), 256, 200
+    x = torch.rand(nets * batch, 1, 28, 28, generator=torch.Generator().manual_seed(0)).to(dev)
+    generators = [torch.Generator().manual_seed(s) for s in range(1, nets + 1)]
+
+    def many() -> None:
+        augmenter.apply_many(x.split(batch), [augmenter.sample(g, batch) for g in generators])
+
+    def packed() -> None:
+        draws = [augmenter.sample(g, batch) for g in generators]
+        augmenter.apply_packed(x, augmenter.pack(draws).to(dev, non_blocking=True))
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    for fn in (many, packed):  # warm-up
+        fn()
+    runs = []
+    for r in range(rounds):
+        for name, fn in (("apply_many", many), ("pack_apply_packed", packed)):
+            sync()
+            wall = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            sync()
+            runs.append({"mode": name, "round": r, "s_per_call": round((time.perf_counter() - wall) / calls, 6)})
+            click.echo(json.dumps(runs[-1]))
+
+    def med(mode: str) -> float:
+        return statistics.median(r["s_per_call"] for r in runs if r["mode"] == mode)
+
+    result = {
+        "benchmark": f"augmentation of {nets} networks' batches of {batch} (28x28x1), DSA, draws included",
+        "calls_per_run": calls, "runs": runs,
+        "apply_many_over_packed_median": round(med("apply_many") / med("pack_apply_packed"), 3),
+        **provenance("ensemble_speed.py", torch.cuda.get_device_name(dev) if dev.type == "cuda"
+                     else f"cpu: {cpu_name()}, {os.cpu_count()} cores", note),
+    }
+    click.echo(json.dumps(result, indent=2))
+    if record:
+        click.echo(f"recorded {write_record(f'ensemble_augment_{nets}nets_{dev.type}', result)}")
 
 
 if __name__ == "__main__":

@@ -32,11 +32,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["FAMILIES", "AugmentDraw", "Augmenter", "parse_strategy"]
+__all__ = ["FAMILIES", "PACK_COLUMNS", "PACK_FAMILY", "PACK_IDENTITY", "PACK_WIDTH", "AugmentDraw", "Augmenter",
+           "parse_strategy"]
 
 #: The valid augmentation families, in canonical order.
 FAMILIES: tuple[str, ...] = ("color", "crop", "cutout", "flip", "scale", "rotate")
@@ -57,6 +59,35 @@ _PARAMS: dict[str, tuple[str, ...]] = {
     "scale": ("scale_x", "scale_y"),
     "rotate": ("angle",),
 }
+
+
+# The packed form of per-image draws (:meth:`Augmenter.pack`): a float32 tensor [M, PACK_WIDTH], one row per
+# image. Column PACK_FAMILY holds the index in FAMILIES of the image's family; column PACK_COLUMNS[key] holds
+# parameter ``key`` (as the draw holds it; flip as 0/1) where the image's family has it, else
+# PACK_IDENTITY[key], a value under which that family's transform leaves the image unchanged (crop: 0.5 maps
+# to a shift of 0; cutout and the colour and warp families are masked by the family column as well).
+#: Column of a packed row holding the index into :data:`FAMILIES` of the image's family.
+PACK_FAMILY: int = 0
+#: Column of a packed row holding each draw parameter.
+PACK_COLUMNS: dict[str, int] = {
+    "brightness": 1, "saturation": 2, "contrast": 3,  # color
+    "crop_row": 4, "crop_col": 5,  # crop
+    "cutout_row": 6, "cutout_col": 7,  # cutout
+    "flip": 8,  # flip
+    "scale_x": 9, "scale_y": 10,  # scale
+    "angle": 11,  # rotate
+}
+#: Columns of a packed row.
+PACK_WIDTH: int = 12
+#: A parameter's value in the rows of images whose family is another.
+PACK_IDENTITY: dict[str, float] = {
+    "brightness": 0.0, "saturation": 1.0, "contrast": 1.0, "crop_row": 0.5, "crop_col": 0.5,
+    "cutout_row": 0.0, "cutout_col": 0.0, "flip": 0.0, "scale_x": 1.0, "scale_y": 1.0, "angle": 0.0,
+}
+_FIRST_WARP = FAMILIES.index("scale")  # the families from here on are the affine warps
+assert set(FAMILIES[_FIRST_WARP:]) == {"scale", "rotate"}
+_IDENTITY_ROW = np.array([0.0] + [PACK_IDENTITY[k] for k in sorted(PACK_COLUMNS, key=PACK_COLUMNS.get)],
+                         dtype=np.float32)
 
 
 def parse_strategy(strategy: str) -> tuple[str, ...]:
@@ -320,6 +351,87 @@ class Augmenter:
             for i, part in zip(members, done.split([sizes[i] for i in members])):
                 parts[i] = part
         return parts[0] if len(parts) == 1 else torch.cat(parts)  # type: ignore[arg-type]
+
+    # -- packed: every family in one fixed sequence of operators ----------------------------------
+    def pack(self, draws: Sequence[AugmentDraw], sizes: Sequence[int] | None = None) -> Tensor:
+        """The draws of consecutive batches as one float32 CPU tensor [M, PACK_WIDTH], a row per image
+        (layout: :data:`PACK_FAMILY`, :data:`PACK_COLUMNS`, :data:`PACK_IDENTITY`), for :meth:`apply_packed`.
+
+        ``sizes`` gives each batch's size; it may be left out when every draw is per-sample (its own
+        ``batch_size``); a siamese draw is repeated over its batch.
+        """
+        if sizes is None:
+            if any(d.siamese for d in draws):
+                raise ValueError("pack: a siamese draw needs its batch's size; pass sizes=[...] (one per draw)")
+            sizes = [d.batch_size for d in draws]  # type: ignore[misc]
+        if len(sizes) != len(draws):
+            raise ValueError(f"pack: {len(draws)} draws need as many sizes, got {len(sizes)}")
+        for draw, size in zip(draws, sizes):
+            if draw.family not in self.families:
+                raise ValueError(f"pack: a {draw.family} draw, but this augmenter's strategy is {self.strategy!r}; "
+                                 "pack the draws of this augmenter's sample()")
+            if draw.batch_size is not None and draw.batch_size != size:
+                raise ValueError(f"pack: a draw made for {draw.batch_size} images given a batch of {size}")
+        out = np.empty((sum(sizes), PACK_WIDTH), dtype=np.float32)
+        out[:] = _IDENTITY_ROW
+        if not draws:
+            return torch.from_numpy(out)
+        # every parameter of every draw in one vector (cat promotes a bool flip to float; one tensor-to-numpy
+        # conversion, not one per key)
+        values = torch.cat([draw.params[key] for draw in draws for key in _PARAMS[draw.family]])
+        values, at, start = values.numpy(), 0, 0
+        for draw, size in zip(draws, sizes):
+            rows = out[start : start + size]
+            rows[:, PACK_FAMILY] = FAMILIES.index(draw.family)
+            for key in _PARAMS[draw.family]:
+                length = draw.params[key].shape[0]  # size, or 1 for a siamese draw (broadcast over its rows)
+                rows[:, PACK_COLUMNS[key]] = values[at : at + length]
+                at += length
+            start += size
+        return torch.from_numpy(out)
+
+    def apply_packed(self, x: Tensor, packed: Tensor) -> Tensor:
+        """Each image ``x[i]`` [M, C, H, W] transformed by the draw in row ``packed[i]`` (:meth:`pack`, on
+        ``x``'s device): ``torch.cat([apply(b, d) for b, d in zip(batches, draws)])`` for
+        ``apply_packed(torch.cat(batches), pack(draws))``.
+
+        One fixed sequence of operators whatever the draws (each of this augmenter's families runs on every
+        image, identity where it is not the image's own), no host synchronisation: fit for a CUDA graph.
+        """
+        if x.dim() != 4:
+            raise ValueError(f"expected images [N, C, H, W], got shape {list(x.shape)}")
+        if tuple(packed.shape) != (x.shape[0], PACK_WIDTH):
+            raise ValueError(f"apply_packed: {x.shape[0]} images need packed draws of shape "
+                             f"[{x.shape[0]}, {PACK_WIDTH}] (Augmenter.pack), got {list(packed.shape)}")
+        n, present = x.shape[0], set(self.families)
+        col = packed.to(torch.float64).unbind(1)  # [n] each; float64 for the index and angle maths, as apply does
+        per_image = packed.to(x.dtype).view(n, PACK_WIDTH, 1, 1, 1).unbind(1)  # [n, 1, 1, 1] each
+        family = per_image[PACK_FAMILY]
+
+        if "color" in present:
+            b, s, c = (per_image[PACK_COLUMNS[k]] for k in _PARAMS["color"])
+            x = torch.where(family == FAMILIES.index("color"), self._color(x, b, s, c), x)
+        if "crop" in present:  # identity rows hold 0.5: a shift of 0, the gather copies every pixel
+            x = self._crop(x, col[PACK_COLUMNS["crop_row"]], col[PACK_COLUMNS["crop_col"]])
+        if "cutout" in present:
+            _, _, h, w = x.shape
+            cut = col[PACK_FAMILY] == FAMILIES.index("cutout")
+            rows = self._cutout_span(col[PACK_COLUMNS["cutout_row"]], h, _side_ratio(h, self.cutout)) & cut.view(n, 1)
+            inside_cols = self._cutout_span(col[PACK_COLUMNS["cutout_col"]], w, _side_ratio(w, self.cutout))
+            x = x * (~(rows.view(n, 1, h, 1) & inside_cols.view(n, 1, 1, w))).to(x.dtype)  # x * 1 elsewhere
+        if "flip" in present:
+            x = torch.where(per_image[PACK_COLUMNS["flip"]] != 0, x.flip(3), x)
+        if "scale" in present or "rotate" in present:
+            # diag(scale_x, scale_y) @ rotation: an image of one family has the other's identity (1, 0), so its
+            # theta is apply's own, bit for bit (cos 0 = 1, sin 0 = 0, 1 * v = v, -(v * w) = v * -w)
+            rad = col[PACK_COLUMNS["angle"]] * (math.pi / 180.0)
+            cos, sin = rad.cos(), rad.sin()
+            zero = torch.zeros_like(rad)
+            rotation = torch.stack([cos, -sin, zero, sin, cos, zero], 1).view(n, 2, 3)
+            scale = torch.stack([col[PACK_COLUMNS["scale_x"]], col[PACK_COLUMNS["scale_y"]]], 1).view(n, 2, 1)
+            warped = family >= _FIRST_WARP  # scale or rotate, the last two families
+            x = torch.where(warped, self._warp(x, scale * rotation), x)  # grid_sample of the identity is not exact
+        return x
 
     def siamese(self, generator: torch.Generator, *batches: Tensor) -> tuple[Tensor, ...]:
         """Apply one siamese draw to every batch (e.g. the real and synthetic batch of one class)."""

@@ -15,11 +15,13 @@ Two forms of the step (:func:`together_mode` says which a network gets):
 - ``"vmap"``: any other network: ``vmap`` of the gradient of ``functional_call`` over the stacked
   parameters.
 
-Either way the N networks' augmentation is one pass (:meth:`builders.augment.Augmenter.apply_many`):
-each network draws its per-sample parameters from its own generator, the draws of one family are
-applied in one call. On GPUs, where small networks leave the device idle between kernel launches,
-this is the point; on a small CPU it is not faster (both cores are already busy with one network),
-so :func:`use_together` turns it on for CUDA only.
+Either way the N networks' augmentation is one pass of fixed operators
+(:meth:`builders.augment.Augmenter.apply_packed`): each network draws its per-sample parameters from its own
+generator, the draws are packed into one tensor on the host, and every family runs on all images, each
+image getting its own. The GPU work of a step is one function of device tensors (:func:`make_device_step`),
+with no host synchronisation, so it can be captured in a CUDA graph. On GPUs, where small networks leave the
+device idle between kernel launches, this is the point; on a small CPU it is not faster (both cores are
+already busy with one network), so :func:`use_together` turns it on for CUDA only.
 
 Networks with BatchNorm (running statistics updated in place) are refused.
 """
@@ -32,7 +34,9 @@ from typing import Any
 import torch
 from torch import nn
 from torch.func import functional_call, grad, stack_module_state, vmap
+from torch.profiler import record_function
 
+from builders.augment import Augmenter
 from builders.networks import uses_batch_statistics
 from builders.train_settings import TrainSettings
 from builders.wide_convnet import WideConvNet, widen_inputs, widens
@@ -55,6 +59,9 @@ def _check(nets: Sequence[nn.Module], generators: Sequence[torch.Generator], set
         raise ValueError(f"train_together: {len(nets)} networks need as many generators, got {len(generators)}")
     if settings.step_lrs is not None:
         raise ValueError("train_together: replaying learned per-step lrs is not supported; use train_network")
+    if settings.augmenter is not None and not isinstance(settings.augmenter, Augmenter):
+        raise ValueError(f"train_together: {settings.augmenter!r} is not DSA's Augmenter (its draws cannot be "
+                         "packed for one pass over the N networks); train these networks with train_network")
     shapes = [[(k, tuple(v.shape)) for k, v in net.state_dict().items()] for net in nets]
     if any(s != shapes[0] for s in shapes[1:]) or any(type(n) is not type(nets[0]) for n in nets):
         raise ValueError("train_together: the networks must have the same class and parameter shapes")
@@ -91,27 +98,53 @@ def train_together(
     step = _WideStep(nets, loss_fn) if together_mode(nets[0]) == "wide" else _VmapStep(nets, loss_fn)
     opt = torch.optim.SGD(step.leaves, lr=settings.lr, momentum=settings.momentum,
                           weight_decay=settings.weight_decay)
-    n, augmenter = images.shape[0], settings.augmenter
+    n, augmenter, device = images.shape[0], settings.augmenter, images.device
+    device_step = make_device_step(step, opt, images, targets, augmenter)
     for net in nets:
         net.train()
     for epoch in range(settings.epochs):
         if epoch == settings.epochs // 2 and settings.epochs > 1:
             for group in opt.param_groups:
                 group["lr"] = settings.lr * 0.1
-        orders = torch.stack([torch.randperm(n, generator=g) for g in generators]).to(images.device)
+        orders = torch.stack([torch.randperm(n, generator=g) for g in generators])  # CPU, each network its own
         for start in range(0, n, settings.batch):
             idx = orders[:, start : start + settings.batch]  # [N, B]: each network's own batch
-            x = images[idx]  # [N, B, C, H, W]
-            if augmenter is not None:
-                draws = [augmenter.sample(g, idx.shape[1]) for g in generators]
-                x = augmenter.apply_many(x.flatten(0, 1).split(idx.shape[1]), draws).reshape(x.shape)
-            opt.zero_grad(set_to_none=True)
-            step.backward(x, targets[idx])
-            opt.step()
+            inputs = [idx]
+            if augmenter is not None:  # each network's own draw from its own generator, in train_network's order
+                inputs.append(augmenter.pack([augmenter.sample(g, idx.shape[1]) for g in generators]))
+            device_step(*(t.to(device, non_blocking=True) for t in inputs))
         if on_epoch is not None:
             on_epoch()
     step.write_back(nets)
     return list(nets)
+
+
+DeviceStep = Callable[..., None]  # (idx) or (idx, packed): device tensors only
+#: The label of :func:`make_device_step`'s work in a ``torch.profiler`` trace.
+DEVICE_STEP = "train_together.device_step"
+
+
+def make_device_step(step: "_WideStep | _VmapStep", opt: torch.optim.Optimizer, images: torch.Tensor,
+                     targets: torch.Tensor, augmenter: Augmenter | None) -> DeviceStep:
+    """The GPU work of one training step of the N networks, from device tensors only:
+    ``device_step(idx, packed)`` with ``idx`` [N, B] (each network's batch, indices into ``images``) and
+    ``packed`` [N*B, PACK_WIDTH] (:meth:`Augmenter.pack` of the N draws; left out without augmentation), both
+    on ``images``' device, gathers the batches, augments them, and takes the SGD step.
+
+    One fixed sequence of operators for a given batch size, with no host synchronisation (after the first
+    call of a wide step, which checks whether the loss is a mean over rows): fit for capture in a CUDA graph.
+    Everything host-side (batch orders, draws, packing, the learning-rate drop) is the caller's.
+    """
+    def device_step(idx: torch.Tensor, packed: torch.Tensor | None = None) -> None:
+        with record_function(DEVICE_STEP):  # a profiler's label for the step's device work
+            x = images[idx]  # [N, B, C, H, W]
+            if packed is not None:
+                x = augmenter.apply_packed(x.flatten(0, 1), packed).view(x.shape)  # type: ignore[union-attr]
+            opt.zero_grad(set_to_none=True)
+            step.backward(x, targets[idx])
+            opt.step()
+
+    return device_step
 
 
 class _WideStep:

@@ -5,8 +5,20 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from builders.augment import FAMILIES, AugmentDraw, Augmenter, parse_strategy
+from builders.augment import (
+    FAMILIES,
+    PACK_COLUMNS,
+    PACK_FAMILY,
+    PACK_IDENTITY,
+    PACK_WIDTH,
+    AugmentDraw,
+    Augmenter,
+    parse_strategy,
+)
 
 FULL = "color_crop_cutout_flip_scale_rotate"
 
@@ -368,3 +380,139 @@ def test_apply_each_refuses_per_sample_draws_and_mismatched_lists():
     with pytest.raises(ValueError, match="as many draws"):
         aug.apply_each([x, x], [aug.sample(g, None)])
     assert aug.apply_each([], []) == []
+
+
+# -- packed: every family in one fixed sequence of operators ------------------------------------
+def _draws_of(families: list[str], sizes: list[int], seed: int) -> list[AugmentDraw]:
+    """Per-sample draws of the given families (each from a one-family augmenter with the default factors)."""
+    g = torch.Generator().manual_seed(seed)
+    return [Augmenter(f).sample(g, n) for f, n in zip(families, sizes)]
+
+
+def _packed_and_separate(families: list[str], sizes: list[int], seed: int, shape=(3, 9, 11)):
+    aug = Augmenter(FULL)
+    g = torch.Generator().manual_seed(seed + 1000)
+    batches = [torch.randn(n, *shape, generator=g) for n in sizes]
+    draws = _draws_of(families, sizes, seed)
+    return aug.apply_packed(torch.cat(batches), aug.pack(draws)), torch.cat(
+        [aug.apply(b, d) for b, d in zip(batches, draws)])
+
+
+def test_pack_layout_has_a_column_for_every_parameter() -> None:
+    from builders.augment import _PARAMS
+
+    keys = [k for f in FAMILIES for k in _PARAMS[f]]
+    assert sorted(PACK_COLUMNS) == sorted(keys) == sorted(PACK_IDENTITY)
+    assert sorted([PACK_FAMILY, *PACK_COLUMNS.values()]) == list(range(PACK_WIDTH))
+
+
+def test_pack_writes_each_images_family_and_parameters_and_identity_elsewhere() -> None:
+    aug = Augmenter("color_flip")
+    flip = AugmentDraw("flip", {"flip": torch.tensor([True, False])}, 2)
+    shared = color(brightness=0.25, saturation=1.5, contrast=0.75)  # siamese: repeated over its 3 rows
+    packed = aug.pack([flip, shared], sizes=[2, 3])
+    assert packed.dtype == torch.float32 and packed.shape == (5, PACK_WIDTH)
+    assert packed[:, PACK_FAMILY].tolist() == [3, 3, 0, 0, 0]
+    assert packed[:, PACK_COLUMNS["flip"]].tolist() == [1, 0, 0, 0, 0]
+    assert packed[:, PACK_COLUMNS["brightness"]].tolist() == [0, 0, 0.25, 0.25, 0.25]
+    assert packed[:, PACK_COLUMNS["saturation"]].tolist() == [1, 1, 1.5, 1.5, 1.5]
+    assert packed[:, PACK_COLUMNS["contrast"]].tolist() == [1, 1, 0.75, 0.75, 0.75]
+    for key in ("crop_row", "crop_col", "cutout_row", "cutout_col", "scale_x", "scale_y", "angle"):
+        assert packed[:, PACK_COLUMNS[key]].tolist() == [PACK_IDENTITY[key]] * 5
+
+
+@pytest.mark.parametrize("families", [
+    list(FAMILIES),  # all six, one batch each
+    ["rotate"] * 3,  # a single family
+    ["scale", "rotate", "scale"],  # the two warps share one grid_sample
+    ["crop", "flip", "cutout", "color", "crop"],
+])
+def test_apply_packed_is_apply_on_each_batch_bit_for_bit(families: list[str]) -> None:
+    # Exact: each image meets its own family's arithmetic as apply does it (same dtypes, same per-image
+    # reductions); every other family leaves it unchanged exactly (torch.where, a gather with shift 0, x * 1).
+    sizes = [2 + i % 3 for i in range(len(families))]
+    got, want = _packed_and_separate(families, sizes, seed=len(families))
+    assert torch.equal(got, want)
+
+
+@settings(max_examples=30, deadline=None, derandomize=True, database=None)
+@given(st.lists(st.tuples(st.sampled_from(FAMILIES), st.integers(1, 4)), min_size=1, max_size=7),
+       st.integers(0, 2**16), st.sampled_from([(1, 6, 6), (3, 7, 10)]))
+def test_apply_packed_equals_apply_for_any_mix_of_families(batches, seed, shape) -> None:
+    families, sizes = [f for f, _ in batches], [n for _, n in batches]
+    got, want = _packed_and_separate(families, sizes, seed, shape)
+    assert torch.equal(got, want)
+
+
+def test_apply_packed_takes_siamese_draws_with_their_sizes() -> None:
+    aug = Augmenter(FULL)
+    g = torch.Generator().manual_seed(5)
+    batches = [torch.randn(n, 3, 8, 8, generator=g) for n in (3, 1, 4)]
+    draws = [aug.sample(g, None), aug.sample(g, 1), aug.sample(g, None)]
+    got = aug.apply_packed(torch.cat(batches), aug.pack(draws, sizes=[3, 1, 4]))
+    assert torch.equal(got, torch.cat([aug.apply(b, d) for b, d in zip(batches, draws)]))
+
+
+def _dispatched_ops(fn) -> list[str]:
+    """Every operator ``fn()`` dispatches, in order (including those inside composite operators)."""
+    seen: list[str] = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        fn()
+    return seen
+
+
+def test_apply_packed_dispatches_the_same_operators_whatever_the_families() -> None:
+    aug = Augmenter(FULL)
+    x = torch.randn(12, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    mixes = [["color"] * 4, ["flip", "crop", "flip", "flip"], list(FAMILIES[:4]),
+             ["rotate", "scale", "cutout", "color"], ["rotate"] * 4]
+    packs = [aug.pack(_draws_of(m, [3] * 4, 1)) for m in mixes]  # drawn and packed outside: the host's part
+    sequences = [_dispatched_ops(lambda p=p: aug.apply_packed(x, p)) for p in packs]
+    assert len(sequences[0]) > 30 and all(s == sequences[0] for s in sequences[1:])
+
+
+def test_apply_packed_skips_the_families_its_strategy_lacks_and_refuses_their_draws() -> None:
+    x = torch.randn(4, 1, 6, 6, generator=torch.Generator().manual_seed(0))
+    flip_only = Augmenter("flip")
+    draws = _draws_of(["flip", "flip"], [2, 2], 3)
+    packed = flip_only.pack(draws)
+    fewer = _dispatched_ops(lambda: flip_only.apply_packed(x, packed))
+    assert len(fewer) < len(_dispatched_ops(lambda: Augmenter(FULL).apply_packed(x, packed)))
+    assert torch.equal(flip_only.apply_packed(x, flip_only.pack(draws)), torch.cat(
+        [flip_only.apply(b, d) for b, d in zip(x.split(2), draws)]))
+    with pytest.raises(ValueError, match="strategy is 'flip'"):
+        flip_only.pack(_draws_of(["crop"], [2], 0))
+
+
+def test_apply_packed_gradients_are_applys() -> None:
+    aug = Augmenter(FULL)
+    sizes = [3] * 6
+    draws = _draws_of(list(FAMILIES), sizes, 7)
+    x = torch.randn(18, 3, 8, 8, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    weights = torch.randn(18, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    (aug.apply_packed(x, aug.pack(draws)) * weights).sum().backward()
+    packed_grad, x.grad = x.grad, None
+    (torch.cat([aug.apply(b, d) for b, d in zip(x.split(sizes), draws)]) * weights).sum().backward()
+    assert packed_grad is not None and packed_grad.abs().sum() > 0
+    # within rounding, not bit for bit: torch.where's backward adds the other branch's zero gradient
+    torch.testing.assert_close(packed_grad, x.grad, rtol=1e-6, atol=1e-6)
+
+
+def test_pack_and_apply_packed_refuse_mismatches() -> None:
+    aug = Augmenter(FULL)
+    g = torch.Generator().manual_seed(0)
+    with pytest.raises(ValueError, match="siamese draw needs its batch's size"):
+        aug.pack([aug.sample(g, None)])
+    with pytest.raises(ValueError, match="made for 3 images"):
+        aug.pack([aug.sample(g, 3)], sizes=[4])
+    with pytest.raises(ValueError, match="as many sizes"):
+        aug.pack([aug.sample(g, 3)], sizes=[3, 3])
+    with pytest.raises(ValueError, match=r"shape \[2, 12\]"):
+        aug.apply_packed(torch.zeros(2, 1, 4, 4), aug.pack([aug.sample(g, 3)]))
+    assert aug.pack([]).shape == (0, PACK_WIDTH)

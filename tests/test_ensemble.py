@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from builders.augment import Augmenter
-from builders.ensemble import together_mode, train_together, use_together
+from builders.dc_augment import make_augmenter
+from builders.ensemble import _WideStep, make_device_step, together_mode, train_together, use_together
 from builders.evaluate import TrainSettings, label_loss, train_network
 from builders.networks import build_network
 from builders.wide_convnet import WideConvNet, widen_inputs, widens
@@ -154,3 +155,62 @@ def test_evaluation_trained_together_gives_the_accuracies_of_one_by_one():
     args = {"model": "ConvNetW32", "settings": settings, "test": test, "seeds": [1, 2]}
     assert evaluate_images(images, targets, together=True, **args) == evaluate_images(images, targets,
                                                                                       together=False, **args)
+
+
+def test_the_device_step_is_fed_device_tensors_and_applies_the_packed_draws():
+    # make_device_step is the GPU work of train_together's step: one call here is one step of 2 networks
+    images, targets = _data()
+    augmenter = Augmenter(DSA)
+    nets = [build_network("ConvNetW32", 1, 10, (12, 12), seed=s) for s in (1, 2)]
+    alone = [copy.deepcopy(n) for n in nets]
+    step = _WideStep(nets, label_loss)
+    opt = torch.optim.SGD(step.leaves, lr=0.01)
+    gens = [torch.Generator().manual_seed(s) for s in (5, 6)]
+    idx = torch.stack([torch.randperm(16, generator=g)[:8] for g in gens])
+    draws = [augmenter.sample(g, 8) for g in gens]
+    make_device_step(step, opt, images, targets, augmenter)(idx, augmenter.pack(draws))
+    step.write_back(nets)
+    for net, single, i, d in zip(nets, alone, idx, draws):
+        sgd = torch.optim.SGD(single.parameters(), lr=0.01)
+        label_loss(single(augmenter.apply(images[i], d)), targets[i]).backward()
+        sgd.step()
+        for got, want in zip(net.parameters(), single.parameters()):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_device_step_never_waits_for_the_gpu():
+    # what a CUDA graph needs: after the first call (which checks once whether the loss is a mean over rows),
+    # a step launches its work and returns without synchronising with the device
+    dev = torch.device("cuda")
+    images, targets = (t.to(dev) for t in _data())
+    augmenter = Augmenter(DSA)
+    step = _WideStep([build_network("ConvNetW32", 1, 10, (12, 12), seed=s).to(dev) for s in (1, 2, 3)], label_loss)
+    device_step = make_device_step(step, torch.optim.SGD(step.leaves, lr=0.01, momentum=0.9), images, targets,
+                                   augmenter)
+    gens = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
+
+    def inputs():
+        idx = torch.stack([torch.randperm(16, generator=g)[:8] for g in gens])
+        packed = augmenter.pack([augmenter.sample(g, 8) for g in gens])
+        return idx.pin_memory().to(dev, non_blocking=True), packed.pin_memory().to(dev, non_blocking=True)
+
+    device_step(*inputs())
+    ready = [inputs() for _ in range(12)]  # enough draws that most families occur
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for idx, packed in ready:
+            device_step(idx, packed)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert all(torch.isfinite(p).all() for p in step.wide.parameters())
+
+
+def test_an_augmentation_other_than_dsas_is_refused_with_the_way_out():
+    images, targets = _data()
+    settings = TrainSettings(epochs=1, augmenter=make_augmenter("dc:crop_scale_rotate"))
+    nets = [build_network("ConvNetW32", 1, 10, (12, 12), seed=s) for s in (1, 2)]
+    with pytest.raises(ValueError, match="train_network"):
+        train_together(nets, images, targets, settings, [torch.Generator() for _ in nets], label_loss)
