@@ -37,6 +37,7 @@ from torch.func import functional_call, grad, stack_module_state, vmap
 from torch.profiler import record_function
 
 from builders.augment import Augmenter
+from builders.graphed_step import GraphedStep
 from builders.networks import uses_batch_statistics
 from builders.train_settings import TrainSettings
 from builders.wide_convnet import WideConvNet, widen_inputs, widens
@@ -47,6 +48,13 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 def use_together(device: torch.device, nets_per_call: int) -> bool:
     """The default: train together on CUDA when there is more than one network."""
     return device.type == "cuda" and nets_per_call > 1
+
+
+def can_train_together(net: nn.Module, settings: TrainSettings) -> bool:
+    """Whether networks like ``net`` can be trained together under ``settings``: no BatchNorm, no replayed
+    per-step learning rates, and no augmentation or DSA's (whose draws pack into one pass)."""
+    return (settings.step_lrs is None and not uses_batch_statistics(net)
+            and (settings.augmenter is None or isinstance(settings.augmenter, Augmenter)))
 
 
 def together_mode(net: nn.Module) -> str:
@@ -99,13 +107,15 @@ def train_together(
     opt = torch.optim.SGD(step.leaves, lr=settings.lr, momentum=settings.momentum,
                           weight_decay=settings.weight_decay)
     n, augmenter, device = images.shape[0], settings.augmenter, images.device
-    device_step = make_device_step(step, opt, images, targets, augmenter)
+    # on a GPU the step is captured once as a CUDA graph and replayed: one launch instead of hundreds
+    device_step = GraphedStep(make_device_step(step, opt, images, targets, augmenter), enabled=device.type == "cuda")
     for net in nets:
         net.train()
     for epoch in range(settings.epochs):
         if epoch == settings.epochs // 2 and settings.epochs > 1:
             for group in opt.param_groups:
                 group["lr"] = settings.lr * 0.1
+            device_step.invalidate()  # a captured step holds the learning rate it was captured with
         orders = torch.stack([torch.randperm(n, generator=g) for g in generators])  # CPU, each network its own
         for start in range(0, n, settings.batch):
             idx = orders[:, start : start + settings.batch]  # [N, B]: each network's own batch

@@ -23,8 +23,8 @@ from builders import distributed
 from builders.augment import Augmenter
 from builders.data import RealData
 from builders.dc_augment import make_augmenter
-from builders.ensemble import train_together, use_together
-from builders.networks import build_network, uses_batch_statistics
+from builders.ensemble import can_train_together, train_together, use_together
+from builders.networks import build_network
 from builders.progress import progress_bar
 from builders.train_settings import TrainSettings
 
@@ -163,7 +163,7 @@ def evaluate_images(
     nets = [build_network(model, c, test.num_classes, (h, w), seed=seed).to(test.device) for seed in seeds]
     if together is None:
         together = use_together(test.device, len(seeds))
-    if together and settings.step_lrs is None and not uses_batch_statistics(nets[0]):
+    if together and can_train_together(nets[0], settings):
         train_together(nets, images.to(test.device), targets.to(test.device), settings,
                        [torch.Generator().manual_seed(seed) for seed in seeds], label_loss,
                        on_epoch=lambda: bar.update(len(seeds)))

@@ -1,6 +1,7 @@
 """Networks trained together follow the trajectories they follow trained alone."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -20,12 +21,12 @@ def _data(n=16, size=12):
     return torch.randn(n, 1, size, size, generator=g), torch.arange(n) % 10
 
 
-def _assert_same_trajectories(model, count, augment, targets=None, epochs=3):
-    images, labels = _data()
+def _assert_same_trajectories(model, count, augment, targets=None, epochs=3, device="cpu"):
+    images, labels = (t.to(device) for t in _data())
     targets = labels if targets is None else targets
     settings = TrainSettings(epochs=epochs, lr=0.01, batch=8, augmenter=Augmenter(augment) if augment else None)
     seeds = [11 + i for i in range(count)]
-    nets = [build_network(model, 1, 10, (12, 12), seed=s) for s in seeds]
+    nets = [build_network(model, 1, 10, (12, 12), seed=s).to(device) for s in seeds]
     alone = [copy.deepcopy(n) for n in nets]
     train_together(nets, images, targets, settings, [torch.Generator().manual_seed(s) for s in seeds], label_loss)
     for net, single, s in zip(nets, alone, seeds):
@@ -47,6 +48,17 @@ def _assert_same_trajectories(model, count, augment, targets=None, epochs=3):
 def test_a_convnet_trained_wide_follows_its_trajectory_alone(model, count, augment):
     assert together_mode(build_network(model, 1, 10, (12, 12))) == "wide"
     _assert_same_trajectories(model, count, augment, epochs=4)  # 8 steps, lr x0.1 after epoch 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_a_gpu_the_step_replayed_as_a_cuda_graph_follows_the_trajectories_alone(monkeypatch):
+    # 8 steps: 2 eager (warm-up), then captured, captured again after the learning-rate drop; float32 products
+    # (no TF32) so that the grouped and the separate convolutions round alike
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failed capture (eager fallback) would warn: fail instead
+        _assert_same_trajectories("ConvNetW32", 3, DSA, epochs=4, device="cuda")
 
 
 def test_soft_targets_train_wide_as_alone():
