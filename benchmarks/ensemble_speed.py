@@ -19,6 +19,11 @@ sequence ``train_together`` now runs (``Augmenter.pack`` on the host, ``Augmente
 
 ``--augment-timing`` times the N networks' augmentation of a batch of 256 alone (draws included):
 ``apply_many`` against ``pack`` + ``apply_packed``, alternated.
+
+``--profile`` (after a warm-up of each) runs one network alone and the N together for ``--epochs``
+epochs under ``torch.profiler`` and records, per training step, the wall time, the device's busy time
+and the host's, and each one's operators by device time (on a CPU, by host time): where a step that
+is no longer launch-bound spends its time.
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ import time
 import click
 import torch
 from machine import cpu_name, provenance, write_record  # benchmarks/machine.py (scripts run from benchmarks/)
-from torch.profiler import profile
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
 
 from builders.augment import Augmenter
 from builders.ensemble import DEVICE_STEP, together_mode, train_together
@@ -48,9 +54,10 @@ from builders.networks import build_network
 @click.option("--record", is_flag=True)
 @click.option("--count-ops", is_flag=True, help="Count the operators of one step instead of timing.")
 @click.option("--augment-timing", is_flag=True, help="Time the N networks' augmentation alone.")
+@click.option("--profile", "profile_steps", is_flag=True, help="Profile one network and N together instead.")
 @click.option("--note", default="")
 def main(nets: int, epochs: int, rounds: int, model: str, device: str, record: bool, count_ops: bool,
-         augment_timing: bool, note: str) -> None:
+         augment_timing: bool, profile_steps: bool, note: str) -> None:
     """Time sequential vs together training of NETS networks."""
     if count_ops:
         _count_ops(nets, model, record, note)
@@ -82,6 +89,9 @@ def main(nets: int, epochs: int, rounds: int, model: str, device: str, record: b
 
     together()  # warm-up (allocations; vmap's first trace where it runs)
     sequential()
+    if profile_steps:
+        _profile(nets, model, dev, epochs, fresh, seeds, images, targets, settings, record, note)
+        return
     runs = []
     for r in range(rounds):
         for name, fn in (("sequential", sequential), ("together", together)):
@@ -110,6 +120,46 @@ def main(nets: int, epochs: int, rounds: int, model: str, device: str, record: b
     if record:
         path = write_record(f"ensemble_{nets}x{model}_{dev.type}", result)
         click.echo(f"recorded {path}")
+
+
+def _profile(nets: int, model: str, dev: torch.device, epochs: int, fresh, seeds: list[int], images: torch.Tensor,
+             targets: torch.Tensor, settings: TrainSettings, record: bool, note: str) -> None:
+    """Per step of one network alone and of the N together: wall, device-busy and host time, and the
+    operators by device time (host time on a CPU)."""
+    cuda = dev.type == "cuda"
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    steps = epochs * -(-images.shape[0] // settings.batch)
+    one = fresh()[0]
+    cases = {
+        "one_network": lambda: train_network(one, images, targets, settings, torch.Generator().manual_seed(seeds[0])),
+        f"{nets}_together": lambda: train_together(fresh(), images, targets, settings,
+                                                   [torch.Generator().manual_seed(s) for s in seeds], label_loss),
+    }
+    result: dict = {"benchmark": f"profile: one {model} alone and {nets} together, per training step",
+                    "epochs": epochs, "steps": steps, "set": f"{images.shape[0]} images"}
+    for name, run in cases.items():
+        if cuda:
+            torch.cuda.synchronize()
+        with profile(activities=activities) as prof:
+            start = time.perf_counter()
+            run()
+            if cuda:
+                torch.cuda.synchronize()
+            wall = time.perf_counter() - start
+        events = prof.key_averages()
+        busy = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA) if cuda else 0.0
+        result[name] = {
+            "wall_ms_per_step": round(wall * 1000 / steps, 3),
+            "device_busy_ms_per_step": round(busy / 1000 / steps, 3),
+            "host_self_ms_per_step": round(sum(e.self_cpu_time_total for e in events) / 1000 / steps, 3),
+            "table": events.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=20),
+        }
+        click.echo(f"{name}: " + json.dumps({k: v for k, v in result[name].items() if k != "table"}))
+        click.echo(result[name]["table"])
+    result.update(provenance("ensemble_speed.py", torch.cuda.get_device_name(dev) if cuda else
+                             f"cpu: {cpu_name()}, {os.cpu_count()} cores", note))
+    if record:
+        click.echo(f"recorded {write_record(f'ensemble_profile_{nets}x{model}_{dev.type}', result)}")
 
 
 def _top_level_ops(fn, within: str | None = None) -> int:

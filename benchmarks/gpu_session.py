@@ -18,7 +18,8 @@ grandchild). Sections, in order:
 2. the same on CIFAR-10-shaped generated images, ipc 10;
 3. the Fashion-MNIST comparison with ``params.compile: false`` (one round);
 3b. where DM's iterations spend their time, by default and uncompiled (``dm_profile.py``);
-4. five ConvNets trained together against one after another (``ensemble_speed.py``);
+4. five ConvNets trained together against one after another (``ensemble_speed.py``), and the profile of
+   a step of each (``--profile``);
 5. the quickstart built at fp32 and at bf16-real, two seeds each (``precision_check.py``);
 6. DM against the reference on CIFAR-10-shaped images, ipc 50 (one round);
 7. peak memory of MTT at CIFAR-100 shape, ipc 10, unrolled vs constant (``tesla_memory.py``);
@@ -167,6 +168,8 @@ def main(reference: Path, fashion_mnist: Path, budget: float, out: Path, python:
               needs=60, limit=150)
     s.section("ensemble", [f"{bench}/ensemble_speed.py", "--device", device, "--nets", "5",
                            "--epochs", counts["epochs"], "--rounds", counts["rounds"], "--record"], needs=30, limit=90)
+    s.section("ensemble_profile", [f"{bench}/ensemble_speed.py", "--device", device, "--nets", "5", "--profile",
+                                   "--epochs", "2" if smoke else "100", "--record"], needs=30, limit=90)
     precision_smoke = ["--set", "iterations=2", "--set", "eval.runs=1", "--set", "eval.epochs=2",
                        "--set", "params.batch_real=8"] if smoke else []
     s.section("precision_quickstart", [f"{bench}/precision_check.py", "--device", device, "--record",
