@@ -53,8 +53,20 @@ def use_together(device: torch.device, nets_per_call: int) -> bool:
 def can_train_together(net: nn.Module, settings: TrainSettings) -> bool:
     """Whether networks like ``net`` can be trained together under ``settings``: no BatchNorm, no replayed
     per-step learning rates, and no augmentation or DSA's (whose draws pack into one pass)."""
-    return (settings.step_lrs is None and not uses_batch_statistics(net)
-            and (settings.augmenter is None or isinstance(settings.augmenter, Augmenter)))
+    return _refusal(net, settings) is None
+
+
+def _refusal(net: nn.Module, settings: TrainSettings) -> str | None:
+    """Why networks like ``net`` cannot be trained together under ``settings`` (None: they can)."""
+    if settings.step_lrs is not None:
+        return "replaying learned per-step lrs is not supported; use train_network"
+    if settings.augmenter is not None and not isinstance(settings.augmenter, Augmenter):
+        return (f"{settings.augmenter!r} is not DSA's Augmenter (its draws cannot be packed for one pass over "
+                "the N networks); train these networks with train_network")
+    if uses_batch_statistics(net):
+        return ("networks with BatchNorm update running statistics in place; train them one by one with "
+                "train_network")
+    return None
 
 
 def together_mode(net: nn.Module) -> str:
@@ -65,19 +77,14 @@ def together_mode(net: nn.Module) -> str:
 def _check(nets: Sequence[nn.Module], generators: Sequence[torch.Generator], settings: TrainSettings) -> None:
     if not nets or len(nets) != len(generators):
         raise ValueError(f"train_together: {len(nets)} networks need as many generators, got {len(generators)}")
-    if settings.step_lrs is not None:
-        raise ValueError("train_together: replaying learned per-step lrs is not supported; use train_network")
-    if settings.augmenter is not None and not isinstance(settings.augmenter, Augmenter):
-        raise ValueError(f"train_together: {settings.augmenter!r} is not DSA's Augmenter (its draws cannot be "
-                         "packed for one pass over the N networks); train these networks with train_network")
     shapes = [[(k, tuple(v.shape)) for k, v in net.state_dict().items()] for net in nets]
     if any(s != shapes[0] for s in shapes[1:]) or any(type(n) is not type(nets[0]) for n in nets):
         raise ValueError("train_together: the networks must have the same class and parameter shapes")
     if any(repr(n) != repr(nets[0]) for n in nets):  # e.g. ConvNet vs ConvNetAS: same shapes, other layers
         raise ValueError("train_together: the networks must have the same layers (one architecture)")
-    if any(uses_batch_statistics(n) for n in nets):
-        raise ValueError("train_together: networks with BatchNorm update running statistics in place; "
-                         "train them one by one with train_network")
+    refusal = _refusal(nets[0], settings)  # the networks share one architecture (checked above)
+    if refusal is not None:
+        raise ValueError(f"train_together: {refusal}")
 
 
 def train_together(

@@ -40,7 +40,12 @@ def mean_embedding_loss(
 
     Rows are grouped by class, consecutive, with the given group sizes.
     """
-    return ((group_means(real_embeddings, real_sizes) - group_means(syn_embeddings, syn_sizes)) ** 2).sum()
+    return class_means_distance(group_means(real_embeddings, real_sizes), group_means(syn_embeddings, syn_sizes))
+
+
+def class_means_distance(real_means: torch.Tensor, syn_means: torch.Tensor) -> torch.Tensor:
+    """Sum over classes of ||real mean - synthetic mean||^2 (one row per class)."""
+    return ((real_means - syn_means) ** 2).sum()
 
 
 @register
@@ -103,18 +108,19 @@ class DistributionMatching(Method):
             return
         # Per-sample norms: one real forward pass per class (a tenth of the memory, the same maths),
         # finished before the synthetic forward pass so that its graph is not alive meanwhile.
-        compiled = self._compiles(net)
+        def branches(compiled: bool) -> tuple[torch.Tensor, torch.Tensor]:
+            return (class_mean_embeddings(net, real_parts, self.params["precision"], compiled=compiled),
+                    embed_with_gradient(net, torch.cat(syn_parts), compiled))
+
         try:
-            real_means = class_mean_embeddings(net, real_parts, self.params["precision"], compiled=compiled)
-            syn_emb = embed_with_gradient(net, torch.cat(syn_parts), compiled)
+            real_means, syn_emb = branches(self._compiles(net))
         except CompileError as error:
             if self.params["compile"] is True:
                 raise
             self._compile_failed = True  # "auto": this build goes on uncompiled
             warnings.warn(f"{error} This build runs uncompiled.", stacklevel=2)
-            real_means = class_mean_embeddings(net, real_parts, self.params["precision"])
-            syn_emb = embed_with_gradient(net, torch.cat(syn_parts))
-        yield ((real_means - group_means(syn_emb, syn_sizes)) ** 2).sum()
+            real_means, syn_emb = branches(False)
+        yield class_means_distance(real_means, group_means(syn_emb, syn_sizes))
 
     def _compiles(self, net: torch.nn.Module) -> bool:
         """Whether this iteration's branches go through ``torch.compile``: ``params.compile`` true (warning once
