@@ -20,7 +20,7 @@ from pathlib import Path
 import click
 import torch
 from machine import provenance, write_record  # benchmarks/machine.py (scripts run from benchmarks/)
-from torch.autograd import DeviceType
+from profiler_events import device_busy_us, python_operators
 from torch.profiler import ProfilerActivity, profile
 
 from builders.allocator import tune_allocator
@@ -72,10 +72,8 @@ def main(recipe: Path, warmup: int, iterations: int, overrides: tuple[str, ...],
     calls = {e.key: e.count for e in events if e.key in RUNTIME_CALLS}
     # operators dispatched from Python (an aten:: event without an aten:: parent): on a GPU each launches
     # one kernel or a few, so this is what a host-bound loop pays for, and it can be counted on a CPU
-    top_level = sum(1 for e in prof.events() if e.name.startswith("aten::")
-                    and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
-    # kernels and copies are the events that run on the device; operators only launch them
-    device_us = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA)
+    top_level = python_operators(prof.events())
+    device_us = device_busy_us(events)
     host_us = sum(e.self_cpu_time_total for e in events)
     result = {
         "benchmark": "profile of a build's iterations (torch.profiler)",

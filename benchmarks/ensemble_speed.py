@@ -36,7 +36,7 @@ import time
 import click
 import torch
 from machine import cpu_name, provenance, write_record  # benchmarks/machine.py (scripts run from benchmarks/)
-from torch.autograd import DeviceType
+from profiler_events import device_busy_us, python_operators
 from torch.profiler import ProfilerActivity, profile
 
 from builders.augment import Augmenter
@@ -147,7 +147,7 @@ def _profile(nets: int, model: str, dev: torch.device, epochs: int, fresh, seeds
                 torch.cuda.synchronize()
             wall = time.perf_counter() - start
         events = prof.key_averages()
-        busy = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA) if cuda else 0.0
+        busy = device_busy_us(events) if cuda else 0.0
         result[name] = {
             "wall_ms_per_step": round(wall * 1000 / steps, 3),
             "device_busy_ms_per_step": round(busy / 1000 / steps, 3),
@@ -163,19 +163,10 @@ def _profile(nets: int, model: str, dev: torch.device, epochs: int, fresh, seeds
 
 
 def _top_level_ops(fn, within: str | None = None) -> int:
-    """Operators ``fn()`` dispatches from Python (``aten::`` events whose parent is not one); with ``within``,
-    only those under a ``record_function`` of that name."""
+    """Operators ``fn()`` dispatches from Python; with ``within``, only those under a ``record_function`` of that name."""
     with profile() as prof:
         fn()
-
-    def inside(e) -> bool:
-        while e is not None and e.name != within:
-            e = e.cpu_parent
-        return e is not None
-
-    return sum(1 for e in prof.events() if e.name.startswith("aten::")
-               and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
-               and (within is None or inside(e)))
+    return python_operators(prof.events(), within)
 
 
 def _count_ops(nets: int, model: str, record: bool, note: str) -> None:
