@@ -141,5 +141,5 @@ class RealData:
         for c, pool in enumerate(self.class_indices):
             if len(pool) < ipc:
                 raise ValueError(f"class {c} has {len(pool)} real images, fewer than ipc {ipc}")
-            picks.append(pool[torch.randperm(len(pool), generator=generator)[:ipc]])
+            picks.append(self.pick_class(c, ipc, generator))
         return torch.cat(picks)

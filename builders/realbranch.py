@@ -185,8 +185,8 @@ def _call_compiled(function: Callable[..., torch.Tensor], *args: Any) -> torch.T
     except torch._dynamo.exc.BackendCompilerFailed as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CompileError(f"params.compile: torch.compile could not compile the network ({reason}). It needs a "
-                         "working C++ compiler on CPUs (Triton on GPUs): install one (e.g. g++), or set "
-                         "params.compile: false.") from error
+                           "working C++ compiler on CPUs (Triton on GPUs): install one (e.g. g++), or set "
+                           "params.compile: false.") from error
 
 
 def _embedder(net: nn.Module, compiled: bool, cpu_fp32_classes: bool = False
