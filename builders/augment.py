@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from builders.transfer import to_device
+
 __all__ = ["FAMILIES", "PACK_COLUMNS", "PACK_FAMILY", "PACK_IDENTITY", "PACK_WIDTH", "AugmentDraw", "Augmenter",
            "parse_strategy"]
 
@@ -239,10 +241,8 @@ class Augmenter:
         n = x.shape[0]
 
         def param(key: str, dtype: torch.dtype | None = None) -> Tensor:
-            # non_blocking: a host-to-GPU copy of a small pageable tensor without a stream synchronisation
-            # (the profile of a DM iteration on a GPU showed these waits as a third of its host time)
-            value = draw.params[key].to(device=x.device, dtype=dtype or draw.params[key].dtype, non_blocking=True)
-            return value.expand(n)
+            # drawn on the host; copied to a GPU without waiting for the work already queued there
+            return to_device(draw.params[key], x.device, dtype).expand(n)
 
         fam = draw.family
         if fam == "color":

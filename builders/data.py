@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import torch
 
+from builders.transfer import to_device
 from condensed_datasets.sources import SourceInfo, get_source, load_split
 from condensed_datasets.zca import ZCA
 
@@ -124,7 +125,7 @@ class RealData:
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         """Images at positions ``idx`` of this split, in the build's space (see :meth:`normalize`)."""
-        return self.normalize(self.images[idx.to(self.device, non_blocking=True)])
+        return self.normalize(self.images[to_device(idx, self.device)])
 
     def pick_class(self, c: int, n: int, generator: torch.Generator) -> torch.Tensor:
         """Positions of ``n`` random images of class ``c`` without replacement (all of them if it has fewer)."""

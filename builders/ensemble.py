@@ -40,6 +40,7 @@ from builders.augment import Augmenter
 from builders.graphed_step import GraphedStep
 from builders.networks import uses_batch_statistics
 from builders.train_settings import TrainSettings
+from builders.transfer import to_device
 from builders.wide_convnet import WideConvNet, widen_inputs, widens
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -129,7 +130,7 @@ def train_together(
             inputs = [idx]
             if augmenter is not None:  # each network's own draw from its own generator, in train_network's order
                 inputs.append(augmenter.pack([augmenter.sample(g, idx.shape[1]) for g in generators]))
-            device_step(*(t.to(device, non_blocking=True) for t in inputs))
+            device_step(*(to_device(t, device) for t in inputs))  # queued: the host goes on to the next step
         if on_epoch is not None:
             on_epoch()
     step.write_back(nets)

@@ -27,6 +27,7 @@ from builders.ensemble import can_train_together, train_together, use_together
 from builders.networks import build_network
 from builders.progress import progress_bar
 from builders.train_settings import TrainSettings
+from builders.transfer import to_device
 
 
 def label_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -57,7 +58,7 @@ def train_network(
         if epoch == settings.epochs // 2 and settings.epochs > 1:
             for group in opt.param_groups:
                 group["lr"] = settings.lr * 0.1
-        order = torch.randperm(n, generator=generator).to(images.device)
+        order = to_device(torch.randperm(n, generator=generator), images.device)
         for start in range(0, n, settings.batch):
             idx = order[start : start + settings.batch]
             train_step(net, opt, images[idx], targets[idx], settings.augmenter, generator)

@@ -51,6 +51,7 @@ from builders.gsam import EXPERT_OPTIMIZERS, FTD_EPOCHS, GSAMSettings, gsam_trai
 from builders.networks import build_network
 from builders.recipe import DEFAULT_ROOT, RECIPES_DIR, Recipe, check_at_least, check_choice, load_recipe_data
 from builders.registry import register
+from builders.transfer import to_device
 from condensed_datasets._atomic import atomic_write_bytes
 from condensed_datasets._version import __version__
 from condensed_datasets.format import read_safetensors_metadata
@@ -397,7 +398,7 @@ def train_expert(
         correct = 0
         for start in range(0, n, settings.batch):
             pos = order[start : start + settings.batch]
-            y = real.labels[pos.to(real.device)]
+            y = real.labels[to_device(pos, real.device)]
             if settings.gsam is None:
                 logits = train_step(net, opt, real.rows(pos), y, settings.augmenter, generator)
             else:  # constant lr: rho = rho_max (builders.gsam)

@@ -12,6 +12,7 @@ from torch import nn
 
 from builders.networks import build_network
 from builders.recipe import check_choice
+from builders.transfer import module_to_device
 
 if TYPE_CHECKING:
     from builders.augment import AugmentDraw, Augmenter
@@ -62,9 +63,8 @@ class BuildContext:
         """A freshly initialised network (seeded from the build's RNG) on the build's device."""
         c, h, w = self.real.image_shape
         net = build_network(name or self.recipe.model, c, self.num_classes, (h, w), seed=draw_seed(self.generator))
-        # non_blocking: the parameters' host-to-GPU copies without a stream synchronisation each (a GPU
-        # profile of DM showed 14 of an iteration's 16 synchronisations here); a no-op on a CPU
-        return net.to(self.device, non_blocking=True)
+        # drawn on the host (the same bytes on any device), copied without waiting for the GPU's queued work
+        return module_to_device(net, self.device)
 
     def augment_siamese(self, *batches: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """One DSA draw applied to every batch (identity when the recipe has no augmentation)."""

@@ -44,6 +44,7 @@ from builders.methods.matching import (
 )
 from builders.recipe import check_at_least, check_choice
 from builders.registry import register
+from builders.transfer import to_device
 
 if TYPE_CHECKING:
     from builders.methods.base import BuildContext
@@ -154,7 +155,7 @@ class GradientMatching(Method):
         batch = self.params["batch_train"]
         net.train()
         for _ in range(self.inner_loop):
-            order = torch.randperm(data.shape[0], generator=ctx.generator).to(data.device)
+            order = to_device(torch.randperm(data.shape[0], generator=ctx.generator), data.device)
             for start in range(0, data.shape[0], batch):
                 idx = order[start : start + batch]
                 x = ctx.augment_each(data[idx]) if self.augmented else data[idx]

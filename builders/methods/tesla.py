@@ -46,6 +46,7 @@ from typing import Any
 import torch
 
 from builders.methods.trajectory import StudentTrajectory
+from builders.transfer import to_device
 
 __all__ = ["constant_memory_matching_loss"]
 
@@ -98,7 +99,7 @@ class _ConstantMemoryMatching(torch.autograd.Function):
         for step in reversed(range(len(traj.plan))):
             positions, draw, weight = (traj.plan.batches[step], traj.plan.draws[step], None) if traj.shard is None \
                 else traj.share_of(step)  # a batch split: this rank's share, its terms summed below
-            idx = positions.to(images.device)
+            idx = to_device(positions, images.device)
             with torch.enable_grad():
                 theta = ctx.thetas[step].to(images.device).detach().requires_grad_(True)
                 x_leaf = images[idx].detach().requires_grad_(want_images)

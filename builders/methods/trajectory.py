@@ -20,6 +20,7 @@ from torch.func import functional_call
 from builders.augment import AugmentDraw, Augmenter
 from builders.evaluate import label_loss
 from builders.experts import ParamLayout
+from builders.transfer import to_device
 
 if TYPE_CHECKING:
     from builders.distributed import BatchShard
@@ -104,7 +105,7 @@ class StudentTrajectory:
 
     def batch(self, images: torch.Tensor, labels: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Step ``step``'s (augmented images, labels)."""
-        idx = self.plan.batches[step].to(images.device)
+        idx = to_device(self.plan.batches[step], images.device)
         x = images[idx]
         draw = self.plan.draws[step]
         if draw is not None:
@@ -124,7 +125,7 @@ class StudentTrajectory:
     def batch_share(self, images: torch.Tensor, labels: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor, float]:
         """This rank's share of step ``step`` (see :meth:`share_of`): augmented images, labels, weight."""
         positions, draw, weight = self.share_of(step)
-        idx = positions.to(images.device)
+        idx = to_device(positions, images.device)
         x = images[idx]
         if draw is not None:
             assert self.augmenter is not None

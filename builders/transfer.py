@@ -1,0 +1,68 @@
+"""Host-to-GPU copies that do not make the host wait for the GPU.
+
+A copy from ordinary (pageable) host memory to a CUDA device waits for the GPU: the CUDA runtime
+synchronises the stream before such a copy starts, whatever ``non_blocking`` says (CUDA Runtime API,
+"API synchronization behavior": "For transfers from pageable host memory to device memory, a stream
+sync is performed before the copy is initiated"). A training step whose batch positions or
+augmentation parameters are drawn on the host and copied over therefore cannot prepare the next step
+while the GPU runs this one. Staged in pinned (page-locked) memory first, the copy is queued and the
+host goes on; PyTorch's caching host allocator keeps the pinned block alive until the copy has run.
+
+Meant for the small tensors a step draws on the host (positions, parameters, a fresh network's
+weights); a large tensor copied once (a dataset) gains nothing from the extra host-side copy.
+:data:`PIN_HOST_COPIES` (True) is the switch benchmarks turn off to measure what the pinning saves.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["PIN_HOST_COPIES", "module_to_device", "to_device"]
+
+#: Stage host tensors in pinned memory before copying them to a GPU (benchmarks set it False to compare).
+PIN_HOST_COPIES: bool = True
+
+
+def _pins(tensor: Tensor, device: torch.device) -> bool:
+    """Whether a copy of ``tensor`` to ``device`` goes through pinned memory."""
+    return PIN_HOST_COPIES and device.type == "cuda" and tensor.device.type == "cpu"
+
+
+def to_device(tensor: Tensor, device: torch.device | str, dtype: torch.dtype | None = None) -> Tensor:
+    """``tensor.to(device, dtype)``, queued without waiting for the GPU's earlier work when ``tensor`` is on
+    the host and ``device`` is a GPU; ``tensor`` itself when it is already there with that dtype."""
+    device = torch.device(device)
+    if dtype is not None and tensor.dtype != dtype and tensor.device.type == "cpu":
+        tensor = tensor.to(dtype)  # converted on the host: the (small) tensor crosses once, in its final dtype
+    if _pins(tensor, device):
+        tensor = tensor.pin_memory()
+    return tensor.to(device=device, dtype=dtype, non_blocking=True)
+
+
+def module_to_device(module: nn.Module, device: torch.device | str) -> nn.Module:
+    """``module.to(device)`` (in place; returns ``module``) with every parameter and buffer copied as
+    :func:`to_device` copies: a fresh network's weights, drawn on the host, reach the GPU without the host
+    waiting for the GPU's queued work. Falls back to ``module.to(device)`` where that cannot be done through
+    the state dict (:func:`movable_by_state_dict`)."""
+    device = torch.device(device)
+    if not any(_pins(t, device) for t in _tensors(module)) or not movable_by_state_dict(module):
+        return module.to(device)
+    moved = {name: to_device(value, device) for name, value in module.state_dict().items()}
+    module.to_empty(device=device)  # device storage for every tensor, filled by the assignment below
+    module.load_state_dict(moved, assign=True)  # the copies become the parameters (requires_grad kept)
+    return module
+
+
+def movable_by_state_dict(module: nn.Module) -> bool:
+    """Whether ``module``'s state dict holds each of its parameters and buffers exactly once (no
+    non-persistent buffer, no tensor shared between two names, no extra state), so that loading a moved
+    copy of it moves the whole module."""
+    tensors = _tensors(module)
+    state = module.state_dict()
+    return (len(state) == len(tensors) and len({t.data_ptr() for t in tensors}) == len(tensors)
+            and all(isinstance(v, Tensor) for v in state.values()))
+
+
+def _tensors(module: nn.Module) -> list[Tensor]:
+    return list(module.parameters()) + list(module.buffers())

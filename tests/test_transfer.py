@@ -1,0 +1,99 @@
+"""builders.transfer: host-to-GPU copies that do not wait for the GPU's queued work."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from builders import transfer
+from builders.networks import build_network
+from builders.transfer import module_to_device, movable_by_state_dict, to_device
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def test_to_device_on_the_host_is_the_tensor_itself_or_its_conversion():
+    x = torch.arange(6, dtype=torch.int64)
+    assert to_device(x, "cpu") is x
+    converted = to_device(x, torch.device("cpu"), torch.float64)
+    assert converted.dtype == torch.float64
+    assert torch.equal(converted, torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0, 5.0], dtype=torch.float64))
+    flags = to_device(torch.tensor([True, False]), "cpu", torch.float32)
+    assert torch.equal(flags, torch.tensor([1.0, 0.0]))
+
+
+def test_module_to_device_on_the_host_leaves_the_module_as_it_is():
+    net = build_network("ConvNet", 1, 10, (28, 28), seed=3)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    params = list(net.parameters())
+    assert module_to_device(net, "cpu") is net
+    assert all(a is b for a, b in zip(params, net.parameters()))
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+class _Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 3)
+        self.b = nn.Linear(3, 3)
+        self.b.weight = self.a.weight  # one tensor under two names
+
+
+class _Scratch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.register_buffer("scratch", torch.zeros(3), persistent=False)  # not in the state dict
+
+
+def test_movable_by_state_dict_only_when_it_holds_each_tensor_once():
+    assert movable_by_state_dict(build_network("ConvNet", 3, 10, (32, 32), seed=0))
+    assert movable_by_state_dict(build_network("ConvNetBN", 3, 10, (32, 32), seed=0))  # running stats: buffers
+    assert not movable_by_state_dict(_Tied())
+    assert not movable_by_state_dict(_Scratch())
+
+
+@cuda
+def test_to_device_queues_the_copy_behind_running_gpu_work():
+    x = torch.arange(1000, dtype=torch.float32)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # a kernel that spins for about a second
+    busy = torch.cuda.Event()
+    busy.record()
+    y = to_device(x, "cuda")
+    assert not busy.query(), "the host waited for the GPU's queued work"
+    torch.cuda.synchronize()
+    assert torch.equal(y.cpu(), x)
+
+
+@cuda
+def test_module_to_device_moves_every_tensor_keeps_parameters_and_does_not_wait():
+    net = build_network("ConvNetBN", 3, 10, (32, 32), seed=5)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)
+    busy = torch.cuda.Event()
+    busy.record()
+    assert module_to_device(net, "cuda") is net
+    assert not busy.query(), "the host waited for the GPU's queued work"
+    torch.cuda.synchronize()
+    for name, value in net.state_dict().items():
+        assert value.device.type == "cuda" and torch.equal(value.cpu(), before[name]), name
+    assert all(isinstance(p, nn.Parameter) and p.requires_grad and p.is_cuda for p in net.parameters())
+    net(torch.zeros(2, 3, 32, 32, device="cuda")).sum().backward()
+    assert all(p.grad is not None for p in net.parameters())
+
+
+@cuda
+def test_module_to_device_falls_back_for_tied_weights():
+    net = _Tied()
+    module_to_device(net, "cuda")
+    assert net.a.weight is net.b.weight and net.a.weight.is_cuda
+
+
+@cuda
+def test_switch_off_copies_as_plain_to(monkeypatch):
+    monkeypatch.setattr(transfer, "PIN_HOST_COPIES", False)
+    x = torch.arange(4)
+    assert torch.equal(to_device(x, "cuda").cpu(), x)
