@@ -23,10 +23,11 @@ from builders.build import load_recipe, make_engine
 from builders.data import RealData
 from builders.engine import resolve_device
 from builders.errors import RecipeError
-from builders.evaluate import TrainSettings, train_network
+from builders.evaluate import TrainSettings, train_runs
 from builders.nas import accuracy
 from builders.networks import available_networks, build_network
 from builders.plots import continual_plot
+from builders.progress import progress_bar
 from builders.recipe import RECIPES_DIR
 from builders.runspec import check_keys
 from condensed_datasets._atomic import atomic_write_bytes
@@ -122,6 +123,8 @@ def run_continual(spec: dict[str, Any], *, data_root: str | os.PathLike | None =
     echo(f"class-incremental {info.name}: {spec['steps']} steps of {info.num_classes // spec['steps']} classes, "
          f"ipc {spec['ipc']}, orders {spec['orders']}, {spec['runs']} {spec['model']} per order and step, "
          f"{spec['epochs']} epochs, device {dev}")
+    bar = progress_bar(len(spec["methods"]) * len(spec["orders"]) * spec["steps"] * spec["runs"] * spec["epochs"],
+                       "continual: training", enabled=progress, unit="epoch")
     for label, m in spec["methods"].items():
         method = load_recipe(m["path"], [*sorted(m["set"].items()), ("ipc", spec["ipc"])]).method
         build = step_builder(m["path"], m["set"], data_root=root, device=str(dev), progress=progress)
@@ -134,10 +137,11 @@ def run_continual(spec: dict[str, Any], *, data_root: str | os.PathLike | None =
                 images = memory.data.to(dev)
                 targets = torch.tensor(memory.targets, dtype=torch.int64, device=dev)
                 x_test, y_test = _seen_test(test, buffer.seen_classes(step), spec["test_per_class"])
-                for run in range(spec["runs"]):
-                    seed = net_seed(spec["seed"], order, step, run)
-                    net = build_network(spec["model"], c, info.num_classes, (h, w), seed=seed).to(dev)
-                    train_network(net, images, targets, settings, torch.Generator().manual_seed(seed))
+                seeds = [net_seed(spec["seed"], order, step, run) for run in range(spec["runs"])]
+                nets = [build_network(spec["model"], c, info.num_classes, (h, w), seed=s).to(dev) for s in seeds]
+                # the runs' networks trained at once on a GPU (builders.ensemble), one by one elsewhere
+                train_runs(nets, images, targets, settings, seeds, on_epoch=bar.update)
+                for run, (seed, net) in enumerate(zip(seeds, nets)):
                     acc = accuracy(net, x_test, y_test)
                     per_step[step].append(acc)
                     runs.append({"method": label, "order": order, "class_order": buffer.order, "step": step,
@@ -148,6 +152,7 @@ def run_continual(spec: dict[str, Any], *, data_root: str | os.PathLike | None =
                            "std": round(statistics.pstdev(a), 4) if len(a) > 1 else 0.0, "n": len(a)}
                           for t, a in enumerate(per_step)]
         echo(f"{label:>10}: " + "  ".join(f"{r['mean']:.1f}±{r['std']:.1f}" for r in summary[label]))
+    bar.close()
     result = {"spec": {**spec, "methods": {k: {"recipe": str(v["path"]), "set": v["set"]}
                                            for k, v in spec["methods"].items()}},
               "device": str(dev), "protocol": settings.describe(), "summary": summary, "runs": runs}

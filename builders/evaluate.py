@@ -162,26 +162,57 @@ def evaluate_images(
         bar.close()
         return accuracies
     nets = [build_network(model, c, test.num_classes, (h, w), seed=seed).to(test.device) for seed in seeds]
-    if together is None:
-        together = use_together(test.device, len(seeds))
-    if together and can_train_together(nets[0], settings):
-        train_together(nets, images.to(test.device), targets.to(test.device), settings,
-                       [torch.Generator().manual_seed(seed) for seed in seeds], label_loss,
-                       on_epoch=lambda: bar.update(len(seeds)))
-        accuracies = [test_accuracy(net, test) for net in nets]
-        bar.close()
-        return accuracies
-    accuracies = []
-    for seed, net in zip(seeds, nets):
-        generator = torch.Generator().manual_seed(seed)
-        train_network(net, images.to(test.device), targets.to(test.device), settings, generator,
-                      on_epoch=None if per_run == 1 else lambda: bar.update(1))
+    accuracies: list[float] = []
+
+    def trained(net: nn.Module) -> None:
         accuracies.append(test_accuracy(net, test))
         if per_run == 1:
             bar.update(1)
         bar.set_postfix(acc=f"{accuracies[-1]:.2f}")
+
+    train_runs(nets, images.to(test.device), targets.to(test.device), settings, seeds, together=together,
+               on_epoch=None if per_run == 1 else bar.update, on_trained=trained)
     bar.close()
     return accuracies
+
+
+def train_runs(
+    nets: list[nn.Module],
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    settings: TrainSettings,
+    seeds: list[int],
+    *,
+    together: bool | None = None,
+    on_epoch: Callable[[int], Any] | None = None,
+    on_trained: Callable[[nn.Module], Any] | None = None,
+) -> list[nn.Module]:
+    """Train each ``nets[i]`` in place as ``train_network`` would with a generator seeded ``seeds[i]``; returns
+    them. ``together``: train them at once (:mod:`builders.ensemble`, the same trajectories up to float
+    rounding) where the networks and ``settings`` allow it (else one by one); None: on CUDA only.
+
+    ``on_epoch(k)`` is called each time ``k`` networks have trained one more epoch (progress);
+    ``on_trained(net)`` once per network when it is trained, in order.
+    """
+    if len(nets) != len(seeds):
+        raise ValueError(f"train_runs: {len(nets)} networks need as many seeds, got {len(seeds)}")
+    if not nets:
+        return []
+    if together is None:
+        together = use_together(images.device, len(nets))
+    if together and can_train_together(nets[0], settings):
+        train_together(nets, images, targets, settings, [torch.Generator().manual_seed(s) for s in seeds],
+                       label_loss, on_epoch=None if on_epoch is None else lambda: on_epoch(len(nets)))
+        for net in nets:
+            if on_trained is not None:
+                on_trained(net)
+        return nets
+    for seed, net in zip(seeds, nets):
+        train_network(net, images, targets, settings, torch.Generator().manual_seed(seed),
+                      on_epoch=None if on_epoch is None else lambda: on_epoch(1))
+        if on_trained is not None:
+            on_trained(net)
+    return nets
 
 
 def evaluate_set(

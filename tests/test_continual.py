@@ -8,7 +8,7 @@ import torch
 
 import builders.data
 import builders.engine
-from builders.continual import check_spec, run_continual
+from builders.continual import check_spec, net_seed, run_continual
 from builders.recipe import RECIPES_DIR, available_run_specs
 from builders.runspec import load_spec
 from condensed_datasets.continual import ClassIncrementalBuffer, class_order, split_steps
@@ -133,7 +133,7 @@ def test_a_real_step_build_never_loads_future_classes(fashion_mnist_root, tmp_pa
 @pytest.mark.slow
 def test_a_tiny_continual_run_end_to_end(fashion_mnist_root, tmp_path):
     spec = {"source": "fashionmnist", "root": str(fashion_mnist_root), "sets_root": str(tmp_path / "sets"),
-            "out": str(tmp_path / "out"), "device": "cpu", "steps": 2, "ipc": 1, "orders": [0, 1], "runs": 1,
+            "out": str(tmp_path / "out"), "device": "cpu", "steps": 2, "ipc": 1, "orders": [0, 1], "runs": 2,
             "model": "ConvNetW32", "epochs": 1, "batch": 10, "augment": "none", "test_per_class": 5,
             "methods": {"random": {"recipe": "random_fashionmnist.yaml", "set": {"real_per_class": 20}},
                         "dm": {"recipe": "dm_fashionmnist.yaml",
@@ -145,8 +145,10 @@ def test_a_tiny_continual_run_end_to_end(fashion_mnist_root, tmp_path):
     assert (tmp_path / "out" / "continual.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert written["summary"] == result["summary"]
     assert set(written["summary"]) == {"random", "dm"}
-    assert [r["n"] for r in written["summary"]["dm"]] == [2, 2]  # 2 orders x 1 network per step
-    assert len(written["runs"]) == 2 * 2 * 2
+    assert [r["n"] for r in written["summary"]["dm"]] == [4, 4]  # 2 orders x 2 networks per step
+    assert len(written["runs"]) == 2 * 2 * 2 * 2
+    seeds = [r["seed"] for r in written["runs"] if r["method"] == "dm" and r["order"] == 1 and r["step"] == 0]
+    assert seeds == [net_seed(0, 1, 0, 0), net_seed(0, 1, 0, 1)]  # recorded: one per run, from the spec
     step1 = [r for r in written["runs"] if r["step"] == 1]
     assert all(r["memory_size"] == 10 and r["test_images"] == 50 for r in step1)
     assert any(line.strip().startswith("dm:") for line in lines)

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from builders.data import RealData
-from builders.evaluate import TrainSettings, evaluate_set, label_loss, run_seeds, train_network
+from builders.augment import Augmenter
+from builders.evaluate import TrainSettings, evaluate_set, label_loss, run_seeds, train_network, train_runs
+from builders.networks import build_network
 from condensed_datasets.sources import get_source
 
 
@@ -85,3 +87,44 @@ def test_a_learned_lr_is_used_and_soft_labels_train_with_soft_loss():
     assert result["protocol"]["lr"] == pytest.approx(0.05) and "learned" in result["protocol"]["lr_source"]
     assert "soft" in result["protocol"]["label_loss"]
     assert "random_accuracy_mean" not in result
+
+
+def _tiny_runs():
+    g = torch.Generator().manual_seed(4)
+    images, targets = torch.randn(12, 1, 8, 8, generator=g), torch.arange(3).repeat_interleave(4)
+    settings = TrainSettings(epochs=3, lr=0.01, batch=5, augmenter=Augmenter("crop_flip"))
+    return images, targets, settings, [7, 8]
+
+
+def _nets(seeds):
+    return [build_network("ConvNetW32", 1, 3, (8, 8), seed=s) for s in seeds]
+
+
+def test_train_runs_one_by_one_is_train_network_per_seed():
+    images, targets, settings, seeds = _tiny_runs()
+    epochs, trained = [], []
+    nets = train_runs(_nets(seeds), images, targets, settings, seeds, together=False,
+                      on_epoch=epochs.append, on_trained=trained.append)
+    assert trained == nets and epochs == [1] * (len(seeds) * settings.epochs)
+    for net, alone in zip(nets, _nets(seeds)):
+        train_network(alone, images, targets, settings, torch.Generator().manual_seed(seeds[nets.index(net)]))
+        for (name, a), b in zip(net.state_dict().items(), alone.state_dict().values()):
+            assert torch.equal(a, b), name
+
+
+def test_train_runs_together_follows_the_same_trajectories():
+    images, targets, settings, seeds = _tiny_runs()
+    epochs, trained = [], []
+    together = train_runs(_nets(seeds), images, targets, settings, seeds, together=True,
+                          on_epoch=epochs.append, on_trained=trained.append)
+    assert trained == together and epochs == [len(seeds)] * settings.epochs
+    alone = train_runs(_nets(seeds), images, targets, settings, seeds, together=False)
+    for a, b in zip(together, alone):
+        for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_train_runs_needs_a_seed_per_network():
+    images, targets, settings, _ = _tiny_runs()
+    with pytest.raises(ValueError, match="2 networks need as many seeds, got 1"):
+        train_runs(_nets([1, 2]), images, targets, settings, [1])
