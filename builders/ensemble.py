@@ -96,6 +96,8 @@ def train_together(
     generators: Sequence[torch.Generator],
     loss_fn: LossFn,
     on_epoch: Callable[[], Any] | None = None,
+    *,
+    on_epoch_end: Callable[[int, torch.Tensor], Any] | None = None,
 ) -> list[nn.Module]:
     """Train every ``nets[i]`` in place with ``generators[i]``, as ``train_network`` would alone; returns them.
 
@@ -103,24 +105,32 @@ def train_together(
     ``targets`` are shared (same device as the networks); ``loss_fn(logits, targets)`` is the training
     loss of one network's batch (``builders.evaluate.label_loss`` for the evaluation protocol; a mean
     over rows, as that one is, is taken in one call for all networks, any other loss is vmapped).
-    ``on_epoch`` is called after each epoch. :func:`together_mode` says
-    which step runs. Example::
+    ``on_epoch`` is called after each epoch. ``on_epoch_end(epoch, correct)``, when given, is called after
+    each epoch (1-based) with the networks holding their parameters of that moment and ``correct`` (CPU int64
+    [N]) counting, per network, the epoch's training rows whose logits (before that step's update, on the
+    augmented images) put the target class first; ``targets`` must then be class indices. It costs one
+    host synchronisation per epoch. :func:`together_mode` says which step runs. Example::
 
         nets = [build_network("ConvNet", 1, 10, (28, 28), seed=s) for s in seeds]
         train_together(nets, images, labels, TrainSettings(epochs=300), [Generator().manual_seed(s) for s in seeds],
                        label_loss)
     """
     _check(nets, generators, settings)
+    if on_epoch_end is not None and targets.dtype != torch.int64:
+        raise ValueError("train_together: on_epoch_end counts correct rows, which needs class-index targets "
+                         f"(int64), got {targets.dtype}")
     step = _WideStep(nets, loss_fn) if together_mode(nets[0]) == "wide" else _VmapStep(nets, loss_fn)
     opt = torch.optim.SGD(step.leaves, lr=settings.lr, momentum=settings.momentum,
                           weight_decay=settings.weight_decay)
     n, augmenter, device = images.shape[0], settings.augmenter, images.device
+    correct = torch.zeros(len(nets), dtype=torch.int64, device=device) if on_epoch_end is not None else None
     # on a GPU the step is captured once as a CUDA graph and replayed: one launch instead of hundreds
-    device_step = GraphedStep(make_device_step(step, opt, images, targets, augmenter), enabled=device.type == "cuda")
+    device_step = GraphedStep(make_device_step(step, opt, images, targets, augmenter, correct),
+                              enabled=device.type == "cuda")
     for net in nets:
         net.train()
     for epoch in range(settings.epochs):
-        if epoch == settings.epochs // 2 and settings.epochs > 1:
+        if settings.decays_at(epoch):
             for group in opt.param_groups:
                 group["lr"] = settings.lr * 0.1
             device_step.invalidate()  # a captured step holds the learning rate it was captured with
@@ -133,6 +143,12 @@ def train_together(
             device_step(*(to_device(t, device) for t in inputs))  # queued: the host goes on to the next step
         if on_epoch is not None:
             on_epoch()
+        if on_epoch_end is not None:
+            assert correct is not None
+            step.write_back(nets)
+            counts = correct.to("cpu", copy=True)  # a copy: the counter is zeroed next (on a CPU .cpu() is itself)
+            correct.zero_()
+            on_epoch_end(epoch + 1, counts)
     step.write_back(nets)
     return list(nets)
 
@@ -143,11 +159,13 @@ DEVICE_STEP = "train_together.device_step"
 
 
 def make_device_step(step: "_WideStep | _VmapStep", opt: torch.optim.Optimizer, images: torch.Tensor,
-                     targets: torch.Tensor, augmenter: Augmenter | None) -> DeviceStep:
+                     targets: torch.Tensor, augmenter: Augmenter | None,
+                     correct: torch.Tensor | None = None) -> DeviceStep:
     """The GPU work of one training step of the N networks, from device tensors only:
     ``device_step(idx, packed)`` with ``idx`` [N, B] (each network's batch, indices into ``images``) and
     ``packed`` [N*B, PACK_WIDTH] (:meth:`Augmenter.pack` of the N draws; left out without augmentation), both
-    on ``images``' device, gathers the batches, augments them, and takes the SGD step.
+    on ``images``' device, gathers the batches, augments them, and takes the SGD step. With ``correct`` (int64
+    [N] on that device), each network's rows whose logits put the (class-index) target first are added to it.
 
     One fixed sequence of operators for a given batch size, with no host synchronisation (after the first
     call of a wide step, which checks whether the loss is a mean over rows): fit for capture in a CUDA graph.
@@ -159,7 +177,10 @@ def make_device_step(step: "_WideStep | _VmapStep", opt: torch.optim.Optimizer, 
             if packed is not None:
                 x = augmenter.apply_packed(x.flatten(0, 1), packed).view(x.shape)  # type: ignore[union-attr]
             opt.zero_grad(set_to_none=True)
-            step.backward(x, targets[idx])
+            y = targets[idx]
+            logits = step.backward(x, y)  # [N, B, classes], detached
+            if correct is not None:
+                correct.add_((logits.argmax(-1) == y).sum(-1))
             opt.step()
 
     return device_step
@@ -176,8 +197,9 @@ class _WideStep:
         self.row_mean: bool | None = None  # is loss_fn a mean over its rows? decided on the first batch
         self.write_back = self.wide.write_back
 
-    def backward(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Set every leaf's ``.grad`` for the batches ``x`` [N, B, C, H, W], targets ``y`` [N, B, ...]."""
+    def backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Set every leaf's ``.grad`` for the batches ``x`` [N, B, C, H, W], targets ``y`` [N, B, ...]; returns
+        the logits [N, B, classes] (detached)."""
         logits = self.wide(widen_inputs(x))  # [N, B, classes]
         if self.row_mean is None:
             self.row_mean = self._is_row_mean(logits, y)
@@ -186,6 +208,7 @@ class _WideStep:
         else:
             loss = self.losses(logits, y).sum()
         loss.backward()
+        return logits.detach()
 
     @torch.no_grad()
     def _is_row_mean(self, logits: torch.Tensor, y: torch.Tensor) -> bool:
@@ -206,15 +229,18 @@ class _VmapStep:
         base = nets[0]
 
         def loss_of(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor):
-            return loss_fn(functional_call(base, (p, b), (x,)), y)
+            logits = functional_call(base, (p, b), (x,))
+            return loss_fn(logits, y), logits.detach()
 
-        self.grads = vmap(grad(loss_of))
+        self.grads = vmap(grad(loss_of, has_aux=True))
 
-    def backward(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Set every leaf's ``.grad`` for the batches ``x`` [N, B, ...], targets ``y`` [N, B, ...]."""
-        grads = self.grads(self.params, self.buffers, x, y)
+    def backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Set every leaf's ``.grad`` for the batches ``x`` [N, B, ...], targets ``y`` [N, B, ...]; returns the
+        logits [N, B, classes] (detached)."""
+        grads, logits = self.grads(self.params, self.buffers, x, y)
         for leaf, name in zip(self.leaves, self.params):
             leaf.grad = grads[name]
+        return logits
 
     @torch.no_grad()
     def write_back(self, nets: Sequence[nn.Module]) -> None:

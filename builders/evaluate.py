@@ -55,7 +55,7 @@ def train_network(
     n = images.shape[0]
     net.train()
     for epoch in range(settings.epochs):
-        if epoch == settings.epochs // 2 and settings.epochs > 1:
+        if settings.decays_at(epoch):
             for group in opt.param_groups:
                 group["lr"] = settings.lr * 0.1
         order = to_device(torch.randperm(n, generator=generator), images.device)

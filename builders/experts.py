@@ -45,12 +45,14 @@ from tqdm.auto import tqdm
 from builders import distributed
 from builders.augment import Augmenter
 from builders.data import RealData
-from builders.errors import ExpertStoreError, RecipeError
-from builders.evaluate import test_accuracy, train_step
+from builders.ensemble import can_train_together, train_together, use_together
+from builders.errors import BuildError, ExpertStoreError, RecipeError
+from builders.evaluate import label_loss, test_accuracy, train_step
 from builders.gsam import EXPERT_OPTIMIZERS, FTD_EPOCHS, GSAMSettings, gsam_train_step
 from builders.networks import build_network
-from builders.recipe import DEFAULT_ROOT, RECIPES_DIR, Recipe, check_at_least, check_choice, load_recipe_data
+from builders.recipe import AUTO, DEFAULT_ROOT, RECIPES_DIR, Recipe, check_at_least, check_choice, load_recipe_data
 from builders.registry import register
+from builders.train_settings import TrainSettings
 from builders.transfer import to_device
 from condensed_datasets._atomic import atomic_write_bytes
 from condensed_datasets._version import __version__
@@ -412,6 +414,41 @@ def train_expert(
     return torch.stack(snapshots), accuracy
 
 
+def train_experts_together(
+    nets: list[nn.Module],
+    real: RealData,
+    settings: ExpertSettings,
+    generators: list[torch.Generator],
+    *,
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> list[tuple[torch.Tensor, float]]:
+    """``[train_expert(net, real, settings, g) for net, g in zip(nets, generators)]``, the networks trained at
+    once (:func:`builders.ensemble.train_together`: the same batch orders and augmentation draws, the same
+    trajectories up to float rounding). The split's images are normalised once, as one float tensor on its
+    device. Plain SGD only (GSAM experts train one by one). ``on_epoch(epoch, mean train accuracy)``."""
+    if settings.gsam is not None:
+        raise ValueError("train_experts_together: GSAM experts train one by one (train_expert)")
+    n = len(real)
+    images = torch.cat([real.rows(torch.arange(start, min(n, start + 4096)))
+                        for start in range(0, n, 4096)])  # in chunks: the whitening's products stay small
+    plan = TrainSettings(epochs=settings.epochs, lr=settings.lr, batch=settings.batch, momentum=0.0,
+                         weight_decay=0.0, augmenter=settings.augmenter, lr_decay=False)
+    snapshots = [[flat_parameters(net).cpu()] for net in nets]
+    accuracies = [0.0] * len(nets)
+
+    def epoch_end(epoch: int, correct: torch.Tensor) -> None:
+        for i, net in enumerate(nets):
+            snapshots[i].append(flat_parameters(net).cpu())
+            accuracies[i] = 100.0 * int(correct[i]) / n
+        if on_epoch is not None:
+            on_epoch(epoch, sum(accuracies) / len(accuracies))
+
+    for net in nets:
+        net.train()
+    train_together(nets, images, real.labels, plan, generators, label_loss, on_epoch_end=epoch_end)
+    return [(torch.stack(s), a) for s, a in zip(snapshots, accuracies)]
+
+
 def fit_split_zca(real: RealData, eps: float = DEFAULT_EPS, chunk: int = 4096) -> ZCA:
     """Fit the whitening on every image of ``real`` as raw [0, 1] pixels (no mean/std normalisation),
     in chunks: what MTT's and DATM's ``utils.get_dataset`` do (kornia ``ZCAWhitening(eps=0.1)`` fitted
@@ -447,6 +484,11 @@ class ExpertTraining:
         "expert_dir": "",  # "" -> OUT_ROOT/experts/{source}/{model}/{zca|plain}[_gsam]
         # sgd, or gsam: FTD's GSAM (builders/gsam.py) with the FTD/DATM buffer command's settings below
         "optimizer": "sgd",
+        # several experts trained at once (builders.ensemble): true, false, or "auto": on a GPU, where one
+        # expert's small steps leave it idle; together_group of them at a time (5: chosen here, as the
+        # ensemble benchmark's 5 networks; not tuned). Plain SGD and networks without BatchNorm only.
+        "together": AUTO,
+        "together_group": 5,
         "rho_max": 0.01,
         "rho_min": 0.01,
         "alpha": 0.3,
@@ -459,6 +501,12 @@ class ExpertTraining:
         check_at_least(p, ("num_experts", "epochs", "batch"), 1)
         check_at_least(p, ("lr_teacher",), 0, strict=True)
         check_choice("optimizer", p["optimizer"], EXPERT_OPTIMIZERS)
+        check_choice("together", p["together"], (False, True, AUTO))
+        check_at_least(p, ("together_group",), 1)
+        if p["together"] is True and p["optimizer"] != "sgd":
+            raise RecipeError("params.together: true trains plain SGD experts at once; GSAM experts "
+                              f"(params.optimizer: {p['optimizer']}) train one by one: set params.together: auto "
+                              "or false")
         check_at_least(p, ("rho_max", "rho_min", "alpha"), 0)
         if p["rho_min"] != p["rho_max"]:
             raise RecipeError(f"params.rho_min ({p['rho_min']}) must equal params.rho_max ({p['rho_max']}): the "
@@ -525,6 +573,15 @@ class ExpertTraining:
         todo = [k for k in range(p["num_experts"]) if not store.has(k)]
         bar = tqdm(total=len(todo), disable=not self.progress or not world.is_main,
                    desc=f"experts {r.source} {r.model}", unit="expert", dynamic_ncols=True)
+        group = self._together_group(real, settings)
+        if group > 1:  # one process: groups of experts at once, each group stored when it is done
+            for first in range(0, len(todo), group):
+                for item in self._train_group(todo[first:first + group], real, test, settings, bar):
+                    store.add(*item)
+                    bar.set_postfix(expert=item[0], test_acc=f"{item[2]['test_accuracy']:.2f}")
+                bar.update(len(todo[first:first + group]))
+            bar.close()
+            return store
         # torchrun: experts in rounds of world_size, rank r trains the r-th of each round; rank 0 writes
         # every finished expert of a round before the next starts (an interruption keeps whole rounds).
         for first in range(0, len(todo), world.world_size):
@@ -540,24 +597,67 @@ class ExpertTraining:
         store.index = distributed.broadcast_object(store.index)  # every rank returns the finished store
         return store
 
-    def _train_one(self, k: int, real: RealData, test: RealData, settings: ExpertSettings,
-                   bar: tqdm) -> tuple[int, torch.Tensor, dict[str, Any]]:
-        """Train expert ``k`` (its seeds from the recipe seed and ``k`` alone): (k, trajectory, index record)."""
+    def _together_group(self, real: RealData, settings: ExpertSettings) -> int:
+        """How many experts train at once under ``params.together`` here (1: one by one)."""
+        p = self.params
+        if p["together"] is False or p["together_group"] == 1:
+            return 1
+        c, h, w = real.image_shape
+        probe = build_network(self.recipe.model, c, real.num_classes, (h, w), seed=0)
+        plan = TrainSettings(epochs=settings.epochs, augmenter=settings.augmenter)
+        why = ("GSAM experts train one by one" if settings.gsam is not None else
+               "under torchrun each rank trains its experts one by one" if distributed.current().active else
+               f"model {self.recipe.model} cannot train together (BatchNorm)" if not can_train_together(probe, plan)
+               else None)
+        if why is not None:
+            if p["together"] is True:
+                raise BuildError(f"params.together: true, but {why}; set params.together: auto or false")
+            return 1
+        if p["together"] == AUTO and not use_together(self.device, p["together_group"]):
+            return 1
+        return p["together_group"]
+
+    def _seeded(self, k: int, real: RealData) -> tuple[nn.Module, torch.Generator, int, int]:
+        """Expert ``k``'s fresh network and data-order generator, and their seeds (from the recipe seed and
+        ``k`` alone: the store does not depend on how the experts were grouped or interrupted)."""
         r = self.recipe
         c, h, w = real.image_shape
         init_seed, train_seed = derive_seed(r.seed, k, "init"), derive_seed(r.seed, k, "train")
         net = build_network(r.model, c, real.num_classes, (h, w), seed=init_seed).to(self.device)
-        generator = torch.Generator().manual_seed(train_seed)
+        return net, torch.Generator().manual_seed(train_seed), init_seed, train_seed
+
+    def _train_one(self, k: int, real: RealData, test: RealData, settings: ExpertSettings,
+                   bar: tqdm) -> tuple[int, torch.Tensor, dict[str, Any]]:
+        """Train expert ``k``: (k, trajectory, index record)."""
+        net, generator, init_seed, train_seed = self._seeded(k, real)
 
         def report(epoch: int, acc: float) -> None:
             bar.set_postfix(expert=k, epoch=f"{epoch}/{settings.epochs}", train_acc=f"{acc:.1f}")
 
         trajectory, train_acc = train_expert(net, real, settings, generator, on_epoch=report)
-        test_acc = test_accuracy(net, test)
-        return k, trajectory, {
-            "init_seed": init_seed, "train_seed": train_seed, "test_accuracy": round(test_acc, 4),
+        return k, trajectory, self._record(net, test, init_seed, train_seed, train_acc)
+
+    def _train_group(self, ks: list[int], real: RealData, test: RealData, settings: ExpertSettings,
+                     bar: tqdm) -> list[tuple[int, torch.Tensor, dict[str, Any]]]:
+        """Train experts ``ks`` at once (:func:`train_experts_together`): their (k, trajectory, index record)."""
+        seeded = [self._seeded(k, real) for k in ks]
+
+        def report(epoch: int, acc: float) -> None:
+            bar.set_postfix(experts=f"{ks[0]}-{ks[-1]}", epoch=f"{epoch}/{settings.epochs}", train_acc=f"{acc:.1f}")
+
+        done = train_experts_together([s[0] for s in seeded], real, settings, [s[1] for s in seeded],
+                                      on_epoch=report)
+        return [(k, trajectory, self._record(net, test, init_seed, train_seed, train_acc, together=len(ks)))
+                for k, (net, _, init_seed, train_seed), (trajectory, train_acc) in zip(ks, seeded, done)]
+
+    def _record(self, net: nn.Module, test: RealData, init_seed: int, train_seed: int, train_acc: float,
+                together: int = 1) -> dict[str, Any]:
+        """A trained expert's index record: its seeds, accuracies and provenance."""
+        return {
+            "init_seed": init_seed, "train_seed": train_seed, "test_accuracy": round(test_accuracy(net, test), 4),
             "train_accuracy": round(train_acc, 4), "test_split": f"{test.info.name} test, {len(test)} images",
             "versions": {"condensed_datasets": __version__, "torch": torch.__version__,
                          "python": platform.python_version()},
             "device": self.device.type,
+            **({"trained_together": together} if together > 1 else {}),
         }

@@ -23,6 +23,11 @@ class TrainSettings:
     augmenter: Augmenter | None = None
     step_lrs: tuple[float, ...] | None = None  # learned per-step lrs: replay them instead (see module doc)
     ipc: int = 1  # images per class of the set; picks each replayed step's images
+    lr_decay: bool = True  # the papers' x0.1 after half the epochs; False: constant (as expert training)
+
+    def decays_at(self, epoch: int) -> bool:
+        """Whether the lr drops tenfold before epoch ``epoch`` (0-based): at half the epochs, with ``lr_decay``."""
+        return self.lr_decay and self.epochs > 1 and epoch == self.epochs // 2
 
     def describe(self) -> dict[str, Any]:
         if self.step_lrs is not None:
@@ -41,7 +46,7 @@ class TrainSettings:
             "optimizer": "SGD",
             "epochs": self.epochs,
             "lr": self.lr,
-            "lr_schedule": f"x0.1 after epoch {self.epochs // 2}",
+            "lr_schedule": f"x0.1 after epoch {self.epochs // 2}" if self.lr_decay else "constant",
             "batch": self.batch,
             "momentum": self.momentum,
             "weight_decay": self.weight_decay,

@@ -9,7 +9,7 @@ import torch
 from builders.augment import Augmenter
 from builders.dc_augment import make_augmenter
 from builders.ensemble import _WideStep, make_device_step, together_mode, train_together, use_together
-from builders.evaluate import TrainSettings, label_loss, train_network
+from builders.evaluate import TrainSettings, label_loss, train_network, train_step
 from builders.networks import build_network
 from builders.wide_convnet import WideConvNet, widen_inputs, widens
 
@@ -226,3 +226,47 @@ def test_an_augmentation_other_than_dsas_is_refused_with_the_way_out():
     nets = [build_network("ConvNetW32", 1, 10, (12, 12), seed=s) for s in (1, 2)]
     with pytest.raises(ValueError, match="train_network"):
         train_together(nets, images, targets, settings, [torch.Generator() for _ in nets], label_loss)
+
+
+@pytest.mark.parametrize("model", ["ConvNetW32", "MLP"])  # the wide step, and the vmapped one
+def test_on_epoch_end_counts_each_networks_correct_rows_as_a_plain_loop_does(model):
+    images, labels = _data()
+    settings = TrainSettings(epochs=3, lr=0.05, batch=6, augmenter=Augmenter("crop_flip"), lr_decay=False)
+    seeds = [5, 6]
+    nets = [build_network(model, 1, 10, (12, 12), seed=s) for s in seeds]
+    alone = [copy.deepcopy(n) for n in nets]
+    seen = []
+    train_together(nets, images, labels, settings, [torch.Generator().manual_seed(s) for s in seeds], label_loss,
+                   on_epoch_end=lambda epoch, correct: seen.append((epoch, correct.tolist())))
+    plain = []  # per network and epoch: rows whose pre-step logits put the label first, as train_expert counts
+    for net, s in zip(alone, seeds):
+        g, counts = torch.Generator().manual_seed(s), []
+        opt = torch.optim.SGD(net.parameters(), lr=settings.lr, momentum=settings.momentum,
+                              weight_decay=settings.weight_decay)
+        for _ in range(settings.epochs):
+            order, correct = torch.randperm(len(labels), generator=g), 0
+            for start in range(0, len(labels), settings.batch):
+                idx = order[start:start + settings.batch]
+                logits = train_step(net, opt, images[idx], labels[idx], settings.augmenter, g)
+                correct += int((logits.argmax(1) == labels[idx]).sum())
+            counts.append(correct)
+        plain.append(counts)
+    assert [epoch for epoch, _ in seen] == [1, 2, 3]
+    assert [counts for _, counts in seen] == [list(c) for c in zip(*plain)]
+    assert any(c > 0 for _, counts in seen for c in counts)
+
+
+def test_on_epoch_end_needs_class_index_targets():
+    images, labels = _data()
+    soft = torch.nn.functional.one_hot(labels, 10).float()
+    nets = [build_network("ConvNetW32", 1, 10, (12, 12), seed=s) for s in (1, 2)]
+    with pytest.raises(ValueError, match="class-index targets"):
+        train_together(nets, images, soft, TrainSettings(epochs=1), [torch.Generator() for _ in nets], label_loss,
+                       on_epoch_end=lambda epoch, correct: None)
+
+
+def test_a_constant_lr_never_drops():
+    assert [TrainSettings(epochs=4).decays_at(e) for e in range(4)] == [False, False, True, False]
+    assert not any(TrainSettings(epochs=4, lr_decay=False).decays_at(e) for e in range(4))
+    assert TrainSettings(epochs=4, lr_decay=False).describe()["lr_schedule"] == "constant"
+    assert not TrainSettings(epochs=1).decays_at(0)

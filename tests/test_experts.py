@@ -148,3 +148,37 @@ def test_a_zca_store_fitted_before_the_raw_pixel_rule_is_refused(fashion_mnist_r
     (store.path / ZCA_NAME).write_bytes(st_save(zca.tensors(), metadata={ZCA_KEY: json.dumps({"eps": 0.1})}))
     with pytest.raises(ExpertStoreError, match="normalised images.*rebuild"):
         store.load_zca()
+
+
+def _trajectories(store):
+    return {e["index"]: load_file(store.path / e["file"])["trajectory"] for e in store.index["experts"]}
+
+
+def test_experts_trained_together_follow_the_trajectories_trained_one_by_one(fashion_mnist_root, tmp_path):
+    # 100 images in batches of 32: the last batch of every epoch is partial; per-sample DSA from each expert's own
+    # generator; 3 experts at once, then the fourth alone in a group of its own
+    alone = run_experts(fashion_mnist_root, tmp_path / "alone", num_experts=4, together=False)
+    together = run_experts(fashion_mnist_root, tmp_path / "together", num_experts=4, together=True, together_group=3)
+    one, many = _trajectories(alone), _trajectories(together)
+    assert sorted(many) == [0, 1, 2, 3]
+    for k in range(4):
+        assert torch.equal(one[k][0], many[k][0])  # the same initialisation, from the same seed
+        torch.testing.assert_close(many[k], one[k], rtol=1e-4, atol=1e-5)
+    for a, b in zip(alone.index["experts"], together.index["experts"]):
+        assert (a["init_seed"], a["train_seed"]) == (b["init_seed"], b["train_seed"])
+        assert abs(a["train_accuracy"] - b["train_accuracy"]) <= 1.0  # 1 of 100 rows at most, at a rounding tie
+    assert [e.get("trained_together") for e in together.index["experts"]] == [3, 3, 3, None]
+    assert "trained_together" not in alone.index["experts"][0]
+
+
+def test_together_is_refused_where_it_cannot_apply(fashion_mnist_root, tmp_path):
+    with pytest.raises(Exception, match="GSAM experts .* train one by one"):
+        recipe_from_dict({**EXPERTS, "params": {**EXPERTS["params"], "optimizer": "gsam", "together": True}})
+    with pytest.raises(Exception, match="params.together"):
+        recipe_from_dict({**EXPERTS, "params": {**EXPERTS["params"], "together": "yes"}})
+    with pytest.raises(Exception, match="BatchNorm.*set params.together: auto or false"):
+        recipe = recipe_from_dict({**EXPERTS, "model": "ConvNetBN", "params": {**EXPERTS["params"], "together": True}})
+        build(recipe, out_root=tmp_path, data_root=fashion_mnist_root, device="cpu", progress=False)
+    # auto on a CPU: one by one, as before
+    store = run_experts(fashion_mnist_root, tmp_path / "auto", num_experts=2, epochs=1)
+    assert all("trained_together" not in e for e in store.index["experts"])
