@@ -11,7 +11,9 @@ Two forms of the step (:func:`together_mode` says which a network gets):
 
 - ``"wide"``: ConvNets (any width, depth, activation, pooling; instance, group, layer or no norm) run as
   ONE wide network (:mod:`builders.wide_convnet`: grouped convolutions over ``[B, N*C, H, W]``) with
-  plain autograd, so a step of N networks dispatches about as many operators as one network's step;
+  plain autograd, so a step of N networks dispatches about as many operators as one network's step
+  (``train_together(..., wide_form=...)`` picks one of :data:`builders.wide_convnet.FORMS`: the same maths
+  laid out otherwise, for measuring which is fastest on a GPU);
 - ``"vmap"``: any other network: ``vmap`` of the gradient of ``functional_call`` over the stacked
   parameters.
 
@@ -40,7 +42,7 @@ from builders.augment import Augmenter
 from builders.graphed_step import GraphedStep
 from builders.networks import uses_batch_statistics
 from builders.train_settings import TrainSettings
-from builders.wide_convnet import WideConvNet, widen_inputs, widens
+from builders.wide_convnet import WideConvNet, check_form, widens
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -95,6 +97,8 @@ def train_together(
     generators: Sequence[torch.Generator],
     loss_fn: LossFn,
     on_epoch: Callable[[], Any] | None = None,
+    *,
+    wide_form: str = "grouped",
 ) -> list[nn.Module]:
     """Train every ``nets[i]`` in place with ``generators[i]``, as ``train_network`` would alone; returns them.
 
@@ -103,14 +107,18 @@ def train_together(
     loss of one network's batch (``builders.evaluate.label_loss`` for the evaluation protocol; a mean
     over rows, as that one is, is taken in one call for all networks, any other loss is vmapped).
     ``on_epoch`` is called after each epoch. :func:`together_mode` says
-    which step runs. Example::
+    which step runs. ``wide_form`` is the form of the wide step (``builders.wide_convnet.FORMS``:
+    ``"grouped"``, ``"channels_last"`` or ``"split"``; the same maths, for choosing the fastest by
+    measurement); an unknown name is refused (``ValueError``) whichever step runs, and a valid one is
+    ignored by the vmap step, which has no wide network. Example::
 
         nets = [build_network("ConvNet", 1, 10, (28, 28), seed=s) for s in seeds]
         train_together(nets, images, labels, TrainSettings(epochs=300), [Generator().manual_seed(s) for s in seeds],
                        label_loss)
     """
     _check(nets, generators, settings)
-    step = _WideStep(nets, loss_fn) if together_mode(nets[0]) == "wide" else _VmapStep(nets, loss_fn)
+    check_form(wide_form)
+    step = _WideStep(nets, loss_fn, wide_form) if together_mode(nets[0]) == "wide" else _VmapStep(nets, loss_fn)
     opt = torch.optim.SGD(step.leaves, lr=settings.lr, momentum=settings.momentum,
                           weight_decay=settings.weight_decay)
     n, augmenter, device = images.shape[0], settings.augmenter, images.device
@@ -167,8 +175,8 @@ def make_device_step(step: "_WideStep | _VmapStep", opt: torch.optim.Optimizer, 
 class _WideStep:
     """ConvNets as one wide network; the summed loss of the N networks, backward by autograd."""
 
-    def __init__(self, nets: Sequence[nn.Module], loss_fn: LossFn) -> None:
-        self.wide = WideConvNet(nets)
+    def __init__(self, nets: Sequence[nn.Module], loss_fn: LossFn, form: str = "grouped") -> None:
+        self.wide = WideConvNet(nets, form)
         self.leaves = self.wide.parameters()
         self.loss_fn, self.count = loss_fn, len(nets)
         self.losses = vmap(loss_fn)
@@ -177,7 +185,7 @@ class _WideStep:
 
     def backward(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Set every leaf's ``.grad`` for the batches ``x`` [N, B, C, H, W], targets ``y`` [N, B, ...]."""
-        logits = self.wide(widen_inputs(x))  # [N, B, classes]
+        logits = self.wide(self.wide.inputs(x))  # [N, B, classes]
         if self.row_mean is None:
             self.row_mean = self._is_row_mean(logits, y)
         if self.row_mean:  # the N networks' losses summed = N x the mean over all N*B rows: one call, no vmap
