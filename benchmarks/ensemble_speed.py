@@ -29,9 +29,9 @@ sequence ``train_together`` now runs (``Augmenter.pack`` on the host, ``Augmente
 ``apply_many`` against ``pack`` + ``apply_packed``, alternated.
 
 ``--profile`` (after a warm-up of each) runs one network alone and the N together (in each of
-``--forms``) for ``--epochs`` epochs under ``torch.profiler`` and records, per training step, the wall time, the device's busy time
-and the host's, and each one's operators by device time (on a CPU, by host time): where a step that
-is no longer launch-bound spends its time.
+``--forms``) for ``--epochs`` epochs under ``torch.profiler`` and records, per training step, the wall
+time, the device's busy time and the host's, and each one's operators by device time (on a CPU, by host
+time): where a step that is no longer launch-bound spends its time.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ from builders.wide_convnet import check_form
 @click.option("--augment-timing", is_flag=True, help="Time the N networks' augmentation alone.")
 @click.option("--profile", "profile_steps", is_flag=True, help="Profile one network and N together instead.")
 @click.option("--forms", "forms_text", default="grouped", show_default=True, metavar="FORM,FORM",
-              help="Forms of the wide step to time (or profile), each against sequential: grouped, channels_last, split.")
+              help="Forms of the wide step to time (or profile) against sequential: grouped, channels_last, split.")
 @click.option("--note", default="")
 def main(nets: int, epochs: int, rounds: int, model: str, device: str, record: bool, count_ops: bool,
          augment_timing: bool, profile_steps: bool, forms_text: str, note: str) -> None:
