@@ -20,7 +20,9 @@ on the GPU (``benchmarks/ensemble_speed.py --forms``):
 
 - ``"grouped"`` (the default): as above, activations ``[B, N*C, H, W]`` in the default (NCHW) layout;
 - ``"channels_last"``: the grouped form with the input and the convolution weights in
-  ``torch.channels_last`` (NHWC), where cuDNN's grouped convolutions may use tensor-core kernels;
+  ``torch.channels_last`` (NHWC), where cuDNN's grouped convolutions may use tensor-core kernels
+  (PyTorch's CUDA ``group_norm`` reads NCHW, so a norm may copy its input out of NHWC and the next
+  convolution back: a profile tells what that costs);
 - ``"split"``: network-major activations ``[N*B, C, H, W]`` (network ``i``'s batch is rows
   ``[i*B, (i+1)*B)``): each convolution is N dense ``conv2d`` calls, one per network on its own rows;
   the norms' statistics are per image, so they run once over all rows without affine, followed by each
@@ -127,8 +129,8 @@ class WideConvNet:
                 x = self._norm(x, layer, weight, bias)
             else:  # per-channel activation or pooling
                 x = layer(x)
-        if self.form == "split":
-            features = x.reshape(n, x.shape[0] // n, -1)  # [N, B, C*h*w], ConvNet's flatten order
+        if self.form == "split":  # features [N, B, C*h*w], in ConvNet's flatten order
+            features = x.reshape(n, x.shape[0] // n, -1)
         else:
             features = x.reshape(x.shape[0], n, -1).transpose(0, 1)
         return torch.baddbmm(p["classifier.bias"], features, p["classifier.weight"])
