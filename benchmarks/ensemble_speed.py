@@ -1,6 +1,7 @@
 """Training N same-shaped networks together (builders/ensemble.py) against one after another.
 
     python benchmarks/ensemble_speed.py [--nets 5] [--epochs 20] [--rounds 2] [--device cpu] [--record]
+        [--forms grouped,channels_last,split]
     python benchmarks/ensemble_speed.py --count-ops [--nets 5] [--record]
     python benchmarks/ensemble_speed.py --augment-timing [--nets 5] [--device cuda] [--record]
 
@@ -8,6 +9,13 @@ The evaluation protocol's workload: ConvNet on a 100-image set (ipc 10, Fashion-
 images), batch 256, DSA ``color_crop_cutout_flip_scale_rotate``. Alternates sequential and together
 (A, B, A, B); records wall seconds and, on the CPU, process CPU seconds of each, and which step
 ``train_together`` took (``together_mode``: ``"wide"`` for ConvNets, one grouped-convolution network).
+
+``--forms`` (default ``grouped``) times each listed form of the wide step (``train_together``'s
+``wide_form``, ``builders.wide_convnet.FORMS``) in every round after the sequential run (sequential, A, B,
+C, sequential, A, B, C, ...) and records each one's median wall and CPU seconds and speedup over
+sequential under ``by_form``; the old keys (``speedup_wall_median``, ``speedup_cpu_median``, runs of mode
+``"together"``) are those of the first form listed, and a record of more than the default form is named
+``ensemble_forms_...``.
 
 ``--count-ops`` times nothing: it counts the operators dispatched from Python (``aten::`` events
 without an ``aten::`` parent in ``torch.profiler``; on a GPU each launches one or a few kernels, which
@@ -20,10 +28,10 @@ sequence ``train_together`` now runs (``Augmenter.pack`` on the host, ``Augmente
 ``--augment-timing`` times the N networks' augmentation of a batch of 256 alone (draws included):
 ``apply_many`` against ``pack`` + ``apply_packed``, alternated.
 
-``--profile`` (after a warm-up of each) runs one network alone and the N together for ``--epochs``
-epochs under ``torch.profiler`` and records, per training step, the wall time, the device's busy time
-and the host's, and each one's operators by device time (on a CPU, by host time): where a step that
-is no longer launch-bound spends its time.
+``--profile`` (after a warm-up of each) runs one network alone and the N together (in each of
+``--forms``) for ``--epochs`` epochs under ``torch.profiler`` and records, per training step, the wall
+time, the device's busy time and the host's, and each one's operators by device time (on a CPU, by host
+time): where a step that is no longer launch-bound spends its time.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ from builders.augment import Augmenter
 from builders.ensemble import DEVICE_STEP, together_mode, train_together
 from builders.evaluate import TrainSettings, label_loss, train_network
 from builders.networks import build_network
+from builders.wide_convnet import check_form
 
 
 @click.command()
@@ -55,10 +64,18 @@ from builders.networks import build_network
 @click.option("--count-ops", is_flag=True, help="Count the operators of one step instead of timing.")
 @click.option("--augment-timing", is_flag=True, help="Time the N networks' augmentation alone.")
 @click.option("--profile", "profile_steps", is_flag=True, help="Profile one network and N together instead.")
+@click.option("--forms", "forms_text", default="grouped", show_default=True, metavar="FORM,FORM",
+              help="Forms of the wide step to time (or profile) against sequential: grouped, channels_last, split.")
 @click.option("--note", default="")
 def main(nets: int, epochs: int, rounds: int, model: str, device: str, record: bool, count_ops: bool,
-         augment_timing: bool, profile_steps: bool, note: str) -> None:
+         augment_timing: bool, profile_steps: bool, forms_text: str, note: str) -> None:
     """Time sequential vs together training of NETS networks."""
+    try:
+        forms = list(dict.fromkeys(check_form(f.strip()) for f in forms_text.split(",") if f.strip()))
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--forms") from None
+    if not forms:
+        raise click.BadParameter("name at least one form", param_hint="--forms")
     if count_ops:
         _count_ops(nets, model, record, note)
         return
@@ -79,52 +96,61 @@ def main(nets: int, epochs: int, rounds: int, model: str, device: str, record: b
         for net, s in zip(fresh(), seeds):
             train_network(net, images, targets, settings, torch.Generator().manual_seed(s))
 
-    def together() -> None:
+    def together(form: str) -> None:
         train_together(fresh(), images, targets, settings, [torch.Generator().manual_seed(s) for s in seeds],
-                       label_loss)
+                       label_loss, wide_form=form)
 
     def sync() -> None:
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
-    together()  # warm-up (allocations; vmap's first trace where it runs)
+    for form in forms:  # warm-up (allocations, cuDNN's choices; vmap's first trace where it runs)
+        together(form)
     sequential()
     if profile_steps:
-        _profile(nets, model, dev, epochs, fresh, seeds, images, targets, settings, record, note)
+        _profile(nets, model, dev, epochs, fresh, seeds, images, targets, settings, forms, record, note)
         return
     runs = []
+    cases = [("sequential", None, sequential), *(("together", f, lambda f=f: together(f)) for f in forms)]
     for r in range(rounds):
-        for name, fn in (("sequential", sequential), ("together", together)):
+        for mode, form, fn in cases:
             sync()
             wall, cpu = time.perf_counter(), time.process_time()
             fn()
             sync()
-            runs.append({"mode": name, "round": r, "wall_s": round(time.perf_counter() - wall, 3),
-                         "cpu_s": round(time.process_time() - cpu, 3),
+            runs.append({"mode": mode, **({"form": form} if form else {}), "round": r,
+                         "wall_s": round(time.perf_counter() - wall, 3), "cpu_s": round(time.process_time() - cpu, 3),
                          "load_average_1min": round(os.getloadavg()[0], 2)})
             click.echo(json.dumps(runs[-1]))
 
-    def med(mode: str, key: str) -> float:
-        return statistics.median(r[key] for r in runs if r["mode"] == mode)
+    def med(key: str, form: str | None = None) -> float:
+        return round(statistics.median(r[key] for r in runs if r.get("form") == form), 3)
 
+    by_form = {form: {"wall_s_median": med("wall_s", form), "cpu_s_median": med("cpu_s", form),
+                      "speedup_wall_median": round(med("wall_s") / med("wall_s", form), 3),
+                      "speedup_cpu_median": round(med("cpu_s") / med("cpu_s", form), 3)} for form in forms}
     result = {
         "benchmark": f"{nets} x {model} trained together vs sequentially", "epochs": epochs, "set": "100 images",
         "together_mode": together_mode(fresh()[0]),
+        "forms": forms,
         "runs": runs,
-        "speedup_wall_median": round(med("sequential", "wall_s") / med("together", "wall_s"), 3),
-        "speedup_cpu_median": round(med("sequential", "cpu_s") / med("together", "cpu_s"), 3),
+        "speedup_wall_median": by_form[forms[0]]["speedup_wall_median"],  # the first form's (the old keys)
+        "speedup_cpu_median": by_form[forms[0]]["speedup_cpu_median"],
+        "sequential": {"wall_s_median": med("wall_s"), "cpu_s_median": med("cpu_s")},
+        "by_form": by_form,
         **provenance("ensemble_speed.py", torch.cuda.get_device_name(dev) if dev.type == "cuda" else
                      f"cpu: {cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads", note),
     }
     click.echo(json.dumps(result, indent=2))
     if record:
-        path = write_record(f"ensemble_{nets}x{model}_{dev.type}", result)
+        path = write_record(f"ensemble{'' if forms == ['grouped'] else '_forms'}_{nets}x{model}_{dev.type}", result)
         click.echo(f"recorded {path}")
 
 
 def _profile(nets: int, model: str, dev: torch.device, epochs: int, fresh, seeds: list[int], images: torch.Tensor,
-             targets: torch.Tensor, settings: TrainSettings, record: bool, note: str) -> None:
-    """Per step of one network alone and of the N together: wall, device-busy and host time, and the
+             targets: torch.Tensor, settings: TrainSettings, forms: list[str], record: bool, note: str) -> None:
+    """Per step of one network alone and of the N together in each of ``forms`` (keyed ``{N}_together``
+    for the grouped form, ``{N}_together_{form}`` for another): wall, device-busy and host time, and the
     operators by device time (host time on a CPU)."""
     cuda = dev.type == "cuda"
     activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
@@ -132,11 +158,14 @@ def _profile(nets: int, model: str, dev: torch.device, epochs: int, fresh, seeds
     one = fresh()[0]
     cases = {
         "one_network": lambda: train_network(one, images, targets, settings, torch.Generator().manual_seed(seeds[0])),
-        f"{nets}_together": lambda: train_together(fresh(), images, targets, settings,
-                                                   [torch.Generator().manual_seed(s) for s in seeds], label_loss),
+        **{f"{nets}_together" + ("" if form == "grouped" else f"_{form}"):
+           (lambda form=form: train_together(fresh(), images, targets, settings,
+                                             [torch.Generator().manual_seed(s) for s in seeds], label_loss,
+                                             wide_form=form))
+           for form in forms},
     }
     result: dict = {"benchmark": f"profile: one {model} alone and {nets} together, per training step",
-                    "epochs": epochs, "steps": steps, "set": f"{images.shape[0]} images"}
+                    "epochs": epochs, "steps": steps, "set": f"{images.shape[0]} images", "forms": forms}
     for name, run in cases.items():
         if cuda:
             torch.cuda.synchronize()
@@ -159,7 +188,8 @@ def _profile(nets: int, model: str, dev: torch.device, epochs: int, fresh, seeds
     result.update(provenance("ensemble_speed.py", torch.cuda.get_device_name(dev) if cuda else
                              f"cpu: {cpu_name()}, {os.cpu_count()} cores", note))
     if record:
-        click.echo(f"recorded {write_record(f'ensemble_profile_{nets}x{model}_{dev.type}', result)}")
+        stem = f"ensemble_profile{'' if forms == ['grouped'] else '_forms'}_{nets}x{model}_{dev.type}"
+        click.echo(f"recorded {write_record(stem, result)}")
 
 
 def _top_level_ops(fn, within: str | None = None) -> int:

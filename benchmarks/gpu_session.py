@@ -18,8 +18,9 @@ grandchild). Sections, in order:
 2. the same on CIFAR-10-shaped generated images, ipc 10;
 3. the Fashion-MNIST comparison with ``params.compile: false`` (one round);
 3b. where DM's iterations spend their time, by default and uncompiled (``dm_profile.py``);
-4. five ConvNets trained together against one after another (``ensemble_speed.py``), and the profile of
-   a step of each (``--profile``);
+4. five ConvNets trained together against one after another (``ensemble_speed.py``), the same with each
+   form of the wide step (``--forms grouped,channels_last,split``, section ``ensemble_forms``), and the
+   profile of a step of each (``--profile``);
 5. the quickstart built at fp32 and at bf16-real, two seeds each (``precision_check.py``);
 6. DM against the reference on CIFAR-10-shaped images, ipc 50 (one round);
 7. peak memory of MTT at CIFAR-100 shape, ipc 10, unrolled vs constant (``tesla_memory.py``);
@@ -168,6 +169,10 @@ def main(reference: Path, fashion_mnist: Path, budget: float, out: Path, python:
               needs=60, limit=150)
     s.section("ensemble", [f"{bench}/ensemble_speed.py", "--device", device, "--nets", "5",
                            "--epochs", counts["epochs"], "--rounds", counts["rounds"], "--record"], needs=30, limit=90)
+    # sequential + 3 forms, each warmed up once and timed per round: about 2.5x the section above
+    s.section("ensemble_forms", [f"{bench}/ensemble_speed.py", "--device", device, "--nets", "5",
+                                 "--epochs", counts["epochs"], "--rounds", counts["rounds"],
+                                 "--forms", "grouped,channels_last,split", "--record"], needs=60, limit=180)
     s.section("ensemble_profile", [f"{bench}/ensemble_speed.py", "--device", device, "--nets", "5", "--profile",
                                    "--epochs", "2" if smoke else "100", "--record"], needs=30, limit=90)
     precision_smoke = ["--set", "iterations=2", "--set", "eval.runs=1", "--set", "eval.epochs=2",

@@ -11,7 +11,9 @@ Two forms of the step (:func:`together_mode` says which a network gets):
 
 - ``"wide"``: ConvNets (any width, depth, activation, pooling; instance, group, layer or no norm) run as
   ONE wide network (:mod:`builders.wide_convnet`: grouped convolutions over ``[B, N*C, H, W]``) with
-  plain autograd, so a step of N networks dispatches about as many operators as one network's step;
+  plain autograd, so a step of N networks dispatches about as many operators as one network's step
+  (``train_together(..., wide_form=...)`` picks one of :data:`builders.wide_convnet.FORMS`: the same maths
+  laid out otherwise, for measuring which is fastest on a GPU);
 - ``"vmap"``: any other network: ``vmap`` of the gradient of ``functional_call`` over the stacked
   parameters.
 
@@ -41,7 +43,7 @@ from builders.graphed_step import GraphedStep
 from builders.networks import uses_batch_statistics
 from builders.train_settings import TrainSettings
 from builders.transfer import to_device
-from builders.wide_convnet import WideConvNet, widen_inputs, widens
+from builders.wide_convnet import WideConvNet, check_form, widens
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -97,6 +99,7 @@ def train_together(
     loss_fn: LossFn,
     on_epoch: Callable[[], Any] | None = None,
     *,
+    wide_form: str = "grouped",
     on_epoch_end: Callable[[int, torch.Tensor], Any] | None = None,
 ) -> list[nn.Module]:
     """Train every ``nets[i]`` in place with ``generators[i]``, as ``train_network`` would alone; returns them.
@@ -109,7 +112,10 @@ def train_together(
     each epoch (1-based) with the networks holding their parameters of that moment and ``correct`` (CPU int64
     [N]) counting, per network, the epoch's training rows whose logits (before that step's update, on the
     augmented images) put the target class first; ``targets`` must then be class indices. It costs one
-    host synchronisation per epoch. :func:`together_mode` says which step runs. Example::
+    host synchronisation per epoch. :func:`together_mode` says which step runs. ``wide_form`` is the form of
+    the wide step (``builders.wide_convnet.FORMS``: ``"grouped"``, ``"channels_last"`` or ``"split"``; the
+    same maths, for choosing the fastest by measurement); an unknown name is refused (``ValueError``)
+    whichever step runs, and a valid one is ignored by the vmap step, which has no wide network. Example::
 
         nets = [build_network("ConvNet", 1, 10, (28, 28), seed=s) for s in seeds]
         train_together(nets, images, labels, TrainSettings(epochs=300), [Generator().manual_seed(s) for s in seeds],
@@ -119,7 +125,8 @@ def train_together(
     if on_epoch_end is not None and targets.dtype != torch.int64:
         raise ValueError("train_together: on_epoch_end counts correct rows, which needs class-index targets "
                          f"(int64), got {targets.dtype}")
-    step = _WideStep(nets, loss_fn) if together_mode(nets[0]) == "wide" else _VmapStep(nets, loss_fn)
+    check_form(wide_form)
+    step = _WideStep(nets, loss_fn, wide_form) if together_mode(nets[0]) == "wide" else _VmapStep(nets, loss_fn)
     opt = torch.optim.SGD(step.leaves, lr=settings.lr, momentum=settings.momentum,
                           weight_decay=settings.weight_decay)
     n, augmenter, device = images.shape[0], settings.augmenter, images.device
@@ -189,8 +196,8 @@ def make_device_step(step: "_WideStep | _VmapStep", opt: torch.optim.Optimizer, 
 class _WideStep:
     """ConvNets as one wide network; the summed loss of the N networks, backward by autograd."""
 
-    def __init__(self, nets: Sequence[nn.Module], loss_fn: LossFn) -> None:
-        self.wide = WideConvNet(nets)
+    def __init__(self, nets: Sequence[nn.Module], loss_fn: LossFn, form: str = "grouped") -> None:
+        self.wide = WideConvNet(nets, form)
         self.leaves = self.wide.parameters()
         self.loss_fn, self.count = loss_fn, len(nets)
         self.losses = vmap(loss_fn)
@@ -200,7 +207,7 @@ class _WideStep:
     def backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Set every leaf's ``.grad`` for the batches ``x`` [N, B, C, H, W], targets ``y`` [N, B, ...]; returns
         the logits [N, B, classes] (detached)."""
-        logits = self.wide(widen_inputs(x))  # [N, B, classes]
+        logits = self.wide(self.wide.inputs(x))  # [N, B, classes]
         if self.row_mean is None:
             self.row_mean = self._is_row_mean(logits, y)
         if self.row_mean:  # the N networks' losses summed = N x the mean over all N*B rows: one call, no vmap

@@ -14,6 +14,22 @@ ConvNet acts on its own network's channels alone in the wide form:
 So one step of N networks dispatches about as many operators as one network's, which is what a
 launch-bound GPU pays for. Parameters are stacked ``[N, ...]`` tensors (the layout of
 ``torch.func.stack_module_state``); plain autograd gives their gradients.
+
+The same maths runs in one of :data:`FORMS` (``WideConvNet(nets, form=...)``), to be picked by measuring
+on the GPU (``benchmarks/ensemble_speed.py --forms``):
+
+- ``"grouped"`` (the default): as above, activations ``[B, N*C, H, W]`` in the default (NCHW) layout;
+- ``"channels_last"``: the grouped form with the input and the convolution weights in
+  ``torch.channels_last`` (NHWC), where cuDNN's grouped convolutions may use tensor-core kernels
+  (PyTorch's CUDA ``group_norm`` reads NCHW, so a norm may copy its input out of NHWC and the next
+  convolution back: a profile tells what that costs);
+- ``"split"``: network-major activations ``[N*B, C, H, W]`` (network ``i``'s batch is rows
+  ``[i*B, (i+1)*B)``): each convolution is N dense ``conv2d`` calls, one per network on its own rows;
+  the norms' statistics are per image, so they run once over all rows without affine, followed by each
+  network's own affine.
+
+Every form holds the parameters in the same stacked layout (:func:`_to_wide`), so the optimiser and
+:meth:`WideConvNet.write_back` do not depend on the form.
 """
 
 from __future__ import annotations
@@ -26,7 +42,10 @@ from torch import Tensor, nn
 
 from builders.networks import ConvNet
 
-__all__ = ["WideConvNet", "widens", "widen_inputs"]
+__all__ = ["FORMS", "WideConvNet", "check_form", "widens", "widen_inputs"]
+
+#: The forms of the wide network (module docstring), the default first.
+FORMS = ("grouped", "channels_last", "split")
 
 _PER_CHANNEL = (nn.ReLU, nn.Sigmoid, nn.LeakyReLU, nn.SiLU, nn.AvgPool2d, nn.MaxPool2d)
 
@@ -54,26 +73,35 @@ def widen_inputs(x: Tensor) -> Tensor:
     return x.transpose(0, 1).reshape(b, n * c, h, w)
 
 
+def check_form(form: str) -> str:
+    """``form`` when it is one of :data:`FORMS`; a ``ValueError`` naming the valid ones otherwise."""
+    if form not in FORMS:
+        raise ValueError(f"unknown wide form {form!r}; choose one of {', '.join(map(repr, FORMS))}")
+    return form
+
+
 class WideConvNet:
     """The ConvNets ``nets`` (same shapes, :func:`widens`) as one network over stacked parameters.
 
     ``params`` maps each parameter name of the ConvNet to a leaf tensor holding the N networks'
     values (a copy, in the wide layout: a feature layer's ``[N*C, ...]``, the head's weight
     ``[N, features, classes]`` and bias ``[N, 1, classes]``; :meth:`write_back` copies them into
-    the networks). Example::
+    the networks). ``form`` is one of :data:`FORMS` (module docstring): the same logits, computed
+    another way; :meth:`inputs` lays the N batches out as the form reads them. Example::
 
-        wide = WideConvNet(nets)
-        logits = wide(widen_inputs(torch.stack(batches)))  # [N, B, num_classes]
+        wide = WideConvNet(nets, form="split")
+        logits = wide(wide.inputs(torch.stack(batches)))  # [N, B, num_classes]
     """
 
-    def __init__(self, nets: Sequence[nn.Module]) -> None:
+    def __init__(self, nets: Sequence[nn.Module], form: str = "grouped") -> None:
         if not nets or not all(widens(net) for net in nets):
             raise ValueError("WideConvNet: every network must be a ConvNet without BatchNorm (see widens)")
+        self.form = check_form(form)
         self.template: ConvNet = nets[0]  # type: ignore[assignment]
         self.count = len(nets)
         named = [dict(net.named_parameters()) for net in nets]
         self.params: dict[str, Tensor] = {  # kept in the layout the wide forward reads (no views per step)
-            name: _to_wide(name, torch.stack([p[name].detach() for p in named])).requires_grad_(True)
+            name: _to_wide(name, torch.stack([p[name].detach() for p in named]), form).requires_grad_(True)
             for name in named[0]
         }
 
@@ -81,26 +109,53 @@ class WideConvNet:
         """The stacked leaf tensors, for an optimiser (SGD acts elementwise: the layout does not matter)."""
         return list(self.params.values())
 
+    def inputs(self, x: Tensor) -> Tensor:
+        """Each network's own batch ``[N, B, C, H, W]`` laid out as this form's input: ``[B, N*C, H, W]``
+        (:func:`widen_inputs`; channels-last strides for ``"channels_last"``) or ``[N*B, C, H, W]`` (``"split"``)."""
+        if self.form == "split":
+            return x.flatten(0, 1)
+        wide = widen_inputs(x)
+        return wide.contiguous(memory_format=torch.channels_last) if self.form == "channels_last" else wide
+
     def __call__(self, x: Tensor) -> Tensor:
-        """Logits ``[N, B, num_classes]`` of the wide input ``x`` ``[B, N*C, H, W]``."""
+        """Logits ``[N, B, num_classes]`` of ``x`` laid out by :meth:`inputs`."""
         n, p = self.count, self.params
         for i, layer in enumerate(self.template.features):
             weight, bias = p.get(f"features.{i}.weight"), p.get(f"features.{i}.bias")
             if isinstance(layer, nn.Conv2d):
                 assert weight is not None
-                x = F.conv2d(x, weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups * n)
-            elif isinstance(layer, nn.GroupNorm):
-                x = F.group_norm(x, layer.num_groups * n, weight, bias, layer.eps)
-            elif isinstance(layer, nn.LayerNorm):
-                x = F.group_norm(x, n, eps=layer.eps)
-                if weight is not None:
-                    x = x * weight
-                if bias is not None:
-                    x = x + bias
+                x = self._conv(x, layer, weight, bias)
+            elif isinstance(layer, (nn.GroupNorm, nn.LayerNorm)):
+                x = self._norm(x, layer, weight, bias)
             else:  # per-channel activation or pooling
                 x = layer(x)
-        features = x.reshape(x.shape[0], n, -1).transpose(0, 1)  # [N, B, C*h*w], ConvNet's flatten order
+        if self.form == "split":  # features [N, B, C*h*w], in ConvNet's flatten order
+            features = x.reshape(n, x.shape[0] // n, -1)
+        else:
+            features = x.reshape(x.shape[0], n, -1).transpose(0, 1)
         return torch.baddbmm(p["classifier.bias"], features, p["classifier.weight"])
+
+    def _conv(self, x: Tensor, layer: nn.Conv2d, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """The N networks' convolution: one grouped call, or (``"split"``) one dense call per network."""
+        args = (layer.stride, layer.padding, layer.dilation)
+        if self.form != "split":
+            return F.conv2d(x, weight, bias, *args, layer.groups * self.count)
+        biases = [None] * self.count if bias is None else bias.chunk(self.count)
+        return torch.cat([F.conv2d(rows, w, b, *args, layer.groups)
+                          for rows, w, b in zip(x.chunk(self.count), weight.chunk(self.count), biases)])
+
+    def _norm(self, x: Tensor, layer: nn.GroupNorm | nn.LayerNorm, weight: Tensor | None,
+              bias: Tensor | None) -> Tensor:
+        """Group, instance or layer norm (over ``[C, H, W]``: one group) of each image, then each network's affine."""
+        groups = layer.num_groups if isinstance(layer, nn.GroupNorm) else 1
+        if self.form == "split":  # statistics per image: one call over all rows; the affine per network
+            n = self.count
+            x = F.group_norm(x, groups, eps=layer.eps)
+            each = [None if t is None else _per_network(t, n) for t in (weight, bias)]
+            return _affine(x.view(n, -1, *x.shape[1:]), *each).view(x.shape)
+        if isinstance(layer, nn.GroupNorm):
+            return F.group_norm(x, groups * self.count, weight, bias, layer.eps)
+        return _affine(F.group_norm(x, self.count, eps=layer.eps), weight, bias)
 
     @torch.no_grad()
     def write_back(self, nets: Sequence[nn.Module]) -> None:
@@ -110,13 +165,33 @@ class WideConvNet:
                 param.copy_(_from_wide(name, self.params[name], self.count)[i])
 
 
-def _to_wide(name: str, stacked: Tensor) -> Tensor:
-    """A stacked ``[N, ...]`` parameter in the wide layout: features' along channels, the head's for baddbmm."""
+def _affine(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    """``x * weight + bias``, either left out when absent."""
+    if weight is not None:
+        x = x * weight
+    if bias is not None:
+        x = x + bias
+    return x
+
+
+def _per_network(param: Tensor, count: int) -> Tensor:
+    """A norm's ``[N*C]`` or ``[N*C, H, W]`` parameter as ``[N, 1, C, 1, 1]`` or ``[N, 1, C, H, W]``: network
+    ``i``'s values broadcast over its rows of a ``[N, B, C, H, W]`` view."""
+    each = param.view(count, 1, -1, *param.shape[1:])
+    return each.view(*each.shape, *[1] * (5 - each.dim()))
+
+
+def _to_wide(name: str, stacked: Tensor, form: str = "grouped") -> Tensor:
+    """A stacked ``[N, ...]`` parameter in the wide layout: features' along channels, the head's for baddbmm;
+    the convolution weights of ``"channels_last"`` in that memory format (the same values and shape)."""
     if name == "classifier.weight":
         return stacked.transpose(1, 2).contiguous()  # [N, features, classes]
     if name == "classifier.bias":
         return stacked.unsqueeze(1)  # [N, 1, classes]
-    return stacked.flatten(0, 1).contiguous()  # [N*C, ...]
+    wide = stacked.flatten(0, 1).contiguous()  # [N*C, ...]
+    if form == "channels_last" and wide.dim() == 4:  # a convolution's [N*C_out, C_in, k, k]
+        return wide.contiguous(memory_format=torch.channels_last)
+    return wide
 
 
 def _from_wide(name: str, wide: Tensor, count: int) -> Tensor:

@@ -11,7 +11,7 @@ from builders.dc_augment import make_augmenter
 from builders.ensemble import _WideStep, make_device_step, together_mode, train_together, use_together
 from builders.evaluate import TrainSettings, label_loss, train_network, train_step
 from builders.networks import build_network
-from builders.wide_convnet import WideConvNet, widen_inputs, widens
+from builders.wide_convnet import FORMS, WideConvNet, _from_wide, widen_inputs, widens
 
 DSA = "color_crop_cutout_flip_scale_rotate"
 
@@ -21,14 +21,15 @@ def _data(n=16, size=12):
     return torch.randn(n, 1, size, size, generator=g), torch.arange(n) % 10
 
 
-def _assert_same_trajectories(model, count, augment, targets=None, epochs=3, device="cpu"):
+def _assert_same_trajectories(model, count, augment, targets=None, epochs=3, device="cpu", form="grouped"):
     images, labels = (t.to(device) for t in _data())
     targets = labels if targets is None else targets
     settings = TrainSettings(epochs=epochs, lr=0.01, batch=8, augmenter=Augmenter(augment) if augment else None)
     seeds = [11 + i for i in range(count)]
     nets = [build_network(model, 1, 10, (12, 12), seed=s).to(device) for s in seeds]
     alone = [copy.deepcopy(n) for n in nets]
-    train_together(nets, images, targets, settings, [torch.Generator().manual_seed(s) for s in seeds], label_loss)
+    train_together(nets, images, targets, settings, [torch.Generator().manual_seed(s) for s in seeds], label_loss,
+                   wide_form=form)
     for net, single, s in zip(nets, alone, seeds):
         before = copy.deepcopy(single.state_dict())
         train_network(single, images, targets, settings, torch.Generator().manual_seed(s))
@@ -38,6 +39,7 @@ def _assert_same_trajectories(model, count, augment, targets=None, epochs=3, dev
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("model, count, augment", [
     ("ConvNetW32", 1, DSA),  # N = 1: the wide form is the network itself
     ("ConvNetW32", 3, DSA),
@@ -45,20 +47,21 @@ def _assert_same_trajectories(model, count, augment, targets=None, epochs=3, dev
     ("ConvNetD2", 3, DSA),  # width 128, depth 2
     ("ConvNetLN", 2, "crop_scale"),  # layer norm: GroupNorm(N, N*C) and the elementwise affine
 ])
-def test_a_convnet_trained_wide_follows_its_trajectory_alone(model, count, augment):
+def test_a_convnet_trained_wide_follows_its_trajectory_alone(model, count, augment, form):
     assert together_mode(build_network(model, 1, 10, (12, 12))) == "wide"
-    _assert_same_trajectories(model, count, augment, epochs=4)  # 8 steps, lr x0.1 after epoch 2
+    _assert_same_trajectories(model, count, augment, epochs=4, form=form)  # 8 steps, lr x0.1 after epoch 2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_on_a_gpu_the_step_replayed_as_a_cuda_graph_follows_the_trajectories_alone(monkeypatch):
+@pytest.mark.parametrize("form", FORMS)
+def test_on_a_gpu_the_step_replayed_as_a_cuda_graph_follows_the_trajectories_alone(monkeypatch, form):
     # 8 steps: 2 eager (warm-up), then captured, captured again after the learning-rate drop; float32 products
     # (no TF32) so that the grouped and the separate convolutions round alike
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a failed capture (eager fallback) would warn: fail instead
-        _assert_same_trajectories("ConvNetW32", 3, DSA, epochs=4, device="cuda")
+        _assert_same_trajectories("ConvNetW32", 3, DSA, epochs=4, device="cuda", form=form)
 
 
 def test_soft_targets_train_wide_as_alone():
@@ -83,17 +86,37 @@ def test_a_loss_that_is_not_a_mean_over_rows_trains_wide_as_alone():
 
 def test_other_networks_train_by_vmap_as_alone():
     assert together_mode(build_network("MLP", 1, 10, (12, 12))) == "vmap"
-    _assert_same_trajectories("MLP", 3, DSA)
+    _assert_same_trajectories("MLP", 3, DSA, form="split")  # a wide form: ignored by the vmap step
 
 
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("model", ["ConvNet", "ConvNetD1", "ConvNetW32", "ConvNetNN", "ConvNetGN", "ConvNetLN",
                                    "ConvNetMP", "ConvNetNP", "ConvNetAS", "ConvNetAL", "ConvNetASwish"])
-def test_the_wide_forward_is_the_separate_forwards(model):
+def test_each_wide_form_gives_the_separate_logits_and_gradients(model, form):
     nets = [build_network(model, 3, 7, (16, 16), seed=s) for s in (1, 2, 3)]
-    batches = torch.randn(3, 5, 3, 16, 16, generator=torch.Generator().manual_seed(0))  # each network its own
-    got = WideConvNet(nets)(widen_inputs(batches))
+    g = torch.Generator().manual_seed(0)
+    batches = torch.randn(3, 5, 3, 16, 16, generator=g)  # each network its own
+    weights = torch.randn(3, 5, 7, generator=g)  # a loss with a gradient of its own for every logit
+    wide = WideConvNet(nets, form=form)
+    got = wide(wide.inputs(batches))
+    (got * weights).sum().backward()
     want = torch.stack([net(x) for net, x in zip(nets, batches)])
+    (want * weights).sum().backward()
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for name, leaf in wide.params.items():
+        for i, net in enumerate(nets):
+            torch.testing.assert_close(_from_wide(name, leaf.grad, 3)[i], net.get_parameter(name).grad,
+                                       rtol=1e-4, atol=1e-4, msg=f"{name} of network {i}")  # grads up to ~10
+
+
+def test_an_unknown_wide_form_is_refused_with_the_valid_ones():
+    nets = [build_network("ConvNetW32", 1, 10, (12, 12), seed=s) for s in (1, 2)]
+    with pytest.raises(ValueError, match="'grouped', 'channels_last', 'split'"):
+        WideConvNet(nets, form="nhwc")
+    images, targets = _data()
+    with pytest.raises(ValueError, match="unknown wide form 'nhwc'"):
+        train_together(nets, images, targets, TrainSettings(epochs=1), [torch.Generator() for _ in nets], label_loss,
+                       wide_form="nhwc")
 
 
 def test_the_wide_form_covers_convnets_without_batchnorm_only():
@@ -111,14 +134,25 @@ def test_widened_inputs_put_network_i_on_channels_i_times_c():
     assert torch.equal(wide[:, 4:], x[1]) and torch.equal(wide[:, :4], x[0])
 
 
-def test_write_back_restores_each_networks_parameters():
+def test_each_form_lays_network_i_out_on_its_own_channels_or_rows():
+    x = torch.arange(2 * 3 * 4 * 8 * 8.0).view(2, 3, 4, 8, 8)  # N=2 networks, B=3, C=4
+    nets = [build_network("ConvNetW32", 4, 10, (8, 8), seed=s) for s in (1, 2)]
+    grouped, last, split = (WideConvNet(nets, form=f).inputs(x) for f in ("grouped", "channels_last", "split"))
+    assert torch.equal(grouped, widen_inputs(x)) and torch.equal(last, grouped)
+    assert last.is_contiguous(memory_format=torch.channels_last) and not grouped.is_contiguous(
+        memory_format=torch.channels_last)
+    assert split.shape == (6, 4, 8, 8) and torch.equal(split[3:], x[1]) and torch.equal(split[:3], x[0])
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_write_back_restores_each_networks_parameters(form):
     nets = [build_network("ConvNetW32", 1, 10, (12, 12), seed=s) for s in (1, 2)]
     copies = [copy.deepcopy(n) for n in nets]
     with torch.no_grad():
         for n in nets:
             for p in n.parameters():
                 p.zero_()
-    WideConvNet(copies).write_back(nets)
+    WideConvNet(copies, form=form).write_back(nets)
     for net, original in zip(nets, copies):
         for got, want in zip(net.parameters(), original.parameters()):
             assert torch.equal(got, want)
@@ -169,13 +203,14 @@ def test_evaluation_trained_together_gives_the_accuracies_of_one_by_one():
                                                                                       together=False, **args)
 
 
-def test_the_device_step_is_fed_device_tensors_and_applies_the_packed_draws():
+@pytest.mark.parametrize("form", FORMS)
+def test_the_device_step_is_fed_device_tensors_and_applies_the_packed_draws(form):
     # make_device_step is the GPU work of train_together's step: one call here is one step of 2 networks
     images, targets = _data()
     augmenter = Augmenter(DSA)
     nets = [build_network("ConvNetW32", 1, 10, (12, 12), seed=s) for s in (1, 2)]
     alone = [copy.deepcopy(n) for n in nets]
-    step = _WideStep(nets, label_loss)
+    step = _WideStep(nets, label_loss, form)
     opt = torch.optim.SGD(step.leaves, lr=0.01)
     gens = [torch.Generator().manual_seed(s) for s in (5, 6)]
     idx = torch.stack([torch.randperm(16, generator=g)[:8] for g in gens])
@@ -191,13 +226,15 @@ def test_the_device_step_is_fed_device_tensors_and_applies_the_packed_draws():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_the_device_step_never_waits_for_the_gpu():
+@pytest.mark.parametrize("form", FORMS)
+def test_the_device_step_never_waits_for_the_gpu(form):
     # what a CUDA graph needs: after the first call (which checks once whether the loss is a mean over rows),
     # a step launches its work and returns without synchronising with the device
     dev = torch.device("cuda")
     images, targets = (t.to(dev) for t in _data())
     augmenter = Augmenter(DSA)
-    step = _WideStep([build_network("ConvNetW32", 1, 10, (12, 12), seed=s).to(dev) for s in (1, 2, 3)], label_loss)
+    step = _WideStep([build_network("ConvNetW32", 1, 10, (12, 12), seed=s).to(dev) for s in (1, 2, 3)], label_loss,
+                     form)
     device_step = make_device_step(step, torch.optim.SGD(step.leaves, lr=0.01, momentum=0.9), images, targets,
                                    augmenter)
     gens = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]

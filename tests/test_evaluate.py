@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from builders.data import RealData
 from builders.augment import Augmenter
+from builders.data import RealData
 from builders.evaluate import TrainSettings, evaluate_set, label_loss, run_seeds, train_network, train_runs
 from builders.networks import build_network
 from condensed_datasets.sources import get_source
