@@ -47,6 +47,7 @@ from machine import cpu_name, provenance, write_record  # benchmarks/machine.py 
 from profiler_events import device_busy_us, python_operators
 from torch.profiler import ProfilerActivity, profile
 
+from builders import transfer
 from builders.augment import Augmenter
 from builders.ensemble import DEVICE_STEP, together_mode, train_together
 from builders.evaluate import TrainSettings, label_loss, train_network
@@ -66,9 +67,12 @@ from builders.wide_convnet import check_form
 @click.option("--profile", "profile_steps", is_flag=True, help="Profile one network and N together instead.")
 @click.option("--forms", "forms_text", default="grouped", show_default=True, metavar="FORM,FORM",
               help="Forms of the wide step to time (or profile) against sequential: grouped, channels_last, split.")
+@click.option("--compare-unpinned", is_flag=True,
+              help="Also time sequential and the first form with host-to-GPU copies from pageable memory "
+                   "(builders.transfer.PIN_HOST_COPIES off), interleaved.")
 @click.option("--note", default="")
 def main(nets: int, epochs: int, rounds: int, model: str, device: str, record: bool, count_ops: bool,
-         augment_timing: bool, profile_steps: bool, forms_text: str, note: str) -> None:
+         augment_timing: bool, profile_steps: bool, forms_text: str, compare_unpinned: bool, note: str) -> None:
     """Time sequential vs together training of NETS networks."""
     try:
         forms = list(dict.fromkeys(check_form(f.strip()) for f in forms_text.split(",") if f.strip()))
@@ -112,6 +116,9 @@ def main(nets: int, epochs: int, rounds: int, model: str, device: str, record: b
         return
     runs = []
     cases = [("sequential", None, sequential), *(("together", f, lambda f=f: together(f)) for f in forms)]
+    if compare_unpinned:
+        cases += [("sequential_unpinned", None, lambda: _unpinned(sequential)),
+                  ("together_unpinned", forms[0], lambda: _unpinned(lambda: together(forms[0])))]
     for r in range(rounds):
         for mode, form, fn in cases:
             sync()
@@ -123,12 +130,21 @@ def main(nets: int, epochs: int, rounds: int, model: str, device: str, record: b
                          "load_average_1min": round(os.getloadavg()[0], 2)})
             click.echo(json.dumps(runs[-1]))
 
-    def med(key: str, form: str | None = None) -> float:
-        return round(statistics.median(r[key] for r in runs if r.get("form") == form), 3)
+    def med(key: str, form: str | None = None, mode: str | None = None) -> float:
+        mode = mode or ("sequential" if form is None else "together")
+        return round(statistics.median(r[key] for r in runs if r.get("form") == form and r["mode"] == mode), 3)
 
     by_form = {form: {"wall_s_median": med("wall_s", form), "cpu_s_median": med("cpu_s", form),
                       "speedup_wall_median": round(med("wall_s") / med("wall_s", form), 3),
                       "speedup_cpu_median": round(med("cpu_s") / med("cpu_s", form), 3)} for form in forms}
+    unpinned = {} if not compare_unpinned else {"unpinned": {
+        "form": forms[0],
+        "sequential_wall_s_median": med("wall_s", mode="sequential_unpinned"),
+        "together_wall_s_median": med("wall_s", forms[0], "together_unpinned"),
+        "pinning_gain_sequential": round(med("wall_s", mode="sequential_unpinned") / med("wall_s"), 3),
+        "pinning_gain_together": round(med("wall_s", forms[0], "together_unpinned") / med("wall_s", forms[0]), 3),
+        "speedup_wall_median": round(med("wall_s", mode="sequential_unpinned")
+                                     / med("wall_s", forms[0], "together_unpinned"), 3)}}
     result = {
         "benchmark": f"{nets} x {model} trained together vs sequentially", "epochs": epochs, "set": "100 images",
         "together_mode": together_mode(fresh()[0]),
@@ -138,6 +154,7 @@ def main(nets: int, epochs: int, rounds: int, model: str, device: str, record: b
         "speedup_cpu_median": by_form[forms[0]]["speedup_cpu_median"],
         "sequential": {"wall_s_median": med("wall_s"), "cpu_s_median": med("cpu_s")},
         "by_form": by_form,
+        **unpinned,
         **provenance("ensemble_speed.py", torch.cuda.get_device_name(dev) if dev.type == "cuda" else
                      f"cpu: {cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads", note),
     }
@@ -145,6 +162,15 @@ def main(nets: int, epochs: int, rounds: int, model: str, device: str, record: b
     if record:
         path = write_record(f"ensemble{'' if forms == ['grouped'] else '_forms'}_{nets}x{model}_{dev.type}", result)
         click.echo(f"recorded {path}")
+
+
+def _unpinned(fn) -> None:
+    """``fn()`` with host-to-GPU copies made from pageable memory, as before builders/transfer.py."""
+    transfer.PIN_HOST_COPIES = False
+    try:
+        fn()
+    finally:
+        transfer.PIN_HOST_COPIES = True
 
 
 def _profile(nets: int, model: str, dev: torch.device, epochs: int, fresh, seeds: list[int], images: torch.Tensor,
