@@ -20,7 +20,9 @@ grandchild). Sections, in order:
 3b. where DM's iterations spend their time, by default and uncompiled (``dm_profile.py``);
 4. five ConvNets trained together against one after another (``ensemble_speed.py``), the same with each
    form of the wide step (``--forms grouped,channels_last,split``, section ``ensemble_forms``), and the
-   profile of a step of each (``--profile``);
+   profile of a step of each (``--profile``); the first form and sequential also with pageable host-to-GPU
+   copies (``--compare-unpinned``: what ``builders/transfer.py``'s pinned copies save);
+4b. five experts trained at once against one by one, one CIFAR-10-shaped epoch each (``experts_speed.py``);
 5. the quickstart built at fp32 and at bf16-real, two seeds each (``precision_check.py``);
 6. DM against the reference on CIFAR-10-shaped images, ipc 50 (one round);
 7. peak memory of MTT at CIFAR-100 shape, ipc 10, unrolled vs constant (``tesla_memory.py``);
@@ -172,9 +174,14 @@ def main(reference: Path, fashion_mnist: Path, budget: float, out: Path, python:
     # sequential + 3 forms, each warmed up once and timed per round: about 2.5x the section above
     s.section("ensemble_forms", [f"{bench}/ensemble_speed.py", "--device", device, "--nets", "5",
                                  "--epochs", counts["epochs"], "--rounds", counts["rounds"],
-                                 "--forms", "grouped,channels_last,split", "--record"], needs=60, limit=180)
+                                 "--forms", "grouped,channels_last,split", "--compare-unpinned", "--record"],
+              needs=60, limit=240)  # and sequential and grouped with pageable host copies (builders/transfer.py)
     s.section("ensemble_profile", [f"{bench}/ensemble_speed.py", "--device", device, "--nets", "5", "--profile",
-                                   "--epochs", "2" if smoke else "100", "--record"], needs=30, limit=90)
+                                   "--forms", "grouped,channels_last,split",
+                                   "--epochs", "2" if smoke else "100", "--record"], needs=30, limit=120)
+    s.section("experts", [f"{bench}/experts_speed.py", "--device", device, "--experts", "5", "--epochs", "1",
+                          "--per-class", "20" if smoke else "5000", "--rounds", "1" if smoke else "2", "--record"],
+              needs=40, limit=150)  # 5 experts at once against one by one, a CIFAR-10-shaped epoch each
     precision_smoke = ["--set", "iterations=2", "--set", "eval.runs=1", "--set", "eval.epochs=2",
                        "--set", "params.batch_real=8"] if smoke else []
     s.section("precision_quickstart", [f"{bench}/precision_check.py", "--device", device, "--record",
