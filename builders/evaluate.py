@@ -13,6 +13,7 @@ learning rate ``lr[t]``; per-sample augmentation applies when the protocol has o
 from __future__ import annotations
 
 import statistics
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -198,15 +199,25 @@ def train_runs(
         raise ValueError(f"train_runs: {len(nets)} networks need as many seeds, got {len(seeds)}")
     if not nets:
         return []
+    chosen = together
     if together is None:
         together = use_together(images.device, len(nets))
     if together and can_train_together(nets[0], settings):
-        train_together(nets, images, targets, settings, [torch.Generator().manual_seed(s) for s in seeds],
-                       label_loss, on_epoch=None if on_epoch is None else lambda: on_epoch(len(nets)))
-        for net in nets:
-            if on_trained is not None:
-                on_trained(net)
-        return nets
+        try:
+            train_together(nets, images, targets, settings, [torch.Generator().manual_seed(s) for s in seeds],
+                           label_loss, on_epoch=None if on_epoch is None else lambda: on_epoch(len(nets)))
+        except torch.cuda.OutOfMemoryError:
+            if chosen is not None:  # asked for explicitly: the caller decides
+                raise
+            # the networks are as they were (train_together writes its parameters back only at the end)
+            warnings.warn(f"{len(nets)} networks at once ran out of GPU memory; they train one by one",
+                          stacklevel=2)
+            torch.cuda.empty_cache()
+        else:
+            for net in nets:
+                if on_trained is not None:
+                    on_trained(net)
+            return nets
     for seed, net in zip(seeds, nets):
         train_network(net, images, targets, settings, torch.Generator().manual_seed(seed),
                       on_epoch=None if on_epoch is None else lambda: on_epoch(1))

@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import platform
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator
@@ -574,14 +575,18 @@ class ExpertTraining:
         bar = tqdm(total=len(todo), disable=not self.progress or not world.is_main,
                    desc=f"experts {r.source} {r.model}", unit="expert", dynamic_ncols=True)
         group = self._together_group(real, settings)
-        if group > 1:  # one process: groups of experts at once, each group stored when it is done
-            for first in range(0, len(todo), group):
-                for item in self._train_group(todo[first:first + group], real, test, settings, bar):
-                    store.add(*item)
-                    bar.set_postfix(expert=item[0], test_acc=f"{item[2]['test_accuracy']:.2f}")
-                bar.update(len(todo[first:first + group]))
-            bar.close()
-            return store
+        while group > 1 and todo:  # one process: groups of experts at once, each group stored when it is done
+            chunk = todo[:group]
+            try:
+                items = self._train_group(chunk, real, test, settings, bar)
+            except torch.cuda.OutOfMemoryError as error:
+                group = self._out_of_memory(len(chunk), error)  # the rest train one by one (below)
+                continue
+            for item in items:
+                store.add(*item)
+                bar.set_postfix(expert=item[0], test_acc=f"{item[2]['test_accuracy']:.2f}")
+            bar.update(len(chunk))
+            todo = todo[len(chunk):]
         # torchrun: experts in rounds of world_size, rank r trains the r-th of each round; rank 0 writes
         # every finished expert of a round before the next starts (an interruption keeps whole rounds).
         for first in range(0, len(todo), world.world_size):
@@ -616,6 +621,18 @@ class ExpertTraining:
         if p["together"] == AUTO and not use_together(self.device, p["together_group"]):
             return 1
         return p["together_group"]
+
+    def _out_of_memory(self, group: int, error: Exception) -> int:
+        """After ``group`` experts at once ran out of GPU memory: under ``params.together: auto`` a warning, and
+        the rest train one by one (returns 1); under ``true`` a BuildError that says what to lower."""
+        if self.params["together"] is True:
+            raise BuildError(f"{group} experts at once ran out of GPU memory ({str(error).splitlines()[0]}); lower "
+                             "params.together_group or set params.together: auto or false") from error
+        warnings.warn(f"{group} experts at once ran out of GPU memory; the remaining experts train one by one "
+                      "(lower params.together_group to keep training them together)", stacklevel=3)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return 1
 
     def _seeded(self, k: int, real: RealData) -> tuple[nn.Module, torch.Generator, int, int]:
         """Expert ``k``'s fresh network and data-order generator, and their seeds (from the recipe seed and

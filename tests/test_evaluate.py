@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+import builders.evaluate
 from builders.augment import Augmenter
 from builders.data import RealData
 from builders.evaluate import TrainSettings, evaluate_set, label_loss, run_seeds, train_network, train_runs
@@ -128,3 +129,21 @@ def test_train_runs_needs_a_seed_per_network():
     images, targets, settings, _ = _tiny_runs()
     with pytest.raises(ValueError, match="2 networks need as many seeds, got 1"):
         train_runs(_nets([1, 2]), images, targets, settings, [1])
+
+
+def test_train_runs_out_of_gpu_memory_at_once_trains_one_by_one(monkeypatch):
+    # a real out-of-memory needs a GPU: here train_together raises the error CUDA's allocator raises
+    images, targets, settings, seeds = _tiny_runs()
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(builders.evaluate, "train_together", out_of_memory)
+    monkeypatch.setattr(builders.evaluate, "use_together", lambda device, count: True)  # None: together here
+    with pytest.warns(UserWarning, match="2 networks at once ran out of GPU memory; they train one by one"):
+        fallback = train_runs(_nets(seeds), images, targets, settings, seeds)
+    plain = train_runs(_nets(seeds), images, targets, settings, seeds, together=False)
+    for a, b in zip(fallback, plain):
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        train_runs(_nets(seeds), images, targets, settings, seeds, together=True)

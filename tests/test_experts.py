@@ -8,8 +8,10 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 from torch.func import functional_call
 
+import builders.experts
 from builders.build import build, recipe_from_dict
 from builders.cli import build_command
+from builders.errors import BuildError
 from builders.experts import ExpertStore, ExpertStoreError, ParamLayout, expert_dir, flat_parameters
 from builders.networks import build_network
 from condensed_datasets.format import read_safetensors_metadata
@@ -182,3 +184,20 @@ def test_together_is_refused_where_it_cannot_apply(fashion_mnist_root, tmp_path)
     # auto on a CPU: one by one, as before
     store = run_experts(fashion_mnist_root, tmp_path / "auto", num_experts=2, epochs=1)
     assert all("trained_together" not in e for e in store.index["experts"])
+
+
+def _out_of_memory(*args, **kwargs):
+    raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def test_experts_at_once_out_of_gpu_memory_fall_back_to_one_by_one(fashion_mnist_root, tmp_path, monkeypatch):
+    # a real out-of-memory needs a GPU: here the group's training raises the error CUDA's allocator raises
+    plain = run_experts(fashion_mnist_root, tmp_path / "plain", num_experts=2, epochs=1, together=False)
+    monkeypatch.setattr(builders.experts, "use_together", lambda device, count: True)  # auto: together here
+    monkeypatch.setattr(builders.experts, "train_experts_together", _out_of_memory)
+    with pytest.warns(UserWarning, match="2 experts at once ran out of GPU memory; the remaining experts train one"):
+        fallback = run_experts(fashion_mnist_root, tmp_path / "auto", num_experts=2, epochs=1)
+    for a, b in zip(plain.index["experts"], fallback.index["experts"]):
+        assert (plain.path / a["file"]).read_bytes() == (fallback.path / b["file"]).read_bytes()
+    with pytest.raises(BuildError, match="ran out of GPU memory.*lower params.together_group"):
+        run_experts(fashion_mnist_root, tmp_path / "forced", num_experts=2, epochs=1, together=True)
