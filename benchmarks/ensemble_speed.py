@@ -43,7 +43,12 @@ import time
 
 import click
 import torch
-from machine import cpu_name, provenance, write_record  # benchmarks/machine.py (scripts run from benchmarks/)
+from machine import (  # benchmarks/machine.py (scripts run from benchmarks/)
+    cpu_name,
+    device_name,
+    provenance,
+    write_record,
+)
 from profiler_events import device_busy_us, python_operators
 from torch.profiler import ProfilerActivity, profile
 
@@ -155,8 +160,7 @@ def main(nets: int, epochs: int, rounds: int, model: str, device: str, record: b
         "sequential": {"wall_s_median": med("wall_s"), "cpu_s_median": med("cpu_s")},
         "by_form": by_form,
         **unpinned,
-        **provenance("ensemble_speed.py", torch.cuda.get_device_name(dev) if dev.type == "cuda" else
-                     f"cpu: {cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads", note),
+        **provenance("ensemble_speed.py", device_name(dev), note),
     }
     click.echo(json.dumps(result, indent=2))
     if record:
@@ -211,8 +215,7 @@ def _profile(nets: int, model: str, dev: torch.device, epochs: int, fresh, seeds
         }
         click.echo(f"{name}: " + json.dumps({k: v for k, v in result[name].items() if k != "table"}))
         click.echo(result[name]["table"])
-    result.update(provenance("ensemble_speed.py", torch.cuda.get_device_name(dev) if cuda else
-                             f"cpu: {cpu_name()}, {os.cpu_count()} cores", note))
+    result.update(provenance("ensemble_speed.py", device_name(dev), note))
     if record:
         stem = f"ensemble_profile{'' if forms == ['grouped'] else '_forms'}_{nets}x{model}_{dev.type}"
         click.echo(f"recorded {write_record(stem, result)}")
@@ -324,8 +327,7 @@ def _augment_timing(nets: int, dev: torch.device, rounds: int, record: bool, not
         "benchmark": f"augmentation of {nets} networks' batches of {batch} (28x28x1), DSA, draws included",
         "calls_per_run": calls, "runs": runs,
         "apply_many_over_packed_median": round(med("apply_many") / med("pack_apply_packed"), 3),
-        **provenance("ensemble_speed.py", torch.cuda.get_device_name(dev) if dev.type == "cuda"
-                     else f"cpu: {cpu_name()}, {os.cpu_count()} cores", note),
+        **provenance("ensemble_speed.py", device_name(dev), note),
     }
     click.echo(json.dumps(result, indent=2))
     if record:

@@ -19,7 +19,7 @@ import time
 
 import click
 import torch
-from machine import cpu_name, provenance, write_record  # benchmarks/machine.py (scripts run from benchmarks/)
+from machine import device_name, provenance, write_record  # benchmarks/machine.py (scripts run from benchmarks/)
 
 from builders.augment import Augmenter
 from builders.data import RealData
@@ -97,8 +97,7 @@ def main(experts: int, epochs: int, per_class: int, rounds: int, model: str, dev
         "speedup_wall_median": round(median("one_by_one", "wall_s") / median("together", "wall_s"), 3),
         "speedup_cpu_median": round(median("one_by_one", "cpu_s") / median("together", "cpu_s"), 3),
         "max_abs_parameter_difference": max(gaps),
-        **provenance("experts_speed.py", torch.cuda.get_device_name() if dev.type == "cuda"
-                     else f"cpu: {cpu_name()}, {torch.get_num_threads()} torch threads", note),
+        **provenance("experts_speed.py", device_name(dev), note),
     }
     click.echo(json.dumps(result, indent=1))
     if record:
