@@ -72,12 +72,13 @@ from builders.wide_convnet import check_form
 @click.option("--profile", "profile_steps", is_flag=True, help="Profile one network and N together instead.")
 @click.option("--forms", "forms_text", default="grouped", show_default=True, metavar="FORM,FORM",
               help="Forms of the wide step to time (or profile) against sequential: grouped, channels_last, split.")
-@click.option("--compare-unpinned", is_flag=True,
-              help="Also time sequential and the first form with host-to-GPU copies from pageable memory "
-                   "(builders.transfer.PIN_HOST_COPIES off), interleaved.")
+@click.option("--variants", "variants_text", default="", metavar="NAME,NAME",
+              help="Also time sequential and the first form under each variant, interleaved: unpinned (host-to-GPU "
+                   "copies from pageable memory, builders.transfer.PIN_HOST_COPIES off), cudnn_benchmark "
+                   "(torch.backends.cudnn.benchmark on).")
 @click.option("--note", default="")
 def main(nets: int, epochs: int, rounds: int, model: str, device: str, record: bool, count_ops: bool,
-         augment_timing: bool, profile_steps: bool, forms_text: str, compare_unpinned: bool, note: str) -> None:
+         augment_timing: bool, profile_steps: bool, forms_text: str, variants_text: str, note: str) -> None:
     """Time sequential vs together training of NETS networks."""
     try:
         forms = list(dict.fromkeys(check_form(f.strip()) for f in forms_text.split(",") if f.strip()))
@@ -85,6 +86,11 @@ def main(nets: int, epochs: int, rounds: int, model: str, device: str, record: b
         raise click.BadParameter(str(error), param_hint="--forms") from None
     if not forms:
         raise click.BadParameter("name at least one form", param_hint="--forms")
+    variants = list(dict.fromkeys(v.strip() for v in variants_text.split(",") if v.strip()))
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise click.BadParameter(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}",
+                                 param_hint="--variants")
     if count_ops:
         _count_ops(nets, model, record, note)
         return
@@ -121,9 +127,9 @@ def main(nets: int, epochs: int, rounds: int, model: str, device: str, record: b
         return
     runs = []
     cases = [("sequential", None, sequential), *(("together", f, lambda f=f: together(f)) for f in forms)]
-    if compare_unpinned:
-        cases += [("sequential_unpinned", None, lambda: _unpinned(sequential)),
-                  ("together_unpinned", forms[0], lambda: _unpinned(lambda: together(forms[0])))]
+    for variant in variants:
+        cases += [(f"sequential_{variant}", None, lambda v=variant: _under(v, sequential)),
+                  (f"together_{variant}", forms[0], lambda v=variant: _under(v, lambda: together(forms[0])))]
     for r in range(rounds):
         for mode, form, fn in cases:
             sync()
@@ -142,14 +148,15 @@ def main(nets: int, epochs: int, rounds: int, model: str, device: str, record: b
     by_form = {form: {"wall_s_median": med("wall_s", form), "cpu_s_median": med("cpu_s", form),
                       "speedup_wall_median": round(med("wall_s") / med("wall_s", form), 3),
                       "speedup_cpu_median": round(med("cpu_s") / med("cpu_s", form), 3)} for form in forms}
-    unpinned = {} if not compare_unpinned else {"unpinned": {
+    by_variant = {variant: {  # time under the variant / time as is (> 1: the variant is slower), and its speedup
         "form": forms[0],
-        "sequential_wall_s_median": med("wall_s", mode="sequential_unpinned"),
-        "together_wall_s_median": med("wall_s", forms[0], "together_unpinned"),
-        "pinning_gain_sequential": round(med("wall_s", mode="sequential_unpinned") / med("wall_s"), 3),
-        "pinning_gain_together": round(med("wall_s", forms[0], "together_unpinned") / med("wall_s", forms[0]), 3),
-        "speedup_wall_median": round(med("wall_s", mode="sequential_unpinned")
-                                     / med("wall_s", forms[0], "together_unpinned"), 3)}}
+        "sequential_wall_s_median": med("wall_s", mode=f"sequential_{variant}"),
+        "together_wall_s_median": med("wall_s", forms[0], f"together_{variant}"),
+        "sequential_time_ratio_to_default": round(med("wall_s", mode=f"sequential_{variant}") / med("wall_s"), 3),
+        "together_time_ratio_to_default": round(med("wall_s", forms[0], f"together_{variant}")
+                                                / med("wall_s", forms[0]), 3),
+        "speedup_wall_median": round(med("wall_s", mode=f"sequential_{variant}")
+                                     / med("wall_s", forms[0], f"together_{variant}"), 3)} for variant in variants}
     result = {
         "benchmark": f"{nets} x {model} trained together vs sequentially", "epochs": epochs, "set": "100 images",
         "together_mode": together_mode(fresh()[0]),
@@ -159,7 +166,7 @@ def main(nets: int, epochs: int, rounds: int, model: str, device: str, record: b
         "speedup_cpu_median": by_form[forms[0]]["speedup_cpu_median"],
         "sequential": {"wall_s_median": med("wall_s"), "cpu_s_median": med("cpu_s")},
         "by_form": by_form,
-        **unpinned,
+        **({"variants": by_variant} if variants else {}),
         **provenance("ensemble_speed.py", device_name(dev), note),
     }
     click.echo(json.dumps(result, indent=2))
@@ -168,13 +175,24 @@ def main(nets: int, epochs: int, rounds: int, model: str, device: str, record: b
         click.echo(f"recorded {path}")
 
 
-def _unpinned(fn) -> None:
-    """``fn()`` with host-to-GPU copies made from pageable memory, as before builders/transfer.py."""
-    transfer.PIN_HOST_COPIES = False
-    try:
-        fn()
-    finally:
-        transfer.PIN_HOST_COPIES = True
+#: What each ``--variants`` name changes for the runs under it.
+VARIANTS = {"unpinned": "host-to-GPU copies from pageable memory (builders.transfer.PIN_HOST_COPIES off)",
+            "cudnn_benchmark": "torch.backends.cudnn.benchmark on (cuDNN times its algorithms per shape)"}
+
+
+def _under(variant: str, fn) -> None:
+    """``fn()`` under ``variant`` (:data:`VARIANTS`), the default restored after."""
+    if variant == "unpinned":
+        transfer.PIN_HOST_COPIES = False
+        try:
+            fn()
+        finally:
+            transfer.PIN_HOST_COPIES = True
+    else:
+        with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, benchmark=True,
+                                        deterministic=torch.backends.cudnn.deterministic,
+                                        allow_tf32=torch.backends.cudnn.allow_tf32):
+            fn()
 
 
 def _profile(nets: int, model: str, dev: torch.device, epochs: int, fresh, seeds: list[int], images: torch.Tensor,

@@ -21,7 +21,8 @@ grandchild). Sections, in order:
 4. five ConvNets trained together against one after another (``ensemble_speed.py``), the same with each
    form of the wide step (``--forms grouped,channels_last,split``, section ``ensemble_forms``), and the
    profile of a step of each (``--profile``); the first form and sequential also with pageable host-to-GPU
-   copies (``--compare-unpinned``: what ``builders/transfer.py``'s pinned copies save);
+   copies and with ``cudnn.benchmark`` (``--variants unpinned,cudnn_benchmark``: what ``builders/transfer.py``'s
+   pinned copies save, and what cuDNN's own algorithm search would);
 4b. five experts trained at once against one by one, one CIFAR-10-shaped epoch each (``experts_speed.py``);
 5. the quickstart built at fp32 and at bf16-real, two seeds each (``precision_check.py``);
 6. DM against the reference on CIFAR-10-shaped images, ipc 50 (one round);
@@ -174,7 +175,7 @@ def main(reference: Path, fashion_mnist: Path, budget: float, out: Path, python:
     # sequential + 3 forms, each warmed up once and timed per round: about 2.5x the section above
     s.section("ensemble_forms", [f"{bench}/ensemble_speed.py", "--device", device, "--nets", "5",
                                  "--epochs", counts["epochs"], "--rounds", counts["rounds"],
-                                 "--forms", "grouped,channels_last,split", "--compare-unpinned", "--record"],
+                                 "--forms", "grouped,channels_last,split", "--variants", "unpinned,cudnn_benchmark", "--record"],
               needs=60, limit=240)  # and sequential and grouped with pageable host copies (builders/transfer.py)
     s.section("ensemble_profile", [f"{bench}/ensemble_speed.py", "--device", device, "--nets", "5", "--profile",
                                    "--forms", "grouped,channels_last,split",
