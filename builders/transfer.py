@@ -41,28 +41,12 @@ def to_device(tensor: Tensor, device: torch.device | str, dtype: torch.dtype | N
 
 
 def module_to_device(module: nn.Module, device: torch.device | str) -> nn.Module:
-    """``module.to(device)`` (in place; returns ``module``) with every parameter and buffer copied as
-    :func:`to_device` copies: a fresh network's weights, drawn on the host, reach the GPU without the host
-    waiting for the GPU's queued work. Falls back to ``module.to(device)`` where that cannot be done through
-    the state dict (:func:`movable_by_state_dict`)."""
+    """``module.to(device)`` (in place; returns ``module``) with its host parameters and buffers staged in
+    pinned memory first, as :func:`to_device` does: a fresh network's weights, drawn on the host, reach the GPU
+    without the host waiting for the GPU's queued work. Tied parameters stay tied."""
     device = torch.device(device)
-    if not any(_pins(t, device) for t in _tensors(module)) or not movable_by_state_dict(module):
-        return module.to(device)
-    moved = {name: to_device(value, device) for name, value in module.state_dict().items()}
-    module.to_empty(device=device)  # device storage for every tensor, filled by the assignment below
-    module.load_state_dict(moved, assign=True)  # the copies become the parameters (requires_grad kept)
-    return module
-
-
-def movable_by_state_dict(module: nn.Module) -> bool:
-    """Whether ``module``'s state dict holds each of its parameters and buffers exactly once (no
-    non-persistent buffer, no tensor shared between two names, no extra state), so that loading a moved
-    copy of it moves the whole module."""
-    tensors = _tensors(module)
-    state = module.state_dict()
-    return (len(state) == len(tensors) and len({t.data_ptr() for t in tensors}) == len(tensors)
-            and all(isinstance(v, Tensor) for v in state.values()))
-
-
-def _tensors(module: nn.Module) -> list[Tensor]:
-    return list(module.parameters()) + list(module.buffers())
+    with torch.no_grad():
+        for tensor in (*module.parameters(), *module.buffers()):
+            if _pins(tensor, device):
+                tensor.data = tensor.data.pin_memory()  # the same Parameter object, now page-locked
+    return module.to(device, non_blocking=True)

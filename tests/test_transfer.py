@@ -8,7 +8,7 @@ from torch import nn
 
 from builders import transfer
 from builders.networks import build_network
-from builders.transfer import module_to_device, movable_by_state_dict, to_device
+from builders.transfer import module_to_device, to_device
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -38,20 +38,7 @@ class _Tied(nn.Module):
         self.a = nn.Linear(3, 3)
         self.b = nn.Linear(3, 3)
         self.b.weight = self.a.weight  # one tensor under two names
-
-
-class _Scratch(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(3, 3)
-        self.register_buffer("scratch", torch.zeros(3), persistent=False)  # not in the state dict
-
-
-def test_movable_by_state_dict_only_when_it_holds_each_tensor_once():
-    assert movable_by_state_dict(build_network("ConvNet", 3, 10, (32, 32), seed=0))
-    assert movable_by_state_dict(build_network("ConvNetBN", 3, 10, (32, 32), seed=0))  # running stats: buffers
-    assert not movable_by_state_dict(_Tied())
-    assert not movable_by_state_dict(_Scratch())
+        self.register_buffer("scratch", torch.ones(3), persistent=False)  # not in the state dict
 
 
 @cuda
@@ -86,10 +73,11 @@ def test_module_to_device_moves_every_tensor_keeps_parameters_and_does_not_wait(
 
 
 @cuda
-def test_module_to_device_falls_back_for_tied_weights():
+def test_module_to_device_keeps_tied_weights_tied_and_moves_non_persistent_buffers():
     net = _Tied()
     module_to_device(net, "cuda")
     assert net.a.weight is net.b.weight and net.a.weight.is_cuda
+    assert net.scratch.is_cuda and torch.equal(net.scratch.cpu(), torch.ones(3))
 
 
 @cuda
