@@ -4,7 +4,8 @@ A *step* is a function of device tensors only (say, the batch's positions and it
 parameters) that runs the forward pass, the backward pass and the optimiser's step, with no host
 synchronisation and no Python branch on its inputs' values. :class:`GraphedStep` runs its first calls
 eagerly on a side stream (the warm-up that lazy initialisations and the optimiser's momentum buffers
-need), then captures one call per input shape with ``torch.cuda.graph`` and from then on replays it:
+need; a batch of another shape, say an epoch's last, gets its own), then captures one call per input
+shape with ``torch.cuda.graph`` and from then on replays it:
 the inputs are copied into the captured call's own tensors and the whole step is one launch. The
 arithmetic is the eager step's, kernel for kernel.
 
@@ -28,15 +29,16 @@ Key = tuple[tuple[tuple[int, ...], torch.dtype, torch.device], ...]
 class GraphedStep:
     """``step(*inputs)``, captured once per input shape and replayed on CUDA (eager elsewhere).
 
-    ``enabled``: capture at all (e.g. ``device.type == "cuda"``); ``warmup``: eager calls before the first
-    capture (at least one: the step's first call may synchronise, e.g. to inspect its loss function).
+    ``enabled``: capture at all (e.g. ``device.type == "cuda"``); ``warmup``: eager calls of each input shape
+    before its capture (at least one: the step's first call may synchronise, e.g. to inspect its loss function,
+    and a new shape's first call may initialise kernels or library workspaces lazily).
     """
 
     def __init__(self, step: Callable[..., None], enabled: bool, warmup: int = 2) -> None:
         if warmup < 1:
             raise ValueError(f"GraphedStep: warmup must be >= 1, got {warmup}")
         self.step, self.enabled, self.warmup = step, enabled, warmup
-        self.eager_calls = 0
+        self.eager_calls: dict[Key, int] = {}  # per input shape: eager warm-up calls made so far
         self.graphs: dict[Key, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]] = {}
         self.failure: str | None = None  # why capturing was given up, if it was
         self.replays = 0
@@ -57,8 +59,9 @@ class GraphedStep:
         key: Key = tuple((tuple(t.shape), t.dtype, t.device) for t in inputs)
         captured = self.graphs.get(key)
         if captured is None:
-            if self.eager_calls < self.warmup:
+            if self.eager_calls.get(key, 0) < self.warmup:
                 self._eager_on_side_stream(inputs)
+                self.eager_calls[key] = self.eager_calls.get(key, 0) + 1
                 return
             captured = self._capture(key, inputs)
             if captured is None:  # the capture failed: this call's step runs eagerly
@@ -78,7 +81,6 @@ class GraphedStep:
         with torch.cuda.stream(side):
             self.step(*inputs)
         current.wait_stream(side)
-        self.eager_calls += 1
 
     def _capture(self, key: Key, inputs: tuple[torch.Tensor, ...]
                  ) -> tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]] | None:

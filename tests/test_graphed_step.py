@@ -1,6 +1,8 @@
 """GraphedStep: a training step captured as a CUDA graph gives the eager step's results (GPU tests run
 only where CUDA is; on CPUs the step must simply run eagerly)."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -90,5 +92,23 @@ def test_a_step_that_cannot_be_captured_runs_eagerly_with_a_warning():
         _train(graphed, inputs)
     _train(plain_step, inputs)
     assert graphed.mode == "eager" and graphed.failure
+    for p, q in zip(model.parameters(), plain_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+@cuda
+def test_each_input_shape_is_warmed_up_and_captured_on_its_own():
+    # epochs of 16 + 12 positions: the last batch of each epoch has another shape (warm-up, then its own graph)
+    model, opt, step = _training("cuda")
+    plain_model, plain_opt, plain_step = _training("cuda")
+    graphed = GraphedStep(step, enabled=True, warmup=2)
+    full, last = _inputs(6, "cuda", batch=16), _inputs(6, "cuda", batch=12)
+    inputs = [args for pair in zip(full, last) for args in pair]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failed capture would warn
+        _train(graphed, inputs)
+    _train(plain_step, inputs)
+    torch.cuda.synchronize()
+    assert sorted(graphed.eager_calls.values()) == [2, 2] and len(graphed.graphs) == 2 and graphed.replays == 8
     for p, q in zip(model.parameters(), plain_model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
