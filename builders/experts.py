@@ -421,17 +421,18 @@ def train_experts_together(
     settings: ExpertSettings,
     generators: list[torch.Generator],
     *,
+    images: torch.Tensor | None = None,
     on_epoch: Callable[[int, float], None] | None = None,
 ) -> list[tuple[torch.Tensor, float]]:
     """``[train_expert(net, real, settings, g) for net, g in zip(nets, generators)]``, the networks trained at
     once (:func:`builders.ensemble.train_together`: the same batch orders and augmentation draws, the same
-    trajectories up to float rounding). The split's images are normalised once, as one float tensor on its
-    device. Plain SGD only (GSAM experts train one by one). ``on_epoch(epoch, mean train accuracy)``."""
+    trajectories up to float rounding). They read the split's images normalised once, as one float tensor on
+    its device: ``images`` (:func:`all_rows` of ``real``) when given, else made here. Plain SGD only (GSAM
+    experts train one by one). ``on_epoch(epoch, mean train accuracy)``."""
     if settings.gsam is not None:
         raise ValueError("train_experts_together: GSAM experts train one by one (train_expert)")
     n = len(real)
-    images = torch.cat([real.rows(torch.arange(start, min(n, start + 4096)))
-                        for start in range(0, n, 4096)])  # in chunks: the whitening's products stay small
+    images = all_rows(real) if images is None else images
     plan = TrainSettings(epochs=settings.epochs, lr=settings.lr, batch=settings.batch, momentum=0.0,
                          weight_decay=0.0, augmenter=settings.augmenter, lr_decay=False)
     snapshots = [[flat_parameters(net).cpu()] for net in nets]
@@ -448,6 +449,13 @@ def train_experts_together(
         net.train()
     train_together(nets, images, real.labels, plan, generators, label_loss, on_epoch_end=epoch_end)
     return [(torch.stack(s), a) for s, a in zip(snapshots, accuracies)]
+
+
+def all_rows(real: RealData, chunk: int = 4096) -> torch.Tensor:
+    """Every image of ``real`` in the build's space (:meth:`RealData.rows`), as one float tensor on its device,
+    made ``chunk`` images at a time (the whitening's products stay small)."""
+    n = len(real)
+    return torch.cat([real.rows(torch.arange(start, min(n, start + chunk))) for start in range(0, n, chunk)])
 
 
 def fit_split_zca(real: RealData, eps: float = DEFAULT_EPS, chunk: int = 4096) -> ZCA:
@@ -575,12 +583,14 @@ class ExpertTraining:
         bar = tqdm(total=len(todo), disable=not self.progress or not world.is_main,
                    desc=f"experts {r.source} {r.model}", unit="expert", dynamic_ncols=True)
         group = self._together_group(real, settings)
+        images = all_rows(real) if group > 1 and todo else None  # normalised once for every group
         while group > 1 and todo:  # one process: groups of experts at once, each group stored when it is done
             chunk = todo[:group]
             try:
-                items = self._train_group(chunk, real, test, settings, bar)
+                items = self._train_group(chunk, real, images, test, settings, bar)
             except torch.cuda.OutOfMemoryError as error:
                 group = self._out_of_memory(len(chunk), error)  # the rest train one by one (below)
+                images = None
                 continue
             for item in items:
                 store.add(*item)
@@ -654,8 +664,8 @@ class ExpertTraining:
         trajectory, train_acc = train_expert(net, real, settings, generator, on_epoch=report)
         return k, trajectory, self._record(net, test, init_seed, train_seed, train_acc)
 
-    def _train_group(self, ks: list[int], real: RealData, test: RealData, settings: ExpertSettings,
-                     bar: tqdm) -> list[tuple[int, torch.Tensor, dict[str, Any]]]:
+    def _train_group(self, ks: list[int], real: RealData, images: torch.Tensor | None, test: RealData,
+                     settings: ExpertSettings, bar: tqdm) -> list[tuple[int, torch.Tensor, dict[str, Any]]]:
         """Train experts ``ks`` at once (:func:`train_experts_together`): their (k, trajectory, index record)."""
         seeded = [self._seeded(k, real) for k in ks]
 
@@ -663,7 +673,7 @@ class ExpertTraining:
             bar.set_postfix(experts=f"{ks[0]}-{ks[-1]}", epoch=f"{epoch}/{settings.epochs}", train_acc=f"{acc:.1f}")
 
         done = train_experts_together([s[0] for s in seeded], real, settings, [s[1] for s in seeded],
-                                      on_epoch=report)
+                                      images=images, on_epoch=report)
         return [(k, trajectory, self._record(net, test, init_seed, train_seed, train_acc, together=len(ks)))
                 for k, (net, _, init_seed, train_seed), (trajectory, train_acc) in zip(ks, seeded, done)]
 
