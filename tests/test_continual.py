@@ -1,6 +1,8 @@
 """Class-incremental buffers: class orders, per-step memories of that step's classes only, the runner."""
 
+import io
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -131,7 +133,12 @@ def test_a_real_step_build_never_loads_future_classes(fashion_mnist_root, tmp_pa
 
 
 @pytest.mark.slow
-def test_a_tiny_continual_run_end_to_end(fashion_mnist_root, tmp_path):
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_tiny_continual_run_end_to_end(fashion_mnist_root, tmp_path, monkeypatch):
     spec = {"source": "fashionmnist", "root": str(fashion_mnist_root), "sets_root": str(tmp_path / "sets"),
             "out": str(tmp_path / "out"), "device": "cpu", "steps": 2, "ipc": 1, "orders": [0, 1], "runs": 2,
             "model": "ConvNetW32", "epochs": 1, "batch": 10, "augment": "none", "test_per_class": 5,
@@ -139,8 +146,11 @@ def test_a_tiny_continual_run_end_to_end(fashion_mnist_root, tmp_path):
                         "dm": {"recipe": "dm_fashionmnist.yaml",
                                "set": {"real_per_class": 20, "model": "ConvNetW32", "iterations": 1,
                                        "checkpoint_every": 0, "params.batch_real": 4}}}}
-    lines = []
-    result = run_continual(spec, progress=False, echo=lines.append)
+    lines, terminal = [], _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)  # progress bars show on a terminal
+    result = run_continual(spec, progress=True, echo=lines.append)
+    # one bar over every network's epochs: 2 methods x 2 orders x 2 steps x 2 runs x 1 epoch
+    assert "continual: training" in terminal.getvalue() and "16/16" in terminal.getvalue()
     written = json.loads((tmp_path / "out" / "continual.json").read_text())
     assert (tmp_path / "out" / "continual.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert written["summary"] == result["summary"]
