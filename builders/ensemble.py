@@ -25,7 +25,8 @@ with no host synchronisation, so it can be captured in a CUDA graph. On GPUs, wh
 device idle between kernel launches, this is the point; on a small CPU it is not faster (both cores are
 already busy with one network), so :func:`use_together` turns it on for CUDA only.
 
-Networks with BatchNorm (running statistics updated in place) are refused.
+Networks with BatchNorm are refused unless they are ConvNets (``ConvNetBN``), whose wide form keeps each
+network's running statistics apart and updates them as training alone does.
 """
 
 from __future__ import annotations
@@ -54,8 +55,9 @@ def use_together(device: torch.device, nets_per_call: int) -> bool:
 
 
 def can_train_together(net: nn.Module, settings: TrainSettings) -> bool:
-    """Whether networks like ``net`` can be trained together under ``settings``: no BatchNorm, no replayed
-    per-step learning rates, and no augmentation or DSA's (whose draws pack into one pass)."""
+    """Whether networks like ``net`` can be trained together under ``settings``: no BatchNorm outside the
+    ConvNet, no replayed per-step learning rates, and no augmentation or DSA's (whose draws pack into one
+    pass)."""
     return _refusal(net, settings) is None
 
 
@@ -66,9 +68,9 @@ def _refusal(net: nn.Module, settings: TrainSettings) -> str | None:
     if settings.augmenter is not None and not isinstance(settings.augmenter, Augmenter):
         return (f"{settings.augmenter!r} is not DSA's Augmenter (its draws cannot be packed for one pass over "
                 "the N networks); train these networks with train_network")
-    if uses_batch_statistics(net):
-        return ("networks with BatchNorm update running statistics in place; train them one by one with "
-                "train_network")
+    if uses_batch_statistics(net) and not widens(net):  # the wide ConvNet keeps each network's statistics apart
+        return ("networks with BatchNorm other than the ConvNet update running statistics in place under vmap; "
+                "train them one by one with train_network")
     return None
 
 
@@ -104,7 +106,7 @@ def train_together(
 ) -> list[nn.Module]:
     """Train every ``nets[i]`` in place with ``generators[i]``, as ``train_network`` would alone; returns them.
 
-    The networks must share class and parameter shapes and have no BatchNorm; ``images`` and
+    The networks must share class and parameter shapes and have no BatchNorm outside a ConvNet; ``images`` and
     ``targets`` are shared (same device as the networks); ``loss_fn(logits, targets)`` is the training
     loss of one network's batch (``builders.evaluate.label_loss`` for the evaluation protocol; a mean
     over rows, as that one is, is taken in one call for all networks, any other loss is vmapped).

@@ -145,7 +145,7 @@ def evaluate_images(
 
     ``progress``: a bar over runs x epochs (a string names it; quiet when output is not a terminal).
     ``together``: train the runs' networks together (:mod:`builders.ensemble`, the same trajectories up
-    to float rounding); None: on CUDA only. Sets with per-step lrs and BatchNorm networks train one by one.
+    to float rounding); None: on CUDA only. Sets with per-step lrs and BatchNorm networks other than ConvNets train one by one.
     """
     c, h, w = test.image_shape
     per_run = 1 if settings.step_lrs is not None else settings.epochs

@@ -495,7 +495,7 @@ class ExpertTraining:
         "optimizer": "sgd",
         # several experts trained at once (builders.ensemble): true, false, or "auto": on a GPU, where one
         # expert's small steps leave it idle; together_group of them at a time (5: chosen here, as the
-        # ensemble benchmark's 5 networks; not tuned). Plain SGD and networks without BatchNorm only.
+        # ensemble benchmark's 5 networks; not tuned). Plain SGD, and BatchNorm only in ConvNets.
         "together": AUTO,
         "together_group": 5,
         "rho_max": 0.01,
@@ -622,7 +622,7 @@ class ExpertTraining:
         plan = TrainSettings(epochs=settings.epochs, augmenter=settings.augmenter)
         why = ("GSAM experts train one by one" if settings.gsam is not None else
                "under torchrun each rank trains its experts one by one" if distributed.current().active else
-               f"model {self.recipe.model} cannot train together (BatchNorm)" if not can_train_together(probe, plan)
+               f"model {self.recipe.model} cannot train together (BatchNorm outside a ConvNet)" if not can_train_together(probe, plan)
                else None)
         if why is not None:
             if p["together"] is True:

@@ -52,12 +52,16 @@ _PER_CHANNEL = (nn.ReLU, nn.Sigmoid, nn.LeakyReLU, nn.SiLU, nn.AvgPool2d, nn.Max
 
 def widens(net: nn.Module) -> bool:
     """True when ``net`` is a ConvNet the wide form covers: any width, depth, activation and pooling,
-    instance / group / layer / no norm (BatchNorm, with its running statistics, is not covered)."""
-    if type(net) is not ConvNet or any(True for _ in net.buffers()):
+    instance / group / layer / batch / no norm (BatchNorm with affine weights, running statistics and a
+    fixed momentum, as ``nn.BatchNorm2d``'s defaults: each channel's statistics are its own network's)."""
+    if type(net) is not ConvNet:
         return False
     for layer in net.features:
         if isinstance(layer, nn.Conv2d):
             if layer.padding_mode != "zeros":
+                return False
+        elif isinstance(layer, nn.BatchNorm2d):
+            if not (layer.affine and layer.track_running_stats and layer.momentum is not None):
                 return False
         elif isinstance(layer, nn.LayerNorm):
             if len(layer.normalized_shape) != 3:
@@ -95,7 +99,7 @@ class WideConvNet:
 
     def __init__(self, nets: Sequence[nn.Module], form: str = "grouped") -> None:
         if not nets or not all(widens(net) for net in nets):
-            raise ValueError("WideConvNet: every network must be a ConvNet without BatchNorm (see widens)")
+            raise ValueError("WideConvNet: every network must be a ConvNet the wide form covers (see widens)")
         self.form = check_form(form)
         self.template: ConvNet = nets[0]  # type: ignore[assignment]
         self.count = len(nets)
@@ -103,6 +107,10 @@ class WideConvNet:
         self.params: dict[str, Tensor] = {  # kept in the layout the wide forward reads (no views per step)
             name: _to_wide(name, torch.stack([p[name].detach() for p in named]), form).requires_grad_(True)
             for name in named[0]
+        }
+        buffers = [dict(net.named_buffers()) for net in nets]
+        self.buffers: dict[str, Tensor] = {  # BatchNorm's running statistics, [N*C]; updated in place by training
+            name: torch.stack([b[name].detach() for b in buffers]).reshape(-1) for name in buffers[0]
         }
 
     def parameters(self) -> list[Tensor]:
@@ -127,6 +135,8 @@ class WideConvNet:
                 x = self._conv(x, layer, weight, bias)
             elif isinstance(layer, (nn.GroupNorm, nn.LayerNorm)):
                 x = self._norm(x, layer, weight, bias)
+            elif isinstance(layer, nn.BatchNorm2d):
+                x = self._batch_norm(x, layer, f"features.{i}", weight, bias)
             else:  # per-channel activation or pooling
                 x = layer(x)
         if self.form == "split":  # features [N, B, C*h*w], in ConvNet's flatten order
@@ -157,12 +167,29 @@ class WideConvNet:
             return F.group_norm(x, groups * self.count, weight, bias, layer.eps)
         return _affine(F.group_norm(x, self.count, eps=layer.eps), weight, bias)
 
+    def _batch_norm(self, x: Tensor, layer: nn.BatchNorm2d, prefix: str, weight: Tensor | None,
+                    bias: Tensor | None) -> Tensor:
+        """Training-mode BatchNorm: each channel normalised by its batch statistics, its running statistics
+        updated in place (``num_batches_tracked`` counted), as ``nn.BatchNorm2d`` does for each network; in
+        the split form one call per network on its own rows and its slice of the statistics."""
+        mean, var = self.buffers[f"{prefix}.running_mean"], self.buffers[f"{prefix}.running_var"]
+        with torch.no_grad():
+            self.buffers[f"{prefix}.num_batches_tracked"].add_(1)
+        args = (True, layer.momentum, layer.eps)
+        if self.form != "split":
+            return F.batch_norm(x, mean, var, weight, bias, *args)
+        n = self.count
+        return torch.cat([F.batch_norm(rows, m, v, w, b, *args) for rows, m, v, w, b
+                          in zip(x.chunk(n), mean.chunk(n), var.chunk(n), weight.chunk(n), bias.chunk(n))])
+
     @torch.no_grad()
     def write_back(self, nets: Sequence[nn.Module]) -> None:
-        """Copy network ``i``'s parameters into ``nets[i]``."""
+        """Copy network ``i``'s parameters and BatchNorm statistics into ``nets[i]``."""
         for i, net in enumerate(nets):
             for name, param in net.named_parameters():
                 param.copy_(_from_wide(name, self.params[name], self.count)[i])
+            for name, buffer in net.named_buffers():
+                buffer.copy_(self.buffers[name].view(self.count, -1)[i].view(buffer.shape))
 
 
 def _affine(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:

@@ -46,6 +46,7 @@ def _assert_same_trajectories(model, count, augment, targets=None, epochs=3, dev
     ("ConvNetW32", 4, None),
     ("ConvNetD2", 3, DSA),  # width 128, depth 2
     ("ConvNetLN", 2, "crop_scale"),  # layer norm: GroupNorm(N, N*C) and the elementwise affine
+    ("ConvNetBN", 3, DSA),  # batch norm: each network's running statistics (compared too) and batch counts
 ])
 def test_a_convnet_trained_wide_follows_its_trajectory_alone(model, count, augment, form):
     assert together_mode(build_network(model, 1, 10, (12, 12))) == "wide"
@@ -119,9 +120,12 @@ def test_an_unknown_wide_form_is_refused_with_the_valid_ones():
                        wide_form="nhwc")
 
 
-def test_the_wide_form_covers_convnets_without_batchnorm_only():
-    assert widens(build_network("ConvNet", 3, 10, (32, 32)))
-    for model in ("ConvNetBN", "MLP", "LeNet", "AlexNet"):
+def test_the_wide_form_covers_convnets_only():
+    assert widens(build_network("ConvNet", 3, 10, (32, 32))) and widens(build_network("ConvNetBN", 3, 10, (32, 32)))
+    cumulative = build_network("ConvNetBN", 3, 10, (32, 32))
+    next(m for m in cumulative.modules() if isinstance(m, torch.nn.BatchNorm2d)).momentum = None
+    assert not widens(cumulative)  # a cumulative average reads its batch count on the host each step
+    for model in ("MLP", "LeNet", "AlexNet", "AlexNetBN"):
         assert not widens(build_network(model, 3, 10, (32, 32)))
     with pytest.raises(ValueError, match="ConvNet"):
         WideConvNet([build_network("MLP", 3, 10, (32, 32))])
@@ -168,9 +172,10 @@ def test_apply_many_gives_each_batch_what_apply_gives_it():
     torch.testing.assert_close(augmenter.apply_many(batches, draws), want, rtol=1e-6, atol=1e-6)
 
 
-def test_batchnorm_networks_are_refused():
+def test_batchnorm_networks_other_than_the_convnet_are_refused():
     images, targets = _data()
-    nets = [build_network("ConvNetBN", 1, 10, (12, 12), seed=s) for s in (1, 2)]
+    nets = [torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                torch.nn.Linear(400, 10)) for _ in range(2)]
     with pytest.raises(ValueError, match="BatchNorm"):
         train_together(nets, images, targets, TrainSettings(epochs=1), [torch.Generator() for _ in nets], label_loss)
 

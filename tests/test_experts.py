@@ -179,7 +179,7 @@ def test_together_is_refused_where_it_cannot_apply(fashion_mnist_root, tmp_path)
     with pytest.raises(Exception, match="params.together"):
         recipe_from_dict({**EXPERTS, "params": {**EXPERTS["params"], "together": "yes"}})
     with pytest.raises(Exception, match="BatchNorm.*set params.together: auto or false"):
-        recipe = recipe_from_dict({**EXPERTS, "model": "ConvNetBN", "params": {**EXPERTS["params"], "together": True}})
+        recipe = recipe_from_dict({**EXPERTS, "model": "AlexNetBN", "params": {**EXPERTS["params"], "together": True}})
         build(recipe, out_root=tmp_path, data_root=fashion_mnist_root, device="cpu", progress=False)
     # auto on a CPU: one by one, as before
     store = run_experts(fashion_mnist_root, tmp_path / "auto", num_experts=2, epochs=1)
