@@ -113,7 +113,7 @@ def test_accuracy(net: nn.Module, test: RealData, batch: int = 1024) -> float:
     for start in range(0, len(test), batch):
         pos = torch.arange(start, min(start + batch, len(test)))
         pred = net(test.rows(pos)).argmax(1)
-        correct += int((pred == test.labels[pos.to(test.device)]).sum())
+        correct += int((pred == test.labels[to_device(pos, test.device)]).sum())
     return 100.0 * correct / len(test)
 
 
