@@ -47,6 +47,11 @@ def _train(step_fn, inputs, opt=None, drop_at=None, graphed=None):
         step_fn(*args)
 
 
+def _assert_same_parameters(model, plain_model):
+    for p, q in zip(model.parameters(), plain_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
 def test_disabled_runs_the_step_eagerly_every_call():
     model, opt, step = _training("cpu")
     plain_model, plain_opt, plain_step = _training("cpu")
@@ -73,8 +78,7 @@ def test_replayed_steps_give_the_eager_steps_parameters_through_a_learning_rate_
     _train(graphed, inputs, opt, drop_at=6, graphed=graphed)
     _train(plain_step, inputs, plain_opt, drop_at=6)
     assert graphed.mode == "graph" and graphed.replays == 12 - 2
-    for p, q in zip(model.parameters(), plain_model.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    _assert_same_parameters(model, plain_model)
 
 
 @cuda
@@ -92,8 +96,7 @@ def test_a_step_that_cannot_be_captured_runs_eagerly_with_a_warning():
         _train(graphed, inputs)
     _train(plain_step, inputs)
     assert graphed.mode == "eager" and graphed.failure
-    for p, q in zip(model.parameters(), plain_model.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    _assert_same_parameters(model, plain_model)
 
 
 @cuda
@@ -110,5 +113,4 @@ def test_each_input_shape_is_warmed_up_and_captured_on_its_own():
     _train(plain_step, inputs)
     torch.cuda.synchronize()
     assert sorted(graphed.eager_calls.values()) == [2, 2] and len(graphed.graphs) == 2 and graphed.replays == 8
-    for p, q in zip(model.parameters(), plain_model.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    _assert_same_parameters(model, plain_model)
