@@ -564,7 +564,8 @@ class ExpertTraining:
         settings = ExpertSettings(epochs=p["epochs"], lr=p["lr_teacher"], batch=p["batch"], augmenter=augmenter,
                                   gsam=gsam)
         c, h, w = real.image_shape
-        layout = ParamLayout.of(build_network(r.model, c, real.num_classes, (h, w), seed=0))
+        probe = build_network(r.model, c, real.num_classes, (h, w), seed=0)  # the architecture, for its layout
+        layout = ParamLayout.of(probe)
         world = distributed.current()
         store, zca = None, None
         if world.is_main:  # one rank reads and writes the store; under torchrun the others are told
@@ -582,7 +583,7 @@ class ExpertTraining:
         todo = [k for k in range(p["num_experts"]) if not store.has(k)]
         bar = tqdm(total=len(todo), disable=not self.progress or not world.is_main,
                    desc=f"experts {r.source} {r.model}", unit="expert", dynamic_ncols=True)
-        group = self._together_group(real, settings)
+        group = self._together_group(probe, settings)
         images = all_rows(real) if group > 1 and todo else None  # normalised once for every group
         while group > 1 and todo:  # one process: groups of experts at once, each group stored when it is done
             chunk = todo[:group]
@@ -612,13 +613,11 @@ class ExpertTraining:
         store.index = distributed.broadcast_object(store.index)  # every rank returns the finished store
         return store
 
-    def _together_group(self, real: RealData, settings: ExpertSettings) -> int:
-        """How many experts train at once under ``params.together`` here (1: one by one)."""
+    def _together_group(self, probe: nn.Module, settings: ExpertSettings) -> int:
+        """How many experts (networks like ``probe``) train at once under ``params.together`` here (1: one by one)."""
         p = self.params
         if p["together"] is False or p["together_group"] == 1:
             return 1
-        c, h, w = real.image_shape
-        probe = build_network(self.recipe.model, c, real.num_classes, (h, w), seed=0)
         plan = TrainSettings(epochs=settings.epochs, augmenter=settings.augmenter)
         why = ("GSAM experts train one by one" if settings.gsam is not None else
                "under torchrun each rank trains its experts one by one" if distributed.current().active else

@@ -44,6 +44,7 @@ from builders.net_init import NET_INITS, init_network_
 from builders.networks import build_network
 from builders.recipe import check_at_least, check_choice
 from builders.registry import register
+from builders.transfer import to_device
 from condensed_datasets.sources import get_source
 
 if TYPE_CHECKING:
@@ -86,7 +87,7 @@ def unrolled_loss(
     num_classes = images.shape[0] // ipc
     params = {name: p.detach().requires_grad_(True) for name, p in net.named_parameters()}
     for t in range(lrs.shape[0]):
-        rows = step_rows(ipc, num_classes, t).to(images.device)
+        rows = to_device(step_rows(ipc, num_classes, t), images.device)
         loss = F.cross_entropy(functional_call(net, params, (images[rows],)), labels[rows])
         grads = torch.autograd.grad(loss, list(params.values()), create_graph=True, allow_unused=True,
                                     materialize_grads=True)

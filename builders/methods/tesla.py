@@ -101,7 +101,7 @@ class _ConstantMemoryMatching(torch.autograd.Function):
                 else traj.share_of(step)  # a batch split: this rank's share, its terms summed below
             idx = to_device(positions, images.device)
             with torch.enable_grad():
-                theta = ctx.thetas[step].to(images.device).detach().requires_grad_(True)
+                theta = to_device(ctx.thetas[step], images.device).detach().requires_grad_(True)
                 x_leaf = images[idx].detach().requires_grad_(want_images)
                 x = traj.augmenter.apply(x_leaf, draw) if draw is not None else x_leaf
                 y_leaf = labels[idx].detach()
