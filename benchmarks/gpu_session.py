@@ -48,11 +48,9 @@ import time
 from pathlib import Path
 
 import click
-from machine import write_record  # benchmarks/machine.py (scripts run from benchmarks/)
+from machine import RESULTS_ENV, results_dir, write_record  # benchmarks/machine.py (scripts run from benchmarks/)
 
 REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "benchmarks" / "results"
-
 
 class Session:
     """Runs sections against one deadline and mirrors the log and new records to ``out``."""
@@ -60,7 +58,8 @@ class Session:
     def __init__(self, out: Path, budget: float, python: str, only: set[str] | None = None) -> None:
         self.out, self.python, self.only = out, python, only
         self.deadline = time.monotonic() + budget
-        self.before = set(RESULTS.glob("*.json"))
+        self.results = results_dir()  # the sections inherit $BENCHMARK_RESULTS_DIR
+        self.before = set(self.results.glob("*.json"))
         self.log = out / "session.log"
         self.logs = Path(tempfile.mkdtemp(prefix="gpu_session_logs_"))  # packed into records.tar.gz
         self.summary: list[dict] = []
@@ -102,7 +101,7 @@ class Session:
         return rc
 
     def new_records(self) -> list[Path]:
-        return sorted(set(RESULTS.glob("*.json")) - self.before)
+        return sorted(set(self.results.glob("*.json")) - self.before)
 
     def save(self) -> None:
         """The records and section logs so far, as one archive in ``out`` (the device tool returns few files)."""
@@ -148,6 +147,8 @@ def main(reference: Path, fashion_mnist: Path, budget: float, out: Path, python:
          reference_pythonpath: str, smoke: bool, only: str) -> None:
     """Measure the GPU figures of issues 11 and 17 within BUDGET seconds."""
     out.mkdir(parents=True, exist_ok=True)
+    if smoke:  # measures nothing: its records go to a temporary folder, never benchmarks/results/
+        os.environ[RESULTS_ENV] = tempfile.mkdtemp(prefix="gpu_session_smoke_records_")
     s = Session(out, budget, python, {name.strip() for name in only.split(",") if name.strip()} or None)
     os.environ["CONDENSED_FASHION_MNIST_DIR"] = str(fashion_mnist.resolve())
     os.environ["PYTHONUNBUFFERED"] = "1"

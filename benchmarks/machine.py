@@ -43,19 +43,29 @@ def provenance(script: str, device: str, note: str = "") -> dict[str, str]:
 
 
 RESULTS = Path(__file__).parent / "results"
+#: Environment variable naming another folder for records (``gpu_session.py --smoke`` points it at a
+#: temporary one: a smoke run measures nothing and must not add records to ``results/``).
+RESULTS_ENV = "BENCHMARK_RESULTS_DIR"
+
+
+def results_dir() -> Path:
+    """Where records go: ``$BENCHMARK_RESULTS_DIR`` when set, else ``benchmarks/results``."""
+    override = os.environ.get(RESULTS_ENV)
+    return Path(override) if override else RESULTS
 
 
 def write_record(stem: str, record: dict) -> Path:
-    """Write ``record`` as ``results/<stem>_<date>.json`` and return the path; never replaces a record.
+    """Write ``record`` as ``<results_dir()>/<stem>_<date>.json`` and return the path; never replaces a record.
 
     ``date`` is the record's own (its first 10 characters); when that file exists (an earlier run on the
     same day), the name gets ``_2``, ``_3``, ... before ``.json``.
     """
-    RESULTS.mkdir(exist_ok=True)
+    folder = results_dir()
+    folder.mkdir(parents=True, exist_ok=True)
     base = f"{stem}_{str(record['date'])[:10]}"
-    path, n = RESULTS / f"{base}.json", 1
+    path, n = folder / f"{base}.json", 1
     while path.exists():
         n += 1
-        path = RESULTS / f"{base}_{n}.json"
+        path = folder / f"{base}_{n}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
     return path
