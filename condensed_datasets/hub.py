@@ -101,8 +101,8 @@ __all__ = [
     "sha256_file",
 ]
 
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
+_COMMIT = re.compile(r"^[0-9a-f]{40}\Z")
 _TRUE = {"1", "ON", "YES", "TRUE"}
 
 RepositoryNotFoundError = hf_errors.RepositoryNotFoundError
@@ -214,7 +214,7 @@ def read_record(path: str | os.PathLike) -> dict[str, Any] | None:
     """The download record of a set file (repo_id, revision, commit, sha256, ...), or None (not a download)."""
     try:
         record = json.loads(record_path(path).read_text("utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     return record if isinstance(record, dict) and isinstance(record.get("sha256"), str) else None
 
