@@ -419,16 +419,25 @@ def download_set(
     repo, rev = _checked(repo_id or default_repo_id(name), revision)
     filename = set_filename(method, ipc)
     dest = set_path(root, name, method, ipc)
+    if dest.exists() and not dest.is_file():
+        raise HubError(f"{dest} is not a file (a folder or other entry is in the way of the download); "
+                       "move it away and retry")
     dest.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(dest.parent / f".{filename}.lock"), timeout=LOCK_TIMEOUT_S)
     try:
-        with lock:
-            return _download_locked(dest, root, name, method, int(ipc), repo, rev, filename)
+        lock.acquire()
     except LockTimeout:
         raise HubError(
             f"another process has been downloading {dest} for more than {LOCK_TIMEOUT_S:.0f} s "
             f"(lock {lock.lock_file}); if none is, delete the lock file and retry"
         ) from None
+    except OSError as exc:  # a folder or a symbolic link where the lock file goes
+        raise HubError(f"cannot take the download lock {lock.lock_file} ({exc}); it must be a plain file or "
+                       "absent: remove it and retry") from None
+    try:
+        return _download_locked(dest, root, name, method, int(ipc), repo, rev, filename)
+    finally:
+        lock.release()
 
 
 def _download_locked(dest: Path, root: str | os.PathLike, source: str, method: str, ipc: int, repo: str,
