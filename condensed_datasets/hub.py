@@ -422,7 +422,11 @@ def download_set(
     if dest.exists() and not dest.is_file():
         raise HubError(f"{dest} is not a file (a folder or other entry is in the way of the download); "
                        "move it away and retry")
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # root (or a folder under it) is a file, or cannot be written
+        raise HubError(f"cannot make the folder {dest.parent} for the download ({exc}); pass a root folder "
+                       "you can write to") from None
     lock = FileLock(str(dest.parent / f".{filename}.lock"), timeout=LOCK_TIMEOUT_S)
     try:
         lock.acquire()

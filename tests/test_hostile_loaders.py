@@ -264,6 +264,8 @@ def test_a_folder_where_the_set_goes_or_a_root_that_is_a_file_is_a_clear_error(
     for download in (False, True):  # was "not found" / NotADirectoryError
         with pytest.raises(SetNotFoundError, match="is a file, not a folder"):
             CondensedFashionMNIST(afile, "dm", 1, download=download, repo_id=REPO)
+    with pytest.raises(HubError, match="cannot make the folder"):  # was NotADirectoryError
+        hub.download_set(afile, "fashionmnist", "dm", 1, repo_id=REPO)
     assert afile.read_text() == "x"
     with pytest.raises(TypeError, match="root must be a folder path"):
         CondensedFashionMNIST(None, "dm", 1)  # type: ignore[arg-type]
