@@ -39,6 +39,13 @@ def storage_problem(storage: Any) -> str | None:
     return None
 
 
+def _check_drop_factor(kept: Any, length: int) -> None:
+    """StorageError unless ``kept`` is an int >= 1 and at least 1/MAX_DROP_FACTOR of ``length`` patches."""
+    if isinstance(kept, bool) or not isinstance(kept, int) or kept < 1 or length > MAX_DROP_FACTOR * kept:
+        raise StorageError(f"storage keeps {kept!r} of {length} patches per image, under 1/{MAX_DROP_FACTOR} of them "
+                           "(or none); not a patch-dropped set this package reads")
+
+
 def _stats(normalization: dict[str, Any], channels: int) -> tuple[torch.Tensor, torch.Tensor]:
     mean = torch.tensor(normalization["mean"], dtype=torch.float32).view(1, -1, 1, 1)
     std = torch.tensor(normalization["std"], dtype=torch.float32).view(1, -1, 1, 1)
@@ -127,6 +134,7 @@ def encode_images(
         raise StorageError("every image must keep the same number of patches")
     if storage.get("kept") != (int(kept[0]) if len(kept) else storage.get("kept")):
         raise StorageError(f"storage kept={storage.get('kept')!r}, but the mask keeps {int(kept[0])} patches")
+    _check_drop_factor(storage.get("kept"), grid[0] * grid[1])  # what is written must load
     patches = patchify(images, p)
     if (patches[~flat] != 0).any():
         raise StorageError("dropped patches must be 0 (the normalisation's mean) in the images")
@@ -160,9 +168,7 @@ def decode_images(
     p, kept = storage.get("patch_size"), storage.get("kept")
     grid = patch_grid(shape, p)
     n, length = patches.shape[0], grid[0] * grid[1]
-    if length > MAX_DROP_FACTOR * kept:
-        raise StorageError(f"storage keeps {kept} of {length} patches per image, under 1/{MAX_DROP_FACTOR} of them; "
-                           "not a patch-dropped set this package reads")
+    _check_drop_factor(kept, length)
     if tuple(patches.shape) != (n, kept, shape[0], p, p) or tuple(bits.shape) != (n, -(-length // 8)):
         raise StorageError(f"patches {tuple(patches.shape)} / patch_mask {tuple(bits.shape)} do not match "
                            f"{kept} kept {p}x{p} patches of {shape} images")

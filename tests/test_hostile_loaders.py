@@ -203,6 +203,11 @@ def test_a_patch_dropped_set_still_round_trips() -> None:
                         storage={"images": "patches", "patch_size": 4, "kept": 21}, patch_mask=mask)
     back = CondensedSet.from_bytes(cset.to_bytes())
     assert torch.equal(back.images, cset.images) and torch.equal(back.patch_mask, mask)
+    one = torch.zeros(10, 14, 14, dtype=torch.bool)
+    one[:, 0, 0] = True  # 1 of 196 2x2 patches: a file the loader would refuse is never written
+    with pytest.raises(CondensedSetError, match="under 1/64"):
+        CondensedSet(images * 0, torch.arange(10), source="fashionmnist", method="dq", ipc=1,
+                     storage={"images": "patches", "patch_size": 2, "kept": 1}, patch_mask=one)
 
 
 _SMALL_JSON = st.none() | st.booleans() | st.integers(-3, 40) | st.sampled_from([4.0, 1e300, "4", "uint8", "patches"])
