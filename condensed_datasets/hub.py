@@ -179,15 +179,25 @@ def _server_error(exc: BaseException | None) -> int | None:
     return None
 
 
+def _refused(exc: BaseException, filename: str, repo_id: str, revision: str) -> HubError:
+    """A HubError for an HTTP answer that is neither "not found" nor a server error (401, 403, 429, ...)."""
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return HubError(f"{hub_endpoint()} refused {filename} of {_where(repo_id, revision)} (HTTP {status}: {first}); "
+                    "check the token (HF_TOKEN), repo_id and HF_ENDPOINT.")
+
+
 def _library() -> dict[str, str]:
     version = getattr(sys.modules.get("condensed_datasets"), "__version__", "0")
     return {"library_name": "condensed-datasets", "library_version": str(version)}
 
 
 def _network_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean "the hub could not be reached" (whatever HTTP client huggingface_hub uses)."""
+    """Exceptions that mean "the hub could not be reached", or its redirects not followed (a redirect loop),
+    whatever HTTP client huggingface_hub uses."""
     errors: list[type[BaseException]] = [OSError]
-    for module, name in (("httpx2", "TransportError"), ("httpx", "TransportError"), ("requests", "RequestException")):
+    for module, name in (("httpx2", "TransportError"), ("httpx", "TransportError"), ("requests", "RequestException"),
+                         ("httpx2", "TooManyRedirects"), ("httpx", "TooManyRedirects")):
         cls = getattr(sys.modules.get(module), name, None)
         if isinstance(cls, type) and issubclass(cls, BaseException):
             errors.append(cls)
@@ -349,9 +359,12 @@ def fetch_index(repo_id: str, revision: str | None = None) -> dict[str, Any] | N
         raise _not_found(exc, repo_id, revision, HUB_INDEX_NAME) from None
     except HfHubHTTPError as exc:
         if _server_error(exc) is None:
-            raise
+            raise _refused(exc, HUB_INDEX_NAME, repo_id, revision) from exc
         raise HubServerError(f"{hub_endpoint()} answered HTTP {_server_error(exc)} (a server error) for "
                              f"{HUB_INDEX_NAME} of {_where(repo_id, revision)}; retry later") from exc
+    except _network_errors() as exc:  # what hf_hub_download does not turn into "not in the cache": a redirect loop
+        raise HubOfflineError(f"cannot read {HUB_INDEX_NAME} of {_where(repo_id, revision)}: {hub_endpoint()} "
+                              f"could not be followed ({type(exc).__name__}: {exc})") from exc
     return parse_index(path.read_bytes(), f"{HUB_INDEX_NAME} of {_where(repo_id, revision)}")
 
 
@@ -381,6 +394,14 @@ def list_repo(repo_id: str, revision: str | None = None, source: str | None = No
         files = HfApi(endpoint=hub_endpoint()).list_repo_files(repo_id, repo_type=REPO_TYPE, revision=revision)
     except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
         raise _not_found(exc, repo_id, revision, HUB_INDEX_NAME) from None
+    except HfHubHTTPError as exc:
+        if _server_error(exc) is not None:
+            raise HubServerError(f"{hub_endpoint()} answered HTTP {_server_error(exc)} (a server error) listing "
+                                 f"{_where(repo_id, revision)}; retry later") from exc
+        raise _refused(exc, "the file list", repo_id, revision) from exc
+    except _network_errors() as exc:
+        raise HubOfflineError(f"cannot list {_where(repo_id, revision)}: {hub_endpoint()} could not be reached "
+                              f"({type(exc).__name__}: {exc})") from exc
     try:
         guess = canonical_source(source or repo_id.rsplit("/", 1)[-1].removeprefix("condensed-"))
     except UnknownNameError:
@@ -458,7 +479,7 @@ def _download_locked(dest: Path, root: str | os.PathLike, source: str, method: s
         raise HubNotFoundError(f"{exc} {hint}", kind=exc.kind) from None
     except HfHubHTTPError as exc:
         if _server_error(exc) is None:
-            raise
+            raise HubError(f"{_refused(exc, filename, repo, rev)} {hint}") from exc
         return _from_cache(dest, repo, rev, filename, source, method, ipc,
                            reason=f"the hub at {hub_endpoint()} answered HTTP {_server_error(exc)} (a server error)",
                            hint=f"Retry later. {hint}", error=HubServerError)

@@ -305,6 +305,28 @@ def test_a_file_that_changes_between_the_hubs_answer_and_the_download_writes_not
     assert left == [".dm_ipc1.safetensors.lock"]
 
 
+def test_a_redirect_loop_is_a_hub_error_and_writes_nothing(tmp_path: Path, server: HubServer) -> None:
+    _serve(server)
+    (server.repo_dir(REPO) / "index.json").write_text(json.dumps({"index_version": 1, "files": {}}))
+    for name in ("dm_ipc1.safetensors", "index.json"):
+        loop = f"/datasets/{REPO}/resolve/main/{name}"
+        server.redirect = {loop: loop}
+        with pytest.raises(HubError, match="TooManyRedirects"):  # was httpx2.TooManyRedirects
+            hub.download_set(tmp_path, "fashionmnist", "dm", 1, repo_id=REPO) if name != "index.json" \
+                else hub.list_repo(REPO)
+    assert not set_path(tmp_path, "fashionmnist", "dm", 1).exists()
+
+
+def test_a_refusal_other_than_not_found_is_a_hub_error(tmp_path: Path, server: HubServer) -> None:
+    _serve(server)  # no index.json: listing reads the file list
+    server.fail = {"/resolve/main/dm_ipc1.safetensors": 403, "/tree/": 403}
+    with pytest.raises(HubError, match="HTTP 403"):  # was huggingface_hub's HfHubHTTPError
+        hub.download_set(tmp_path, "fashionmnist", "dm", 1, repo_id=REPO)
+    with pytest.raises(HubError, match="HTTP 403"):
+        hub.list_repo(REPO)
+    assert not set_path(tmp_path, "fashionmnist", "dm", 1).exists()
+
+
 # -- 5. damaged real-data files -------------------------------------------------------------------------------
 def _idx(dims: tuple[int, ...], payload: bytes) -> bytes:
     return struct.pack(">HBB", 0, 0x08, len(dims)) + struct.pack(f">{len(dims)}I", *dims) + payload
