@@ -546,7 +546,10 @@ def _from_cache(dest: Path, repo: str, rev: str, filename: str, source: str, met
             f"{reason}, and {filename} of {_where(repo, rev)} is not in the Hugging Face cache "
             f"({hub_cache_dir()}).{(' ' + problem) if problem else ''} {hint}"
         ) from None
-    data = cached.read_bytes()
+    try:
+        data = cached.read_bytes()
+    except OSError as exc:  # a folder (or an unreadable entry) in the cache where the file should be
+        raise error(f"{reason}, and the cached copy {cached} cannot be read ({exc}); remove it. {hint}") from None
     blob = Path(os.path.realpath(cached)).name
     got = _sha256(data)
     if _SHA256.match(blob) and got != blob:

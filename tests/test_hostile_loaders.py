@@ -19,7 +19,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from hubserver import HubServer
+from hubserver import HubServer, go_offline
 from PIL import Image
 from safetensors.torch import save as st_save
 
@@ -325,6 +325,26 @@ def test_a_refusal_other_than_not_found_is_a_hub_error(tmp_path: Path, server: H
     with pytest.raises(HubError, match="HTTP 403"):
         hub.list_repo(REPO)
     assert not set_path(tmp_path, "fashionmnist", "dm", 1).exists()
+
+
+def test_offline_a_damaged_cache_entry_is_a_hub_error(tmp_path: Path, server: HubServer,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    _serve(server)
+    hub.download_set(tmp_path / "first", "fashionmnist", "dm", 1, repo_id=REPO)
+    go_offline(monkeypatch)
+    (snapshot,) = Path(hub.hub_cache_dir()).rglob("snapshots/*/dm_ipc1.safetensors")
+    victim = tmp_path / "victim.safetensors"
+    victim.write_bytes(b"not a set")
+    snapshot.unlink()
+    snapshot.symlink_to(victim)  # a cache entry that points outside the cache
+    with pytest.raises(HubError, match="not a valid condensed set"):
+        CondensedFashionMNIST(tmp_path / "second", "dm", 1, download=True, repo_id=REPO)
+    assert victim.read_bytes() == b"not a set"
+    snapshot.unlink()
+    snapshot.mkdir()  # a folder where the cached file should be
+    with pytest.raises(HubError, match="cannot be read"):  # was IsADirectoryError
+        CondensedFashionMNIST(tmp_path / "second", "dm", 1, download=True, repo_id=REPO)
+    assert not set_path(tmp_path / "second", "fashionmnist", "dm", 1).exists()
 
 
 # -- 5. damaged real-data files -------------------------------------------------------------------------------
