@@ -447,7 +447,29 @@ def test_a_sound_miniature_tiny_imagenet_still_loads(tmp_path: Path) -> None:
     assert x.shape == (1, 3, 64, 64) and y.tolist() == [0]
 
 
-# -- 6. class-incremental step memories from the hub; the buffer's arguments --------------------------------------
+# -- 6. a stranger's MAE folder for refilling dropped patches -------------------------------------------------
+class _NotATensor:
+    """Pickled into a weights file: the weights-only unpickler refuses it (and never runs it)."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (print, ("never printed",))
+
+
+def test_a_pickled_mae_folder_with_more_than_tensors_is_refused_clearly(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    from condensed_datasets.mae_refill import load_mae
+
+    config = transformers.ViTMAEConfig(image_size=32, patch_size=16, hidden_size=16, num_hidden_layers=1,
+                                       num_attention_heads=2, intermediate_size=16, decoder_hidden_size=16,
+                                       decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
+                                       decoder_intermediate_size=16)
+    config.save_pretrained(tmp_path)
+    torch.save({"x": _NotATensor()}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(RuntimeError, match="not readable"):  # was pickle.UnpicklingError
+        load_mae(tmp_path)
+
+
+# -- 7. class-incremental step memories from the hub; the buffer's arguments --------------------------------------
 def test_a_step_memory_of_other_classes_from_the_hub_is_never_written(tmp_path: Path, server: HubServer) -> None:
     repo = "someone/condensed-fashionmnist"
     folder = server.repo_dir(repo) / "classes"
