@@ -364,7 +364,7 @@ def fetch_index(repo_id: str, revision: str | None = None) -> dict[str, Any] | N
                              f"{HUB_INDEX_NAME} of {_where(repo_id, revision)}; retry later") from exc
     except _network_errors() as exc:  # what hf_hub_download does not turn into "not in the cache": a redirect loop
         raise HubOfflineError(f"cannot read {HUB_INDEX_NAME} of {_where(repo_id, revision)}: {hub_endpoint()} "
-                              f"could not be followed ({type(exc).__name__}: {exc})") from exc
+                              f"could not be reached or followed ({type(exc).__name__}: {exc})") from exc
     return parse_index(path.read_bytes(), f"{HUB_INDEX_NAME} of {_where(repo_id, revision)}")
 
 
