@@ -150,7 +150,7 @@ def parse_index(data: bytes | str, name: str = HUB_INDEX_NAME) -> dict[str, Any]
     """Parse and check an ``index.json`` document; raises IndexFormatError naming ``name`` when it is malformed."""
     try:
         index = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # ValueError: also bad UTF-8 and numbers of > 4300 digits
         raise IndexFormatError(f"{name} is not JSON: {exc}") from exc
     if not isinstance(index, dict) or not isinstance(index.get("files"), dict):
         raise IndexFormatError(f"{name} is not a condensed-datasets index (no 'files' mapping)")
@@ -168,7 +168,7 @@ def parse_index(data: bytes | str, name: str = HUB_INDEX_NAME) -> dict[str, Any]
     return {**index, "files": files}
 
 
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
 _ENTRY_NUMBERS = ("accuracy_mean", "accuracy_std", "improvement_over_random", "random_accuracy_mean")
 _ENTRY_COUNTS = ("size", "num_images", "format_version")
 

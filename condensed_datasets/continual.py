@@ -37,7 +37,7 @@ from condensed_datasets.datasets import TARGET_TYPES
 from condensed_datasets.errors import CondensedDatasetsError, SetNotFoundError, UnknownNameError
 from condensed_datasets.format import CondensedSet
 from condensed_datasets.hub import hub_cache_dir, hub_endpoint, hub_offline
-from condensed_datasets.paths import check_repo_id, check_revision, subset_set_path
+from condensed_datasets.paths import check_ipc, check_repo_id, check_revision, subset_set_path
 from condensed_datasets.sources import get_source
 
 Builder = Callable[[str, str, int, list[int], Path], Path]
@@ -110,7 +110,9 @@ class ClassIncrementalBuffer:
         self.info = get_source(source)
         self.source = self.info.name
         self.method = str(method)
-        self.ipc = int(ipc)
+        self.ipc = check_ipc(ipc)
+        if isinstance(steps, bool) or not isinstance(steps, int):
+            raise UnknownNameError(f"steps must be an int (0: add steps with add_step), got {steps!r}")
         self.order_seed = int(order_seed)
         self.root = Path(root).expanduser()
         self.build = build
@@ -191,7 +193,7 @@ class ClassIncrementalBuffer:
             return path
         if self.download:
             try:
-                return self._download(path)
+                return self._download(path, step)
             except (OSError, CondensedDatasetsError) as exc:  # hub client errors are OSErrors
                 if not self.build:
                     raise SetNotFoundError(f"could not download step {step}'s set {path.name}: {exc}") from exc
@@ -213,14 +215,15 @@ class ClassIncrementalBuffer:
             f"{self.classes(step)}' --out {self.root}`"
         )
 
-    def _download(self, path: Path) -> Path:
-        """Fetch ``classes/{name}`` of the source's hub repository, check it is a set, write it atomically."""
+    def _download(self, path: Path, step: int) -> Path:
+        """Fetch ``classes/{name}`` of the source's hub repository, check it is this step's set, write it atomically."""
         repo = check_repo_id(self.repo_id or default_repo_id(self.source))
         revision = check_revision(self.revision or DEFAULT_REVISION)
         local = hf_hub_download(repo, f"classes/{path.name}", repo_type=REPO_TYPE, revision=revision,
                                 endpoint=hub_endpoint(), cache_dir=hub_cache_dir(), local_files_only=hub_offline())
         data = Path(local).read_bytes()
-        CondensedSet.from_bytes(data, f"classes/{path.name}")  # refuses anything that is not a set
+        cset = CondensedSet.from_bytes(data, f"classes/{path.name}")  # refuses anything that is not a set
+        self._checked(cset, self.classes(step), step, f"{repo}/classes/{path.name}")  # nothing written unless it fits
         return atomic_write_bytes(path, data)
 
     def dataset(self, step: int, *, transform: Callable | None = None, target_transform: Callable | None = None,

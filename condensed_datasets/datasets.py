@@ -135,6 +135,8 @@ class CondensedVisionDataset(VisionDataset):
         revision: str | None = None,
         refill: str | os.PathLike | None = None,
     ) -> None:
+        if not isinstance(root, (str, os.PathLike)):
+            raise TypeError(f"root must be a folder path (str or os.PathLike), got {root!r}")
         super().__init__(root, transform=transform, target_transform=target_transform)
         if not self.source:
             raise TypeError("CondensedVisionDataset is a base class; use a subclass such as CondensedCIFAR10")
@@ -184,6 +186,12 @@ class CondensedVisionDataset(VisionDataset):
                 repo_id: str | None = None, revision: str | None = None) -> Path:
         """The file to read: local file -> embedded set -> hub download -> build on demand -> clear error."""
         path = set_path(self.root, self.source, method, ipc)
+        if Path(self.root).exists() and not Path(self.root).is_dir():
+            raise SetNotFoundError(f"root {self.root} is a file, not a folder; pass the folder that holds (or "
+                                   f"will hold) condensed/{self.source}/")
+        if path.exists() and not path.is_file():
+            raise SetNotFoundError(f"{path} is not a file (a folder or other entry is where the set should be); "
+                                   "move it away, then download or build the set")
         if path.is_file():
             # With download=True a downloaded file is checked against the hub, a broken one replaced.
             if not (download and _needs_hub_check(path)):

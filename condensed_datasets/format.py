@@ -18,7 +18,7 @@ from condensed_datasets.constants import FORMAT_VERSION, HEADER_LIMIT, METADATA_
 from condensed_datasets.errors import CondensedSetError
 from condensed_datasets.metadata_checks import metadata_problem
 from condensed_datasets.metadata_checks import names_problem as _names_problem
-from condensed_datasets.pixel_storage import STORED_TENSORS, StorageError, decode_images, encode_images
+from condensed_datasets.pixel_storage import STORED_TENSORS, StorageError, decode_images, encode_images, storage_problem
 from condensed_datasets.sources import SOURCES, get_source
 from condensed_datasets.zca import ZCA
 
@@ -227,6 +227,9 @@ class CondensedSet:
         if unknown:
             raise CondensedSetError(f"{name}: unexpected tensors {unknown}; valid: {sorted(_ALL_TENSORS)}")
         patch_mask = None
+        problem = _header_problem(metadata)  # before decoding: the decoder reads the metadata's values
+        if problem:
+            raise CondensedSetError(f"{name}: {problem}")
         if "storage" in metadata:
             try:
                 tensors["images"], patch_mask = decode_images(tensors, metadata)
@@ -270,7 +273,7 @@ def _parse_header(head: bytes, size: int, name: str) -> dict[str, str]:
         )
     try:
         header = json.loads(head[8 : 8 + header_len].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # ValueError: also numbers of more than 4300 digits
         raise CondensedSetError(f"{name}: not a safetensors file (header is not JSON: {exc})") from exc
     if not isinstance(header, dict):
         raise CondensedSetError(f"{name}: not a safetensors file (header is not a JSON object)")
@@ -280,7 +283,7 @@ def _parse_header(head: bytes, size: int, name: str) -> dict[str, str]:
             continue
         try:
             end = max(end, int(entry["data_offsets"][1]))
-        except (KeyError, TypeError, IndexError, ValueError) as exc:
+        except (KeyError, TypeError, IndexError, ValueError, OverflowError) as exc:  # OverflowError: 1e400
             raise CondensedSetError(f"{name}: malformed safetensors header entry {key!r}") from exc
     if 8 + header_len + end != size:
         raise CondensedSetError(
@@ -305,7 +308,7 @@ def _our_metadata(raw_map: dict[str, str], name: str) -> dict[str, Any]:
         raise CondensedSetError(f"{name}: safetensors file without '{METADATA_KEY}' metadata; not a condensed set")
     try:
         metadata = json.loads(raw)
-    except (json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # ValueError: also numbers of more than 4300 digits
         raise CondensedSetError(f"{name}: '{METADATA_KEY}' metadata is not JSON ({exc})") from exc
     if not isinstance(metadata, dict):
         raise CondensedSetError(f"{name}: '{METADATA_KEY}' metadata is not a JSON object")
@@ -327,15 +330,20 @@ def read_file_metadata(path: str | os.PathLike) -> dict[str, Any]:
             (header_len,) = struct.unpack("<Q", head)
             head += handle.read(min(header_len, HEADER_LIMIT))
     metadata = _our_metadata(_parse_header(head, size, str(path)), str(path))
-    problem = metadata_problem(metadata)
+    problem = _header_problem(metadata)
     if problem:
         raise CondensedSetError(f"{path}: {problem}")
     return metadata
 
 
+def _header_problem(meta: dict[str, Any]) -> str | None:
+    """The first way a set's metadata breaks the format's types and names (its storage block included), or None."""
+    return metadata_problem(meta) or (storage_problem(meta["storage"]) if "storage" in meta else None)
+
+
 def _first_problem(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> str | None:
     """The first way ``tensors`` and ``meta`` break the format, or None."""
-    problem = metadata_problem(meta)
+    problem = _header_problem(meta)
     if problem:
         return problem
     subset_problem = _class_subset_problem(meta)

@@ -101,8 +101,8 @@ __all__ = [
     "sha256_file",
 ]
 
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
+_COMMIT = re.compile(r"^[0-9a-f]{40}\Z")
 _TRUE = {"1", "ON", "YES", "TRUE"}
 
 RepositoryNotFoundError = hf_errors.RepositoryNotFoundError
@@ -179,15 +179,25 @@ def _server_error(exc: BaseException | None) -> int | None:
     return None
 
 
+def _refused(exc: BaseException, filename: str, repo_id: str, revision: str) -> HubError:
+    """A HubError for an HTTP answer that is neither "not found" nor a server error (401, 403, 429, ...)."""
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return HubError(f"{hub_endpoint()} refused {filename} of {_where(repo_id, revision)} (HTTP {status}: {first}); "
+                    "check the token (HF_TOKEN), repo_id and HF_ENDPOINT.")
+
+
 def _library() -> dict[str, str]:
     version = getattr(sys.modules.get("condensed_datasets"), "__version__", "0")
     return {"library_name": "condensed-datasets", "library_version": str(version)}
 
 
 def _network_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean "the hub could not be reached" (whatever HTTP client huggingface_hub uses)."""
+    """Exceptions that mean "the hub could not be reached", or its redirects not followed (a redirect loop),
+    whatever HTTP client huggingface_hub uses."""
     errors: list[type[BaseException]] = [OSError]
-    for module, name in (("httpx2", "TransportError"), ("httpx", "TransportError"), ("requests", "RequestException")):
+    for module, name in (("httpx2", "TransportError"), ("httpx", "TransportError"), ("requests", "RequestException"),
+                         ("httpx2", "TooManyRedirects"), ("httpx", "TooManyRedirects")):
         cls = getattr(sys.modules.get(module), name, None)
         if isinstance(cls, type) and issubclass(cls, BaseException):
             errors.append(cls)
@@ -214,7 +224,7 @@ def read_record(path: str | os.PathLike) -> dict[str, Any] | None:
     """The download record of a set file (repo_id, revision, commit, sha256, ...), or None (not a download)."""
     try:
         record = json.loads(record_path(path).read_text("utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     return record if isinstance(record, dict) and isinstance(record.get("sha256"), str) else None
 
@@ -349,9 +359,12 @@ def fetch_index(repo_id: str, revision: str | None = None) -> dict[str, Any] | N
         raise _not_found(exc, repo_id, revision, HUB_INDEX_NAME) from None
     except HfHubHTTPError as exc:
         if _server_error(exc) is None:
-            raise
+            raise _refused(exc, HUB_INDEX_NAME, repo_id, revision) from exc
         raise HubServerError(f"{hub_endpoint()} answered HTTP {_server_error(exc)} (a server error) for "
                              f"{HUB_INDEX_NAME} of {_where(repo_id, revision)}; retry later") from exc
+    except _network_errors() as exc:  # what hf_hub_download does not turn into "not in the cache": a redirect loop
+        raise HubOfflineError(f"cannot read {HUB_INDEX_NAME} of {_where(repo_id, revision)}: {hub_endpoint()} "
+                              f"could not be reached or followed ({type(exc).__name__}: {exc})") from exc
     return parse_index(path.read_bytes(), f"{HUB_INDEX_NAME} of {_where(repo_id, revision)}")
 
 
@@ -381,6 +394,14 @@ def list_repo(repo_id: str, revision: str | None = None, source: str | None = No
         files = HfApi(endpoint=hub_endpoint()).list_repo_files(repo_id, repo_type=REPO_TYPE, revision=revision)
     except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
         raise _not_found(exc, repo_id, revision, HUB_INDEX_NAME) from None
+    except HfHubHTTPError as exc:
+        if _server_error(exc) is not None:
+            raise HubServerError(f"{hub_endpoint()} answered HTTP {_server_error(exc)} (a server error) listing "
+                                 f"{_where(repo_id, revision)}; retry later") from exc
+        raise _refused(exc, "the file list", repo_id, revision) from exc
+    except _network_errors() as exc:
+        raise HubOfflineError(f"cannot list {_where(repo_id, revision)}: {hub_endpoint()} could not be reached "
+                              f"({type(exc).__name__}: {exc})") from exc
     try:
         guess = canonical_source(source or repo_id.rsplit("/", 1)[-1].removeprefix("condensed-"))
     except UnknownNameError:
@@ -419,16 +440,29 @@ def download_set(
     repo, rev = _checked(repo_id or default_repo_id(name), revision)
     filename = set_filename(method, ipc)
     dest = set_path(root, name, method, ipc)
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.exists() and not dest.is_file():
+        raise HubError(f"{dest} is not a file (a folder or other entry is in the way of the download); "
+                       "move it away and retry")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # root (or a folder under it) is a file, or cannot be written
+        raise HubError(f"cannot make the folder {dest.parent} for the download ({exc}); pass a root folder "
+                       "you can write to") from None
     lock = FileLock(str(dest.parent / f".{filename}.lock"), timeout=LOCK_TIMEOUT_S)
     try:
-        with lock:
-            return _download_locked(dest, root, name, method, int(ipc), repo, rev, filename)
+        lock.acquire()
     except LockTimeout:
         raise HubError(
             f"another process has been downloading {dest} for more than {LOCK_TIMEOUT_S:.0f} s "
             f"(lock {lock.lock_file}); if none is, delete the lock file and retry"
         ) from None
+    except OSError as exc:  # a folder or a symbolic link where the lock file goes
+        raise HubError(f"cannot take the download lock {lock.lock_file} ({exc}); it must be a plain file or "
+                       "absent: remove it and retry") from None
+    try:
+        return _download_locked(dest, root, name, method, int(ipc), repo, rev, filename)
+    finally:
+        lock.release()
 
 
 def _download_locked(dest: Path, root: str | os.PathLike, source: str, method: str, ipc: int, repo: str,
@@ -445,7 +479,7 @@ def _download_locked(dest: Path, root: str | os.PathLike, source: str, method: s
         raise HubNotFoundError(f"{exc} {hint}", kind=exc.kind) from None
     except HfHubHTTPError as exc:
         if _server_error(exc) is None:
-            raise
+            raise HubError(f"{_refused(exc, filename, repo, rev)} {hint}") from exc
         return _from_cache(dest, repo, rev, filename, source, method, ipc,
                            reason=f"the hub at {hub_endpoint()} answered HTTP {_server_error(exc)} (a server error)",
                            hint=f"Retry later. {hint}", error=HubServerError)
@@ -512,7 +546,10 @@ def _from_cache(dest: Path, repo: str, rev: str, filename: str, source: str, met
             f"{reason}, and {filename} of {_where(repo, rev)} is not in the Hugging Face cache "
             f"({hub_cache_dir()}).{(' ' + problem) if problem else ''} {hint}"
         ) from None
-    data = cached.read_bytes()
+    try:
+        data = cached.read_bytes()
+    except OSError as exc:  # a folder (or an unreadable entry) in the cache where the file should be
+        raise error(f"{reason}, and the cached copy {cached} cannot be read ({exc}); remove it. {hint}") from None
     blob = Path(os.path.realpath(cached)).name
     got = _sha256(data)
     if _SHA256.match(blob) and got != blob:

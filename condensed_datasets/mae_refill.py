@@ -11,6 +11,7 @@ exactly as stored.
 from __future__ import annotations
 
 import os
+import pickle
 from typing import Any
 
 import torch
@@ -35,9 +36,9 @@ def load_mae(weights: str | os.PathLike = DEFAULT_MAE, *, download: bool = False
                           "pip install 'condensed-datasets[dq-mae]'") from exc
     try:
         model = ViTMAEForPreTraining.from_pretrained(str(weights), local_files_only=not download)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, pickle.UnpicklingError) as exc:  # the last: a folder's pickle holding more than tensors
         raise RuntimeError(
-            f"MAE weights {str(weights)!r} are not available here ({type(exc).__name__}). Refilling dropped patches "
+            f"MAE weights {str(weights)!r} are not available here or not readable ({type(exc).__name__}). Refilling dropped patches "
             f"needs a pretrained ViTMAEForPreTraining checkpoint such as {DEFAULT_MAE!r} (MAE ViT-L/16, as the DQ "
             f"reference uses): pass download=True, or fetch it once with `hf download {DEFAULT_MAE}` "
             "(huggingface_hub's CLI), or give the path of a folder written by save_pretrained()"

@@ -25,8 +25,13 @@ _EVAL_COUNTS = ("runs", "epochs")
 
 
 def is_number(value: Any) -> bool:
-    """A finite int or float (not a bool)."""
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    """A finite int or float (not a bool) that a float can hold."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float (JSON allows 10**400)
+        return False
 
 
 def is_count(value: Any) -> bool:

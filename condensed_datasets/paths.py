@@ -15,13 +15,13 @@ from condensed_datasets.constants import METHODS, SET_SUFFIX, USER_METHOD_PREFIX
 from condensed_datasets.errors import UnknownNameError
 
 #: Source and method names: lower-case letters, digits and underscores, starting with a letter.
-NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,63}\Z")  # \Z, not $: "$" also matches before a final "\n"
 #: ``{method}_ipc{ipc}.safetensors``
-SET_FILE_PATTERN = re.compile(r"^(?P<method>[a-z][a-z0-9_]{0,63})_ipc(?P<ipc>[1-9][0-9]{0,8})\.safetensors$")
+SET_FILE_PATTERN = re.compile(r"^(?P<method>[a-z][a-z0-9_]{0,63})_ipc(?P<ipc>[1-9][0-9]{0,8})\.safetensors\Z")
 #: ``owner/name`` as the Hugging Face Hub spells repository ids.
-REPO_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+REPO_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}\Z")
 #: A branch, tag or commit: letters, digits and ``._-/``; no empty, ``.`` or ``..`` segment.
-_REVISION_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$")
+_REVISION_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*\Z")
 
 
 def check_name(value: object, what: str) -> str:

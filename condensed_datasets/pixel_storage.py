@@ -23,8 +23,27 @@ from condensed_datasets.errors import StorageError
 STORAGES = ("uint8", "patches")
 STORED_TENSORS = frozenset({"patches", "patch_mask"})  # file-only tensors of the patch storage
 _BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+#: A patch file keeps at least 1/MAX_DROP_FACTOR of each image's patches (chosen here, a wide margin over the
+#: builders' patch_drop <= 0.9): so decoding never makes more than this many times the pixels the file holds.
+MAX_DROP_FACTOR = 64
 
 
+def storage_problem(storage: Any) -> str | None:
+    """Why a metadata ``storage`` block is not one this module reads (types only), or None."""
+    if not isinstance(storage, dict) or storage.get("images") not in STORAGES:
+        return f"metadata 'storage' must be {{'images': one of {', '.join(STORAGES)}, ...}}, got {storage!r}"
+    if storage["images"] == "patches":
+        p, kept = storage.get("patch_size"), storage.get("kept")
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in (p, kept)):
+            return f"metadata storage 'patches' needs ints patch_size >= 1 and kept >= 1, got {p!r} and {kept!r}"
+    return None
+
+
+def _check_drop_factor(kept: Any, length: int) -> None:
+    """StorageError unless ``kept`` is an int >= 1 and at least 1/MAX_DROP_FACTOR of ``length`` patches."""
+    if isinstance(kept, bool) or not isinstance(kept, int) or kept < 1 or length > MAX_DROP_FACTOR * kept:
+        raise StorageError(f"storage keeps {kept!r} of {length} patches per image, under 1/{MAX_DROP_FACTOR} of them "
+                           "(or none); not a patch-dropped set this package reads")
 
 
 def _stats(normalization: dict[str, Any], channels: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,7 +108,7 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
 
 def unpack_mask(bits: torch.Tensor, length: int) -> torch.Tensor:
     """Inverse of :func:`pack_mask`: uint8 [N, ceil(L/8)] -> bool [N, L]."""
-    return ((bits.unsqueeze(-1) & _BITS) > 0).reshape(bits.shape[0], -1)[:, :length]
+    return ((bits.unsqueeze(-1) & _BITS) > 0).reshape(bits.shape[0], bits.shape[1] * 8)[:, :length]
 
 
 def encode_images(
@@ -115,6 +134,7 @@ def encode_images(
         raise StorageError("every image must keep the same number of patches")
     if storage.get("kept") != (int(kept[0]) if len(kept) else storage.get("kept")):
         raise StorageError(f"storage kept={storage.get('kept')!r}, but the mask keeps {int(kept[0])} patches")
+    _check_drop_factor(storage.get("kept"), grid[0] * grid[1])  # what is written must load
     patches = patchify(images, p)
     if (patches[~flat] != 0).any():
         raise StorageError("dropped patches must be 0 (the normalisation's mean) in the images")
@@ -148,6 +168,7 @@ def decode_images(
     p, kept = storage.get("patch_size"), storage.get("kept")
     grid = patch_grid(shape, p)
     n, length = patches.shape[0], grid[0] * grid[1]
+    _check_drop_factor(kept, length)
     if tuple(patches.shape) != (n, kept, shape[0], p, p) or tuple(bits.shape) != (n, -(-length // 8)):
         raise StorageError(f"patches {tuple(patches.shape)} / patch_mask {tuple(bits.shape)} do not match "
                            f"{kept} kept {p}x{p} patches of {shape} images")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,10 +158,32 @@ def load_split(
     ``train=False`` is the test split (for Tiny-ImageNet, the labelled ``val`` split, as the papers use).
     Data is looked for where torchvision looks for it under ``root``; ``download=True`` fetches it
     with torchvision's own download code. Fashion-MNIST falls back to a system copy (see
-    :func:`system_fashion_mnist_dir`). Missing data is a ``RuntimeError`` naming the path looked in.
+    :func:`system_fashion_mnist_dir`). Missing data is a ``RuntimeError`` naming the path looked in;
+    files that do not hold the source's images and labels are a SourceDataError too.
     """
     info = get_source(name)
-    root = Path(root).expanduser()
+    images, targets = _read_split(info, Path(root).expanduser(), train, download)
+    return _checked_split(info, images, targets, Path(root).expanduser())
+
+
+def _checked_split(info: SourceInfo, images: torch.Tensor, targets: torch.Tensor,
+                   root: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """``images``/``targets`` if they are the source's: uint8 [N, *image_shape], int64 [N] in [0, classes)."""
+    problem = None
+    if images.dtype != torch.uint8 or tuple(images.shape[1:]) != info.image_shape or images.dim() != 4:
+        problem = f"images are {images.dtype} {tuple(images.shape)}, expected uint8 [N, {', '.join(map(str, info.image_shape))}]"
+    elif targets.dim() != 1 or targets.shape[0] != images.shape[0]:
+        problem = f"{images.shape[0]} images but labels of shape {tuple(targets.shape)}"
+    elif len(targets) and (int(targets.min()) < 0 or int(targets.max()) >= info.num_classes):
+        problem = f"labels range over [{int(targets.min())}, {int(targets.max())}], outside [0, {info.num_classes})"
+    if problem:
+        raise SourceDataError(f"{info.name}: the files under {root} do not hold the source's data ({problem}); "
+                              "delete them and download (download=True) or copy them again")
+    return images, targets
+
+
+def _read_split(info: SourceInfo, root: Path, train: bool, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`load_split` before its checks."""
     if info.name == "tinyimagenet":
         return _load_tinyimagenet(root, train, download)
     if info.name == "fashionmnist":
@@ -191,7 +214,7 @@ def _torchvision_split(name: str, cls: type, where: Path, kwargs: dict, download
     """Construct a torchvision dataset; its 'not found' error is re-raised naming the path looked in."""
     try:
         return cls(download=download, **kwargs)
-    except RuntimeError as exc:
+    except (RuntimeError, ValueError, AssertionError, IndexError) as exc:  # torchvision's readers of damaged files
         if download:
             raise SourceDataError(f"{name}: could not download into {where}: {exc}") from exc
         raise SourceDataError(
@@ -227,8 +250,13 @@ def install_system_fashion_mnist(root: str | os.PathLike) -> bool:
     raw = Path(root).expanduser() / "FashionMNIST" / "raw"
     for f in _MNIST_FILES:
         if not (raw / f).is_file():
-            with gzip.open(src / f"{f}.gz", "rb") as handle:
-                atomic_write_bytes(raw / f, handle.read())
+            try:
+                with gzip.open(src / f"{f}.gz", "rb") as handle:
+                    data = handle.read()
+            except (OSError, EOFError, zlib.error) as exc:  # not gzip, or cut short
+                raise SourceDataError(f"fashionmnist: the system copy {src / f'{f}.gz'} is not a readable gzip file "
+                                      f"({exc}); reinstall it, or set {FASHION_MNIST_ENV} to a good copy") from exc
+            atomic_write_bytes(raw / f, data)
     return True
 
 
@@ -284,10 +312,27 @@ def _load_tinyimagenet(root: Path, train: bool, download: bool) -> tuple[torch.T
 def tinyimagenet_wnids(base: str | os.PathLike) -> list[str]:
     """The class wnids of a ``tiny-imagenet-200`` folder, from its ``wnids.txt``, sorted (index = class)."""
     path = Path(base) / "wnids.txt"
-    wnids = sorted({line.strip() for line in path.read_text().splitlines() if line.strip()})
+    wnids = sorted({line.strip() for line in _read_text(path).splitlines() if line.strip()})
     if not wnids:
         raise SourceDataError(f"tinyimagenet: {path} lists no classes")
+    bad = [w for w in wnids if not _plain_name(w)]
+    if bad:
+        raise SourceDataError(f"tinyimagenet: {path} lists {bad[0]!r}, not a folder name (a class is a wnid "
+                              "such as n01443537)")
     return wnids
+
+
+def _read_text(path: Path) -> str:
+    """A text file of the layout; SourceDataError when it is not UTF-8."""
+    try:
+        return path.read_text("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SourceDataError(f"tinyimagenet: {path} is not a UTF-8 text file ({exc}); download it again") from exc
+
+
+def _plain_name(name: str) -> bool:
+    """A single file or folder name: no separator, not '.' or '..' (so it stays inside its folder)."""
+    return name not in ("", ".", "..") and "/" not in name and "\\" not in name and "\0" not in name
 
 
 def _tiny_layout_complete(base: Path, split: str) -> bool:
@@ -314,12 +359,15 @@ def _tiny_listing(base: Path, split: str, wnids: list[str]) -> tuple[list[Path],
             rows += [(index[wnid], p.name, p) for p in folder.iterdir() if _is_image(p)]
     else:
         annotations = base / "val" / "val_annotations.txt"
-        for number, line in enumerate(annotations.read_text().splitlines(), 1):
+        for number, line in enumerate(_read_text(annotations).splitlines(), 1):
             if not line.strip():
                 continue
             fields = line.split("\t")
             if len(fields) < 2 or fields[1] not in index:
                 raise SourceDataError(f"tinyimagenet: {annotations} line {number} names no class from wnids.txt: {line!r}")
+            if not _plain_name(fields[0]):
+                raise SourceDataError(f"tinyimagenet: {annotations} line {number} names {fields[0]!r}, not a file "
+                                      "of val/images/")
             rows.append((index[fields[1]], fields[0], base / "val" / "images" / fields[0]))
     if not rows:
         raise SourceDataError(f"tinyimagenet: no images found for split {split!r} under {base}")
@@ -335,7 +383,7 @@ def _decode_images(files: list[Path], size: int) -> torch.Tensor:
         try:
             with Image.open(path) as img:
                 array = np.array(img.convert("RGB"), dtype=np.uint8)
-        except OSError as exc:
+        except (OSError, Image.DecompressionBombError) as exc:
             raise SourceDataError(f"tinyimagenet: cannot decode {path}: {exc}") from exc
         if array.shape != (size, size, 3):
             raise SourceDataError(f"tinyimagenet: {path} is {array.shape[1]}x{array.shape[0]}, expected {size}x{size}")

@@ -19,7 +19,8 @@ revision ``main`` (and the current commit id) exists. Every request is recorded 
 
 Faults on demand: ``trickle = (n, seconds)`` sends a file body ``n`` bytes at a time with a pause between
 (a stalled server); ``fail = {substring: status}`` answers every request whose path contains ``substring``
-with that HTTP status (e.g. 500).
+with that HTTP status (e.g. 500); ``redirect = {substring: location}`` answers every such request with a 307 to
+``location`` (pointing back at the same path: a redirect loop).
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ class HubServer:
         self.connections: set[Any] = set()
         self.trickle: tuple[int, float] | None = None
         self.fail: dict[str, int] = {}
+        self.redirect: dict[str, str] = {}
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
@@ -223,6 +225,9 @@ def _handler_for(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             path, query = self._route()
             if self._failed(path):
                 return None
+            location = next((loc for key, loc in hub.redirect.items() if key in path), None)
+            if location is not None:
+                return self._send(307, b"", {"Location": location})
             if m := _RESOLVE.match(path):
                 return self._resolve(m["repo"], m["rev"], unquote(m["file"]))
             if m := _TREE.match(path):
