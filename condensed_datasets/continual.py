@@ -27,16 +27,15 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from huggingface_hub import hf_hub_download
 from torch.utils.data import Dataset
 
 from condensed_datasets._atomic import atomic_write_bytes
 from condensed_datasets.catalogue import default_repo_id
-from condensed_datasets.constants import DEFAULT_REVISION, REPO_TYPE
+from condensed_datasets.constants import DEFAULT_REVISION
 from condensed_datasets.datasets import TARGET_TYPES
 from condensed_datasets.errors import CondensedDatasetsError, SetNotFoundError, UnknownNameError
 from condensed_datasets.format import CondensedSet
-from condensed_datasets.hub import hub_cache_dir, hub_endpoint, hub_offline
+from condensed_datasets.hub import fetch_verified
 from condensed_datasets.paths import check_ipc, check_repo_id, check_revision, subset_set_path
 from condensed_datasets.sources import get_source
 
@@ -216,14 +215,14 @@ class ClassIncrementalBuffer:
         )
 
     def _download(self, path: Path, step: int) -> Path:
-        """Fetch ``classes/{name}`` of the source's hub repository, check it is this step's set, write it atomically."""
+        """Fetch ``classes/{name}`` of the source's hub repository (checked against the hub's SHA-256), check it
+        is this step's set, write it atomically."""
         repo = check_repo_id(self.repo_id or default_repo_id(self.source))
         revision = check_revision(self.revision or DEFAULT_REVISION)
-        local = hf_hub_download(repo, f"classes/{path.name}", repo_type=REPO_TYPE, revision=revision,
-                                endpoint=hub_endpoint(), cache_dir=hub_cache_dir(), local_files_only=hub_offline())
-        data = Path(local).read_bytes()
-        cset = CondensedSet.from_bytes(data, f"classes/{path.name}")  # refuses anything that is not a set
-        self._checked(cset, self.classes(step), step, f"{repo}/classes/{path.name}")  # nothing written unless it fits
+        name = f"classes/{path.name}"
+        data = fetch_verified(repo, name, revision, hint=f"Or build step {step}'s memory here (build=True).")
+        cset = CondensedSet.from_bytes(data, name)  # refuses anything that is not a set
+        self._checked(cset, self.classes(step), step, f"{repo}/{name}")  # nothing written unless it fits
         return atomic_write_bytes(path, data)
 
     def dataset(self, step: int, *, transform: Callable | None = None, target_transform: Callable | None = None,

@@ -89,6 +89,7 @@ __all__ = [
     "RemoteFile",
     "download_set",
     "fetch_index",
+    "fetch_verified",
     "hub_cache_dir",
     "hub_endpoint",
     "hub_offline",
@@ -474,27 +475,11 @@ def _download_locked(dest: Path, root: str | os.PathLike, source: str, method: s
                            hint=f"Unset HF_HUB_OFFLINE (and connect) to download it. {hint}")
     mine = _users_own(dest)
     try:
-        remote = remote_file(repo, filename, rev)
-    except HubNotFoundError as exc:
-        raise HubNotFoundError(f"{exc} {hint}", kind=exc.kind) from None
-    except HfHubHTTPError as exc:
-        if _server_error(exc) is None:
-            raise HubError(f"{_refused(exc, filename, repo, rev)} {hint}") from exc
-        return _from_cache(dest, repo, rev, filename, source, method, ipc,
-                           reason=f"the hub at {hub_endpoint()} answered HTTP {_server_error(exc)} (a server error)",
-                           hint=f"Retry later. {hint}", error=HubServerError)
-    except _network_errors() as exc:
-        return _from_cache(dest, repo, rev, filename, source, method, ipc,
-                           reason=f"the hub at {hub_endpoint()} could not be reached ({type(exc).__name__}: {exc})",
-                           hint=f"Check the connection or HF_ENDPOINT. {hint}")
-    expected, hash_from = remote.sha256, "LFS sha256"
-    if expected is None:
-        expected, hash_from = _index_sha256(repo, remote.commit or rev, filename), f"{HUB_INDEX_NAME} sha256"
-    if expected is None:
-        raise HubIntegrityError(
-            f"{_where(repo, rev)} at {hub_endpoint()} gives no SHA-256 for {filename} (no LFS id, and no "
-            f"{HUB_INDEX_NAME} entry), so the download cannot be checked; refusing it. {hint}"
-        )
+        remote = _remote(repo, filename, rev, hint)
+    except _Unreachable as down:
+        return _from_cache(dest, repo, rev, filename, source, method, ipc, reason=down.reason,
+                           hint=f"{down.advice} {hint}", error=down.error)
+    expected, hash_from = _expected_sha256(remote, repo, rev, filename, hint)
     if dest.is_file() and sha256_file(dest) == expected:
         _record(dest, repo, rev, remote.commit, filename, expected)
         return dest
@@ -502,6 +487,75 @@ def _download_locked(dest: Path, root: str | os.PathLike, source: str, method: s
         raise HubError(f"{dest} is a set of your own (built or changed here, not the hub's bytes); a download "
                        f"never replaces it. Use it as it is (download=False), or move it away to download "
                        f"{_where(repo, rev)}'s.")
+    data = _download_checked(repo, rev, filename, expected, hash_from, hint)
+    _check_content(data, f"{repo}/{filename}", source, method, ipc)
+    atomic_write_bytes(dest, data)
+    _record(dest, repo, rev, remote.commit, filename, expected)
+    return dest
+
+
+def fetch_verified(repo_id: str, filename: str, revision: str | None = None, *, hint: str = "") -> bytes:
+    """The bytes of ``filename`` in the dataset repository ``repo_id``, checked against the hub's SHA-256 (its
+    LFS id, else the ``index.json`` entry; a file the hub gives no SHA-256 for is refused).
+
+    Downloads go through the Hugging Face cache, with the minimum-speed guard of :func:`download_set`. Offline
+    (``HF_HUB_OFFLINE``) or when the hub cannot be reached, the cached copy (checked against the SHA-256 its
+    cache entry is named by). Errors are the :class:`HubError` family, each ending with ``hint`` (how else to
+    get the file); nothing is written outside the Hugging Face cache.
+    """
+    repo, rev = _checked(repo_id, revision)
+    if hub_offline():
+        return _cached_copy(repo, rev, filename, reason="HF_HUB_OFFLINE is set",
+                            hint=f"Unset HF_HUB_OFFLINE (and connect) to download it. {hint}", error=HubOfflineError)[0]
+    try:
+        remote = _remote(repo, filename, rev, hint)
+    except _Unreachable as down:
+        return _cached_copy(repo, rev, filename, reason=down.reason, hint=f"{down.advice} {hint}", error=down.error)[0]
+    expected, hash_from = _expected_sha256(remote, repo, rev, filename, hint)
+    return _download_checked(repo, rev, filename, expected, hash_from, hint)
+
+
+class _Unreachable(Exception):
+    """The hub answered with a server error or could not be reached: the caller falls back to the cache."""
+
+    def __init__(self, reason: str, advice: str, error: type[HubError]) -> None:
+        super().__init__(reason)
+        self.reason, self.advice, self.error = reason, advice, error
+
+
+def _remote(repo: str, filename: str, rev: str, hint: str) -> RemoteFile:
+    """:func:`remote_file`; a missing file or an HTTP refusal is the HubError naming it (ending with ``hint``),
+    a server error or an unreachable hub is :class:`_Unreachable`."""
+    try:
+        return remote_file(repo, filename, rev)
+    except HubNotFoundError as exc:
+        raise HubNotFoundError(f"{exc} {hint}", kind=exc.kind) from None
+    except HfHubHTTPError as exc:
+        if _server_error(exc) is None:
+            raise HubError(f"{_refused(exc, filename, repo, rev)} {hint}") from exc
+        raise _Unreachable(f"the hub at {hub_endpoint()} answered HTTP {_server_error(exc)} (a server error)",
+                           "Retry later.", HubServerError) from exc
+    except _network_errors() as exc:
+        raise _Unreachable(f"the hub at {hub_endpoint()} could not be reached ({type(exc).__name__}: {exc})",
+                           "Check the connection or HF_ENDPOINT.", HubOfflineError) from exc
+
+
+def _expected_sha256(remote: RemoteFile, repo: str, rev: str, filename: str, hint: str) -> tuple[str, str]:
+    """The SHA-256 the download must have, and where it comes from; HubIntegrityError when the hub gives none."""
+    if remote.sha256 is not None:
+        return remote.sha256, "LFS sha256"
+    expected = _index_sha256(repo, remote.commit or rev, filename)
+    if expected is None:
+        raise HubIntegrityError(
+            f"{_where(repo, rev)} at {hub_endpoint()} gives no SHA-256 for {filename} (no LFS id, and no "
+            f"{HUB_INDEX_NAME} entry), so the download cannot be checked; refusing it. {hint}"
+        )
+    return expected, f"{HUB_INDEX_NAME} sha256"
+
+
+def _download_checked(repo: str, rev: str, filename: str, expected: str, hash_from: str, hint: str) -> bytes:
+    """Download ``filename`` through the cache (again once when the cached copy is damaged) and return its
+    bytes, which have the SHA-256 ``expected``; a damaged download is removed from the cache and refused."""
     try:
         cached = _hf_download(repo, filename, rev)
         data = cached.read_bytes()
@@ -525,10 +579,7 @@ def _download_locked(dest: Path, root: str | os.PathLike, source: str, method: s
             f"{filename} from {_where(repo, rev)} has SHA-256 {got}, but the hub's ({hash_from}) is {expected}; "
             "the download is damaged or the server is inconsistent — nothing was written. Retry later."
         )
-    _check_content(data, f"{repo}/{filename}", source, method, ipc)
-    atomic_write_bytes(dest, data)
-    _record(dest, repo, rev, remote.commit, filename, expected)
-    return dest
+    return data
 
 
 def _from_cache(dest: Path, repo: str, rev: str, filename: str, source: str, method: str, ipc: int, *,
@@ -539,6 +590,19 @@ def _from_cache(dest: Path, repo: str, rev: str, filename: str, source: str, met
         problem = _local_problem(dest)
         if not problem:
             return dest
+    data, cached = _cached_copy(repo, rev, filename, reason=reason, hint=hint, error=error, problem=problem)
+    _check_content(data, str(cached), source, method, ipc)
+    atomic_write_bytes(dest, data)
+    commit = cached.parent.name if _COMMIT.match(cached.parent.name) else None
+    _record(dest, repo, rev, commit, filename, _sha256(data))
+    return dest
+
+
+def _cached_copy(repo: str, rev: str, filename: str, *, reason: str, hint: str, error: type[HubError],
+                 problem: str = "") -> tuple[bytes, Path]:
+    """The cached download of ``filename`` and its path in the cache, checked against the SHA-256 its blob is
+    named by (a damaged one is removed: HubIntegrityError); none cached, or unreadable: ``error`` saying
+    ``reason`` (and ``problem``, what was wrong with the local copy)."""
     try:
         cached = _hf_download(repo, filename, rev, local_only=True)
     except (LocalEntryNotFoundError, FileNotFoundError):
@@ -556,11 +620,7 @@ def _from_cache(dest: Path, repo: str, rev: str, filename: str, source: str, met
         _forget_cached(cached)
         raise HubIntegrityError(f"the cached copy {cached} was damaged (SHA-256 {got}, expected {blob}) and is "
                                 f"removed; download it again when online. {hint}")
-    _check_content(data, str(cached), source, method, ipc)
-    atomic_write_bytes(dest, data)
-    commit = cached.parent.name if _COMMIT.match(cached.parent.name) else None
-    _record(dest, repo, rev, commit, filename, got)
-    return dest
+    return data, cached
 
 
 def _local_problem(dest: Path) -> str:

@@ -182,3 +182,62 @@ def test_a_missing_step_is_downloaded_from_the_hub_and_checked(server, tmp_path)
     assert buffer.path(0).is_file()  # kept where the buffer reads it
     with pytest.raises(RuntimeError, match="could not download step 1"):
         buffer.dataset(1)
+
+
+def _publish_step(server, repo, tmp_path, classes, name):
+    """Serve a valid step memory of ``classes`` as ``classes/{name}`` of ``repo``; returns its bytes."""
+    folder = server.repo_dir(repo) / "classes"
+    folder.mkdir(parents=True, exist_ok=True)
+    published = _fake_builder([])("fashionmnist", "dm", 1, classes, tmp_path / "published")
+    data = published.read_bytes()
+    (folder / name).write_bytes(data)
+    return data
+
+
+def test_a_step_download_is_checked_against_the_hubs_sha256(server, tmp_path, monkeypatch):
+    from condensed_datasets import hub
+
+    repo = "someone/condensed-fashionmnist"
+    _publish_step(server, repo, tmp_path, [2, 8], "dm_ipc1_c2-8.safetensors")
+    asked = hub.remote_file
+
+    def then_change(*args, **kwargs):  # the hub answers for one file, then serves another (a damaged copy)
+        answer = asked(*args, **kwargs)
+        _publish_step(server, repo, tmp_path / "other", [2, 8], "dm_ipc1_c2-8.safetensors")
+        served = server.repo_dir(repo) / "classes" / "dm_ipc1_c2-8.safetensors"
+        served.write_bytes(served.read_bytes()[:-1] + b" ")  # same size, other SHA-256
+        return answer
+
+    monkeypatch.setattr(hub, "remote_file", then_change)
+    buffer = ClassIncrementalBuffer("fashionmnist", "dm", 1, steps=5, order_seed=0, root=tmp_path / "data",
+                                    download=True, repo_id=repo)
+    with pytest.raises(RuntimeError, match="could not download step 0.*SHA-256"):  # was written unchecked
+        buffer.memory(0)
+    assert not buffer.path(0).exists()
+
+
+def test_a_step_download_that_loops_is_the_packages_error(server, tmp_path):
+    repo = "someone/condensed-fashionmnist"
+    _publish_step(server, repo, tmp_path, [2, 8], "dm_ipc1_c2-8.safetensors")
+    loop = f"/datasets/{repo}/resolve/main/classes/dm_ipc1_c2-8.safetensors"
+    server.redirect = {loop: loop}
+    buffer = ClassIncrementalBuffer("fashionmnist", "dm", 1, steps=5, order_seed=0, root=tmp_path / "data",
+                                    download=True, repo_id=repo)
+    with pytest.raises(RuntimeError, match="could not download step 0.*TooManyRedirects"):  # was httpx's own error
+        buffer.memory(0)
+    assert not buffer.path(0).exists()
+
+
+def test_offline_a_step_comes_from_the_cache(server, tmp_path, monkeypatch):
+    repo = "someone/condensed-fashionmnist"
+    data = _publish_step(server, repo, tmp_path, [2, 8], "dm_ipc1_c2-8.safetensors")
+    buffer = ClassIncrementalBuffer("fashionmnist", "dm", 1, steps=5, order_seed=0, root=tmp_path / "data",
+                                    download=True, repo_id=repo)
+    buffer.memory(0)
+    buffer.path(0).unlink()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    buffer = ClassIncrementalBuffer("fashionmnist", "dm", 1, steps=5, order_seed=0, root=tmp_path / "data",
+                                    download=True, repo_id=repo)  # a new process: nothing held in memory
+    assert buffer.memory(0).ipc == 1 and buffer.path(0).read_bytes() == data
+    with pytest.raises(RuntimeError, match="could not download step 1.*HF_HUB_OFFLINE is set"):
+        buffer.memory(1)
