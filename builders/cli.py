@@ -1,4 +1,4 @@
-"""Command line: condensed-build, condensed-eval, condensed-show."""
+"""Command line: condensed-build, -eval, -show, -publish, -list, -continual and -nas."""
 
 from __future__ import annotations
 
@@ -131,7 +131,7 @@ def build_command(recipe: Path, overrides: tuple[str, ...], out_root: Path | Non
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Training epochs (default: recipe's).")
 @click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_ROOT, show_default=True,
               help="Where the real train and test data live (ROOT/FashionMNIST/..., as torchvision lays them out).")
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--seed", type=int, default=None, help="Evaluation seed (default: the set's).")
 @click.option("--save", is_flag=True, help="Write the evaluation into the set's metadata.")
 @click.option("--json", "as_json", is_flag=True, help="Print the evaluation as JSON.")
@@ -178,7 +178,8 @@ def eval_command(set_file: Path, model: str | None, models: str, runs: int | Non
 @click.argument("set_file", metavar="SET", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="PNG file to write.")
-@click.option("--per-class", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--per-class", type=click.IntRange(min=1), default=10, show_default=True,
+              help="At most this many images per class (one row each).")
 @_user_errors
 def show_command(set_file: Path, output: Path, per_class: int) -> None:
     """Draw a condensed SET as a PNG grid, one row per class, and print its summary."""

@@ -581,7 +581,7 @@ class ExpertTraining:
             real.set_zca(zca)
         test.set_zca(real.zca)
         todo = [k for k in range(p["num_experts"]) if not store.has(k)]
-        bar = tqdm(total=len(todo), disable=not self.progress or not world.is_main,
+        bar = tqdm(total=len(todo), disable=None if self.progress and world.is_main else True,  # None: off a terminal
                    desc=f"experts {r.source} {r.model}", unit="expert", dynamic_ncols=True)
         group = self._together_group(probe, settings)
         images = all_rows(real) if group > 1 and todo else None  # normalised once for every group

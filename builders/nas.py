@@ -98,7 +98,8 @@ def train_architectures(space: SearchSpace, train: Dataset, val: Dataset, *, pro
     augmenter = Augmenter(protocol.augment) if protocol.augment != "none" else None
     settings = TrainSettings(epochs=protocol.epochs, lr=protocol.lr, batch=protocol.batch, augmenter=augmenter)
     rows = []
-    for arch in tqdm(space.architectures(), desc=desc, disable=not progress, dynamic_ncols=True):
+    for arch in tqdm(space.architectures(), desc=desc, disable=None if progress else True,  # None: off a terminal
+                     dynamic_ncols=True):
         started = time.perf_counter()
         net = build_architecture(arch, c, num_classes, (h, w), protocol.seed).to(device)
         train_network(net, x, y, settings, torch.Generator().manual_seed(protocol.seed))

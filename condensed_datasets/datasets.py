@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets import VisionDataset
 
 from condensed_datasets._text import printable
-from condensed_datasets.catalogue import describe_sets, embedded_path, list_local, sets_by_method
+from condensed_datasets.catalogue import describe_sets, embedded_path, list_embedded, list_local, sets_by_method
 from condensed_datasets.errors import (
     CondensedSetError,
     HubNotFoundError,
@@ -214,11 +214,15 @@ class CondensedVisionDataset(VisionDataset):
             if not built.is_file():
                 raise SetNotFoundError(f"building {method} ipc {ipc} for {self.source} did not produce {built}")
             return built
-        local = available_sets(self.root, self.source)
+        entries, where = list_local(self.root, self.source), f"under {path.parent}"
+        if repo_id is None and revision is None:  # the embedded sets are loadable too (the lookup above)
+            embedded = list_embedded(self.source)
+            entries, where = entries + embedded, where + (" or embedded in the package" if embedded else "")
+        local = sets_by_method(entries)
         recipe = f"recipes/{method}_{self.source}.yaml"
         if local.get(method):
             raise UnknownNameError(
-                f"no {method} set with ipc {ipc} for {self.source} under {path.parent}; available ipcs for "
+                f"no {method} set with ipc {ipc} for {self.source} {where}; available ipcs for "
                 f"{method}: {', '.join(map(str, local[method]))}. To get ipc {ipc}, pass build=True or run "
                 f"`condensed-build {recipe} --out {self.root} --set ipc={ipc}`"
             )

@@ -148,6 +148,9 @@ TINYIMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 TINYIMAGENET_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
 TINYIMAGENET_FOLDER = "tiny-imagenet-200"
 _IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
+#: How to get missing real data, wherever the error surfaces: the library's flag and the command line's.
+_HOW_TO_DOWNLOAD = ("You can use download=True (load_split, real_test_set) or condensed-build --download "
+                    "to download it")
 
 
 def load_split(
@@ -218,7 +221,7 @@ def _torchvision_split(name: str, cls: type, where: Path, kwargs: dict, download
         if download:
             raise SourceDataError(f"{name}: could not download into {where}: {exc}") from exc
         raise SourceDataError(
-            f"{name}: dataset not found or corrupted at {where}. You can use download=True to download it"
+            f"{name}: dataset not found or corrupted at {where}. {_HOW_TO_DOWNLOAD}"
         ) from exc
 
 
@@ -277,7 +280,7 @@ def _load_fashion_mnist(root: Path, train: bool, download: bool) -> tuple[torch.
         elif not install_system_fashion_mnist(root):
             raise SourceDataError(
                 f"fashionmnist: dataset not found at {raw}, nor a system copy in {system_fashion_mnist_dir()} "
-                f"(set {FASHION_MNIST_ENV}). You can use download=True to download it"
+                f"(set {FASHION_MNIST_ENV}). {_HOW_TO_DOWNLOAD}"
             )
     return _mnist_tensors(_torchvision_split("fashionmnist", FashionMNIST, raw, kwargs, download=False))
 
@@ -295,7 +298,7 @@ def _load_tinyimagenet(root: Path, train: bool, download: bool) -> tuple[torch.T
     if not _tiny_layout_complete(base, split):
         raise SourceDataError(
             f"tinyimagenet: dataset not found at {base} (expected wnids.txt, train/<wnid>/images/, "
-            "val/images/ and val/val_annotations.txt). You can use download=True to download it"
+            f"val/images/ and val/val_annotations.txt). {_HOW_TO_DOWNLOAD}"
         )
     wnids = tinyimagenet_wnids(base)
     cache = base / f"{split}_uint8.safetensors"

@@ -167,6 +167,22 @@ def test_value_errors(tmp_path: Path, make_set) -> None:
         CondensedMNIST(tmp_path, "dm", 50)
 
 
+def test_unavailable_ipc_counts_the_embedded_sets(tmp_path: Path, make_set, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With only embedded sets (a fresh user's case), another ipc is the ValueError listing them, never 'none'."""
+    from condensed_datasets import catalogue
+
+    embedded = tmp_path / "embedded"
+    make_set(tmp_path, "mnist", "dm", 1, path=embedded / "mnist" / "dm_ipc1.safetensors")
+    monkeypatch.delenv("CONDENSED_DATASETS_EMBEDDED_DIR", raising=False)
+    monkeypatch.setattr(catalogue, "EMBEDDED_DIR", embedded)
+    root = tmp_path / "root"
+    assert len(CondensedMNIST(root, "dm", 1)) == 10
+    with pytest.raises(ValueError, match="or embedded in the package; available ipcs for dm: 1"):
+        CondensedMNIST(root, "dm", 7)
+    with pytest.raises(RuntimeError, match="Sets present for mnist: dm ipc 1"):
+        CondensedMNIST(root, "dc", 1)
+
+
 def test_file_that_disagrees_with_its_name_is_refused(tmp_path: Path, make_set) -> None:
     wrong_method = make_set(tmp_path, "svhn", "dc", 1, path=set_path(tmp_path, "svhn", "dm", 1))
     with pytest.raises(RuntimeError, match="method='dc'") as err:

@@ -29,6 +29,14 @@ def run_experts(data_root, out, **params):
     return build(recipe, out_root=out, data_root=data_root, device="cpu", progress=False)
 
 
+@pytest.mark.slow
+def test_progress_is_quiet_off_a_terminal(fashion_mnist_root, tmp_path, capsys) -> None:
+    """progress=True shows the experts' bar on a terminal only (the test's captured stderr is not one)."""
+    recipe = recipe_from_dict({**EXPERTS, "params": {**EXPERTS["params"], "num_experts": 1, "epochs": 1}})
+    build(recipe, out_root=tmp_path, data_root=fashion_mnist_root, device="cpu", progress=True)
+    assert "experts fashionmnist" not in capsys.readouterr().err
+
+
 def test_param_layout_unflattens_into_the_networks_shapes():
     net = build_network("ConvNetW32", 1, 10, (28, 28), seed=3)
     layout = ParamLayout.of(net)

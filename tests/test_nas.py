@@ -89,6 +89,15 @@ def test_training_is_the_same_for_the_same_seed_and_recorded_per_architecture():
     assert [r.accuracy for r in run[0]] == [r.accuracy for r in run[1]]
 
 
+def test_progress_is_quiet_off_a_terminal(capsys: pytest.CaptureFixture[str]) -> None:
+    """progress=True shows a bar on a terminal only, as README says (the test's captured stderr is not one)."""
+    x, y = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.arange(2).repeat(4)
+    train = torch.utils.data.TensorDataset(x, y)
+    space = SearchSpace(depth=(1,), width=(32,), act=("relu",), norm=("none",), pooling=("avgpooling",))
+    train_architectures(space, train, train, protocol=NASProtocol(epochs=1, batch=8), num_classes=2, progress=True)
+    assert capsys.readouterr().err == ""
+
+
 def _tiny_spec(root, out, proxy_path):
     return {
         "source": "fashionmnist", "root": str(root), "out": str(out), "device": "cpu",

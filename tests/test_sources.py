@@ -13,6 +13,7 @@ from PIL import Image
 from safetensors import safe_open
 
 import condensed_datasets.sources as sources
+from condensed_datasets.errors import SourceDataError
 from condensed_datasets.sources import SOURCES, get_source, load_split
 
 # -- facts ------------------------------------------------------------------------------------------
@@ -114,6 +115,14 @@ def test_missing_data_names_the_path_and_download(tmp_path: Path, monkeypatch: p
     with pytest.raises(RuntimeError, match="download=True") as err:
         load_split("mnist", tmp_path / "r")
     assert str(tmp_path / "r" / "MNIST" / "raw") in str(err.value)
+
+
+def test_missing_data_names_the_command_line_flag_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same error reaches condensed-build users, whose switch is --download, not download=True."""
+    monkeypatch.setenv("CONDENSED_FASHION_MNIST_DIR", str(tmp_path / "no_system_copy"))
+    for source in ("fashionmnist", "cifar10", "tinyimagenet"):
+        with pytest.raises(SourceDataError, match="condensed-build --download"):
+            load_split(source, tmp_path / "r", train=False)
 
 
 # -- Tiny-ImageNet ------------------------------------------------------------------------------------
