@@ -22,6 +22,7 @@ from builders.nas import run_nas
 from builders.networks import available_networks
 from builders.publish import publish_to_dir, publish_to_hub
 from builders.recipe import DEFAULT_ROOT, parse_overrides
+from builders.registry import get_method
 from builders.runspec import load_spec
 from builders.show import save_grid
 from condensed_datasets import catalogue
@@ -57,6 +58,11 @@ def _silent(*args: Any, **kwargs: Any) -> None:
     """click.echo on ranks other than 0 under torchrun."""
 
 
+def counted(n: Any, noun: str) -> str:
+    """``"1 run"``, ``"5 runs"``: a count and its noun, plural unless the count is 1."""
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def format_evaluation(ev: dict[str, Any] | None) -> str:
     """One human line per result of an ``evaluation`` metadata block."""
     if not ev or ev.get("accuracy_mean") is None:
@@ -65,7 +71,7 @@ def format_evaluation(ev: dict[str, Any] | None) -> str:
     def pm(mean: Any, std: Any) -> str:
         return f"{mean:.2f}" + ("" if std is None else f" ± {std:.2f}") + " %"
 
-    protocol = ", ".join(f"{ev[k]} {k}" for k in ("runs", "epochs") if ev.get(k) is not None)
+    protocol = ", ".join(counted(ev[k], k[:-1]) for k in ("runs", "epochs") if ev.get(k) is not None)
     lines = [printable(f"{ev.get('model') or 'model?'}: {pm(ev['accuracy_mean'], ev.get('accuracy_std'))}"
                        + (f" ({protocol})" if protocol else ""))]
     if ev.get("random_accuracy_mean") is not None:
@@ -111,8 +117,8 @@ def build_command(recipe: Path, overrides: tuple[str, ...], out_root: Path | Non
         echo(f"running {r.method} on {r.source}, model {r.model}, device {dev}, seed {r.seed}")
         echo(build(r, **options).summary())
         return
-    echo(f"building {r.method} on {r.source}, ipc {r.ipc}, {r.iterations} iterations, "
-         f"model {r.model}, device {dev}, seed {r.seed}")
+    steps = counted(r.iterations, "iteration") if get_method(r.method).iterative else "one-shot selection"
+    echo(f"building {r.method} on {r.source}, ipc {r.ipc}, {steps}, model {r.model}, device {dev}, seed {r.seed}")
     cset = build(r, **options)
     paths = BuildPaths.for_recipe(r, out_root)
     echo(f"saved {paths.set}")

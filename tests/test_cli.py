@@ -5,7 +5,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from builders.cli import build_command, eval_command, show_command
+from builders.cli import build_command, counted, eval_command, format_evaluation, show_command
 from condensed_datasets.format import CondensedSet
 
 RECIPE = """\
@@ -67,3 +67,18 @@ def test_eval_and_show(built, fashion_mnist_root, tmp_path):
     assert png.read_bytes()[:4] == b"\x89PNG" and "dm ipc 1" in result.output
     result = CliRunner().invoke(show_command, [str(tmp_path / "nothing.safetensors"), "-o", str(png)])
     assert result.exit_code != 0 and "no condensed set at" in result.output
+
+
+def test_counts_read_as_english():
+    assert [counted(n, "run") for n in (0, 1, 5)] == ["0 runs", "1 run", "5 runs"]
+    line = format_evaluation({"model": "ConvNet", "accuracy_mean": 80.0, "accuracy_std": None, "runs": 1, "epochs": 1})
+    assert line == "ConvNet: 80.00 % (1 run, 1 epoch)"
+
+
+def test_a_one_shot_build_says_so_not_zero_iterations(fashion_mnist_root, tmp_path):
+    recipe = tmp_path / "random.yaml"
+    recipe.write_text("source: fashionmnist\nmethod: random\nipc: 1\nmodel: ConvNetW32\nreal_per_class: 10\n")
+    result = CliRunner().invoke(build_command, [str(recipe), "--out", str(tmp_path / "out"), "--data-root",
+                                                str(fashion_mnist_root), "--device", "cpu", "--quiet", "--no-eval"])
+    assert result.exit_code == 0, result.output
+    assert "building random on fashionmnist, ipc 1, one-shot selection, model ConvNetW32" in result.output
