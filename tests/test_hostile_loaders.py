@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 import torch
+from hubserver import HubServer, go_offline
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from hubserver import HubServer, go_offline
 from PIL import Image
 from safetensors.torch import save as st_save
 
