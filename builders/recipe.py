@@ -20,7 +20,19 @@ from condensed_datasets.sources import SOURCES
 
 #: Where builds write and read real data unless told otherwise.
 DEFAULT_ROOT = "data"
-RECIPES_DIR = Path(os.environ.get("CONDENSED_RECIPES_DIR", Path(__file__).resolve().parents[1] / "recipes"))
+
+
+def shipped_recipes_dir() -> Path:
+    """The shipped recipes: ``builders/recipes/`` in an installed wheel (``recipes/`` travels there, see
+    pyproject.toml), else the checkout's ``recipes/`` beside this package."""
+    here = Path(__file__).resolve().parent
+    packaged = here / "recipes"
+    return packaged if packaged.is_dir() else here.parent / "recipes"
+
+
+#: Where build-on-demand, the expert and run-spec loaders find the shipped recipes; ``CONDENSED_RECIPES_DIR``
+#: points them at a folder of your own.
+RECIPES_DIR = Path(os.environ.get("CONDENSED_RECIPES_DIR") or shipped_recipes_dir())
 
 
 @dataclass
