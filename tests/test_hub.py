@@ -265,7 +265,7 @@ def test_embedded_set_needs_no_network_and_no_local_file(tmp_path: Path, server:
     assert server.requests == []
     # a repository or revision asked for: the embedded set does not answer it
     assert CondensedFashionMNIST(tmp_path / "data", "dm", 1, download=True, repo_id=REPO).path != shipped
-    with pytest.raises(RuntimeError, match="not found"):
+    with pytest.raises(ValueError, match="available ipcs for dm: 1"):  # the embedded ipc counts (README)
         CondensedFashionMNIST(tmp_path / "other", "dm", 10)
     monkeypatch.delenv("CONDENSED_DATASETS_EMBEDDED_DIR")
     monkeypatch.setattr(catalogue, "EMBEDDED_DIR", embedded)  # the module attribute works as well
