@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 import os
 import re
 from dataclasses import asdict, dataclass, field, fields
@@ -84,6 +85,8 @@ _REQUIRED = ("source", "method")
 
 
 _YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+#: Integers a recipe may hold: what a torch seed or size takes (a 64-bit signed integer).
+INT_LIMIT = 2 ** 63
 
 
 AUTO = "auto"  # the default of a switch that decides by the machine; such a key takes true, false or "auto"
@@ -101,12 +104,16 @@ def _check_type(key: str, value: Any, expected: Any) -> Any:
     if isinstance(expected, int):
         if isinstance(value, bool) or not isinstance(value, int):
             raise RecipeError(f"{key}: expected an integer, got {value!r}")
+        if not -INT_LIMIT <= value < INT_LIMIT:
+            raise RecipeError(f"{key}: {value} is out of range (a 64-bit integer, below 2**63)")
         return value
     if isinstance(expected, float):
         if isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
             value = float(value)  # YAML 1.1 reads 1e-5 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RecipeError(f"{key}: expected a number, got {value!r}")
+        if (isinstance(value, int) and not -INT_LIMIT <= value < INT_LIMIT) or not math.isfinite(value):
+            raise RecipeError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if isinstance(expected, str):
         if expected == AUTO and isinstance(value, bool):  # a switch whose default is "auto" takes true/false too
@@ -121,12 +128,12 @@ def _check_type(key: str, value: Any, expected: Any) -> Any:
     return value
 
 
-def _unknown(section: str, given: set[str], valid: set[str]) -> None:
-    bad = sorted(given - valid)
+def _unknown(section: str, given: set[Any], valid: set[str]) -> None:
+    bad = sorted(given - valid, key=repr)  # a YAML key may be a number, null or a date as well as a string
     if bad:
         hints = []
         for key in bad:
-            close = difflib.get_close_matches(key, sorted(valid), n=1)
+            close = difflib.get_close_matches(key, sorted(valid), n=1) if isinstance(key, str) else []
             hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         raise RecipeError(f"unknown key{'s' if len(bad) > 1 else ''} in {section}: {', '.join(hints)}; "
                           f"valid keys: {', '.join(sorted(valid))}")
@@ -170,7 +177,7 @@ def read_yaml_mapping(path: str | os.PathLike, what: str, missing_hint: str = ""
     if not path.is_file():
         raise RecipeError(f"no {what} at {path}{missing_hint}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_bytes())  # bytes: PyYAML checks the encoding (YAMLError, not UnicodeDecodeError)
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: not valid YAML ({exc})") from exc
     if not isinstance(data, dict):
@@ -245,6 +252,9 @@ def parse_recipe(data: dict[str, Any], overrides: list[tuple[str, Any]] | tuple 
     return recipe
 
 
+_IPC_KEY = re.compile(r"[0-9]{1,18}")  # ASCII digits only: "²".isdigit() is true, int("²") fails
+
+
 def _ipc_overrides(raw: Any) -> dict[int, dict[str, Any]]:
     """``ipc_overrides`` checked: integer ipcs >= 1, each a mapping of recipe keys."""
     raw = raw or {}
@@ -253,8 +263,8 @@ def _ipc_overrides(raw: Any) -> dict[int, dict[str, Any]]:
     out: dict[int, dict[str, Any]] = {}
     allowed = _TOP_KEYS - {"source", "method", "ipc", "ipc_overrides", "classes"}
     for key, entry in raw.items():
-        if isinstance(key, bool) or not (isinstance(key, int) or (isinstance(key, str) and key.isdigit())) \
-                or int(key) < 1:
+        if isinstance(key, bool) or not (isinstance(key, int) or (isinstance(key, str) and _IPC_KEY.fullmatch(key))) \
+                or not 1 <= int(key) < INT_LIMIT:
             raise RecipeError(f"ipc_overrides: key {key!r} is not an ipc (an integer >= 1)")
         if not isinstance(entry, dict):
             raise RecipeError(f"ipc_overrides.{key}: expected a mapping of recipe keys")
@@ -283,6 +293,10 @@ def _eval_spec(ev: Any) -> EvalSpec:
         value = getattr(spec, key)
         if value is not None and value < 1:
             raise RecipeError(f"eval.{key}: must be >= 1")
+    if spec.every < 0:
+        raise RecipeError(f"eval.every: must be >= 0 (0: only at the end), got {spec.every}")
+    if spec.lr <= 0:
+        raise RecipeError(f"eval.lr: must be > 0, got {spec.lr}")
     return spec
 
 

@@ -111,6 +111,7 @@ class DatasetQuantization(Method):
         check_at_least(p, ("bins", "extractor_batch", "similarity_memory_mb"), 1)
         check_at_least(p, ("extractor_epochs", "extractor_resize", "patch_size"), 0)
         check_at_least(p, ("lam",), 0.0, strict=True)
+        check_at_least(p, ("extractor_lr",), 0.0)
         if not 0.0 <= p["fraction"] <= 1.0:
             raise RecipeError(f"params.fraction: must be in [0, 1] (0: derived from ipc), got {p['fraction']}")
         if not 0.0 <= p["patch_drop"] <= 0.9:
