@@ -219,6 +219,9 @@ class Engine:
         for path in (self.paths.set, self.paths.checkpoint, self.paths.log, self.paths.grid):
             if path.is_dir():
                 raise BuildError(f"cannot write {path}: a folder is in the way; move it, or pass --out elsewhere")
+        if self.paths.log.is_symlink():  # the log is appended to in place: a link would write where it points
+            raise BuildError(f"cannot append to {self.paths.log}: it is a symbolic link (to "
+                             f"{os.readlink(self.paths.log)}); remove it, or pass --out elsewhere")
         try:
             fd, probe = tempfile.mkstemp(prefix=".write-probe.", suffix=".tmp", dir=folder)
             os.close(fd)
@@ -229,11 +232,13 @@ class Engine:
     def _clobber_problem(self) -> str | None:
         """Why this build would replace a finished set or an unfinished build's checkpoint (never done unless
         asked to), or None."""
-        if self.overwrite or self.resume:
+        if self.overwrite:
             return None
-        if self.paths.set.exists():
+        if self.paths.set.exists():  # --resume continues an unfinished build; it never replaces a finished set
             return (f"{self.paths.set} already exists; pass --overwrite to replace it, "
                     "or --out to build somewhere else")
+        if self.resume:
+            return None
         if self.paths.checkpoint.exists():
             return (f"an earlier build left a checkpoint at {self.paths.checkpoint}; pass --resume to "
                     "continue it, or --overwrite to start over")
@@ -245,6 +250,10 @@ class Engine:
         except CheckpointError as exc:
             raise BuildError(str(exc)) from exc
         meta, tensors = distributed.broadcast_object(loaded)  # one reader; ranks need no shared disk
+        if meta["iteration"] > self.recipe.iterations:
+            raise BuildError(f"{self.paths.checkpoint} is at iteration {meta['iteration']}, past this recipe's "
+                             f"{self.recipe.iterations} iterations; resume with --set iterations={meta['iteration']} "
+                             "or more, or build without --resume to start over")
         saved, now = meta["recipe"], self.recipe.to_dict()
         ignore = {"iterations", "checkpoint_every", "eval", "root", "notes"}
         differ = sorted(k for k in set(saved) | set(now) if k not in ignore and saved.get(k) != now.get(k))
