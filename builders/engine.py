@@ -377,11 +377,14 @@ class Engine:
 
 
 def _log_iteration(line: str) -> float:
-    """The iteration of a log line; inf for a line cut short by a killed process (it is dropped)."""
+    """The iteration of a log line; inf for a line cut short by a killed process, or not a log entry at all
+    (it is dropped)."""
     try:
-        return json.loads(line).get("iteration", 0)
+        entry = json.loads(line)
     except json.JSONDecodeError:
         return math.inf
+    iteration = entry.get("iteration", 0) if isinstance(entry, dict) else None
+    return iteration if isinstance(iteration, (int, float)) and not isinstance(iteration, bool) else math.inf
 
 
 def _device_name(device: torch.device) -> str:

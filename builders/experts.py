@@ -259,13 +259,16 @@ class ExpertStore:
         try:
             with safe_open(str(path), framework="pt", device="cpu") as handle:
                 view = handle.get_slice("trajectory")
-                rows = [view[e : e + 1] for e in epochs]
+                shape = list(view.get_shape())
+                fits = shape == [top + 1, self.parameter_count]
+                rows = [view[e : e + 1] for e in epochs] if fits else []
         except Exception as exc:  # safetensors' own error types
             raise ExpertStoreError(f"{path}: unreadable trajectory ({exc}); delete it and run the experts "
                                    "recipe again (finished experts are kept)") from exc
+        if not fits:  # a file cut short, or of another store: the index's epochs and parameters say what it holds
+            raise ExpertStoreError(f"{path}: a trajectory of shape {shape}, the index says [{top + 1}, "
+                                   f"{self.parameter_count}]; delete it and run the experts recipe again")
         out = torch.cat(rows)
-        if out.shape[1] != self.parameter_count:
-            raise ExpertStoreError(f"{path}: {out.shape[1]} parameters, the index says {self.parameter_count}")
         return out
 
     def trajectory(self, position: int) -> torch.Tensor:

@@ -22,7 +22,7 @@ from builders import continual, nas
 from builders.build import recipe_from_dict
 from builders.checkpoint import CHECKPOINT_KEY
 from builders.cli import build_command
-from builders.engine import Engine
+from builders.engine import Engine, _log_iteration
 from builders.errors import BuildError, BuildersError, ExpertStoreError, PublishConflict, RecipeError
 from builders.experts import STORE_INDEX_NAME, STORE_VERSION, ExpertStore
 from builders.publish import publish_to_dir
@@ -145,6 +145,15 @@ def test_the_command_line_reports_a_number_key_and_a_huge_seed_in_one_line(tmp_p
     assert "Traceback" not in result.output
 
 
+def test_an_ipc_above_a_class_size_is_one_line_of_error(fashion_mnist_root: Path, tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("source: fashionmnist\nmethod: random\nipc: 6001\nmodel: ConvNetW32\n")
+    result = CliRunner().invoke(build_command, [str(recipe), "--out", str(tmp_path / "out"), "--data-root",
+                                                str(fashion_mnist_root), "--device", "cpu", "--no-eval", "--quiet"])
+    assert result.exit_code == 1 and "fewer than ipc 6001; lower ipc" in result.output
+    assert "Traceback" not in result.output
+
+
 # -- 2. checkpoints and resume ------------------------------------------------------------------------------------------
 TINY = {"source": "fashionmnist", "method": "dm", "ipc": 1, "model": "ConvNetW32", "iterations": 3,
         "checkpoint_every": 1, "real_per_class": 10, "params": {"batch_real": 8}}
@@ -262,6 +271,13 @@ def test_a_log_that_is_a_symlink_is_never_followed(fashion_mnist_root: Path, tmp
     assert list(elsewhere.iterdir()) == []
 
 
+@pytest.mark.parametrize("line", ["5", "[1]", '"text"', '{"iteration": "3"}', '{"iteration": true}',
+                                  '{"iteration": 2, "loss": 1', "null"])
+def test_a_log_line_that_is_no_entry_is_dropped_on_resume(line: str) -> None:
+    assert _log_iteration(line) == math.inf
+    assert _log_iteration('{"iteration": 2, "loss": 1.5}') == 2
+
+
 # -- 3. expert stores ----------------------------------------------------------------------------------------------------
 def _index(**changes: Any) -> dict[str, Any]:
     entry = {"index": 0, "file": "expert_0000.safetensors", "test_accuracy": 50.0}
@@ -299,6 +315,14 @@ def test_an_unreadable_trajectory_is_an_expert_store_error(tmp_path: Path) -> No
     (tmp_path / "expert_0000.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(4))
     with pytest.raises(ExpertStoreError, match="unreadable trajectory"):
         ExpertStore.open(tmp_path).trajectory(0)
+
+
+def test_a_trajectory_shorter_than_its_index_says_is_an_expert_store_error(tmp_path: Path) -> None:
+    (tmp_path / STORE_INDEX_NAME).write_text(json.dumps(_index(epochs=10)))
+    (tmp_path / "expert_0000.safetensors").write_bytes(st_save({"trajectory": torch.zeros(3, 6)}))
+    store = ExpertStore.open(tmp_path)
+    with pytest.raises(ExpertStoreError, match=r"shape \[3, 6\], the index says \[11, 6\]"):
+        store.snapshots(0, [0, 7])
 
 
 # -- 4. publishing into a folder -------------------------------------------------------------------------------------------

@@ -63,7 +63,7 @@ class _Coreset(Method):
         for c in range(ctx.num_classes):
             pool = ctx.real.class_indices[c]
             if len(pool) < ctx.ipc:
-                raise ValueError(f"class {c} has {len(pool)} real images, fewer than ipc {ctx.ipc}")
+                raise RecipeError(f"class {c} has {len(pool)} real images, fewer than ipc {ctx.ipc}; lower ipc")
             picks.append(pool[self.pick(pool, ctx.ipc).cpu()])
         positions = torch.cat(picks)
         return SetContents(
