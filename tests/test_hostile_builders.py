@@ -154,6 +154,23 @@ def test_an_ipc_above_a_class_size_is_one_line_of_error(fashion_mnist_root: Path
     assert "Traceback" not in result.output
 
 
+@pytest.mark.parametrize("params, message", [
+    ({"bins": 100}, "params.bins: cannot split 20 images into 100 non-empty bins (class 0); lower params.bins"),
+    ({"fraction": 1e-9}, "keeps less than one image per class"),
+])
+def test_dq_values_that_fit_no_class_are_recipe_errors(fashion_mnist_root: Path, tmp_path: Path,
+                                                       params: dict[str, Any], message: str) -> None:
+    recipe = recipe_from_dict({"source": "fashionmnist", "method": "dq", "ipc": 1, "model": "ConvNetW32",
+                               "real_per_class": 20, "params": {"extractor": "ConvNetD1", "extractor_epochs": 0,
+                                                                **params}})
+    engine = Engine(recipe, out_root=tmp_path, data_root=fashion_mnist_root, device="cpu", evaluate=False,
+                    progress=False)
+    with pytest.raises(RecipeError) as caught:
+        engine.run()
+    assert message in str(caught.value)
+    assert not engine.paths.set.exists()
+
+
 # -- 2. checkpoints and resume ------------------------------------------------------------------------------------------
 TINY = {"source": "fashionmnist", "method": "dm", "ipc": 1, "model": "ConvNetW32", "iterations": 3,
         "checkpoint_every": 1, "real_per_class": 10, "params": {"batch_real": 8}}
