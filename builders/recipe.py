@@ -273,6 +273,9 @@ def _ipc_overrides(raw: Any) -> dict[int, dict[str, Any]]:
     return out
 
 
+_EVAL_NULLABLE = ("model", "augment", "test_per_class")  # null: the recipe's model / augment, every test image
+
+
 def _eval_spec(ev: Any) -> EvalSpec:
     """The ``eval`` section checked against :class:`EvalSpec`."""
     ev = ev or {}
@@ -287,6 +290,9 @@ def _eval_spec(ev: Any) -> EvalSpec:
             expected = ""
         elif key == "test_per_class":
             expected = 0
+        if value is None and key not in _EVAL_NULLABLE:
+            raise RecipeError(f"eval.{key}: expected a value, got null (leave the key out for its default, "
+                              f"{getattr(base, key)!r})")
         checked[key] = value if value is None else _check_type(f"eval.{key}", value, expected)
     spec = EvalSpec(**checked)
     for key in ("runs", "epochs", "batch", "test_per_class"):
@@ -298,6 +304,26 @@ def _eval_spec(ev: Any) -> EvalSpec:
     if spec.lr <= 0:
         raise RecipeError(f"eval.lr: must be > 0, got {spec.lr}")
     return spec
+
+
+def stored_evaluation(recipe: dict[str, Any]) -> tuple[EvalSpec, str | None, str]:
+    """The evaluation protocol a built set's recorded ``recipe`` names: its ``eval`` section checked as a
+    recipe's (keys this version does not know left out), the recipe's model (or None) and the augmentation
+    (``eval.augment``, else the recipe's, else ``none``); RecipeError naming the key when one is unusable."""
+    ev = recipe.get("eval") or {}
+    if isinstance(ev, dict):
+        ev = {k: v for k, v in ev.items() if k in _EVAL_KEYS}
+    spec = _eval_spec(ev)
+    model, augment = recipe.get("model"), spec.augment or recipe.get("augment") or "none"
+    for key, value in (("model", model), ("augment", augment)):
+        if value is not None and not isinstance(value, str):
+            raise RecipeError(f"{key}: expected a string, got {value!r}")
+    if augment != "none":
+        try:
+            check_strategy(augment)
+        except ValueError as exc:
+            raise RecipeError(f"augment: {exc}") from None
+    return spec, model, augment
 
 
 def check_params(section: str, params: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:

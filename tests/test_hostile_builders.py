@@ -21,7 +21,7 @@ from safetensors.torch import save as st_save
 from builders import continual, nas
 from builders.build import recipe_from_dict
 from builders.checkpoint import CHECKPOINT_KEY
-from builders.cli import build_command
+from builders.cli import build_command, eval_command
 from builders.engine import Engine, _log_iteration
 from builders.errors import BuildError, BuildersError, ExpertStoreError, PublishConflict, RecipeError
 from builders.experts import STORE_INDEX_NAME, STORE_VERSION, ExpertStore
@@ -114,6 +114,9 @@ def test_any_set_option_is_applied_or_a_recipe_error(pairs: list[str]) -> None:
     ({"eval": {"lr": -1.0}}, "eval.lr: must be > 0"),
     ({"eval": {"lr": float("inf")}}, "eval.lr: expected a finite number"),
     ({"eval": {"every": -1}}, "eval.every: must be >= 0"),
+    ({"eval": {"every": None}}, "eval.every: expected a value, got null"),
+    ({"eval": {"runs": None}}, "eval.runs: expected a value, got null"),
+    ({"eval": {"models": None}}, "eval.models: expected a value, got null"),
     ({"method": "dc", "params": {"lr_net": -1.0}}, "params.lr_net: must be >= 0"),
     ({"method": "herding", "params": {"feature_lr": -1.0}}, "params.feature_lr: must be >= 0"),
     ({"method": "herding", "params": {"feature_model": "../x"}}, "params.feature_model: unknown network '../x'"),
@@ -169,6 +172,21 @@ def test_dq_values_that_fit_no_class_are_recipe_errors(fashion_mnist_root: Path,
         engine.run()
     assert message in str(caught.value)
     assert not engine.paths.set.exists()
+
+
+@pytest.mark.parametrize("recorded, message", [
+    ({"eval": {"runs": "many"}}, "eval.runs: expected an integer"), ({"eval": {"lr": -1}}, "eval.lr: must be > 0"),
+    ({"eval": {"batch": 0}}, "eval.batch: must be >= 1"), ({"eval": {"runs": 0}}, "eval.runs: must be >= 1"),
+    ({"eval": {"augment": "nope"}}, "unknown augmentation family"), ({"augment": 5}, "augment: expected a string"),
+    ({"eval": [1]}, "eval: expected a mapping"),
+])
+def test_condensed_eval_checks_the_protocol_recorded_in_a_strangers_set(tmp_path: Path, recorded: dict[str, Any],
+                                                                         message: str) -> None:
+    path = CondensedSet(torch.zeros(10, 1, 28, 28), torch.arange(10), source="fashionmnist", method="dm", ipc=1,
+                        metadata={"recipe": recorded}).save(tmp_path / "set.safetensors")
+    result = CliRunner().invoke(eval_command, [str(path), "--root", str(tmp_path / "no-data"), "--device", "cpu"])
+    assert result.exit_code == 1 and "the evaluation settings recorded in it are unusable" in result.output
+    assert message in result.output and "Traceback" not in result.output
 
 
 # -- 2. checkpoints and resume ------------------------------------------------------------------------------------------
