@@ -165,6 +165,8 @@ def parse_overrides(pairs: list[str] | tuple[str, ...]) -> list[tuple[str, Any]]
         except yaml.YAMLError as exc:
             raise RecipeError(f"--set {pair!r}: the value is not valid YAML ({exc}); quote it, "
                               f"e.g. --set '{key.strip()}=\"...\"'") from None
+        except RecursionError:
+            raise RecipeError(f"--set {key.strip()}=...: the value is nested too deeply") from None
         out.append((key.strip(), value))
     return out
 
@@ -180,6 +182,8 @@ def read_yaml_mapping(path: str | os.PathLike, what: str, missing_hint: str = ""
         data = yaml.safe_load(path.read_bytes())  # bytes: PyYAML checks the encoding (YAMLError, not UnicodeDecodeError)
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: not valid YAML ({exc})") from exc
+    except RecursionError:
+        raise RecipeError(f"{path}: nested too deeply to be a {what}") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a {what} is a YAML mapping of keys{keys_hint}")
     return data
@@ -200,7 +204,10 @@ def parse_recipe(data: dict[str, Any], overrides: list[tuple[str, Any]] | tuple 
     """
     if not isinstance(data, dict):
         raise RecipeError(f"a recipe is a mapping of keys ({', '.join(sorted(_TOP_KEYS))})")
-    data = copy.deepcopy(data)
+    try:
+        data = copy.deepcopy(data)
+    except RecursionError:
+        raise RecipeError("the recipe is nested too deeply") from None
     for key, value in overrides:
         set_dotted(data, key, value)
     _unknown("the recipe", set(data), _TOP_KEYS)

@@ -137,6 +137,17 @@ def test_a_binary_recipe_is_one_line_of_error(tmp_path: Path, content: bytes) ->
     assert not (tmp_path / "out").exists()
 
 
+def test_yaml_nested_too_deeply_is_one_line_of_error(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("source: fashionmnist\nmethod: dm\nipc: 1\nnotes: " + "[" * 5000 + "]" * 5000 + "\n")
+    result = CliRunner().invoke(build_command, [str(recipe)])
+    assert result.exit_code == 1 and "nested too deeply to be a recipe" in result.output
+    recipe.write_text("source: fashionmnist\nmethod: dm\nipc: 1\n")
+    result = CliRunner().invoke(build_command, [str(recipe), "--set", "notes=" + "[" * 5000 + "]" * 5000])
+    assert result.exit_code == 1 and "--set notes=...: the value is nested too deeply" in result.output
+    assert "Traceback" not in result.output
+
+
 def test_the_command_line_reports_a_number_key_and_a_huge_seed_in_one_line(tmp_path: Path) -> None:
     recipe = tmp_path / "r.yaml"
     recipe.write_text("source: fashionmnist\nmethod: dm\nipc: 1\n3: x\n")
