@@ -161,7 +161,11 @@ class Engine:
             raise BuildError(refusal)
         clock = _reproducible_clock()
         started = time.time()
-        self.paths.set.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.paths.set.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a file where a folder of the path should be, say
+            raise BuildError(f"cannot create {self.paths.set.parent} ({exc.strerror}); pass --out with a "
+                             "writable folder") from None
         self._check_writable()
         ctx = self._context()
         method = get_method(r.method)(ctx)

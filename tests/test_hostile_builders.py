@@ -148,6 +148,16 @@ def test_yaml_nested_too_deeply_is_one_line_of_error(tmp_path: Path) -> None:
     assert "Traceback" not in result.output
 
 
+def test_an_out_below_a_file_is_found_before_the_build(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("mine\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("source: fashionmnist\nmethod: random\nipc: 1\nmodel: ConvNetW32\n")
+    result = CliRunner().invoke(build_command, [str(recipe), "--out", str(tmp_path / "afile" / "sub"), "--data-root",
+                                                str(tmp_path / "no-data"), "--device", "cpu", "--quiet"])
+    assert result.exit_code == 1 and "cannot create" in result.output and "pass --out" in result.output
+    assert (tmp_path / "afile").read_text() == "mine\n"
+
+
 def test_the_command_line_reports_a_number_key_and_a_huge_seed_in_one_line(tmp_path: Path) -> None:
     recipe = tmp_path / "r.yaml"
     recipe.write_text("source: fashionmnist\nmethod: dm\nipc: 1\n3: x\n")
