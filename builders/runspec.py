@@ -39,7 +39,7 @@ def check_keys(section: str, data: Any, defaults: dict[str, Any], required: tupl
     out = dict(defaults)
     for key, value in data.items():
         default = defaults[key]
-        if value is None and isinstance(default, (str, int, float)):
+        if value is None and isinstance(default, (str, int, float, list)):
             raise RecipeError(f"{section}.{key}: expected {type(default).__name__}, got null")
         if default is not None and value is not None:
             if isinstance(default, bool) != isinstance(value, bool):

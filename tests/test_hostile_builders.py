@@ -75,7 +75,7 @@ def recipes(draw: st.DrawFn) -> Any:
 @given(data=recipes())
 def test_any_recipe_mapping_is_a_recipe_or_a_recipe_error(data: Any) -> None:
     try:
-        r = recipe_from_dict(data) if isinstance(data, dict) else recipe_from_dict(data)
+        r = recipe_from_dict(data)
     except OURS:
         return
     assert isinstance(r.ipc, int) and 1 <= r.ipc and 0 <= r.seed < 2 ** 63
@@ -418,7 +418,7 @@ CL_SPEC = {"source": "fashionmnist", "out": "out", "steps": 2, "ipc": 1,
     ({"truth": {"per_class": 2, "epochs": 1, "lr": -1.0}}, "truth.lr: must be > 0"),
     ({"proxy_protocol": {"epochs": 1, "augment": "blur"}}, "proxy_protocol.augment"),
     ({"tops": ["a"]}, "tops:"), ({"tops": [0]}, "tops:"), ({"out": ""}, "out:"), ({"root": None}, "got null"),
-    ({"seed": 2 ** 70}, "seed"), ({7: 1}, "unknown key 7"),
+    ({"seed": 2 ** 70}, "seed"), ({7: 1}, "unknown key 7"), ({"tops": None}, "tops: expected list, got null"),
 ])
 def test_a_hostile_nas_spec_is_a_recipe_error(changes: dict[Any, Any], message: str) -> None:
     with pytest.raises(RecipeError) as caught:
@@ -460,3 +460,36 @@ def test_any_run_spec_section_is_checked_or_a_recipe_error(data: dict[Any, Any])
     for key, value in out.items():
         if isinstance(value, float):
             assert math.isfinite(value)
+
+
+SPEC_VALUES = VALUES | st.lists(st.integers(-2, 40) | st.text(max_size=3) | st.none(), max_size=3) | st.dictionaries(
+    st.text(max_size=6) | st.integers(), st.integers() | st.text(max_size=3), max_size=3)
+
+
+@st.composite
+def run_specs(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
+    """A tiny NAS or continual spec with a few keys (top level or in a section) set to anything."""
+    which = draw(st.sampled_from(["nas", "continual"]))
+    spec = json.loads(json.dumps(NAS_SPEC if which == "nas" else CL_SPEC))
+    for _ in range(draw(st.integers(1, 3))):
+        key = draw(st.sampled_from(sorted(nas._SPEC if which == "nas" else continual._SPEC)) | KEYS)
+        if draw(st.booleans()):
+            spec[key] = draw(SPEC_VALUES)
+        elif which == "nas":
+            section = draw(st.sampled_from(["truth", "proxy_protocol", "validation", "space"]))
+            inner = draw(st.sampled_from(["per_class", "epochs", "lr", "batch", "augment", "depth", "x"]))
+            spec[section] = {**(spec.get(section) or {}), inner: draw(SPEC_VALUES)}
+        else:
+            inner = draw(st.sampled_from(["recipe", "set", "x"]))
+            spec["methods"] = {"random": {"recipe": "random_fashionmnist.yaml", inner: draw(SPEC_VALUES)}}
+    return which, spec
+
+
+@BOUNDED
+@given(case=run_specs())
+def test_any_run_spec_is_checked_or_a_recipe_error(case: tuple[str, dict[str, Any]]) -> None:
+    which, spec = case
+    try:
+        (nas if which == "nas" else continual).check_spec(spec)
+    except OURS:
+        pass
