@@ -132,7 +132,7 @@ class Engine:
         """Keep the log lines of iterations up to ``iteration`` (a resumed build rewrites the rest)."""
         if not distributed.current().is_main or not self.paths.log.exists():
             return
-        kept = [line for line in self.paths.log.read_text().splitlines()
+        kept = [line for line in self.paths.log.read_text(errors="replace").splitlines()  # damaged bytes: dropped
                 if line and _log_iteration(line) <= iteration]
         atomic_write_bytes(self.paths.log, ("\n".join(kept) + "\n" if kept else "").encode())
 

@@ -120,6 +120,8 @@ def _check_type(key: str, value: Any, expected: Any) -> Any:
             return value
         if not isinstance(value, str):
             raise RecipeError(f"{key}: expected a string, got {value!r}")
+        if "\x00" in value:  # no path, name or note holds one (the OS refuses it in paths)
+            raise RecipeError(f"{key}: a NUL character in {value!r}")
         return value
     if isinstance(expected, list):
         if not isinstance(value, list):

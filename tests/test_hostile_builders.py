@@ -121,6 +121,8 @@ def test_any_set_option_is_applied_or_a_recipe_error(pairs: list[str]) -> None:
     ({"method": "herding", "params": {"feature_lr": -1.0}}, "params.feature_lr: must be >= 0"),
     ({"method": "herding", "params": {"feature_model": "../x"}}, "params.feature_model: unknown network '../x'"),
     ({"method": "dq", "params": {"extractor_lr": -0.1}}, "params.extractor_lr: must be >= 0"),
+    ({"method": "experts", "params": {"expert_dir": "/tmp/x\x00y"}}, "params.expert_dir: a NUL character"),
+    ({"notes": "a\x00b"}, "notes: a NUL character"),
 ])
 def test_recipe_values_torch_would_reject_mid_build_are_recipe_errors(changes: dict[Any, Any], message: str) -> None:
     with pytest.raises(RecipeError) as caught:
@@ -334,6 +336,15 @@ def test_a_log_line_that_is_no_entry_is_dropped_on_resume(line: str) -> None:
     assert _log_iteration('{"iteration": 2, "loss": 1.5}') == 2
 
 
+def test_a_log_with_damaged_bytes_is_rewritten_on_resume(fashion_mnist_root: Path, tmp_path: Path,
+                                                        killed_build: tuple[bytes, bytes]) -> None:
+    engine = _resumed(fashion_mnist_root, tmp_path, killed_build[0])
+    engine.paths.log.write_bytes(b'{"iteration": 1, "loss": 1.0, "time_s": 0.1}\n\xff\xfe\x00garbage\n')
+    engine.run()
+    assert [json.loads(line)["iteration"] for line in engine.paths.log.read_text().splitlines()] == [1, 2, 3]
+    assert engine.paths.set.is_file()
+
+
 # -- 3. expert stores ----------------------------------------------------------------------------------------------------
 def _index(**changes: Any) -> dict[str, Any]:
     entry = {"index": 0, "file": "expert_0000.safetensors", "test_accuracy": 50.0}
@@ -419,6 +430,8 @@ CL_SPEC = {"source": "fashionmnist", "out": "out", "steps": 2, "ipc": 1,
     ({"proxy_protocol": {"epochs": 1, "augment": "blur"}}, "proxy_protocol.augment"),
     ({"tops": ["a"]}, "tops:"), ({"tops": [0]}, "tops:"), ({"out": ""}, "out:"), ({"root": None}, "got null"),
     ({"seed": 2 ** 70}, "seed"), ({7: 1}, "unknown key 7"), ({"tops": None}, "tops: expected list, got null"),
+    ({"out": "o\x00ut"}, "out: a NUL character"),
+    ({"proxies": [{"name": "p", "path": "p\x00.safetensors"}]}, "proxies[0].path: a NUL character"),
 ])
 def test_a_hostile_nas_spec_is_a_recipe_error(changes: dict[Any, Any], message: str) -> None:
     with pytest.raises(RecipeError) as caught:
