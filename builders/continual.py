@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 
 from builders.augment import Augmenter
-from builders.build import load_recipe, make_engine
+from builders.build import load_recipe, make_engine, run_continuing
 from builders.data import RealData
 from builders.engine import resolve_device
 from builders.errors import RecipeError
@@ -99,7 +99,7 @@ def step_builder(recipe_path: Path, overrides: dict[str, Any], *, data_root: Pat
             raise RecipeError(f"{recipe_path} builds {recipe.method} on {recipe.source}, not {method} on {source}")
         engine = make_engine(recipe, out_root=root, data_root=data_root, device=device, evaluate=False,
                              progress=progress)
-        engine.run()
+        run_continuing(engine)  # a step killed earlier continues (this runner has no --resume)
         return engine.paths.set
 
     return build

@@ -25,7 +25,7 @@ from torch.utils.data import Dataset, TensorDataset
 from tqdm.auto import tqdm
 
 from builders.augment import Augmenter
-from builders.build import load_recipe, make_engine
+from builders.build import load_recipe, make_engine, run_continuing
 from builders.data import RealData
 from builders.engine import resolve_device
 from builders.errors import BuildError, RecipeError
@@ -196,7 +196,7 @@ def load_proxy(entry: dict[str, Any], source: str, root: str | os.PathLike,
     overrides = [("ipc", entry["ipc"]), *sorted(entry["set"].items())]
     engine = make_engine(load_recipe(shipped_recipe_path(entry["method"], source), overrides), out_root=root,
                          data_root=root, device=device, evaluate=False)
-    return engine.run(), str(engine.paths.set)
+    return run_continuing(engine), str(engine.paths.set)  # a proxy build killed earlier continues
 
 
 def _dataset_classes() -> list[type[CondensedVisionDataset]]:

@@ -26,6 +26,7 @@ from builders.engine import Engine, _log_iteration
 from builders.errors import BuildError, BuildersError, ExpertStoreError, PublishConflict, RecipeError
 from builders.experts import STORE_INDEX_NAME, STORE_VERSION, ExpertStore
 from builders.publish import publish_to_dir
+from builders.recipe import load_recipe_data as yaml_mapping
 from builders.recipe import parse_overrides
 from builders.runspec import check_keys
 from condensed_datasets.errors import CondensedDatasetsError
@@ -437,6 +438,26 @@ def test_a_hostile_nas_spec_is_a_recipe_error(changes: dict[Any, Any], message: 
     with pytest.raises(RecipeError) as caught:
         nas.check_spec({**NAS_SPEC, **changes})
     assert message in str(caught.value)
+
+
+def test_a_killed_continual_step_build_is_continued_not_refused(fashion_mnist_root: Path, tmp_path: Path) -> None:
+    """condensed-continual has no --resume: a step whose build was killed continues from its checkpoint."""
+    recipe = tmp_path / "dm.yaml"
+    recipe.write_text("source: fashionmnist\nmethod: dm\nipc: 1\nmodel: ConvNetW32\niterations: 3\n"
+                      "checkpoint_every: 1\nreal_per_class: 10\nparams: {batch_real: 4}\n")
+    build = continual.step_builder(recipe, {}, data_root=fashion_mnist_root, device="cpu", progress=False)
+    killed = Engine(recipe_from_dict({**yaml_mapping(recipe), "classes": [2, 8]}), out_root=tmp_path / "sets",
+                    data_root=fashion_mnist_root, device="cpu", evaluate=False, progress=False)
+
+    def kill(iteration: int, loss: float) -> None:
+        if iteration == 2:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        killed.run(on_iteration=kill)
+    assert build("fashionmnist", "dm", 1, [2, 8], tmp_path / "sets") == killed.paths.set
+    log = [json.loads(line)["iteration"] for line in killed.paths.log.read_text().splitlines()]
+    assert log == [1, 2, 3]  # continued after the checkpoint of iteration 1, not started over
 
 
 def test_a_nas_table_file_made_by_something_else_is_a_build_error(tmp_path: Path) -> None:
