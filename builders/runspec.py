@@ -50,7 +50,7 @@ def check_keys(section: str, data: Any, defaults: dict[str, Any], required: tupl
                 raise RecipeError(f"{section}.{key}: expected {type(default).__name__}, got {value!r}")
             if isinstance(value, str) and "\x00" in value:  # no path or name holds one
                 raise RecipeError(f"{section}.{key}: a NUL character in {value!r}")
-            if isinstance(value, float) and not math.isfinite(value) or (
+            if (isinstance(value, float) and not math.isfinite(value)) or (
                     isinstance(value, int) and not -INT_LIMIT <= value < INT_LIMIT):
                 raise RecipeError(f"{section}.{key}: {value!r} is not a finite number of 64 bits")
         out[key] = value
