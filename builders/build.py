@@ -87,6 +87,19 @@ def make_engine(recipe: Recipe, *, out_root: str | os.PathLike = DEFAULT_ROOT, d
     return Engine(recipe, out_root=out_root, data_root=out_root if data_root is None else data_root, **options)
 
 
+def run_continuing(engine: Engine) -> CondensedSet:
+    """Run ``engine`` for a runner that has no --resume (condensed-continual, condensed-nas): a build killed
+    earlier continues from its checkpoint; BuildError naming the checkpoint to delete when it cannot."""
+    engine.resume = engine.paths.checkpoint.is_file()
+    try:
+        return engine.run()
+    except BuildError as exc:
+        if not engine.resume:
+            raise
+        raise BuildError(f"could not continue the earlier build of {engine.paths.set}: {exc}. Delete "
+                         f"{engine.paths.checkpoint} to start this build over") from exc
+
+
 def build_set(source: str, method: str, ipc: int, root: str | os.PathLike, *, device: str = "auto") -> Path:
     """Build ``method`` on ``source`` at ``ipc`` with the shipped recipe under ``root``; return the set's path.
 
@@ -165,4 +178,4 @@ def _lock_timeout(target: Path, lock: FileLock) -> BuildError:
 
 
 __all__ = ["DEFAULT_ROOT", "build", "build_set", "build_subset_set", "load_recipe", "make_engine", "makes_set", "prepare",
-           "recipe_from_dict"]
+           "recipe_from_dict", "run_continuing"]

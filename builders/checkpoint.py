@@ -89,10 +89,32 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
         raise CheckpointError(f"{path}: not a readable checkpoint ({exc}); delete it to start over") from exc
     if raw is None:
         raise CheckpointError(f"{path}: not a condensed-datasets checkpoint")
-    meta = json.loads(raw)
-    if meta.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint version {meta.get('version')!r} is not {CHECKPOINT_VERSION}")
+    try:
+        meta = json.loads(raw)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: unreadable checkpoint header ({exc}); delete it to start over") from None
+    if not isinstance(meta, dict) or meta.get("version") != CHECKPOINT_VERSION:
+        version = meta.get("version") if isinstance(meta, dict) else None
+        raise CheckpointError(f"{path}: checkpoint version {version!r} is not {CHECKPOINT_VERSION}")
+    problem = _header_problem(meta)
+    if problem:
+        raise CheckpointError(f"{path}: damaged checkpoint header ({problem}); delete it to start over")
     return meta, tensors
+
+
+def _header_problem(meta: dict[str, Any]) -> str | None:
+    """What is wrong with a checkpoint header's shape (None: nothing)."""
+    iteration = meta.get("iteration")
+    if isinstance(iteration, bool) or not isinstance(iteration, int) or iteration < 0:
+        return f"iteration {iteration!r} is not an integer >= 0"
+    if not isinstance(meta.get("recipe"), dict):
+        return "no recipe mapping"
+    optimizers = meta.get("optimizers")
+    if not isinstance(optimizers, dict) or not all(
+            isinstance(o, dict) and isinstance(o.get("state"), dict) and isinstance(o.get("param_groups"), list)
+            for o in optimizers.values()):
+        return "no optimiser states"
+    return None
 
 
 def restore_checkpoint(
@@ -109,14 +131,27 @@ def restore_checkpoint(
             saved = tensors.get(f"state.{key}")
             if saved is None or saved.shape != value.shape:
                 raise CheckpointError(f"checkpoint has no compatible tensor for {key!r}")
+            if saved.is_floating_point() and not torch.isfinite(saved).all():
+                raise CheckpointError(f"checkpoint tensor {key!r} holds NaN or inf; delete it to start over")
             value.copy_(saved.to(value.device))
     if set(meta["optimizers"]) != set(optimizers):
         raise CheckpointError(f"checkpoint optimisers {sorted(meta['optimizers'])} != {sorted(optimizers)}")
-    for name, opt in optimizers.items():
-        device = opt.param_groups[0]["params"][0].device
-        opt.load_state_dict(_optimizer_from_flat(name, meta["optimizers"][name], tensors, device))
-    generator.set_state(tensors["rng.generator"])
-    torch.set_rng_state(tensors["rng.torch_cpu"])
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    # a header or tensors that do not fit these optimisers and RNGs (hand-edited, or another version's)
+    try:
+        for name, opt in optimizers.items():
+            device = opt.param_groups[0]["params"][0].device
+            opt.load_state_dict(_optimizer_from_flat(name, meta["optimizers"][name], tensors, device))
+            for group in opt.param_groups:
+                for param in group["params"]:
+                    for key, value in opt.state.get(param, {}).items():
+                        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != param.shape:
+                            raise ValueError(f"optimiser {name!r} state {key!r} is {tuple(value.shape)}, "
+                                             f"its tensor {tuple(param.shape)}")
+        generator.set_state(tensors["rng.generator"])
+        torch.set_rng_state(tensors["rng.torch_cpu"])
+        if "rng.cuda" in tensors and torch.cuda.is_available():
+            torch.cuda.set_rng_state(tensors["rng.cuda"])
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"checkpoint does not fit this build ({type(exc).__name__}: {exc}); delete it to "
+                              "start over") from exc
     return int(meta["iteration"])

@@ -16,12 +16,12 @@ from builders.build import build, load_recipe, makes_set
 from builders.continual import run_continual
 from builders.data import RealData
 from builders.engine import BuildPaths, resolve_device
-from builders.errors import BuildersError
+from builders.errors import BuildersError, RecipeError
 from builders.evaluate import evaluate_set
 from builders.nas import run_nas
 from builders.networks import available_networks
 from builders.publish import publish_to_dir, publish_to_hub
-from builders.recipe import DEFAULT_ROOT, parse_overrides
+from builders.recipe import DEFAULT_ROOT, parse_overrides, stored_evaluation
 from builders.registry import get_method
 from builders.runspec import load_spec
 from builders.show import save_grid
@@ -149,9 +149,12 @@ def eval_command(set_file: Path, model: str | None, models: str, runs: int | Non
     """Evaluate a condensed SET with the papers' protocol on the real test split."""
     tune_allocator()
     cset = CondensedSet.load(set_file)
-    recipe = cset.metadata.get("recipe") or {}
-    ev = recipe.get("eval") or {}
-    model = model or ev.get("model") or recipe.get("model") or "ConvNet"
+    try:  # the protocol recorded in the file (a stranger's, perhaps), checked as a recipe's before any work
+        ev, recipe_model, augment = stored_evaluation(cset.metadata.get("recipe") or {})
+    except RecipeError as exc:
+        raise RecipeError(f"{set_file}: the evaluation settings recorded in it are unusable ({exc}); rebuild the "
+                          "set, or evaluate it with your own code") from None
+    model = model or ev.model or recipe_model or "ConvNet"
     extra = [m.strip() for m in models.split(",") if m.strip()]
     for name in [model, *extra]:
         if name not in available_networks():
@@ -163,12 +166,11 @@ def eval_command(set_file: Path, model: str | None, models: str, runs: int | Non
     space = cset.metadata.get("normalization") if cset.zca is not None else None
     train.set_zca(cset.zca, space)  # a set built in ZCA space is evaluated on whitened real images
     test.set_zca(cset.zca, space)
-    augment = ev.get("augment") or recipe.get("augment") or "none"
     with distributed.session(dev):  # under torchrun: the runs are split across the processes
         result = evaluate_set(
             cset.images.to(dev), cset.labels, soft_labels=cset.soft_labels, lr=cset.lr, ipc=cset.ipc, model=model,
-            models=extra, runs=runs or ev.get("runs", 5), epochs=epochs or ev.get("epochs", 1000),
-            default_lr=ev.get("lr", 0.01), batch=ev.get("batch", 256), augment=augment,
+            models=extra, runs=runs or ev.runs, epochs=epochs or ev.epochs, default_lr=ev.lr, batch=ev.batch,
+            augment=augment,
             seed=cset.metadata.get("seed", 0) if seed is None else seed, train=train, test=test,
             progress=not quiet and distributed.env_is_main(),
         )

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 
 from builders.augment import Augmenter
-from builders.build import load_recipe, make_engine
+from builders.build import load_recipe, make_engine, run_continuing
 from builders.data import RealData
 from builders.engine import resolve_device
 from builders.errors import RecipeError
@@ -29,7 +29,7 @@ from builders.networks import available_networks, build_network
 from builders.plots import continual_plot
 from builders.progress import progress_bar
 from builders.recipe import RECIPES_DIR
-from builders.runspec import check_keys
+from builders.runspec import check_augment, check_keys, check_overrides, check_positive
 from condensed_datasets._atomic import atomic_write_bytes
 from condensed_datasets.continual import ClassIncrementalBuffer
 from condensed_datasets.sources import get_source
@@ -51,8 +51,21 @@ def check_spec(data: dict[str, Any]) -> dict[str, Any]:
             raise RecipeError(f"{key}: must be >= 1, got {spec[key]}")
     if info.num_classes % spec["steps"]:
         raise RecipeError(f"steps: {info.num_classes} classes do not split into {spec['steps']} equal steps")
-    if not spec["orders"] or not all(isinstance(o, int) and o >= 0 for o in spec["orders"]):
-        raise RecipeError(f"orders: expected a non-empty list of order seeds (ints >= 0), got {spec['orders']!r}")
+    check_positive("the continual spec", spec, ("lr",))
+    check_augment("augment", spec["augment"])
+    if not spec["out"]:
+        raise RecipeError("out: expected the folder continual.json and continual.png go to, got ''")
+    if spec["sets_root"] is not None and not isinstance(spec["sets_root"], str):
+        raise RecipeError(f"sets_root: expected a folder (a string) or null, got {spec['sets_root']!r}")
+    tpc = spec["test_per_class"]
+    if tpc is not None and (isinstance(tpc, bool) or not isinstance(tpc, int) or tpc < 1):
+        raise RecipeError(f"test_per_class: expected an integer >= 1 or null (every test image), got {tpc!r}")
+    if not 0 <= spec["seed"] < 2 ** 32:  # net_seed() and numpy's order permutation take 32-bit seeds
+        raise RecipeError(f"seed: must be in [0, 2**32), got {spec['seed']}")
+    if not spec["orders"] or not all(isinstance(o, int) and not isinstance(o, bool) and 0 <= o < 2 ** 32
+                                     for o in spec["orders"]):
+        raise RecipeError(f"orders: expected a non-empty list of order seeds (integers in [0, 2**32)), got "
+                          f"{spec['orders']!r}")
     if spec["model"] not in available_networks():
         raise RecipeError(f"model: unknown network {spec['model']!r}; valid: {', '.join(available_networks())}")
     if not isinstance(spec["methods"], dict) or not spec["methods"]:
@@ -61,8 +74,7 @@ def check_spec(data: dict[str, Any]) -> dict[str, Any]:
     for label, entry in spec["methods"].items():
         m = check_keys(f"methods.{label}", entry, _METHOD, required=("recipe",))
         m["path"] = _recipe_path(m["recipe"])
-        if not isinstance(m["set"], dict):
-            raise RecipeError(f"methods.{label}.set: expected a mapping of recipe keys (dotted) to values")
+        check_overrides(f"methods.{label}.set", m["set"])
         methods[str(label)] = m
     spec["methods"] = methods
     return spec
@@ -87,7 +99,7 @@ def step_builder(recipe_path: Path, overrides: dict[str, Any], *, data_root: Pat
             raise RecipeError(f"{recipe_path} builds {recipe.method} on {recipe.source}, not {method} on {source}")
         engine = make_engine(recipe, out_root=root, data_root=data_root, device=device, evaluate=False,
                              progress=progress)
-        engine.run()
+        run_continuing(engine)  # a step killed earlier continues (this runner has no --resume)
         return engine.paths.set
 
     return build

@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import torch
 
+from builders.errors import RecipeError
 from builders.transfer import to_device
 from condensed_datasets.sources import SourceInfo, get_source, load_split
 from condensed_datasets.zca import ZCA
@@ -141,6 +142,6 @@ class RealData:
         picks = []
         for c, pool in enumerate(self.class_indices):
             if len(pool) < ipc:
-                raise ValueError(f"class {c} has {len(pool)} real images, fewer than ipc {ipc}")
+                raise RecipeError(f"class {c} has {len(pool)} real images, fewer than ipc {ipc}; lower ipc")
             picks.append(self.pick_class(c, ipc, generator))
         return torch.cat(picks)

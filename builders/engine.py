@@ -132,7 +132,7 @@ class Engine:
         """Keep the log lines of iterations up to ``iteration`` (a resumed build rewrites the rest)."""
         if not distributed.current().is_main or not self.paths.log.exists():
             return
-        kept = [line for line in self.paths.log.read_text().splitlines()
+        kept = [line for line in self.paths.log.read_text(errors="replace").splitlines()  # damaged bytes: dropped
                 if line and _log_iteration(line) <= iteration]
         atomic_write_bytes(self.paths.log, ("\n".join(kept) + "\n" if kept else "").encode())
 
@@ -161,7 +161,11 @@ class Engine:
             raise BuildError(refusal)
         clock = _reproducible_clock()
         started = time.time()
-        self.paths.set.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.paths.set.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a file where a folder of the path should be, say
+            raise BuildError(f"cannot create {self.paths.set.parent} ({exc.strerror}); pass --out with a "
+                             "writable folder") from None
         self._check_writable()
         ctx = self._context()
         method = get_method(r.method)(ctx)
@@ -219,6 +223,9 @@ class Engine:
         for path in (self.paths.set, self.paths.checkpoint, self.paths.log, self.paths.grid):
             if path.is_dir():
                 raise BuildError(f"cannot write {path}: a folder is in the way; move it, or pass --out elsewhere")
+        if self.paths.log.is_symlink():  # the log is appended to in place: a link would write where it points
+            raise BuildError(f"cannot append to {self.paths.log}: it is a symbolic link (to "
+                             f"{os.readlink(self.paths.log)}); remove it, or pass --out elsewhere")
         try:
             fd, probe = tempfile.mkstemp(prefix=".write-probe.", suffix=".tmp", dir=folder)
             os.close(fd)
@@ -229,11 +236,13 @@ class Engine:
     def _clobber_problem(self) -> str | None:
         """Why this build would replace a finished set or an unfinished build's checkpoint (never done unless
         asked to), or None."""
-        if self.overwrite or self.resume:
+        if self.overwrite:
             return None
-        if self.paths.set.exists():
+        if self.paths.set.exists():  # --resume continues an unfinished build; it never replaces a finished set
             return (f"{self.paths.set} already exists; pass --overwrite to replace it, "
                     "or --out to build somewhere else")
+        if self.resume:
+            return None
         if self.paths.checkpoint.exists():
             return (f"an earlier build left a checkpoint at {self.paths.checkpoint}; pass --resume to "
                     "continue it, or --overwrite to start over")
@@ -245,6 +254,10 @@ class Engine:
         except CheckpointError as exc:
             raise BuildError(str(exc)) from exc
         meta, tensors = distributed.broadcast_object(loaded)  # one reader; ranks need no shared disk
+        if meta["iteration"] > self.recipe.iterations:
+            raise BuildError(f"{self.paths.checkpoint} is at iteration {meta['iteration']}, past this recipe's "
+                             f"{self.recipe.iterations} iterations; resume with --set iterations={meta['iteration']} "
+                             "or more, or build without --resume to start over")
         saved, now = meta["recipe"], self.recipe.to_dict()
         ignore = {"iterations", "checkpoint_every", "eval", "root", "notes"}
         differ = sorted(k for k in set(saved) | set(now) if k not in ignore and saved.get(k) != now.get(k))
@@ -368,11 +381,14 @@ class Engine:
 
 
 def _log_iteration(line: str) -> float:
-    """The iteration of a log line; inf for a line cut short by a killed process (it is dropped)."""
+    """The iteration of a log line; inf for a line cut short by a killed process, or not a log entry at all
+    (it is dropped)."""
     try:
-        return json.loads(line).get("iteration", 0)
+        entry = json.loads(line)
     except json.JSONDecodeError:
         return math.inf
+    iteration = entry.get("iteration", 0) if isinstance(entry, dict) else None
+    return iteration if isinstance(iteration, (int, float)) and not isinstance(iteration, bool) else math.inf
 
 
 def _device_name(device: torch.device) -> str:

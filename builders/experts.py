@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,6 +179,10 @@ class ExpertStore:
                                    "build the experts again") from exc
         if not isinstance(index, dict) or index.get("format_version") != STORE_VERSION:
             raise ExpertStoreError(f"{index_path}: not an expert index of format version {STORE_VERSION}")
+        problem = _index_problem(index)
+        if problem:
+            raise ExpertStoreError(f"{index_path}: damaged expert index ({problem}); delete the folder and build "
+                                   "the experts again")
         return cls(path, index)
 
     @classmethod
@@ -254,13 +259,16 @@ class ExpertStore:
         try:
             with safe_open(str(path), framework="pt", device="cpu") as handle:
                 view = handle.get_slice("trajectory")
-                rows = [view[e : e + 1] for e in epochs]
+                shape = list(view.get_shape())
+                fits = shape == [top + 1, self.parameter_count]
+                rows = [view[e : e + 1] for e in epochs] if fits else []
         except Exception as exc:  # safetensors' own error types
             raise ExpertStoreError(f"{path}: unreadable trajectory ({exc}); delete it and run the experts "
                                    "recipe again (finished experts are kept)") from exc
+        if not fits:  # a file cut short, or of another store: the index's epochs and parameters say what it holds
+            raise ExpertStoreError(f"{path}: a trajectory of shape {shape}, the index says [{top + 1}, "
+                                   f"{self.parameter_count}]; delete it and run the experts recipe again")
         out = torch.cat(rows)
-        if out.shape[1] != self.parameter_count:
-            raise ExpertStoreError(f"{path}: {out.shape[1]} parameters, the index says {self.parameter_count}")
         return out
 
     def trajectory(self, position: int) -> torch.Tensor:
@@ -268,7 +276,11 @@ class ExpertStore:
         path = self.file(position)
         data = path.read_bytes()
         read_safetensors_metadata(data, str(path))  # framing check before parsing
-        tensors = st_load(data)
+        try:
+            tensors = st_load(data)
+        except Exception as exc:  # safetensors' own error types
+            raise ExpertStoreError(f"{path}: unreadable trajectory ({exc}); delete it and run the experts recipe "
+                                   "again (finished experts are kept)") from exc
         traj = tensors.get("trajectory")
         if traj is None or traj.dtype != torch.float32 or tuple(traj.shape) != (self.epochs + 1, self.parameter_count):
             raise ExpertStoreError(f"{path}: expected a float32 'trajectory' [{self.epochs + 1}, "
@@ -344,6 +356,29 @@ class ExpertStore:
         if problems:
             raise ExpertStoreError(f"the expert trajectories at {self.path} do not fit this recipe: "
                                    f"{'; '.join(problems)}. Build fitting ones with `{build_hint}`")
+
+
+_EXPERT_FILE = re.compile(r"expert_[0-9]{4,}\.safetensors")  # what add() names them: a file in the store itself
+
+
+def _index_problem(index: dict[str, Any]) -> str | None:
+    """What is wrong with the shape of an expert index (None: nothing): the facts every reader uses."""
+    def count(value: Any, low: int) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+    for key, ok in (("source", isinstance(index.get("source"), str)), ("model", isinstance(index.get("model"), str)),
+                    ("zca", isinstance(index.get("zca"), bool)), ("epochs", count(index.get("epochs"), 1)),
+                    ("parameter_count", count(index.get("parameter_count"), 1)),
+                    ("training", isinstance(index.get("training", {}), dict)),
+                    ("experts", isinstance(index.get("experts", []), list))):
+        if not ok:
+            return f"{key}: {index.get(key)!r}"
+    for entry in index.get("experts", []):
+        if not (isinstance(entry, dict) and count(entry.get("index"), 0) and isinstance(entry.get("file"), str)
+                and _EXPERT_FILE.fullmatch(entry["file"])
+                and isinstance(entry.get("test_accuracy"), (int, float)) and not isinstance(entry["test_accuracy"], bool)):
+            return f"expert entry {entry!r} lacks an index, a file expert_NNNN.safetensors or a test_accuracy"
+    return None
 
 
 def open_for_recipe(path: Path, *, source: str, model: str, zca: bool, parameter_count: int,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,15 +25,15 @@ from torch.utils.data import Dataset, TensorDataset
 from tqdm.auto import tqdm
 
 from builders.augment import Augmenter
-from builders.build import load_recipe, make_engine
+from builders.build import load_recipe, make_engine, run_continuing
 from builders.data import RealData
 from builders.engine import resolve_device
-from builders.errors import RecipeError
+from builders.errors import BuildError, RecipeError
 from builders.evaluate import TrainSettings, train_network
 from builders.networks import ConvNet
 from builders.plots import nas_scatter
 from builders.recipe import shipped_recipe_path
-from builders.runspec import check_keys
+from builders.runspec import check_augment, check_keys, check_overrides, check_positive
 from condensed_datasets._atomic import atomic_write_bytes
 from condensed_datasets.datasets import CondensedVisionDataset
 from condensed_datasets.errors import CondensedDatasetsError
@@ -121,6 +122,9 @@ _VALIDATION = {"per_class": 100}
 _PROXY = {"name": "", "method": "", "ipc": 0, "path": "", "download": False, "build": False, "set": {}}
 
 
+_PROXY_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
+
+
 def check_spec(data: dict[str, Any]) -> dict[str, Any]:
     """A validated ``condensed-nas`` spec (RecipeError names the key)."""
     spec = check_keys("the NAS spec", data, _SPEC, required=("source", "out", "truth", "proxies"))
@@ -136,6 +140,12 @@ def check_spec(data: dict[str, Any]) -> dict[str, Any]:
         for key in ("epochs", "batch"):
             if spec[section][key] < 1:
                 raise RecipeError(f"{section}.{key}: must be >= 1")
+        check_positive(section, spec[section], ("lr",))
+        check_augment(f"{section}.augment", spec[section]["augment"])
+    if not spec["out"]:
+        raise RecipeError("out: expected the folder nas.json, nas.png and tables/ go to, got ''")
+    if not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in spec["tops"]):
+        raise RecipeError(f"tops: expected a list of integers >= 1 (top-k cuts of the ranking), got {spec['tops']!r}")
     if spec["truth"]["per_class"] < 1 or spec["validation"]["per_class"] < 1:
         raise RecipeError("truth.per_class and validation.per_class: must be >= 1")
     if not isinstance(spec["proxies"], list) or not spec["proxies"]:
@@ -143,6 +153,10 @@ def check_spec(data: dict[str, Any]) -> dict[str, Any]:
     proxies = []
     for i, entry in enumerate(spec["proxies"]):
         p = check_keys(f"proxies[{i}]", entry, _PROXY, required=("name",))
+        if not _PROXY_NAME.fullmatch(p["name"]) or p["name"] == "truth":  # it names the file tables/NAME.json
+            raise RecipeError(f"proxies[{i}].name: {p['name']!r} is not a table name (letters, digits, '.', '_', "
+                              "'-', not starting with '.'; not 'truth')")
+        check_overrides(f"proxies[{i}].set", p["set"])
         if not p["path"] and not (p["method"] and p["ipc"] >= 1):
             raise RecipeError(f"proxies[{i}]: give method and ipc (a set looked up under root) or path")
         proxies.append(p)
@@ -183,7 +197,7 @@ def load_proxy(entry: dict[str, Any], source: str, root: str | os.PathLike,
     overrides = [("ipc", entry["ipc"]), *sorted(entry["set"].items())]
     engine = make_engine(load_recipe(shipped_recipe_path(entry["method"], source), overrides), out_root=root,
                          data_root=root, device=device, evaluate=False)
-    return engine.run(), str(engine.paths.set)
+    return run_continuing(engine), str(engine.paths.set)  # a proxy build killed earlier continues
 
 
 def _dataset_classes() -> list[type[CondensedVisionDataset]]:
@@ -208,10 +222,15 @@ def _cached_table(path: Path, key: dict[str, Any], compute: Callable[[], list[Ar
     """The table stored at ``path`` when it was made with the same ``key``; else computed and stored."""
     text = json.dumps(key, sort_keys=True, default=str)
     if path.is_file():
-        stored = json.loads(path.read_text())
-        if stored.get("key") == text:
-            echo(f"reusing {path}")
-            return [ArchitectureResult(**row) for row in stored["rows"]]
+        try:
+            stored = json.loads(path.read_text())
+            if stored.get("key") == text:
+                rows = [ArchitectureResult(**row) for row in stored["rows"]]
+                echo(f"reusing {path}")
+                return rows
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise BuildError(f"{path}: not a table this command wrote ({type(exc).__name__}: {exc}); delete it "
+                             "to make the table again") from None
     rows = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, json.dumps({"key": text, "rows": [asdict(r) for r in rows]}, sort_keys=True).encode())

@@ -377,8 +377,15 @@ def publish_to_dir(
         existing = parse_index(index_path.read_bytes(), str(index_path)) if index_path.is_file() else None
         current = folder / set_filename(cset.method, cset.ipc)
         sha = hashlib.sha256(current.read_bytes()).hexdigest() if current.is_file() else None
-        return plan_publish(data, existing, repo_id=repo_id, existing_sha256=sha, force=force, license=license,
-                            name=str(set_file))
+        planned = plan_publish(data, existing, repo_id=repo_id, existing_sha256=sha, force=force, license=license,
+                               name=str(set_file))
+        card_path = folder / CARD_NAME
+        if (existing is None and not force and CARD_NAME in planned.files and card_path.is_file()
+                and card_path.read_bytes() != planned.files[CARD_NAME]):  # someone's own README, not a card of ours
+            raise PublishConflict(f"{card_path} exists but {folder} has no {HUB_INDEX_NAME}: it is not a published "
+                                  f"folder, and publishing would replace that {CARD_NAME} with the dataset card; "
+                                  "choose an empty or published folder, or pass --force (force=True) to replace it")
+        return planned
 
     if dry_run:
         return PublishResult(plan=plan(), target=target, dry_run=True)

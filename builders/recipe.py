@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 import os
 import re
 from dataclasses import asdict, dataclass, field, fields
@@ -96,6 +97,8 @@ _REQUIRED = ("source", "method")
 
 
 _YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+#: Integers a recipe may hold: what a torch seed or size takes (a 64-bit signed integer).
+INT_LIMIT = 2 ** 63
 
 
 AUTO = "auto"  # the default of a switch that decides by the machine; such a key takes true, false or "auto"
@@ -113,18 +116,24 @@ def _check_type(key: str, value: Any, expected: Any) -> Any:
     if isinstance(expected, int):
         if isinstance(value, bool) or not isinstance(value, int):
             raise RecipeError(f"{key}: expected an integer, got {value!r}")
+        if not -INT_LIMIT <= value < INT_LIMIT:
+            raise RecipeError(f"{key}: {value} is out of range (a 64-bit integer, below 2**63)")
         return value
     if isinstance(expected, float):
         if isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
             value = float(value)  # YAML 1.1 reads 1e-5 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RecipeError(f"{key}: expected a number, got {value!r}")
+        if (isinstance(value, int) and not -INT_LIMIT <= value < INT_LIMIT) or not math.isfinite(value):
+            raise RecipeError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if isinstance(expected, str):
         if expected == AUTO and isinstance(value, bool):  # a switch whose default is "auto" takes true/false too
             return value
         if not isinstance(value, str):
             raise RecipeError(f"{key}: expected a string, got {value!r}")
+        if "\x00" in value:  # no path, name or note holds one (the OS refuses it in paths)
+            raise RecipeError(f"{key}: a NUL character in {value!r}")
         return value
     if isinstance(expected, list):
         if not isinstance(value, list):
@@ -133,12 +142,12 @@ def _check_type(key: str, value: Any, expected: Any) -> Any:
     return value
 
 
-def _unknown(section: str, given: set[str], valid: set[str]) -> None:
-    bad = sorted(given - valid)
+def _unknown(section: str, given: set[Any], valid: set[str]) -> None:
+    bad = sorted(given - valid, key=repr)  # a YAML key may be a number, null or a date as well as a string
     if bad:
         hints = []
         for key in bad:
-            close = difflib.get_close_matches(key, sorted(valid), n=1)
+            close = difflib.get_close_matches(key, sorted(valid), n=1) if isinstance(key, str) else []
             hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         raise RecipeError(f"unknown key{'s' if len(bad) > 1 else ''} in {section}: {', '.join(hints)}; "
                           f"valid keys: {', '.join(sorted(valid))}")
@@ -170,6 +179,8 @@ def parse_overrides(pairs: list[str] | tuple[str, ...]) -> list[tuple[str, Any]]
         except yaml.YAMLError as exc:
             raise RecipeError(f"--set {pair!r}: the value is not valid YAML ({exc}); quote it, "
                               f"e.g. --set '{key.strip()}=\"...\"'") from None
+        except RecursionError:
+            raise RecipeError(f"--set {key.strip()}=...: the value is nested too deeply") from None
         out.append((key.strip(), value))
     return out
 
@@ -182,9 +193,11 @@ def read_yaml_mapping(path: str | os.PathLike, what: str, missing_hint: str = ""
     if not path.is_file():
         raise RecipeError(f"no {what} at {path}{missing_hint}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_bytes())  # bytes: PyYAML checks the encoding (YAMLError, not UnicodeDecodeError)
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: not valid YAML ({exc})") from exc
+    except RecursionError:
+        raise RecipeError(f"{path}: nested too deeply to be a {what}") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a {what} is a YAML mapping of keys{keys_hint}")
     return data
@@ -205,7 +218,10 @@ def parse_recipe(data: dict[str, Any], overrides: list[tuple[str, Any]] | tuple 
     """
     if not isinstance(data, dict):
         raise RecipeError(f"a recipe is a mapping of keys ({', '.join(sorted(_TOP_KEYS))})")
-    data = copy.deepcopy(data)
+    try:
+        data = copy.deepcopy(data)
+    except RecursionError:
+        raise RecipeError("the recipe is nested too deeply") from None
     for key, value in overrides:
         set_dotted(data, key, value)
     _unknown("the recipe", set(data), _TOP_KEYS)
@@ -257,6 +273,9 @@ def parse_recipe(data: dict[str, Any], overrides: list[tuple[str, Any]] | tuple 
     return recipe
 
 
+_IPC_KEY = re.compile(r"[0-9]{1,18}")  # ASCII digits only: "²".isdigit() is true, int("²") fails
+
+
 def _ipc_overrides(raw: Any) -> dict[int, dict[str, Any]]:
     """``ipc_overrides`` checked: integer ipcs >= 1, each a mapping of recipe keys."""
     raw = raw or {}
@@ -265,14 +284,17 @@ def _ipc_overrides(raw: Any) -> dict[int, dict[str, Any]]:
     out: dict[int, dict[str, Any]] = {}
     allowed = _TOP_KEYS - {"source", "method", "ipc", "ipc_overrides", "classes"}
     for key, entry in raw.items():
-        if isinstance(key, bool) or not (isinstance(key, int) or (isinstance(key, str) and key.isdigit())) \
-                or int(key) < 1:
+        if isinstance(key, bool) or not (isinstance(key, int) or (isinstance(key, str) and _IPC_KEY.fullmatch(key))) \
+                or not 1 <= int(key) < INT_LIMIT:
             raise RecipeError(f"ipc_overrides: key {key!r} is not an ipc (an integer >= 1)")
         if not isinstance(entry, dict):
             raise RecipeError(f"ipc_overrides.{key}: expected a mapping of recipe keys")
         _unknown(f"ipc_overrides.{key}", set(entry), allowed)
         out[int(key)] = entry
     return out
+
+
+_EVAL_NULLABLE = ("model", "augment", "test_per_class")  # null: the recipe's model / augment, every test image
 
 
 def _eval_spec(ev: Any) -> EvalSpec:
@@ -289,13 +311,40 @@ def _eval_spec(ev: Any) -> EvalSpec:
             expected = ""
         elif key == "test_per_class":
             expected = 0
+        if value is None and key not in _EVAL_NULLABLE:
+            raise RecipeError(f"eval.{key}: expected a value, got null (leave the key out for its default, "
+                              f"{getattr(base, key)!r})")
         checked[key] = value if value is None else _check_type(f"eval.{key}", value, expected)
     spec = EvalSpec(**checked)
     for key in ("runs", "epochs", "batch", "test_per_class"):
         value = getattr(spec, key)
         if value is not None and value < 1:
             raise RecipeError(f"eval.{key}: must be >= 1")
+    if spec.every < 0:
+        raise RecipeError(f"eval.every: must be >= 0 (0: only at the end), got {spec.every}")
+    if spec.lr <= 0:
+        raise RecipeError(f"eval.lr: must be > 0, got {spec.lr}")
     return spec
+
+
+def stored_evaluation(recipe: dict[str, Any]) -> tuple[EvalSpec, str | None, str]:
+    """The evaluation protocol a built set's recorded ``recipe`` names: its ``eval`` section checked as a
+    recipe's (keys this version does not know left out), the recipe's model (or None) and the augmentation
+    (``eval.augment``, else the recipe's, else ``none``); RecipeError naming the key when one is unusable."""
+    ev = recipe.get("eval") or {}
+    if isinstance(ev, dict):
+        ev = {k: v for k, v in ev.items() if k in _EVAL_KEYS}
+    spec = _eval_spec(ev)
+    model, augment = recipe.get("model"), spec.augment or recipe.get("augment") or "none"
+    for key, value in (("model", model), ("augment", augment)):
+        if value is not None and not isinstance(value, str):
+            raise RecipeError(f"{key}: expected a string, got {value!r}")
+    if augment != "none":
+        try:
+            check_strategy(augment)
+        except ValueError as exc:
+            raise RecipeError(f"augment: {exc}") from None
+    return spec, model, augment
 
 
 def check_params(section: str, params: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import difflib
+import math
 import os
 from typing import Any
 
+from builders.augment import parse_strategy
 from builders.errors import RecipeError
-from builders.recipe import read_yaml_mapping, set_dotted
+from builders.recipe import INT_LIMIT, read_yaml_mapping, set_dotted
 
 
 def load_spec(path: str | os.PathLike, overrides: list[tuple[str, Any]] = ()) -> dict[str, Any]:
@@ -28,15 +30,17 @@ def check_keys(section: str, data: Any, defaults: dict[str, Any], required: tupl
     for key in required:
         if key not in data:
             raise RecipeError(f"{section}: missing key {key!r}")
-    unknown = sorted(set(data) - set(defaults))
+    unknown = sorted(set(data) - set(defaults), key=repr)  # a YAML key may be a number or null too
     if unknown:
-        hints = [f"{k!r}" + (f" (did you mean {c[0]!r}?)" if (c := difflib.get_close_matches(k, list(defaults), 1))
-                             else "") for k in unknown]
+        hints = [f"{k!r}" + (f" (did you mean {c[0]!r}?)" if isinstance(k, str) and (
+            c := difflib.get_close_matches(k, list(defaults), 1)) else "") for k in unknown]
         raise RecipeError(f"{section}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(hints)}; "
                           f"valid keys: {', '.join(sorted(defaults))}")
     out = dict(defaults)
     for key, value in data.items():
         default = defaults[key]
+        if value is None and isinstance(default, (str, int, float, list)):
+            raise RecipeError(f"{section}.{key}: expected {type(default).__name__}, got null")
         if default is not None and value is not None:
             if isinstance(default, bool) != isinstance(value, bool):
                 raise RecipeError(f"{section}.{key}: expected {type(default).__name__}, got {value!r}")
@@ -44,5 +48,32 @@ def check_keys(section: str, data: Any, defaults: dict[str, Any], required: tupl
                 value = float(value)
             if not isinstance(value, type(default)):
                 raise RecipeError(f"{section}.{key}: expected {type(default).__name__}, got {value!r}")
+            if isinstance(value, str) and "\x00" in value:  # no path or name holds one
+                raise RecipeError(f"{section}.{key}: a NUL character in {value!r}")
+            if (isinstance(value, float) and not math.isfinite(value)) or (
+                    isinstance(value, int) and not -INT_LIMIT <= value < INT_LIMIT):
+                raise RecipeError(f"{section}.{key}: {value!r} is not a finite number of 64 bits")
         out[key] = value
     return out
+
+
+def check_positive(section: str, values: dict[str, Any], keys: tuple[str, ...]) -> None:
+    """RecipeError unless each of ``values[keys]`` is > 0 (learning rates)."""
+    for key in keys:
+        if values[key] <= 0:
+            raise RecipeError(f"{section}.{key}: must be > 0, got {values[key]}")
+
+
+def check_augment(key: str, strategy: str) -> None:
+    """RecipeError unless ``strategy`` is ``none`` or a DSA strategy (what the runners' training takes)."""
+    if strategy != "none":
+        try:
+            parse_strategy(strategy)
+        except ValueError as exc:
+            raise RecipeError(f"{key}: {exc} (or 'none')") from None
+
+
+def check_overrides(section: str, overrides: Any) -> None:
+    """RecipeError unless ``overrides`` maps dotted recipe keys (strings) to values."""
+    if not isinstance(overrides, dict) or not all(isinstance(k, str) and k for k in overrides):
+        raise RecipeError(f"{section}: expected a mapping of recipe keys (dotted strings) to values, got {overrides!r}")

@@ -9,6 +9,7 @@ import torch
 from builders.errors import RecipeError
 from builders.evaluate import TrainSettings, train_network
 from builders.methods.base import Method, SetContents
+from builders.networks import available_networks
 from builders.registry import register
 
 
@@ -62,7 +63,7 @@ class _Coreset(Method):
         for c in range(ctx.num_classes):
             pool = ctx.real.class_indices[c]
             if len(pool) < ctx.ipc:
-                raise ValueError(f"class {c} has {len(pool)} real images, fewer than ipc {ctx.ipc}")
+                raise RecipeError(f"class {c} has {len(pool)} real images, fewer than ipc {ctx.ipc}; lower ipc")
             picks.append(pool[self.pick(pool, ctx.ipc).cpu()])
         positions = torch.cat(picks)
         return SetContents(
@@ -103,6 +104,12 @@ class _FeatureCoreset(_Coreset):
             raise RecipeError(f"params.features: unknown {recipe.params['features']!r}; valid: network, pixels")
         if recipe.params["feature_epochs"] < 0:
             raise RecipeError("params.feature_epochs: must be >= 0")
+        if recipe.params["feature_lr"] < 0:
+            raise RecipeError(f"params.feature_lr: must be >= 0, got {recipe.params['feature_lr']}")
+        model = recipe.params["feature_model"]
+        if model and model not in available_networks():
+            raise RecipeError(f"params.feature_model: unknown network {model!r}; valid: {', '.join(available_networks())} "
+                              "(or empty: the recipe's model)")
 
     def features(self) -> torch.Tensor:
         """Features of every image of the real split (computed once)."""

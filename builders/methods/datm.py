@@ -176,7 +176,7 @@ class DifficultyAlignedTrajectoryMatching(TrajectoryMatching):
         picks, filled = [], 0
         for c, pool in enumerate(ctx.real.class_indices):
             if len(pool) < ipc:
-                raise ValueError(f"class {c} has {len(pool)} real images, fewer than ipc {ipc}")
+                raise RecipeError(f"class {c} has {len(pool)} real images, fewer than ipc {ipc}; lower ipc")
             order = pool[torch.randperm(len(pool), generator=ctx.generator)]
             chosen: list[int] = []
             for e in experts:

@@ -114,6 +114,7 @@ class GradientMatching(Method):
         check_choice("distance", p["distance"], DISTANCES)
         check_at_least(p, ("outer_loop", "inner_loop"), 0, meaning="0: the paper's value for the ipc")
         check_at_least(p, ("batch_real", "batch_train", "bn_batch_per_class"), 1)
+        check_at_least(p, ("lr_img", "lr_net", "momentum"), 0)
         if not cls.augmented and recipe.augment != "none":
             raise RecipeError(
                 f"augment: method dc matches gradients without augmentation, got {recipe.augment!r}; use "

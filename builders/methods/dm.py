@@ -16,7 +16,7 @@ from builders.errors import CompileError
 from builders.methods.base import Method, SetContents, check_init
 from builders.networks import uses_batch_statistics
 from builders.realbranch import PRECISIONS, class_mean_embeddings, compilable, embed_with_gradient, group_means
-from builders.recipe import AUTO, check_choice
+from builders.recipe import AUTO, check_at_least, check_choice
 from builders.registry import register
 
 COMPILE_CHOICES = (False, True, AUTO)
@@ -70,6 +70,8 @@ class DistributionMatching(Method):
         check_init(recipe.params["init"])
         check_choice("precision", recipe.params["precision"], PRECISIONS)
         check_choice("compile", recipe.params["compile"], COMPILE_CHOICES)
+        check_at_least(recipe.params, ("lr_img", "momentum"), 0)
+        check_at_least(recipe.params, ("batch_real",), 1)
 
     def initial_state(self) -> dict[str, torch.Tensor]:
         images, self.init_rows = self.ctx.initial_images(self.params["init"])

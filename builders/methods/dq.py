@@ -111,6 +111,7 @@ class DatasetQuantization(Method):
         check_at_least(p, ("bins", "extractor_batch", "similarity_memory_mb"), 1)
         check_at_least(p, ("extractor_epochs", "extractor_resize", "patch_size"), 0)
         check_at_least(p, ("lam",), 0.0, strict=True)
+        check_at_least(p, ("extractor_lr",), 0.0)
         if not 0.0 <= p["fraction"] <= 1.0:
             raise RecipeError(f"params.fraction: must be in [0, 1] (0: derived from ipc), got {p['fraction']}")
         if not 0.0 <= p["patch_drop"] <= 0.9:
@@ -140,6 +141,10 @@ class DatasetQuantization(Method):
         n, k = len(ctx.real), ctx.num_classes
         if fraction > 0:
             derived = ipc_from_fraction(fraction, n, k)
+            if derived < 1:
+                raise RecipeError(f"params.fraction {fraction} of {n} {ctx.real.info.name} train images keeps less "
+                                  f"than one image per class ({k} classes); raise it, or set params.fraction: 0 to "
+                                  "derive it from ipc")
             if derived != ctx.ipc:
                 raise RecipeError(
                     f"params.fraction {fraction} of {n} {ctx.real.info.name} train images is ipc {derived} "
@@ -157,7 +162,10 @@ class DatasetQuantization(Method):
             pool = ctx.real.class_indices[c]
             if len(pool) < ipc:
                 raise RecipeError(f"class {c} has {len(pool)} real images, fewer than ipc {ipc}")
-            bin_sizes(len(pool), p["bins"])  # a clear error before any work when the class is too small
+            try:
+                bin_sizes(len(pool), p["bins"])  # a clear error before any work when the class is too small
+            except ValueError as exc:
+                raise RecipeError(f"params.bins: {exc} (class {c}); lower params.bins") from None
             sim = self._similarity(net, pool)
             bins = graphcut_bins(sim, p["bins"], lam=p["lam"], memory_bytes=memory)
             sizes_by_class.append([len(b) for b in bins])
