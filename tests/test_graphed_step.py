@@ -88,7 +88,7 @@ class _FakeCapture:
 
 
 @pytest.mark.parametrize("message", ["CUDA error: operation not permitted when stream is capturing",
-                                     "CUDA out of memory. Tried to allocate 2.00 GiB"])
+                                     "CUDA out of memory. Tried to allocate 2.00 GiB"], ids=["sync", "oom"])
 def test_a_failed_capture_puts_the_current_stream_back_and_says_the_steps_own_error(monkeypatch, message):
     monkeypatch.setattr(_FakeCapture, "current", "default")
     monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: object())
