@@ -182,7 +182,8 @@ def main(reference: Path, fashion_mnist: Path, budget: float, out: Path, python:
                                    "--forms", "grouped,channels_last,split",
                                    "--epochs", "2" if smoke else "100", "--record"], needs=30, limit=120)
     s.section("experts", [f"{bench}/experts_speed.py", "--device", device, "--experts", "5", "--epochs", "1",
-                          "--per-class", "20" if smoke else "5000", "--rounds", "1" if smoke else "2", "--record"],
+                          "--per-class", "20" if smoke else "5000", "--rounds", "1" if smoke else "2", "--warmup", "1",
+                          "--record"],
               needs=40, limit=150)  # 5 experts at once against one by one, a CIFAR-10-shaped epoch each
     precision_smoke = ["--set", "iterations=2", "--set", "eval.runs=1", "--set", "eval.epochs=2",
                        "--set", "params.batch_real=8"] if smoke else []
