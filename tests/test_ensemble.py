@@ -55,14 +55,15 @@ def test_a_convnet_trained_wide_follows_its_trajectory_alone(model, count, augme
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("form", FORMS)
-def test_on_a_gpu_the_step_replayed_as_a_cuda_graph_follows_the_trajectories_alone(monkeypatch, form):
+@pytest.mark.parametrize("model", ["ConvNetW32", "ConvNetBN"])  # BatchNorm: running statistics updated in the graph
+def test_on_a_gpu_the_step_replayed_as_a_cuda_graph_follows_the_trajectories_alone(monkeypatch, form, model):
     # 8 steps: 2 eager (warm-up), then captured, captured again after the learning-rate drop; float32 products
     # (no TF32) so that the grouped and the separate convolutions round alike
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a failed capture (eager fallback) would warn: fail instead
-        _assert_same_trajectories("ConvNetW32", 3, DSA, epochs=4, device="cuda", form=form)
+        _assert_same_trajectories(model, 3, DSA, epochs=4, device="cuda", form=form)
 
 
 def test_soft_targets_train_wide_as_alone():
