@@ -23,7 +23,8 @@ grandchild). Sections, in order:
    profile of a step of each (``--profile``); the first form and sequential also with pageable host-to-GPU
    copies and with ``cudnn.benchmark`` (``--variants unpinned,cudnn_benchmark``: what ``builders/transfer.py``'s
    pinned copies save, and what cuDNN's own algorithm search would);
-4b. five experts trained at once against one by one, one CIFAR-10-shaped epoch each (``experts_speed.py``);
+4b. five experts trained at once against one by one, one CIFAR-10-shaped epoch each, after one untimed run of
+    each (``experts_speed.py --warmup 1``: the GPU's start-up costs stay out of the timed runs);
 5. the quickstart built at fp32 and at bf16-real, two seeds each (``precision_check.py``);
 6. DM against the reference on CIFAR-10-shaped images, ipc 50 (one round);
 7. peak memory of MTT at CIFAR-100 shape, ipc 10, unrolled vs constant (``tesla_memory.py``);
