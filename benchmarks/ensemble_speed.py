@@ -40,6 +40,7 @@ import json
 import os
 import statistics
 import time
+import warnings
 
 import click
 import torch
@@ -134,11 +135,11 @@ def main(nets: int, epochs: int, rounds: int, model: str, device: str, record: b
         for mode, form, fn in cases:
             sync()
             wall, cpu = time.perf_counter(), time.process_time()
-            fn()
+            said = _warnings_of(fn)
             sync()
             runs.append({"mode": mode, **({"form": form} if form else {}), "round": r,
                          "wall_s": round(time.perf_counter() - wall, 3), "cpu_s": round(time.process_time() - cpu, 3),
-                         "load_average_1min": round(os.getloadavg()[0], 2)})
+                         "load_average_1min": round(os.getloadavg()[0], 2), **({"warnings": said} if said else {})})
             click.echo(json.dumps(runs[-1]))
 
     def med(key: str, form: str | None = None, mode: str | None = None) -> float:
@@ -180,6 +181,15 @@ VARIANTS = {"unpinned": "host-to-GPU copies from pageable memory (builders.trans
             "cudnn_benchmark": "torch.backends.cudnn.benchmark on (cuDNN times its algorithms per shape)"}
 
 
+def _warnings_of(fn) -> list[str]:
+    """Run ``fn()``; the distinct warnings it gave (a record keeps them: a step that could not be captured as a CUDA
+    graph says so in one, and ran eagerly)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fn()
+    return sorted({str(w.message) for w in caught})
+
+
 def _under(variant: str, fn) -> None:
     """``fn()`` under ``variant`` (:data:`VARIANTS`), the default restored after."""
     if variant == "unpinned":
@@ -219,7 +229,7 @@ def _profile(nets: int, model: str, dev: torch.device, epochs: int, fresh, seeds
             torch.cuda.synchronize()
         with profile(activities=activities) as prof:
             start = time.perf_counter()
-            run()
+            said = _warnings_of(run)
             if cuda:
                 torch.cuda.synchronize()
             wall = time.perf_counter() - start
@@ -230,6 +240,7 @@ def _profile(nets: int, model: str, dev: torch.device, epochs: int, fresh, seeds
             "device_busy_ms_per_step": round(busy / 1000 / steps, 3),
             "host_self_ms_per_step": round(sum(e.self_cpu_time_total for e in events) / 1000 / steps, 3),
             "table": events.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=20),
+            **({"warnings": said} if said else {}),
         }
         click.echo(f"{name}: " + json.dumps({k: v for k, v in result[name].items() if k != "table"}))
         click.echo(result[name]["table"])

@@ -2,13 +2,15 @@
 (``train_experts_together``), interleaved.
 
     python benchmarks/experts_speed.py [--experts 5] [--epochs 1] [--per-class 5000] [--rounds 2]
-        [--device cuda] [--record]
+        [--warmup 1] [--device cuda] [--record]
 
 The MTT/DATM buffer workload: ConvNet on every image of a CIFAR-10-shaped split (generated uniform
 random bytes, ``--per-class`` images per class; the speed does not depend on the pixels), SGD lr 0.01
 without momentum, batch 256, per-sample DSA ``color_crop_cutout_flip_scale_rotate``. Alternates one by
 one and together (A, B, A, B); records the wall seconds (and process CPU seconds) of each, the speedup,
-and the largest difference between the two ways' final parameters (float rounding only).
+and the largest difference between the two ways' final parameters (float rounding only; on a GPU, TF32
+convolutions included). ``--warmup N`` first runs each way N times untimed (default 0: on a GPU the first
+timed run would otherwise pay the CUDA, cuDNN and kernel-loading start-up).
 """
 
 from __future__ import annotations
@@ -41,12 +43,14 @@ def generated_split(per_class: int, device: torch.device) -> RealData:
 @click.option("--epochs", type=int, default=1, show_default=True)
 @click.option("--per-class", type=int, default=5000, show_default=True)
 @click.option("--rounds", type=int, default=2, show_default=True)
+@click.option("--warmup", type=click.IntRange(0), default=0, show_default=True,
+              help="Untimed runs of each way first (on a GPU: start-up costs out of the timed runs).")
 @click.option("--model", default="ConvNet", show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--record", is_flag=True)
 @click.option("--note", default="")
-def main(experts: int, epochs: int, per_class: int, rounds: int, model: str, device: str, record: bool,
-         note: str) -> None:
+def main(experts: int, epochs: int, per_class: int, rounds: int, warmup: int, model: str, device: str,
+         record: bool, note: str) -> None:
     """Time EXPERTS experts trained one by one and together."""
     dev = torch.device(device)
     real = generated_split(per_class, dev)
@@ -76,6 +80,9 @@ def main(experts: int, epochs: int, per_class: int, rounds: int, model: str, dev
             torch.cuda.synchronize()
         return {"wall_s": round(time.perf_counter() - wall, 3), "cpu_s": round(time.process_time() - cpu, 3)}, nets
 
+    for _ in range(warmup):
+        for fn in (one_by_one, together):
+            timed(fn)
     runs, gaps = [], []
     for r in range(rounds):
         finals = {}
@@ -92,7 +99,8 @@ def main(experts: int, epochs: int, per_class: int, rounds: int, model: str, dev
     result = {
         "benchmark": f"{experts} experts one by one vs together",
         "workload": {"model": model, "images": len(real), "shape": [3, 32, 32], "epochs": epochs, "batch": 256,
-                     "lr": 0.01, "augment": "color_crop_cutout_flip_scale_rotate", "order": "one_by_one, together"},
+                     "lr": 0.01, "augment": "color_crop_cutout_flip_scale_rotate", "order": "one_by_one, together",
+                     "untimed_warmup_runs_each": warmup},
         "runs": runs,
         "speedup_wall_median": round(median("one_by_one", "wall_s") / median("together", "wall_s"), 3),
         "speedup_cpu_median": round(median("one_by_one", "cpu_s") / median("together", "cpu_s"), 3),

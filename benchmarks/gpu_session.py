@@ -23,7 +23,8 @@ grandchild). Sections, in order:
    profile of a step of each (``--profile``); the first form and sequential also with pageable host-to-GPU
    copies and with ``cudnn.benchmark`` (``--variants unpinned,cudnn_benchmark``: what ``builders/transfer.py``'s
    pinned copies save, and what cuDNN's own algorithm search would);
-4b. five experts trained at once against one by one, one CIFAR-10-shaped epoch each (``experts_speed.py``);
+4b. five experts trained at once against one by one, one CIFAR-10-shaped epoch each, after one untimed run of
+    each (``experts_speed.py --warmup 1``: the GPU's start-up costs stay out of the timed runs);
 5. the quickstart built at fp32 and at bf16-real, two seeds each (``precision_check.py``);
 6. DM against the reference on CIFAR-10-shaped images, ipc 50 (one round);
 7. peak memory of MTT at CIFAR-100 shape, ipc 10, unrolled vs constant (``tesla_memory.py``);
@@ -182,7 +183,8 @@ def main(reference: Path, fashion_mnist: Path, budget: float, out: Path, python:
                                    "--forms", "grouped,channels_last,split",
                                    "--epochs", "2" if smoke else "100", "--record"], needs=30, limit=120)
     s.section("experts", [f"{bench}/experts_speed.py", "--device", device, "--experts", "5", "--epochs", "1",
-                          "--per-class", "20" if smoke else "5000", "--rounds", "1" if smoke else "2", "--record"],
+                          "--per-class", "20" if smoke else "5000", "--rounds", "1" if smoke else "2", "--warmup", "1",
+                          "--record"],
               needs=40, limit=150)  # 5 experts at once against one by one, a CIFAR-10-shaped epoch each
     precision_smoke = ["--set", "iterations=2", "--set", "eval.runs=1", "--set", "eval.epochs=2",
                        "--set", "params.batch_real=8"] if smoke else []

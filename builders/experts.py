@@ -433,7 +433,7 @@ def train_expert(
     net.train()
     for epoch in range(settings.epochs):
         order = torch.randperm(n, generator=generator)
-        correct = 0
+        correct = torch.zeros((), dtype=torch.int64, device=real.device)  # counted on the device: no wait per step
         for start in range(0, n, settings.batch):
             pos = order[start : start + settings.batch]
             y = real.labels[to_device(pos, real.device)]
@@ -442,8 +442,8 @@ def train_expert(
             else:  # constant lr: rho = rho_max (builders.gsam)
                 logits = gsam_train_step(net, opt, real.rows(pos), y, settings.augmenter, generator,
                                          settings.gsam, settings.gsam.rho(settings.lr, settings.lr, settings.lr))
-            correct += int((logits.argmax(1) == y).sum())
-        accuracy = 100.0 * correct / n
+            correct += (logits.argmax(1) == y).sum()
+        accuracy = 100.0 * int(correct) / n
         snapshots.append(flat_parameters(net).cpu())
         if on_epoch is not None:
             on_epoch(epoch + 1, accuracy)

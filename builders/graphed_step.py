@@ -87,11 +87,18 @@ class GraphedStep:
         """Capture ``step`` on copies of ``inputs`` (nothing runs while capturing); None if it cannot be."""
         static = tuple(t.clone() for t in inputs)
         graph = torch.cuda.CUDAGraph()
+        stream = torch.cuda.current_stream()
         try:
             with torch.cuda.graph(graph):
                 self.step(*static)
         except RuntimeError as error:  # an operation that cannot be captured (a synchronisation, say)
-            self.failure = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            cause = error
+            # when ending the capture failed too ("a previous error during capture"), torch.cuda.graph has left its
+            # capture stream current: ours is put back, and the step's own error says why
+            if torch.cuda.current_stream() != stream:
+                torch.cuda.set_stream(stream)
+                cause = error.__context__ if isinstance(error.__context__, RuntimeError) else error
+            self.failure = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
             warnings.warn(f"GraphedStep: the training step could not be captured as a CUDA graph "
                           f"({self.failure}); it runs eagerly (same results, more kernel launches).", stacklevel=3)
             torch.cuda.synchronize()

@@ -36,6 +36,10 @@ def to_device(tensor: Tensor, device: torch.device | str, dtype: torch.dtype | N
     if dtype is not None and tensor.dtype != dtype and tensor.device.type == "cpu":
         tensor = tensor.to(dtype)  # converted on the host: the (small) tensor crosses once, in its final dtype
     if _pins(tensor, device):
+        # pin_memory keeps a slice's strides, gaps included (a batch's columns of train_together's orders), and
+        # such a copy to the GPU goes through a pageable contiguous temporary: the wait this module avoids
+        if not tensor.is_contiguous():
+            tensor = tensor.clone(memory_format=torch.preserve_format)  # dense: gaps closed, a dense layout kept
         tensor = tensor.pin_memory()
     return tensor.to(device=device, dtype=dtype, non_blocking=True)
 

@@ -8,7 +8,7 @@ import torch
 
 from builders.augment import Augmenter
 from builders.dc_augment import make_augmenter
-from builders.ensemble import _WideStep, make_device_step, together_mode, train_together, use_together
+from builders.ensemble import _VmapStep, _WideStep, make_device_step, together_mode, train_together, use_together
 from builders.evaluate import TrainSettings, label_loss, train_network, train_step
 from builders.networks import build_network
 from builders.wide_convnet import FORMS, WideConvNet, _from_wide, widen_inputs, widens
@@ -55,14 +55,15 @@ def test_a_convnet_trained_wide_follows_its_trajectory_alone(model, count, augme
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("form", FORMS)
-def test_on_a_gpu_the_step_replayed_as_a_cuda_graph_follows_the_trajectories_alone(monkeypatch, form):
+@pytest.mark.parametrize("model", ["ConvNetW32", "ConvNetBN"])  # BatchNorm: running statistics updated in the graph
+def test_on_a_gpu_the_step_replayed_as_a_cuda_graph_follows_the_trajectories_alone(monkeypatch, form, model):
     # 8 steps: 2 eager (warm-up), then captured, captured again after the learning-rate drop; float32 products
     # (no TF32) so that the grouped and the separate convolutions round alike
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a failed capture (eager fallback) would warn: fail instead
-        _assert_same_trajectories("ConvNetW32", 3, DSA, epochs=4, device="cuda", form=form)
+        _assert_same_trajectories(model, 3, DSA, epochs=4, device="cuda", form=form)
 
 
 def test_soft_targets_train_wide_as_alone():
@@ -228,6 +229,25 @@ def test_the_device_step_is_fed_device_tensors_and_applies_the_packed_draws(form
         sgd.step()
         for got, want in zip(net.parameters(), single.parameters()):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("model, form", [*(("ConvNetW32", f) for f in FORMS), *(("ConvNetBN", f) for f in FORMS),
+                                         ("MLP", None)])
+def test_the_device_step_reads_no_tensor_value_on_the_host(model, form):
+    # what a CUDA graph capture needs, checked without a GPU: on the meta device (shapes, no values) an operation that
+    # reads values on the host (.item(), bool(), .cpu(), nonzero, a boolean mask) raises
+    meta = torch.device("meta")
+    nets = [build_network(model, 1, 10, (12, 12), seed=s).to(meta) for s in (1, 2, 3)]
+    step = _WideStep(nets, label_loss, form) if form else _VmapStep(nets, label_loss)
+    if form:
+        step.row_mean = True  # decided by the first call, which synchronises once (it runs eagerly, not captured)
+    opt = torch.optim.SGD(step.leaves, lr=0.01, momentum=0.9, weight_decay=5e-4)
+    images, targets = torch.empty(16, 1, 12, 12, device=meta), torch.empty(16, dtype=torch.int64, device=meta)
+    device_step = make_device_step(step, opt, images, targets, Augmenter(DSA),
+                                   torch.empty(3, dtype=torch.int64, device=meta))
+    for _ in range(2):  # the first call creates the momentum buffers
+        device_step(torch.empty(3, 8, dtype=torch.int64, device=meta), torch.empty(24, 12, device=meta))
+    assert all(p.device == meta for p in step.leaves)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -69,6 +69,45 @@ def test_warmup_must_be_at_least_one_call():
         GraphedStep(lambda: None, enabled=False, warmup=0)
 
 
+class _FakeCapture:
+    """torch.cuda's capture as it behaves when the captured step raises: ending the capture raises another error
+    (the step's as its context) and the capture stream stays current. Stands in for CUDA on a CPU."""
+
+    current = "default"
+
+    def __init__(self, graph) -> None:
+        pass
+
+    def __enter__(self) -> None:
+        _FakeCapture.current = "capture"
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if kind is not None and str(error).startswith("CUDA error"):  # it invalidated the capture: ending it fails
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+        _FakeCapture.current = "default"  # the stream context is left only after a capture that ended
+
+
+@pytest.mark.parametrize("message", ["CUDA error: operation not permitted when stream is capturing",
+                                     "CUDA out of memory. Tried to allocate 2.00 GiB"], ids=["sync", "oom"])
+def test_a_failed_capture_puts_the_current_stream_back_and_says_the_steps_own_error(monkeypatch, message):
+    monkeypatch.setattr(_FakeCapture, "current", "default")
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: object())
+    monkeypatch.setattr(torch.cuda, "graph", _FakeCapture)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: _FakeCapture.current)
+    monkeypatch.setattr(torch.cuda, "set_stream", lambda stream: setattr(_FakeCapture, "current", stream))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+
+    def step(x: torch.Tensor) -> None:
+        raise RuntimeError(message + "\nmore lines")
+
+    graphed = GraphedStep(step, enabled=True)
+    x = torch.zeros(3)
+    with pytest.warns(UserWarning, match="could not be captured"):
+        assert graphed._capture(((3,), x.dtype, x.device), (x,)) is None
+    assert _FakeCapture.current == "default"
+    assert graphed.failure == message and not graphed.graphs
+
+
 @cuda
 def test_replayed_steps_give_the_eager_steps_parameters_through_a_learning_rate_drop():
     model, opt, step = _training("cuda")
@@ -92,10 +131,12 @@ def test_a_step_that_cannot_be_captured_runs_eagerly_with_a_warning():
 
     graphed = GraphedStep(synchronising, enabled=True)
     inputs = _inputs(5, "cuda")
+    stream = torch.cuda.current_stream()
     with pytest.warns(UserWarning, match="could not be captured"):
         _train(graphed, inputs)
+    assert torch.cuda.current_stream() == stream  # not the capture's stream, left current by the failed capture
     _train(plain_step, inputs)
-    assert graphed.mode == "eager" and graphed.failure
+    assert graphed.mode == "eager" and graphed.failure and "previous error during capture" not in graphed.failure
     _assert_same_parameters(model, plain_model)
 
 

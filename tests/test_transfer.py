@@ -32,6 +32,25 @@ def test_module_to_device_on_the_host_leaves_the_module_as_it_is():
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
 
 
+def test_a_slice_with_gaps_is_made_dense_before_it_is_pinned(monkeypatch):
+    # pin_memory keeps strides: a pinned slice with gaps would reach the GPU through a pageable temporary (a wait).
+    # Pinning needs a GPU; here the staging path runs towards the host, with pin_memory recording what it got.
+    pinned = []
+
+    def pin_memory(tensor, *args, **kwargs):
+        pinned.append(tensor)
+        return tensor
+
+    monkeypatch.setattr(transfer, "_pins", lambda tensor, device: True)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
+    orders = torch.arange(40).view(4, 10)
+    batch = orders[:, 2:5]  # train_together's batch: every network's columns start:stop of its order
+    assert torch.equal(to_device(batch, "cpu"), batch)
+    transposed = torch.arange(12.0).view(3, 4).t()  # no gaps: pinned with its own layout
+    assert torch.equal(to_device(transposed, "cpu"), transposed)
+    assert pinned[0].is_contiguous() and pinned[1].stride() == transposed.stride()
+
+
 class _Tied(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -52,6 +71,20 @@ def test_to_device_queues_the_copy_behind_running_gpu_work():
     assert not busy.query(), "the host waited for the GPU's queued work"
     torch.cuda.synchronize()
     assert torch.equal(y.cpu(), x)
+
+
+@cuda
+def test_a_batch_of_columns_is_queued_behind_running_gpu_work_too():
+    orders = torch.stack([torch.randperm(1000, generator=torch.Generator().manual_seed(s)) for s in range(5)])
+    batch = orders[:, 256:512]  # not contiguous: the slice train_together copies every step
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)
+    busy = torch.cuda.Event()
+    busy.record()
+    y = to_device(batch, "cuda")
+    assert not busy.query(), "the host waited for the GPU's queued work"
+    torch.cuda.synchronize()
+    assert torch.equal(y.cpu(), batch)
 
 
 @cuda
