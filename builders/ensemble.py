@@ -49,6 +49,20 @@ from builders.wide_convnet import WideConvNet, check_form, widens
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+#: What a GPU allocation failure says when it does not come as ``torch.OutOfMemoryError``: cuDNN's or cuBLAS's
+#: workspace, or the driver at a kernel launch ("CUDA error: out of memory").
+_OUT_OF_MEMORY_MESSAGES = ("out of memory", "CUDNN_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_ALLOC_FAILED")
+
+
+def ran_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is the GPU running out of memory: ``torch.OutOfMemoryError`` (the caching allocator's),
+    or a RuntimeError from cuDNN, cuBLAS or the driver saying so. Training many networks at once falls back to
+    one by one on these."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and any(text in str(error) for text in _OUT_OF_MEMORY_MESSAGES)
+
+
 def use_together(device: torch.device, nets_per_call: int) -> bool:
     """The default: train together on CUDA when there is more than one network."""
     return device.type == "cuda" and nets_per_call > 1

@@ -24,7 +24,7 @@ from builders import distributed
 from builders.augment import Augmenter
 from builders.data import RealData
 from builders.dc_augment import make_augmenter
-from builders.ensemble import can_train_together, train_together, use_together
+from builders.ensemble import can_train_together, ran_out_of_memory, train_together, use_together
 from builders.networks import build_network
 from builders.progress import progress_bar
 from builders.train_settings import TrainSettings
@@ -206,8 +206,8 @@ def train_runs(
         try:
             train_together(nets, images, targets, settings, [torch.Generator().manual_seed(s) for s in seeds],
                            label_loss, on_epoch=None if on_epoch is None else lambda: on_epoch(len(nets)))
-        except torch.cuda.OutOfMemoryError:
-            if chosen is not None:  # asked for explicitly: the caller decides
+        except RuntimeError as error:
+            if chosen is not None or not ran_out_of_memory(error):  # asked for explicitly: the caller decides
                 raise
             # the networks are as they were (train_together writes its parameters back only at the end)
             warnings.warn(f"{len(nets)} networks at once ran out of GPU memory; they train one by one",

@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 from builders import distributed
 from builders.augment import Augmenter
 from builders.data import RealData
-from builders.ensemble import can_train_together, train_together, use_together
+from builders.ensemble import can_train_together, ran_out_of_memory, train_together, use_together
 from builders.errors import BuildError, ExpertStoreError, RecipeError
 from builders.evaluate import label_loss, test_accuracy, train_step
 from builders.gsam import EXPERT_OPTIMIZERS, FTD_EPOCHS, GSAMSettings, gsam_train_step
@@ -624,7 +624,9 @@ class ExpertTraining:
             chunk = todo[:group]
             try:
                 items = self._train_group(chunk, real, images, test, settings, bar)
-            except torch.cuda.OutOfMemoryError as error:
+            except RuntimeError as error:
+                if not ran_out_of_memory(error):
+                    raise
                 group = self._out_of_memory(len(chunk), error)  # the rest train one by one (below)
                 images = None
                 continue

@@ -8,6 +8,7 @@ import torch
 import builders.evaluate
 from builders.augment import Augmenter
 from builders.data import RealData
+from builders.ensemble import ran_out_of_memory
 from builders.evaluate import TrainSettings, evaluate_set, label_loss, run_seeds, train_network, train_runs
 from builders.networks import build_network
 from condensed_datasets.sources import get_source
@@ -147,3 +148,37 @@ def test_train_runs_out_of_gpu_memory_at_once_trains_one_by_one(monkeypatch):
         assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     with pytest.raises(torch.cuda.OutOfMemoryError):
         train_runs(_nets(seeds), images, targets, settings, seeds, together=True)
+
+
+@pytest.mark.parametrize("message", ["CUDA error: out of memory", "cuDNN error: CUDNN_STATUS_ALLOC_FAILED",
+                                     "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"])
+def test_evaluation_falls_back_on_an_out_of_memory_that_is_not_the_allocators(monkeypatch, message):
+    # cuDNN, cuBLAS and the driver report running out of memory as a plain RuntimeError
+    images, targets, settings, seeds = _tiny_runs()
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError(message)
+
+    monkeypatch.setattr(builders.evaluate, "train_together", out_of_memory)
+    monkeypatch.setattr(builders.evaluate, "use_together", lambda device, count: True)
+    with pytest.warns(UserWarning, match="ran out of GPU memory; they train one by one"):
+        train_runs(_nets(seeds), images, targets, settings, seeds)
+
+
+def test_evaluation_does_not_hide_other_errors_of_training_together(monkeypatch):
+    images, targets, settings, seeds = _tiny_runs()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr(builders.evaluate, "train_together", broken)
+    monkeypatch.setattr(builders.evaluate, "use_together", lambda device, count: True)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        train_runs(_nets(seeds), images, targets, settings, seeds)
+
+
+def test_what_counts_as_running_out_of_gpu_memory():
+    assert ran_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert ran_out_of_memory(RuntimeError("CUDA error: out of memory"))
+    assert not ran_out_of_memory(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert not ran_out_of_memory(ValueError("out of memory"))  # not an error torch raises for it

@@ -209,3 +209,20 @@ def test_experts_at_once_out_of_gpu_memory_fall_back_to_one_by_one(fashion_mnist
         assert (plain.path / a["file"]).read_bytes() == (fallback.path / b["file"]).read_bytes()
     with pytest.raises(BuildError, match="ran out of GPU memory.*lower params.together_group"):
         run_experts(fashion_mnist_root, tmp_path / "forced", num_experts=2, epochs=1, together=True)
+
+
+def test_experts_fall_back_on_cudnns_out_of_memory_but_not_on_other_errors(fashion_mnist_root, tmp_path, monkeypatch):
+    # cuDNN reports running out of workspace memory as a plain RuntimeError; any other error stops the build
+    def raising(message):
+        def train(*args, **kwargs):
+            raise RuntimeError(message)
+        return train
+
+    monkeypatch.setattr(builders.experts, "use_together", lambda device, count: True)
+    monkeypatch.setattr(builders.experts, "train_experts_together", raising("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"))
+    with pytest.warns(UserWarning, match="2 experts at once ran out of GPU memory"):
+        store = run_experts(fashion_mnist_root, tmp_path / "cudnn", num_experts=2, epochs=1)
+    assert len(store.index["experts"]) == 2
+    monkeypatch.setattr(builders.experts, "train_experts_together", raising("mat1 and mat2 shapes cannot be multiplied"))
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        run_experts(fashion_mnist_root, tmp_path / "broken", num_experts=2, epochs=1)
