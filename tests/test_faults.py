@@ -19,6 +19,7 @@ from hubserver import HubServer
 import condensed_datasets._atomic as atomic
 from builders.build import recipe_from_dict
 from builders.engine import BuildError, Engine
+from builders.experts import ExpertStore
 from builders.publish import publish_to_dir
 from condensed_datasets import CondensedFashionMNIST, catalogue, hub
 from condensed_datasets.datasets import set_path
@@ -118,6 +119,22 @@ def test_a_set_built_during_a_download_is_never_replaced(tmp_path: Path, server:
         CondensedFashionMNIST(tmp_path, "dm", 1, download=True, repo_id=REPO)
     assert dest.read_bytes() == mine[0] and hub.read_record(dest) is None
     assert leftovers(dest.parent) == []
+
+
+def test_two_expert_runs_into_one_store_lose_no_expert(tmp_path: Path) -> None:
+    """Two runs extend one store (2 and 3 experts); each adds experts from its own view of the index: the index
+    lists every expert written, whichever run writes last."""
+    header = {"format_version": 1, "kind": "expert_trajectories", "source": "fashionmnist", "model": "ConvNetW32",
+              "zca": False, "epochs": 2, "parameter_count": 6, "training": {}}
+    first = ExpertStore.create_or_extend(tmp_path, header)
+    second = ExpertStore.create_or_extend(tmp_path, header)  # started before the first wrote any expert
+    trajectory = torch.zeros(3, 6)
+    first.add(0, trajectory, {"test_accuracy": 50.0})
+    for expert in (0, 1, 2):
+        second.add(expert, trajectory, {"test_accuracy": 50.0})
+    first.add(1, trajectory, {"test_accuracy": 50.0})  # the first run's view still lacks expert 2
+    assert [e["index"] for e in ExpertStore.open(tmp_path).experts] == [0, 1, 2]
+    assert ExpertStore.open(tmp_path).num_experts == 3
 
 
 # -- a full disk -------------------------------------------------------------------------------------------------------
