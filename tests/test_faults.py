@@ -20,6 +20,8 @@ import condensed_datasets._atomic as atomic
 from builders.build import recipe_from_dict
 from builders.engine import BuildError, Engine
 from builders.experts import ExpertStore
+from builders import publish
+from builders.errors import PublishError
 from builders.publish import publish_to_dir
 from condensed_datasets import CondensedFashionMNIST, catalogue, hub
 from condensed_datasets.datasets import set_path
@@ -186,3 +188,33 @@ def test_a_full_disk_during_a_publish_leaves_a_folder_the_next_publish_completes
     assert publish_to_dir(second, folder).plan.status == "index"  # the next run completes the index
     assert set(catalogue.parse_index((folder / "index.json").read_bytes())["files"]) == {
         "dm_ipc1.safetensors", "dm_ipc2.safetensors"}
+
+
+# -- a lock held by a stuck process -------------------------------------------------------------------------------------
+HOLD_A_LOCK = """
+import sys
+from filelock import FileLock
+with FileLock(sys.argv[1]):
+    print("held", flush=True)
+    sys.stdin.read()  # until the test closes the pipe
+"""
+
+
+def test_a_publish_waiting_on_a_stuck_publisher_stops_and_names_the_lock(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "mirror"
+    folder.mkdir()
+    make_cset(1).save(tmp_path / "a.safetensors")
+    lock = folder / ".publish.lock"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_A_LOCK, str(lock)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"  # the other publisher is inside its lock
+        monkeypatch.setattr(publish, "LOCK_TIMEOUT_S", 0.2)
+        with pytest.raises(PublishError, match=f"{lock}.*delete the lock file"):
+            publish_to_dir(tmp_path / "a.safetensors", folder)
+        assert sorted(p.name for p in folder.iterdir()) == [".publish.lock"]
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    assert publish_to_dir(tmp_path / "a.safetensors", folder).plan.status == "new"
