@@ -17,7 +17,7 @@ import torch
 from hubserver import HubServer
 
 import condensed_datasets._atomic as atomic
-from builders.build import recipe_from_dict
+from builders.build import build, recipe_from_dict
 from builders.engine import BuildError, Engine
 from builders.experts import ExpertStore
 from builders import publish
@@ -218,3 +218,25 @@ def test_a_publish_waiting_on_a_stuck_publisher_stops_and_names_the_lock(tmp_pat
         holder.stdin.close()
         holder.wait(timeout=60)
     assert publish_to_dir(tmp_path / "a.safetensors", folder).plan.status == "new"
+
+
+def test_a_build_of_a_set_another_process_is_building_is_refused_and_touches_nothing(fashion_mnist_root: Path,
+                                                                                   tmp_path: Path) -> None:
+    """condensed-build while build=True (or another condensed-build) builds the same set: its log, checkpoint
+    and set are the other process's; this one stops at once naming the lock."""
+    e = engine(fashion_mnist_root, tmp_path)
+    folder = e.paths.set.parent
+    folder.mkdir(parents=True)
+    e.paths.log.write_text('{"iteration": 1, "loss": 1.0, "time_s": 0.1}\\n')  # the other build's progress
+    lock = folder / f".{e.paths.set.name}.build.lock"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_A_LOCK, str(lock)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(BuildError, match=f"another process is building {e.paths.set}.*{lock}"):
+            build(recipe_from_dict(TINY), out_root=tmp_path, data_root=fashion_mnist_root, device="cpu",
+                  evaluate=False, progress=False, overwrite=True)
+        assert e.paths.log.read_text().count("\\n") == 1 and not e.paths.set.exists()
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
