@@ -332,7 +332,8 @@ class ExpertStore:
                 self._write_index()
         except LockTimeout:
             raise ExpertStoreError(f"another run has held the lock of {self.path} for over {LOCK_TIMEOUT_S:.0f} s "
-                                   f"(lock {lock.lock_file}); if none is running, delete the lock file and retry") from None
+                                   f"(lock {lock.lock_file}); if none is running, delete the lock file and "
+                                   "retry") from None
 
     def _experts_on_disk(self) -> list[dict[str, Any]]:
         """The entries of the index now on disk, when it describes experts trained as this store's are."""

@@ -17,11 +17,11 @@ import torch
 from hubserver import HubServer
 
 import condensed_datasets._atomic as atomic
+from builders import publish
 from builders.build import build, recipe_from_dict
 from builders.engine import BuildError, Engine
-from builders.experts import ExpertStore
-from builders import publish
 from builders.errors import PublishError
+from builders.experts import ExpertStore
 from builders.publish import publish_to_dir
 from condensed_datasets import CondensedFashionMNIST, catalogue, hub
 from condensed_datasets.datasets import set_path
@@ -171,8 +171,8 @@ def test_a_full_disk_during_a_set_or_checkpoint_write_keeps_the_earlier_files(fa
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc/self/fd")
-def test_a_full_disk_during_a_publish_leaves_a_folder_the_next_publish_completes(tmp_path: Path,
-                                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_full_disk_during_a_publish_leaves_a_folder_the_next_publish_completes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     first, second = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     make_cset(1).save(first)
     CondensedSet(make_cset(2).images.repeat(2, 1, 1, 1), torch.arange(10).repeat_interleave(2),
@@ -190,7 +190,7 @@ def test_a_full_disk_during_a_publish_leaves_a_folder_the_next_publish_completes
         "dm_ipc1.safetensors", "dm_ipc2.safetensors"}
 
 
-# -- a lock held by a stuck process -------------------------------------------------------------------------------------
+# -- a lock held by a stuck process ---------------------------------------------------------------------------------
 HOLD_A_LOCK = """
 import sys
 from filelock import FileLock
