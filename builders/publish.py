@@ -31,7 +31,7 @@ from huggingface_hub import CommitOperationAdd, HfApi
 from builders.errors import PublishConflict, PublishError
 from condensed_datasets import hub
 from condensed_datasets._atomic import atomic_write_bytes
-from condensed_datasets.catalogue import default_repo_id, index_entry, index_to_bytes, make_index, parse_index, sort_key
+from condensed_datasets.catalogue import default_repo_id, index_entry, index_to_bytes, make_index, read_index, sort_key
 from condensed_datasets.constants import (CARD_NAME, DEFAULT_REVISION, HUB_INDEX_NAME, LOCK_TIMEOUT_S,
                                           METHOD_DISPLAY_NAMES)
 from condensed_datasets.errors import HubNotFoundError, UnknownNameError
@@ -376,7 +376,7 @@ def publish_to_dir(
 
     def plan() -> PublishPlan:
         index_path = folder / HUB_INDEX_NAME
-        existing = parse_index(index_path.read_bytes(), str(index_path)) if index_path.is_file() else None
+        existing = read_index(index_path) if index_path.is_file() else None
         current = folder / set_filename(cset.method, cset.ipc)
         sha = hashlib.sha256(current.read_bytes()).hexdigest() if current.is_file() else None
         planned = plan_publish(data, existing, repo_id=repo_id, existing_sha256=sha, force=force, license=license,

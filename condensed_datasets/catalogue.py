@@ -28,6 +28,7 @@ from condensed_datasets.constants import (
     FORMAT_VERSION,
     HUB_INDEX_NAME,
     HUB_INDEX_VERSION,
+    INDEX_LIMIT,
     METHODS,
     ORG_ENV,
 )
@@ -144,6 +145,18 @@ def make_index(files: dict[str, dict[str, Any]]) -> dict[str, Any]:
 def index_to_bytes(index: dict[str, Any]) -> bytes:
     """``index.json``'s bytes: sorted keys, two-space indent, newline at the end (stable for the same content)."""
     return (json.dumps(index, sort_keys=True, indent=2, allow_nan=False) + "\n").encode("utf-8")
+
+
+def read_index(path: str | os.PathLike, name: str | None = None) -> dict[str, Any]:
+    """:func:`parse_index` of the file at ``path``; one over :data:`INDEX_LIMIT` bytes is an IndexFormatError,
+    refused before it is read."""
+    name = str(path) if name is None else name
+    size = Path(path).stat().st_size
+    if size > INDEX_LIMIT:
+        raise IndexFormatError(f"{name} is {size} bytes, over the {INDEX_LIMIT}-byte limit of an index; it is not "
+                               "a condensed-datasets index (list the folder's sets without it, or rebuild it with "
+                               "condensed-publish)")
+    return parse_index(Path(path).read_bytes(), name)
 
 
 def parse_index(data: bytes | str, name: str = HUB_INDEX_NAME) -> dict[str, Any]:
@@ -272,7 +285,7 @@ def list_folder(folder: str | os.PathLike, source: str | None = None) -> list[di
     folder = Path(folder).expanduser()
     index_path = folder / HUB_INDEX_NAME
     if index_path.is_file():
-        index = parse_index(index_path.read_bytes(), str(index_path))
+        index = read_index(index_path)
         return index_listing(index, where="folder", location=str(folder), source=source)
     return sorted(_scan_folder(folder, where="folder", source=source), key=sort_key)
 

@@ -24,6 +24,7 @@ USER_METHOD_PREFIX = "user_"
 # -- the hub ------------------------------------------------------------------------------------------------
 DEFAULT_ORG = "condensed-datasets"
 HUB_INDEX_NAME = "index.json"  # a repository's (or published folder's) listing of its sets
+INDEX_LIMIT = 64 * 1024 * 1024  # the largest index.json read, in bytes (chosen here: an entry is under 1 KiB)
 HUB_INDEX_VERSION = 1
 CARD_NAME = "README.md"
 DEFAULT_REVISION = "main"

@@ -46,7 +46,7 @@ from huggingface_hub import errors as hf_errors
 
 from condensed_datasets._atomic import atomic_write_bytes
 from condensed_datasets._speed import speed_limit
-from condensed_datasets.catalogue import default_repo_id, describe_sets, index_listing, parse_index, sort_key
+from condensed_datasets.catalogue import default_repo_id, describe_sets, index_listing, read_index, sort_key
 from condensed_datasets.constants import (
     DEFAULT_REVISION,
     HUB_INDEX_NAME,
@@ -366,7 +366,7 @@ def fetch_index(repo_id: str, revision: str | None = None) -> dict[str, Any] | N
     except _network_errors() as exc:  # what hf_hub_download does not turn into "not in the cache": a redirect loop
         raise HubOfflineError(f"cannot read {HUB_INDEX_NAME} of {_where(repo_id, revision)}: {hub_endpoint()} "
                               f"could not be reached or followed ({type(exc).__name__}: {exc})") from exc
-    return parse_index(path.read_bytes(), f"{HUB_INDEX_NAME} of {_where(repo_id, revision)}")
+    return read_index(path, f"{HUB_INDEX_NAME} of {_where(repo_id, revision)}")
 
 
 def repo_sets(repo_id: str, revision: str | None = None) -> dict[str, list[int]] | None:

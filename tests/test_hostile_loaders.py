@@ -490,3 +490,20 @@ def test_buffer_arguments_of_the_wrong_type_are_refused_not_coerced(tmp_path: Pa
     args = {"source": "fashionmnist", "method": "dm", "ipc": 1, "steps": 5, "root": tmp_path, **kwargs}
     with pytest.raises(UnknownNameError):  # ipc 1.7 was 1, "10" was 10; "x", "2" and 2.5 raised builtins
         ClassIncrementalBuffer(**args)
+
+
+def test_an_index_over_the_limit_is_refused_before_it_is_read(tmp_path: Path, server: HubServer,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    document = json.dumps({"index_version": 1, "files": {}, "padding": "x" * 200})  # a valid index of ~250 bytes
+    monkeypatch.setattr(catalogue, "INDEX_LIMIT", 100)  # stands for the 64 MiB limit
+    folder = tmp_path / "published"
+    folder.mkdir()
+    (folder / "index.json").write_text(document)
+    with pytest.raises(IndexFormatError, match="over the 100-byte limit"):
+        catalogue.list_folder(folder)
+    _serve(server)
+    (server.repo_dir(REPO) / "index.json").write_text(document)
+    with pytest.raises(IndexFormatError, match="over the 100-byte limit"):
+        hub.fetch_index(REPO)
+    monkeypatch.setattr(catalogue, "INDEX_LIMIT", 1000)
+    assert hub.fetch_index(REPO)["files"] == {}  # under the limit: read as before
