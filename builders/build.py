@@ -75,8 +75,23 @@ def build(
                                             device=distributed.local_device(resolve_device(device)),
                                             progress=progress, download=download)
             return job.run()
-        return make_engine(recipe, out_root=out_root, data_root=data_root, device=device, resume=resume,
-                           overwrite=overwrite, evaluate=evaluate, progress=progress, download=download).run()
+        engine = make_engine(recipe, out_root=out_root, data_root=data_root, device=device, resume=resume,
+                             overwrite=overwrite, evaluate=evaluate, progress=progress, download=download)
+        if distributed.current().active:
+            return engine.run()
+        lock = _build_lock(engine.paths.set, timeout=0)
+        try:
+            engine.paths.set.parent.mkdir(parents=True, exist_ok=True)
+            lock.acquire()
+        except LockTimeout:  # its log, checkpoint and set are that build's: touch none of them
+            raise BuildError(f"another process is building {engine.paths.set} now (lock {lock.lock_file}); wait "
+                             "for it to finish, or pass --out to build elsewhere") from None
+        except OSError:  # no lock can be taken in that folder: the engine names the problem
+            return engine.run()
+        try:
+            return engine.run()
+        finally:
+            lock.release()
 
 
 def make_engine(recipe: Recipe, *, out_root: str | os.PathLike = DEFAULT_ROOT, data_root: str | os.PathLike | None = None,
@@ -127,7 +142,7 @@ def _build_on_demand(source: str, method: str, overrides: list[tuple[str, Any]],
     engine = make_engine(recipe, out_root=root, data_root=root, device=device)
     target = engine.paths.set
     target.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(target.parent / f".{target.name}.build.lock"), timeout=BUILD_LOCK_TIMEOUT_S)
+    lock = _build_lock(target, timeout=BUILD_LOCK_TIMEOUT_S)
     if distributed.current().active:
         return _build_across_ranks(engine, lock)
     try:
@@ -170,6 +185,11 @@ def _build_across_ranks(engine: Engine, lock: FileLock) -> Path:
         if world.is_main:
             lock.release()
     return target
+
+
+def _build_lock(target: Path, *, timeout: float) -> FileLock:
+    """The lock beside ``target`` that one process building it holds (build=True and condensed-build)."""
+    return FileLock(str(target.parent / f".{target.name}.build.lock"), timeout=timeout)
 
 
 def _lock_timeout(target: Path, lock: FileLock) -> BuildError:

@@ -212,7 +212,10 @@ class Engine:
             storage=contents.storage, patch_mask=contents.patch_mask,
         )
         if world.is_main:
-            cset.save(self.paths.set)
+            try:  # without --overwrite, never replace a set another process wrote while this one built
+                cset.save(self.paths.set, replace=self.overwrite)
+            except FileExistsError:
+                raise BuildError(self._appeared()) from None
             save_grid(cset, self.paths.grid)
         distributed.barrier()  # every rank returns once the set is on disk
         return cset
@@ -247,6 +250,13 @@ class Engine:
             return (f"an earlier build left a checkpoint at {self.paths.checkpoint}; pass --resume to "
                     "continue it, or --overwrite to start over")
         return None
+
+    def _appeared(self) -> str:
+        """Why this build's set was not written: another process wrote one at its path meanwhile."""
+        kept = (f"; this build's result is in {self.paths.checkpoint}: rerun with --resume --overwrite to write it "
+                "instead" if self.paths.checkpoint.is_file() else "")
+        return (f"{self.paths.set} appeared while this build ran (another process wrote it) and was kept; pass "
+                f"--overwrite to replace it, or --out to build somewhere else{kept}")
 
     def _restore(self, state, optimizers, ctx: BuildContext) -> int:
         try:

@@ -38,6 +38,8 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator
 
 import torch
+from filelock import FileLock
+from filelock import Timeout as LockTimeout
 from safetensors import safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
@@ -58,6 +60,7 @@ from builders.train_settings import TrainSettings
 from builders.transfer import to_device
 from condensed_datasets._atomic import atomic_write_bytes
 from condensed_datasets._version import __version__
+from condensed_datasets.constants import LOCK_TIMEOUT_S
 from condensed_datasets.format import read_safetensors_metadata
 from condensed_datasets.zca import DEFAULT_EPS, ZCA, fit_zca
 
@@ -320,11 +323,27 @@ class ExpertStore:
         data = st_save({"trajectory": trajectory.detach().to("cpu", torch.float32).contiguous()},
                        metadata={EXPERT_KEY: json.dumps(meta, sort_keys=True)})
         atomic_write_bytes(self.path / name, data)
-        entries = [e for e in self.index.get("experts", []) if e["index"] != expert]
-        entries.append({"index": expert, "file": name, **record})
-        self.index["experts"] = sorted(entries, key=lambda e: e["index"])
-        self.index["num_experts"] = len(entries)
-        self._write_index()
+        lock = FileLock(str(self.path / f".{STORE_INDEX_NAME}.lock"), timeout=LOCK_TIMEOUT_S)
+        try:
+            with lock:  # another run extending this store may have entered experts since this one read the index
+                by_number = {e["index"]: e for e in [*self._experts_on_disk(), *self.index.get("experts", [])]}
+                by_number[expert] = {"index": expert, "file": name, **record}
+                self.index["experts"] = [by_number[k] for k in sorted(by_number)]
+                self._write_index()
+        except LockTimeout:
+            raise ExpertStoreError(f"another run has held the lock of {self.path} for over {LOCK_TIMEOUT_S:.0f} s "
+                                   f"(lock {lock.lock_file}); if none is running, delete the lock file and "
+                                   "retry") from None
+
+    def _experts_on_disk(self) -> list[dict[str, Any]]:
+        """The entries of the index now on disk, when it describes experts trained as this store's are."""
+        try:
+            disk = json.loads((self.path / STORE_INDEX_NAME).read_text())
+        except (OSError, ValueError, RecursionError):
+            return []
+        same = isinstance(disk, dict) and not _index_problem(disk) and all(
+            disk.get(k) == v for k, v in self.index.items() if k not in ("experts", "num_experts"))
+        return list(disk["experts"]) if same else []
 
     def _write_index(self) -> None:
         self.index["num_experts"] = len(self.index.get("experts", []))

@@ -25,13 +25,15 @@ from typing import Any
 
 import yaml
 from filelock import FileLock
+from filelock import Timeout as LockTimeout
 from huggingface_hub import CommitOperationAdd, HfApi
 
 from builders.errors import PublishConflict, PublishError
 from condensed_datasets import hub
 from condensed_datasets._atomic import atomic_write_bytes
 from condensed_datasets.catalogue import default_repo_id, index_entry, index_to_bytes, make_index, read_index, sort_key
-from condensed_datasets.constants import CARD_NAME, DEFAULT_REVISION, HUB_INDEX_NAME, METHOD_DISPLAY_NAMES
+from condensed_datasets.constants import (CARD_NAME, DEFAULT_REVISION, HUB_INDEX_NAME, LOCK_TIMEOUT_S,
+                                          METHOD_DISPLAY_NAMES)
 from condensed_datasets.errors import HubNotFoundError, UnknownNameError
 from condensed_datasets.format import CondensedSet
 from condensed_datasets.paths import check_repo_id, check_revision, set_filename
@@ -390,9 +392,14 @@ def publish_to_dir(
     if dry_run:
         return PublishResult(plan=plan(), target=target, dry_run=True)
     folder.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(folder / ".publish.lock")):
-        result = PublishResult(plan=plan(), target=target, dry_run=False)
-        for path, content in result.plan.files.items():
-            result.written.append(atomic_write_bytes(folder / path, content))
+    lock = FileLock(str(folder / ".publish.lock"), timeout=LOCK_TIMEOUT_S)
+    try:
+        with lock:
+            result = PublishResult(plan=plan(), target=target, dry_run=False)
+            for path, content in result.plan.files.items():
+                result.written.append(atomic_write_bytes(folder / path, content))
+    except LockTimeout:
+        raise PublishError(f"another publish into {folder} has held its lock for over {LOCK_TIMEOUT_S:.0f} s "
+                           f"(lock {lock.lock_file}); if none is running, delete the lock file and retry") from None
     return result
 

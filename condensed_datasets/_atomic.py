@@ -3,6 +3,7 @@ temporary file (``.{name}.{random}.tmp``) is removed by the next write of the sa
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 import time
@@ -11,8 +12,11 @@ from pathlib import Path
 from condensed_datasets.constants import STALE_TEMP_AGE_S
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder, fsync, then rename."""
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, replace: bool = True) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same folder, fsync, then rename.
+
+    ``replace=False``: only if nothing is at ``path`` at the moment of the rename (FileExistsError otherwise,
+    ``path`` untouched), for a writer that checked earlier and must not replace what another process wrote since."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale_temps(path)
@@ -23,7 +27,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            _rename_if_absent(tmp, path)
     except BaseException:
         try:
             os.unlink(tmp)
@@ -32,6 +39,23 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def _rename_if_absent(tmp: str, path: Path) -> None:
+    """Move ``tmp`` to ``path`` unless something is there (FileExistsError): a hard link is created atomically
+    or not at all. Where the filesystem has no hard links, a check just before the rename."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path)) from None
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+            raise
+        if os.path.lexists(path):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path)) from None
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
 
 
 def sweep_stale_temps(path: str | os.PathLike, max_age_s: float = STALE_TEMP_AGE_S) -> list[Path]:

@@ -211,9 +211,10 @@ class CondensedSet:
         """The file's bytes: the same set always gives the same bytes."""
         return _safetensors_save(self.tensors(), metadata={METADATA_KEY: encode_metadata(self.metadata)})
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the set atomically (temporary file in the same folder, fsync, rename)."""
-        return atomic_write_bytes(path, self.to_bytes())
+    def save(self, path: str | os.PathLike, *, replace: bool = True) -> Path:
+        """Write the set atomically (temporary file in the same folder, fsync, rename); ``replace=False``: only
+        where no file is (FileExistsError otherwise, the file there untouched)."""
+        return atomic_write_bytes(path, self.to_bytes(), replace=replace)
 
     @classmethod
     def from_bytes(cls, data: bytes, name: str = "<bytes>") -> "CondensedSet":

@@ -473,7 +473,7 @@ def _download_locked(dest: Path, root: str | os.PathLike, source: str, method: s
         return _from_cache(dest, repo, rev, filename, source, method, ipc,
                            reason="HF_HUB_OFFLINE is set",
                            hint=f"Unset HF_HUB_OFFLINE (and connect) to download it. {hint}")
-    mine = _users_own(dest)
+    mine, present = _users_own(dest), os.path.lexists(dest)
     try:
         remote = _remote(repo, filename, rev, hint)
     except _Unreachable as down:
@@ -489,7 +489,7 @@ def _download_locked(dest: Path, root: str | os.PathLike, source: str, method: s
                        f"{_where(repo, rev)}'s.")
     data = _download_checked(repo, rev, filename, expected, hash_from, hint)
     _check_content(data, f"{repo}/{filename}", source, method, ipc)
-    atomic_write_bytes(dest, data)
+    _write_download(dest, data, replace=present)
     _record(dest, repo, rev, remote.commit, filename, expected)
     return dest
 
@@ -585,14 +585,14 @@ def _download_checked(repo: str, rev: str, filename: str, expected: str, hash_fr
 def _from_cache(dest: Path, repo: str, rev: str, filename: str, source: str, method: str, ipc: int, *,
                 reason: str, hint: str, error: type[HubError] = HubOfflineError) -> Path:
     """No network: keep a sound local copy, else restore the cached download, else HubOfflineError."""
-    problem = ""
+    problem, present = "", os.path.lexists(dest)
     if dest.is_file():
         problem = _local_problem(dest)
         if not problem:
             return dest
     data, cached = _cached_copy(repo, rev, filename, reason=reason, hint=hint, error=error, problem=problem)
     _check_content(data, str(cached), source, method, ipc)
-    atomic_write_bytes(dest, data)
+    _write_download(dest, data, replace=present)
     commit = cached.parent.name if _COMMIT.match(cached.parent.name) else None
     _record(dest, repo, rev, commit, filename, _sha256(data))
     return dest
@@ -630,6 +630,17 @@ def _local_problem(dest: Path) -> str:
     except (CondensedSetError, OSError) as exc:
         return f"The local file {dest} is not a valid set ({exc}); it is not used."
     return ""
+
+
+def _write_download(dest: Path, data: bytes, *, replace: bool) -> None:
+    """Write a checked download to ``dest``; where nothing was there when the download began, only if nothing is
+    there now (a build of the same name may have finished meanwhile: HubError, its set kept)."""
+    try:
+        atomic_write_bytes(dest, data, replace=replace)
+    except FileExistsError:
+        raise HubError(f"{dest} appeared while it was downloading (a build of the same set, or another copy); a "
+                       "download never replaces it. Use it as it is (download=False), or move it away and "
+                       "download again.") from None
 
 
 def _users_own(dest: Path) -> bool:
