@@ -32,8 +32,13 @@ from builders.errors import PublishConflict, PublishError
 from condensed_datasets import hub
 from condensed_datasets._atomic import atomic_write_bytes
 from condensed_datasets.catalogue import default_repo_id, index_entry, index_to_bytes, make_index, read_index, sort_key
-from condensed_datasets.constants import (CARD_NAME, DEFAULT_REVISION, HUB_INDEX_NAME, LOCK_TIMEOUT_S,
-                                          METHOD_DISPLAY_NAMES)
+from condensed_datasets.constants import (
+    CARD_NAME,
+    DEFAULT_REVISION,
+    HUB_INDEX_NAME,
+    LOCK_TIMEOUT_S,
+    METHOD_DISPLAY_NAMES,
+)
 from condensed_datasets.errors import HubNotFoundError, UnknownNameError
 from condensed_datasets.format import CondensedSet
 from condensed_datasets.paths import check_repo_id, check_revision, set_filename
