@@ -28,8 +28,8 @@ from builders.nas import accuracy
 from builders.networks import available_networks, build_network
 from builders.plots import continual_plot
 from builders.progress import progress_bar
-from builders.recipe import RECIPES_DIR
-from builders.runspec import check_augment, check_keys, check_overrides, check_positive
+from builders.recipe import RECIPES_DIR, check_at_least
+from builders.runspec import check_augment, check_keys, check_overrides
 from condensed_datasets._atomic import atomic_write_bytes
 from condensed_datasets.continual import ClassIncrementalBuffer
 from condensed_datasets.sources import get_source
@@ -51,7 +51,7 @@ def check_spec(data: dict[str, Any]) -> dict[str, Any]:
             raise RecipeError(f"{key}: must be >= 1, got {spec[key]}")
     if info.num_classes % spec["steps"]:
         raise RecipeError(f"steps: {info.num_classes} classes do not split into {spec['steps']} equal steps")
-    check_positive("the continual spec", spec, ("lr",))
+    check_at_least(spec, ("lr",), 0, strict=True, section="the continual spec")
     check_augment("augment", spec["augment"])
     if not spec["out"]:
         raise RecipeError("out: expected the folder continual.json and continual.png go to, got ''")

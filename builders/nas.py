@@ -32,8 +32,8 @@ from builders.errors import BuildError, RecipeError
 from builders.evaluate import TrainSettings, train_network
 from builders.networks import ConvNet
 from builders.plots import nas_scatter
-from builders.recipe import shipped_recipe_path
-from builders.runspec import check_augment, check_keys, check_overrides, check_positive
+from builders.recipe import check_at_least, shipped_recipe_path
+from builders.runspec import check_augment, check_keys, check_overrides
 from condensed_datasets._atomic import atomic_write_bytes
 from condensed_datasets.datasets import CondensedVisionDataset
 from condensed_datasets.errors import CondensedDatasetsError
@@ -140,7 +140,7 @@ def check_spec(data: dict[str, Any]) -> dict[str, Any]:
         for key in ("epochs", "batch"):
             if spec[section][key] < 1:
                 raise RecipeError(f"{section}.{key}: must be >= 1")
-        check_positive(section, spec[section], ("lr",))
+        check_at_least(spec[section], ("lr",), 0, strict=True, section=section)
         check_augment(f"{section}.augment", spec[section]["augment"])
     if not spec["out"]:
         raise RecipeError("out: expected the folder nas.json, nas.png and tables/ go to, got ''")

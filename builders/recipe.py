@@ -101,6 +101,19 @@ _YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 INT_LIMIT = 2 ** 63
 
 
+def scalar_problem(value: Any) -> str | None:
+    """Why a recipe or run-spec value cannot be used though its type is right (None: it can): a string holding
+    a NUL character (no path, name or note holds one; the OS refuses it in paths), an integer past 64 bits
+    (what a torch seed or size takes), a float that is not finite."""
+    if isinstance(value, str) and "\x00" in value:
+        return f"a NUL character in {value!r}"
+    if isinstance(value, int) and not isinstance(value, bool) and not -INT_LIMIT <= value < INT_LIMIT:
+        return f"{value} is out of range (a 64-bit integer, below 2**63)"
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"expected a finite number, got {value!r}"
+    return None
+
+
 AUTO = "auto"  # the default of a switch that decides by the machine; such a key takes true, false or "auto"
 
 
@@ -116,15 +129,15 @@ def _check_type(key: str, value: Any, expected: Any) -> Any:
     if isinstance(expected, int):
         if isinstance(value, bool) or not isinstance(value, int):
             raise RecipeError(f"{key}: expected an integer, got {value!r}")
-        if not -INT_LIMIT <= value < INT_LIMIT:
-            raise RecipeError(f"{key}: {value} is out of range (a 64-bit integer, below 2**63)")
+        if scalar_problem(value):
+            raise RecipeError(f"{key}: {scalar_problem(value)}")
         return value
     if isinstance(expected, float):
         if isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
             value = float(value)  # YAML 1.1 reads 1e-5 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RecipeError(f"{key}: expected a number, got {value!r}")
-        if (isinstance(value, int) and not -INT_LIMIT <= value < INT_LIMIT) or not math.isfinite(value):
+        if scalar_problem(value):  # an integer past 64 bits is no finite float either
             raise RecipeError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if isinstance(expected, str):
@@ -132,8 +145,8 @@ def _check_type(key: str, value: Any, expected: Any) -> Any:
             return value
         if not isinstance(value, str):
             raise RecipeError(f"{key}: expected a string, got {value!r}")
-        if "\x00" in value:  # no path, name or note holds one (the OS refuses it in paths)
-            raise RecipeError(f"{key}: a NUL character in {value!r}")
+        if scalar_problem(value):
+            raise RecipeError(f"{key}: {scalar_problem(value)}")
         return value
     if isinstance(expected, list):
         if not isinstance(value, list):
@@ -365,13 +378,14 @@ def check_choice(key: str, value: Any, valid: tuple[Any, ...]) -> None:
 
 
 def check_at_least(params: dict[str, Any], keys: tuple[str, ...], low: float, *, strict: bool = False,
-                   meaning: str = "") -> None:
-    """RecipeError naming the first of ``params[keys]`` below ``low`` (or not above it, when ``strict``)."""
+                   meaning: str = "", section: str = "params") -> None:
+    """RecipeError naming ``{section}.{key}`` for the first of ``params[keys]`` below ``low`` (or not above it,
+    when ``strict``)."""
     for key in keys:
         value = params[key]
         if value <= low if strict else value < low:
             low_text = f"{low:g}" if isinstance(low, float) else str(low)
-            raise RecipeError(f"params.{key}: must be {'>' if strict else '>='} {low_text}"
+            raise RecipeError(f"{section}.{key}: must be {'>' if strict else '>='} {low_text}"
                               f"{f' ({meaning})' if meaning else ''}, got {value}")
 
 

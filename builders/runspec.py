@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import difflib
-import math
 import os
 from typing import Any
 
 from builders.augment import parse_strategy
 from builders.errors import RecipeError
-from builders.recipe import INT_LIMIT, read_yaml_mapping, set_dotted
+from builders.recipe import read_yaml_mapping, scalar_problem, set_dotted
 
 
 def load_spec(path: str | os.PathLike, overrides: list[tuple[str, Any]] = ()) -> dict[str, Any]:
@@ -48,20 +47,10 @@ def check_keys(section: str, data: Any, defaults: dict[str, Any], required: tupl
                 value = float(value)
             if not isinstance(value, type(default)):
                 raise RecipeError(f"{section}.{key}: expected {type(default).__name__}, got {value!r}")
-            if isinstance(value, str) and "\x00" in value:  # no path or name holds one
-                raise RecipeError(f"{section}.{key}: a NUL character in {value!r}")
-            if (isinstance(value, float) and not math.isfinite(value)) or (
-                    isinstance(value, int) and not -INT_LIMIT <= value < INT_LIMIT):
-                raise RecipeError(f"{section}.{key}: {value!r} is not a finite number of 64 bits")
+            if scalar_problem(value):
+                raise RecipeError(f"{section}.{key}: {scalar_problem(value)}")
         out[key] = value
     return out
-
-
-def check_positive(section: str, values: dict[str, Any], keys: tuple[str, ...]) -> None:
-    """RecipeError unless each of ``values[keys]`` is > 0 (learning rates)."""
-    for key in keys:
-        if values[key] <= 0:
-            raise RecipeError(f"{section}.{key}: must be > 0, got {values[key]}")
 
 
 def check_augment(key: str, strategy: str) -> None:
