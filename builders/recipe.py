@@ -155,14 +155,20 @@ def _check_type(key: str, value: Any, expected: Any) -> Any:
     return value
 
 
+def unknown_key_hints(given: Any, valid: Any) -> list[str]:
+    """The keys of ``given`` not in ``valid``, each quoted with the closest valid key when one is close (a
+    YAML key may be a number, null or a date as well as a string)."""
+    hints = []
+    for key in sorted(set(given) - set(valid), key=repr):
+        close = difflib.get_close_matches(key, sorted(valid), n=1) if isinstance(key, str) else []
+        hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return hints
+
+
 def _unknown(section: str, given: set[Any], valid: set[str]) -> None:
-    bad = sorted(given - valid, key=repr)  # a YAML key may be a number, null or a date as well as a string
-    if bad:
-        hints = []
-        for key in bad:
-            close = difflib.get_close_matches(key, sorted(valid), n=1) if isinstance(key, str) else []
-            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise RecipeError(f"unknown key{'s' if len(bad) > 1 else ''} in {section}: {', '.join(hints)}; "
+    hints = unknown_key_hints(given, valid)
+    if hints:
+        raise RecipeError(f"unknown key{'s' if len(hints) > 1 else ''} in {section}: {', '.join(hints)}; "
                           f"valid keys: {', '.join(sorted(valid))}")
 
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import difflib
 import os
 from typing import Any
 
 from builders.augment import parse_strategy
 from builders.errors import RecipeError
-from builders.recipe import read_yaml_mapping, scalar_problem, set_dotted
+from builders.recipe import read_yaml_mapping, scalar_problem, set_dotted, unknown_key_hints
 
 
 def load_spec(path: str | os.PathLike, overrides: list[tuple[str, Any]] = ()) -> dict[str, Any]:
@@ -29,11 +28,9 @@ def check_keys(section: str, data: Any, defaults: dict[str, Any], required: tupl
     for key in required:
         if key not in data:
             raise RecipeError(f"{section}: missing key {key!r}")
-    unknown = sorted(set(data) - set(defaults), key=repr)  # a YAML key may be a number or null too
-    if unknown:
-        hints = [f"{k!r}" + (f" (did you mean {c[0]!r}?)" if isinstance(k, str) and (
-            c := difflib.get_close_matches(k, list(defaults), 1)) else "") for k in unknown]
-        raise RecipeError(f"{section}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(hints)}; "
+    hints = unknown_key_hints(data, defaults)
+    if hints:
+        raise RecipeError(f"{section}: unknown key{'s' if len(hints) > 1 else ''} {', '.join(hints)}; "
                           f"valid keys: {', '.join(sorted(defaults))}")
     out = dict(defaults)
     for key, value in data.items():
