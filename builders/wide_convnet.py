@@ -4,11 +4,15 @@ Network ``i`` owns channels ``[i*C, (i+1)*C)`` of every feature map. Each layer 
 ConvNet acts on its own network's channels alone in the wide form:
 
 - a convolution is one ``conv2d`` with ``groups = N`` (times its own groups), the N weights stacked
-  along the output channels;
+  along the output channels; except where each group would read one input channel (a one-channel
+  image's first layer), which the GPU runs through a slow depthwise kernel (18 % of the wide step in
+  ``benchmarks/results/ensemble_profile_forms_5xConvNet_cuda_2026-11-26.json``): there N dense calls
+  whose outputs are concatenated along the channels;
 - instance norm (``GroupNorm(C, C)``) and group norm (``GroupNorm(G, C)``) are ``GroupNorm(N*G, N*C)``:
   the same statistics over the same channels; layer norm over ``[C, H, W]`` is ``GroupNorm(N, N*C)``
   followed by each network's elementwise affine;
-- activations and 2x2 pooling act per channel and are unchanged;
+- activations and 2x2 pooling act per channel and are unchanged (2x2 average pooling through
+  :class:`AvgPool2x2`, the same values with a faster backward);
 - the linear head is one batched matmul of each network's flattened features with its own weights.
 
 So one step of N networks dispatches about as many operators as one network's, which is what a
@@ -42,7 +46,7 @@ from torch import Tensor, nn
 
 from builders.networks import ConvNet
 
-__all__ = ["FORMS", "WideConvNet", "check_form", "widens", "widen_inputs"]
+__all__ = ["FORMS", "AvgPool2x2", "WideConvNet", "check_form", "widens", "widen_inputs"]
 
 #: The forms of the wide network (module docstring), the default first.
 FORMS = ("grouped", "channels_last", "split")
@@ -137,6 +141,8 @@ class WideConvNet:
                 x = self._norm(x, layer, weight, bias)
             elif isinstance(layer, nn.BatchNorm2d):
                 x = self._batch_norm(x, layer, f"features.{i}", weight, bias)
+            elif _halves(layer):
+                x = AvgPool2x2.apply(x)
             else:  # per-channel activation or pooling
                 x = layer(x)
         if self.form == "split":  # features [N, B, C*h*w], in ConvNet's flatten order
@@ -148,11 +154,14 @@ class WideConvNet:
     def _conv(self, x: Tensor, layer: nn.Conv2d, weight: Tensor, bias: Tensor | None) -> Tensor:
         """The N networks' convolution: one grouped call, or (``"split"``) one dense call per network."""
         args = (layer.stride, layer.padding, layer.dilation)
-        if self.form != "split":
-            return F.conv2d(x, weight, bias, *args, layer.groups * self.count)
         biases = [None] * self.count if bias is None else bias.chunk(self.count)
-        return torch.cat([F.conv2d(rows, w, b, *args, layer.groups)
-                          for rows, w, b in zip(x.chunk(self.count), weight.chunk(self.count), biases)])
+        if self.form == "split":
+            return torch.cat([F.conv2d(rows, w, b, *args, layer.groups)
+                              for rows, w, b in zip(x.chunk(self.count), weight.chunk(self.count), biases)])
+        if layer.in_channels == layer.groups:  # one input channel a group: the grouped call would be depthwise
+            return torch.cat([F.conv2d(channels, w, b, *args, layer.groups) for channels, w, b
+                              in zip(x.chunk(self.count, dim=1), weight.chunk(self.count), biases)], dim=1)
+        return F.conv2d(x, weight, bias, *args, layer.groups * self.count)
 
     def _norm(self, x: Tensor, layer: nn.GroupNorm | nn.LayerNorm, weight: Tensor | None,
               bias: Tensor | None) -> Tensor:
@@ -190,6 +199,40 @@ class WideConvNet:
                 param.copy_(_from_wide(name, self.params[name], self.count)[i])
             for name, buffer in net.named_buffers():
                 buffer.copy_(self.buffers[name].view(self.count, -1)[i].view(buffer.shape))
+
+
+def _halves(layer: nn.Module) -> bool:
+    """Whether ``layer`` is the ConvNet's plain 2x2, stride-2 average pooling (what :class:`AvgPool2x2` computes)."""
+    return (isinstance(layer, nn.AvgPool2d) and _pair(layer.kernel_size) == (2, 2) and _pair(layer.stride) == (2, 2)
+            and _pair(layer.padding) == (0, 0) and not layer.ceil_mode and layer.divisor_override is None)
+
+
+def _pair(value: int | Sequence[int] | None) -> tuple[int, ...] | None:
+    return (value, value) if isinstance(value, int) else None if value is None else tuple(value)
+
+
+class AvgPool2x2(torch.autograd.Function):
+    """2x2, stride-2 average pooling (``F.avg_pool2d(x, 2)``) whose backward spreads each output's gradient
+    over its four inputs by nearest upsampling: the same values (each a quarter, exactly) as
+    ``avg_pool2d``'s own backward, which the GPU profile of the wide step found reading ~15x below the
+    memory bandwidth (``benchmarks/results/ensemble_profile_forms_5xConvNet_cuda_2026-11-26.json``: 19 %
+    of the step). An odd last row or column, which the pooling drops, gets a zero gradient."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:
+        return F.avg_pool2d(x, 2)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001 (autograd's signature)
+        ctx.size = inputs[0].shape[-2:]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # noqa: ANN001
+        spread = F.interpolate(grad * 0.25, scale_factor=2.0, mode="nearest")
+        rows, cols = ctx.size[0] - spread.shape[-2], ctx.size[1] - spread.shape[-1]
+        return F.pad(spread, (0, cols, 0, rows)) if rows or cols else spread
 
 
 def _affine(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
