@@ -121,10 +121,18 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str], log: Path) -> dict:
         raise click.ClickException(f"{' '.join(cmd)} failed ({proc.returncode}); last lines:\n"
                                    + "\n".join(text.splitlines()[-15:]))
     found = re.findall(rf"^{STAMP} \d+ ([0-9.]+) ([0-9.]+)$", text, re.MULTILINE)
+    said = [line for line in text.splitlines() if line.strip() and not line.startswith(STAMP)]
     return {"stamps": [float(w) for w, _ in found], "cpu_stamps": [float(c) for _, c in found],
+            "log_tail": said[-12:],  # warnings (an uncompiled fallback, say) beside the figures
             "user_s": round(usage.ru_utime, 1), "sys_s": round(usage.ru_stime, 1),
             "peak_rss_mib": round(usage.ru_maxrss / 1024, 1), "wall_s": round(wall, 1),
             "load_average_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+
+
+def _durations(stamps: list[float], warmup: int, timed: int) -> list[float]:
+    """Each timed iteration's seconds (``warmup + 1 .. warmup + timed``), rounded to 0.1 ms."""
+    window = stamps[warmup - 1:warmup + timed]
+    return [round(b - a, 4) for a, b in zip(window, window[1:])]
 
 
 def _per_iteration(stamps: list[float], warmup: int, timed: int) -> float:
@@ -195,6 +203,7 @@ def main(reference: Path, rounds: int, warmup: int, timed: int, overrides: tuple
                                               ("package", pkg_cmd, REPO, pkg_env)):
                 cmd = [str(tmp / f"pkg_out_{r}") if c == "PKG_OUT" else c for c in cmd]  # a fresh output per run
                 result = _run(cmd, cwd, run_env, tmp / f"{side}_{r}.log")
+                result["iteration_s"] = _durations(result["stamps"], warmup, timed)  # spread within the run
                 result["s_per_iteration"] = round(_per_iteration(result.pop("stamps"), warmup, timed), 4)
                 result["cpu_s_per_iteration"] = round(_per_iteration(result.pop("cpu_stamps"), warmup, timed), 4)
                 runs.append({"side": side, "round": r, **result})

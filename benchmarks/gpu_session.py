@@ -32,13 +32,17 @@ grandchild). Sections, in order:
 9. a one-process ``torchrun`` build (NCCL on a GPU): a tiny DM Fashion-MNIST set whose metadata must
    say ``build.backend``;
 10. a DM Fashion-MNIST ipc 10 build with the paper's evaluation, at as many of the paper's 20,000
-    iterations as the budget left allows (the record says how many ran).
+    iterations as the budget left allows (the record says how many ran);
+11. the paper rows named by ``--paper METHOD:IPC[:ITERATIONS]`` (e.g. ``dc:10,dsa:10,dm:50:5000``): each
+    ``recipes/<method>_fashionmnist.yaml`` built at that ipc with its own evaluation (the recipe's iterations
+    unless given: the record says when they were fewer), recorded as ``paper_<method>_fashionmnist_ipc<N>``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -144,13 +148,19 @@ def package_seconds_per_iteration(s: Session, prefix: str) -> float | None:
 @click.option("--only", default="", metavar="NAME,NAME",
               help="Run only these sections (names as the log prints them; 'paper_dm_fashionmnist_ipc10' for the "
                    "paper row); all when empty.")
+@click.option("--paper", "paper_rows", default="", metavar="METHOD:IPC[:ITERATIONS],...",
+              help="Paper rows to build last, in order, each a section of its own (see 11 above).")
 def main(reference: Path, fashion_mnist: Path, budget: float, out: Path, python: str, device: str,
-         reference_pythonpath: str, smoke: bool, only: str) -> None:
+         reference_pythonpath: str, smoke: bool, only: str, paper_rows: str) -> None:
     """Measure the GPU figures of issues 11 and 17 within BUDGET seconds."""
+    rows = parse_paper_rows(paper_rows)
     out.mkdir(parents=True, exist_ok=True)
     if smoke:  # measures nothing: its records go to a temporary folder, never benchmarks/results/
         os.environ[RESULTS_ENV] = tempfile.mkdtemp(prefix="gpu_session_smoke_records_")
-    s = Session(out, budget, python, {name.strip() for name in only.split(",") if name.strip()} or None)
+    selected = {name.strip() for name in only.split(",") if name.strip()} or None
+    if selected is not None:  # a row asked for by --paper runs whatever --only says
+        selected |= {paper_section(method, ipc) for method, ipc, _ in rows}
+    s = Session(out, budget, python, selected)
     os.environ["CONDENSED_FASHION_MNIST_DIR"] = str(fashion_mnist.resolve())
     os.environ["PYTHONUNBUFFERED"] = "1"
     os.environ["PYTHONPATH"] = str(REPO)  # the scripts import the package from this checkout
@@ -222,11 +232,22 @@ def main(reference: Path, fashion_mnist: Path, budget: float, out: Path, python:
                        "--set", f"iterations={iterations}", "--set", "checkpoint_every=0",
                        *(["--set", "eval.runs=1", "--set", "eval.epochs=2"] if smoke else [])],
                       needs=eval_allowance + 60, limit=s.left())
-            record_paper_row(build_out, iterations, device, s)
+            record_paper_row(build_out, "dm", 10, iterations, 20000, device, s)
         else:
             s.say(f"paper row: skipped ({s.left():.0f} s left)")
     else:
         s.say("paper row: skipped (no DM s/iteration measured this session)")
+    for method, ipc, iterations in rows:
+        recipe = REPO / "recipes" / f"{method}_fashionmnist.yaml"
+        build_out = Path(tempfile.mkdtemp(prefix=f"gpu_session_{method}_ipc{ipc}_"))
+        name = paper_section(method, ipc)
+        args = ["-c", "from builders.cli import build_command; build_command()", str(recipe.relative_to(REPO)),
+                "--device", device, "--quiet", "--out", str(build_out), "--set", f"ipc={ipc}",
+                "--set", "checkpoint_every=0",
+                *(["--set", f"iterations={iterations}"] if iterations is not None else []),
+                *(["--set", "eval.runs=1", "--set", "eval.epochs=2"] if smoke else [])]
+        if s.section(name, args, needs=60, limit=s.left()) is not None:
+            record_paper_row(build_out, method, ipc, iterations, recipe_iterations(recipe), device, s)
     s.say(json.dumps(s.summary))
     s.save()
 
@@ -239,24 +260,58 @@ def read_metadata(path: Path, python: str) -> dict:
     return json.loads(done.stdout) if done.returncode == 0 else {"error": done.stderr[-400:]}
 
 
-def record_paper_row(build_out: Path, iterations: int, device: str, s: Session) -> None:
+def parse_paper_rows(text: str) -> list[tuple[str, int, int | None]]:
+    """``--paper``'s ``METHOD:IPC[:ITERATIONS]`` items, each a recipe ``recipes/<method>_fashionmnist.yaml``."""
+    rows = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        fields = item.split(":")
+        method = fields[0].lower()
+        try:
+            numbers = [int(f) for f in fields[1:]]
+        except ValueError:
+            numbers = []
+        if not 1 < len(fields) < 4 or len(numbers) != len(fields) - 1 or min(numbers) < 1:
+            raise click.BadParameter(f"{item!r}: write METHOD:IPC or METHOD:IPC:ITERATIONS (positive whole numbers)",
+                                     param_hint="--paper")
+        if not (REPO / "recipes" / f"{method}_fashionmnist.yaml").is_file():
+            raise click.BadParameter(f"{item!r}: no recipes/{method}_fashionmnist.yaml", param_hint="--paper")
+        rows.append((method, numbers[0], numbers[1] if len(numbers) == 2 else None))
+    return rows
+
+
+def paper_section(method: str, ipc: int) -> str:
+    return f"paper_{method}_fashionmnist_ipc{ipc}"
+
+
+def recipe_iterations(recipe: Path) -> int | None:
+    """The recipe's own ``iterations:`` (a top-level line), read without importing the package."""
+    found = re.search(r"^iterations:\s*(\d+)\s*(#.*)?$", recipe.read_text(), re.MULTILINE)
+    return int(found.group(1)) if found else None
+
+
+def record_paper_row(build_out: Path, method: str, ipc: int, iterations: int | None, paper_iterations: int | None,
+                     device: str, s: Session) -> None:
     """The built set's evaluation, as a record in benchmarks/results/."""
     sets = sorted(build_out.glob("condensed/fashionmnist/*.safetensors"))
     sets = [p for p in sets if not p.name.endswith(".checkpoint.safetensors")]
     if not sets:
-        s.say("paper row: no set was written")
+        s.say(f"{paper_section(method, ipc)}: no set was written")
         return
     meta = read_metadata(sets[0], s.python)
+    ran = (meta.get("build") or {}).get("iterations", iterations)
+    evaluation = meta.get("evaluation") or {}
     record = {
-        "benchmark": "paper row: DM Fashion-MNIST ipc 10, the recipe's evaluation (ConvNet, 5 runs x 1000 epochs)",
-        "recipe": "recipes/dm_fashionmnist.yaml",
-        "iterations": iterations, "paper_iterations": 20000,
-        "shortened": iterations < 20000,
+        "benchmark": f"paper row: {method.upper()} Fashion-MNIST ipc {ipc}, the recipe's evaluation "
+                     f"({evaluation.get('model')}, {evaluation.get('runs')} runs x {evaluation.get('epochs')} epochs)",
+        "recipe": f"recipes/{method}_fashionmnist.yaml", "ipc": ipc,
+        "iterations": ran, "paper_iterations": paper_iterations,
+        "shortened": bool(paper_iterations and isinstance(ran, int) and ran < paper_iterations),
         "evaluation": meta.get("evaluation"), "build": meta.get("build"),
-        "command": f"python benchmarks/gpu_session.py (section paper_dm_fashionmnist_ipc10, --set iterations={iterations})",
+        "command": f"python benchmarks/gpu_session.py (section {paper_section(method, ipc)}"
+                   + (f", --set iterations={iterations})" if iterations is not None else ")"),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    path = write_record(f"paper_dm_fashionmnist_ipc10_{device}", record)
+    path = write_record(f"{paper_section(method, ipc)}_{device}", record)
     s.say(f"paper row recorded: {path.name}: {json.dumps(meta.get('evaluation'))[:400]}")
     s.save()
 
