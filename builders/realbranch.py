@@ -183,7 +183,8 @@ def _compiled_winograd() -> Callable[..., torch.Tensor]:
 def _backward_compiled_with_forward() -> contextlib.AbstractContextManager:
     """Within it, ``torch.compile`` compiles a function's backward pass when it compiles its forward pass, not at
     the first ``.backward()`` (a later failure would escape the caller's fallback); torch versions without the
-    switch keep compiling it lazily."""
+    switch keep compiling it lazily. Compiled so, a backward pass frees what it uses, as a lazily compiled one
+    does unless asked to keep the graph: a second backward through it (``retain_graph=True``) is refused."""
     if not hasattr(functorch_config, "force_non_lazy_backward_lowering"):
         return contextlib.nullcontext()
     return functorch_config.patch(force_non_lazy_backward_lowering=True)
