@@ -211,14 +211,28 @@ class Engine:
             lr=contents.lr, indices=contents.indices, metadata=metadata, zca=ctx.real.zca,
             storage=contents.storage, patch_mask=contents.patch_mask,
         )
+        refusal = None
         if world.is_main:
-            try:  # without --overwrite, never replace a set another process wrote while this one built
-                cset.save(self.paths.set, replace=self.overwrite)
-            except FileExistsError:
-                raise BuildError(self._appeared()) from None
-            save_grid(cset, self.paths.grid)
-        distributed.barrier()  # every rank returns once the set is on disk
+            try:
+                refusal = self._write(cset)
+            except OSError as exc:  # rank 0 stops with its own error; the other ranks stop too, not wait for it
+                distributed.broadcast_object(f"rank 0 could not write {self.paths.set} or its preview ({exc})")
+                raise
+        # every rank learns rank 0's outcome: each returns once the set is on disk, or fails alike
+        refusal = distributed.broadcast_object(refusal)
+        if refusal is not None:
+            raise BuildError(refusal)
         return cset
+
+    def _write(self, cset: CondensedSet) -> str | None:
+        """Save the set and its preview; without --overwrite, never replace a set another process wrote while
+        this one built: then nothing is written and the refusal's message is returned."""
+        try:
+            cset.save(self.paths.set, replace=self.overwrite)
+        except FileExistsError:
+            return self._appeared()
+        save_grid(cset, self.paths.grid)
+        return None
 
     def _check_writable(self) -> None:
         """Before any work: the output folder takes new files and no output path is a folder (BuildError)."""
