@@ -28,6 +28,7 @@ from builders.registry import get_method
 from builders.show import save_grid
 from condensed_datasets._atomic import atomic_write_bytes
 from condensed_datasets._version import __version__
+from condensed_datasets.errors import CondensedDatasetsError
 from condensed_datasets.format import CondensedSet, class_contiguous_labels
 from condensed_datasets.paths import beside, set_path, subset_set_path
 
@@ -156,7 +157,7 @@ class Engine:
         if distributed.restarted():  # torchrun restarted the job: continue from the checkpoint, if any
             self.resume = True
         # rank 0's disk decides; every rank then fails alike (torchrun's report names whichever rank it sees first)
-        refusal = distributed.broadcast_object(self._clobber_problem() if world.is_main else None)
+        refusal = distributed.broadcast_object(self._refusal() if world.is_main else None)
         if refusal is not None:
             raise BuildError(refusal)
         clock = _reproducible_clock()
@@ -264,6 +265,18 @@ class Engine:
             return (f"an earlier build left a checkpoint at {self.paths.checkpoint}; pass --resume to "
                     "continue it, or --overwrite to start over")
         return None
+
+    def _refusal(self) -> str | None:
+        """:meth:`_clobber_problem`; when it is a finished set without its preview (a build stopped between writing
+        the two), the preview is drawn from the set on disk first (the set untouched) and the refusal says so."""
+        problem = self._clobber_problem()
+        if problem is None or not self.paths.set.is_file() or os.path.lexists(self.paths.grid):
+            return problem
+        try:
+            save_grid(CondensedSet.load(self.paths.set), self.paths.grid)
+        except (CondensedDatasetsError, OSError) as exc:
+            return f"{problem} (its preview {self.paths.grid} is missing and could not be drawn from it: {exc})"
+        return f"{problem}. Its missing preview (a build stopped before writing it) was drawn from it: {self.paths.grid}"
 
     def _appeared(self) -> str:
         """Why this build's set was not written: another process wrote one at its path meanwhile."""
