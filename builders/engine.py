@@ -276,7 +276,8 @@ class Engine:
             save_grid(CondensedSet.load(self.paths.set), self.paths.grid)
         except (CondensedDatasetsError, OSError) as exc:
             return f"{problem} (its preview {self.paths.grid} is missing and could not be drawn from it: {exc})"
-        return f"{problem}. Its missing preview (a build stopped before writing it) was drawn from it: {self.paths.grid}"
+        return (f"{problem}. Its missing preview (a build stopped before writing it) was drawn from it: "
+                f"{self.paths.grid}")
 
     def _appeared(self) -> str:
         """Why this build's set was not written: another process wrote one at its path meanwhile."""
