@@ -28,6 +28,7 @@ from builders.registry import get_method
 from builders.show import save_grid
 from condensed_datasets._atomic import atomic_write_bytes
 from condensed_datasets._version import __version__
+from condensed_datasets.errors import CondensedDatasetsError
 from condensed_datasets.format import CondensedSet, class_contiguous_labels
 from condensed_datasets.paths import beside, set_path, subset_set_path
 
@@ -156,7 +157,7 @@ class Engine:
         if distributed.restarted():  # torchrun restarted the job: continue from the checkpoint, if any
             self.resume = True
         # rank 0's disk decides; every rank then fails alike (torchrun's report names whichever rank it sees first)
-        refusal = distributed.broadcast_object(self._clobber_problem() if world.is_main else None)
+        refusal = distributed.broadcast_object(self._refusal() if world.is_main else None)
         if refusal is not None:
             raise BuildError(refusal)
         clock = _reproducible_clock()
@@ -211,14 +212,28 @@ class Engine:
             lr=contents.lr, indices=contents.indices, metadata=metadata, zca=ctx.real.zca,
             storage=contents.storage, patch_mask=contents.patch_mask,
         )
+        refusal = None
         if world.is_main:
-            try:  # without --overwrite, never replace a set another process wrote while this one built
-                cset.save(self.paths.set, replace=self.overwrite)
-            except FileExistsError:
-                raise BuildError(self._appeared()) from None
-            save_grid(cset, self.paths.grid)
-        distributed.barrier()  # every rank returns once the set is on disk
+            try:
+                refusal = self._write(cset)
+            except OSError as exc:  # rank 0 stops with its own error; the other ranks stop too, not wait for it
+                distributed.broadcast_object(f"rank 0 could not write {self.paths.set} or its preview ({exc})")
+                raise
+        # every rank learns rank 0's outcome: each returns once the set is on disk, or fails alike
+        refusal = distributed.broadcast_object(refusal)
+        if refusal is not None:
+            raise BuildError(refusal)
         return cset
+
+    def _write(self, cset: CondensedSet) -> str | None:
+        """Save the set and its preview; without --overwrite, never replace a set another process wrote while
+        this one built: then nothing is written and the refusal's message is returned."""
+        try:
+            cset.save(self.paths.set, replace=self.overwrite)
+        except FileExistsError:
+            return self._appeared()
+        save_grid(cset, self.paths.grid)
+        return None
 
     def _check_writable(self) -> None:
         """Before any work: the output folder takes new files and no output path is a folder (BuildError)."""
@@ -250,6 +265,19 @@ class Engine:
             return (f"an earlier build left a checkpoint at {self.paths.checkpoint}; pass --resume to "
                     "continue it, or --overwrite to start over")
         return None
+
+    def _refusal(self) -> str | None:
+        """:meth:`_clobber_problem`; when it is a finished set without its preview (a build stopped between writing
+        the two), the preview is drawn from the set on disk first (the set untouched) and the refusal says so."""
+        problem = self._clobber_problem()
+        if problem is None or not self.paths.set.is_file() or os.path.lexists(self.paths.grid):
+            return problem
+        try:
+            save_grid(CondensedSet.load(self.paths.set), self.paths.grid)
+        except (CondensedDatasetsError, OSError) as exc:
+            return f"{problem} (its preview {self.paths.grid} is missing and could not be drawn from it: {exc})"
+        return (f"{problem}. Its missing preview (a build stopped before writing it) was drawn from it: "
+                f"{self.paths.grid}")
 
     def _appeared(self) -> str:
         """Why this build's set was not written: another process wrote one at its path meanwhile."""

@@ -30,6 +30,7 @@ and ConvNets holding a layer not listed in :func:`_functional_layers`, run the u
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -37,6 +38,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._functorch import config as functorch_config
 
 from builders import winograd
 from builders.errors import CompileError
@@ -178,12 +180,25 @@ def _compiled_winograd() -> Callable[..., torch.Tensor]:
     return torch.compile(winograd.embed_chwn, dynamic=False)
 
 
+def _backward_compiled_with_forward() -> contextlib.AbstractContextManager:
+    """Within it, ``torch.compile`` compiles a function's backward pass when it compiles its forward pass, not at
+    the first ``.backward()`` (a later failure would escape the caller's fallback); torch versions without the
+    switch keep compiling it lazily. Compiled so, a backward pass frees what it uses, as a lazily compiled one
+    does unless asked to keep the graph: a second backward through it (``retain_graph=True``) is refused."""
+    if not hasattr(functorch_config, "force_non_lazy_backward_lowering"):
+        return contextlib.nullcontext()
+    return functorch_config.patch(force_non_lazy_backward_lowering=True)
+
+
 def _call_compiled(function: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
-    """``function(*args)`` for a function made by ``torch.compile``; a failed compilation is a :class:`CompileError`."""
+    """``function(*args)`` for a function made by ``torch.compile``; a failed compilation, of its forward pass or
+    of its backward pass (compiled here too), is a :class:`CompileError`."""
     try:
-        return function(*args)
+        with _backward_compiled_with_forward():
+            return function(*args)
     except torch._dynamo.exc.BackendCompilerFailed as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        cause = getattr(error, "inner_exception", None) or error  # what the compiler raised, when dynamo kept it
+        reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
         raise CompileError(f"params.compile: torch.compile could not compile the network ({reason}). It needs a "
                            "working C++ compiler on CPUs (Triton on GPUs): install one (e.g. g++), or set "
                            "params.compile: false.") from error

@@ -82,3 +82,22 @@ def test_a_one_shot_build_says_so_not_zero_iterations(fashion_mnist_root, tmp_pa
                                                 str(fashion_mnist_root), "--device", "cpu", "--quiet", "--no-eval"])
     assert result.exit_code == 0, result.output
     assert "building random on fashionmnist, ipc 1, one-shot selection, model ConvNetW32" in result.output
+
+
+def test_a_rerun_draws_the_preview_a_killed_build_left_out_and_keeps_the_set(fashion_mnist_root, tmp_path):
+    recipe = tmp_path / "random.yaml"
+    recipe.write_text("source: fashionmnist\nmethod: random\nipc: 1\nmodel: ConvNetW32\nreal_per_class: 10\n")
+    args = [str(recipe), "--out", str(tmp_path / "out"), "--data-root", str(fashion_mnist_root), "--device", "cpu",
+            "--quiet", "--no-eval"]
+    assert CliRunner().invoke(build_command, args).exit_code == 0
+    folder = tmp_path / "out" / "condensed" / "fashionmnist"
+    path, png = folder / "random_ipc1.safetensors", folder / "random_ipc1.png"
+    set_bytes, png_bytes = path.read_bytes(), png.read_bytes()
+    png.unlink()  # as when a build is killed between writing the set and its preview
+    result = CliRunner().invoke(build_command, args)
+    assert result.exit_code == 1
+    assert "already exists; pass --overwrite" in result.output
+    assert f"Its missing preview (a build stopped before writing it) was drawn from it: {png}" in result.output
+    assert png.read_bytes() == png_bytes and path.read_bytes() == set_bytes
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".") and "tmp" in p.name) == []
+    assert "missing preview" not in CliRunner().invoke(build_command, args).output  # drawn once: now it is there

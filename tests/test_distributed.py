@@ -19,7 +19,7 @@ import torch
 import torch.multiprocessing as mp
 import yaml
 from conftest import TINY_EXPERTS
-from distributed_build_worker import builds_worker, on_demand_worker
+from distributed_build_worker import builds_worker, on_demand_worker, refused_save_worker
 from distributed_worker import collectives_worker
 
 import builders.recipe
@@ -247,6 +247,32 @@ def test_build_on_demand_in_a_process_group_builds_once_across_the_ranks(fashion
     assert written == [".dm_ipc2.safetensors.build.lock", "dm_ipc2.log.jsonl", "dm_ipc2.png", "dm_ipc2.safetensors"]
     two = CondensedFashionMNIST(roots[0], method="dm", ipc=2)
     assert torch.equal(two.data, one.data) and one.metadata["build"]["world_size"] == 1
+
+
+@pytest.mark.slow
+def test_a_refused_final_save_stops_every_rank_with_the_same_error(fashion_mnist_root, tmp_path):
+    """A set appears at the path while the ranks build: rank 0 refuses to replace it, and the other rank raises
+    the same BuildError instead of waiting for rank 0 forever."""
+    tiny = {**DM, "ipc": 1, "iterations": 2, "checkpoint_every": 0, "augment": "none", "real_per_class": 8}
+    out = tmp_path / "out"
+    out.mkdir()
+    workers = mp.spawn(refused_save_worker, args=(str(tmp_path / "rendezvous"), tiny, str(fashion_mnist_root),
+                                                  str(out)), nprocs=2, join=False)
+    try:
+        finished = False
+        for _ in range(240):  # at most four minutes; each try waits at most one second
+            if workers.join(timeout=1):
+                finished = True
+                break
+        assert finished, "a rank still waits after rank 0's save was refused"
+    finally:
+        for process in workers.processes:
+            if process.is_alive():
+                process.kill()
+    ended = [(out / f"rank{rank}.txt").read_text() for rank in (0, 1)]
+    assert ended[0] == ended[1]
+    assert ended[0].startswith("BuildError: ") and "appeared while this build ran" in ended[0]
+    assert CondensedSet.load(out / "condensed" / "fashionmnist" / "dm_ipc1.safetensors").images.abs().sum() == 0
 
 
 def _free_port() -> int:

@@ -1,14 +1,18 @@
 """DM's real branch: the per-class fast path against the plain per-class computation."""
 
+import warnings
+
 import pytest
 import torch
+from functorch.compile import make_boxed_func
 from torch import nn
+from torch._dynamo.backends.common import aot_autograd
 
 import builders.methods.dm as dm_module
 import builders.realbranch as realbranch
-from builders.build import recipe_from_dict
+from builders.build import build, recipe_from_dict
 from builders.data import RealData
-from builders.errors import BuildError, RecipeError
+from builders.errors import BuildError, CompileError, RecipeError
 from builders.methods.base import BuildContext
 from builders.methods.dm import DistributionMatching
 from builders.networks import build_network
@@ -61,8 +65,9 @@ def _loss_and_plain_loss(model: str, precision: str = "fp32", compile: bool = Fa
                                             ("ConvNetW32", True)])
 def test_fast_path_loss_and_image_gradient_equal_the_plain_per_class_computation(model, compile):
     loss, plain, images = _loss_and_plain_loss(model, compile=compile)
-    (grad,) = torch.autograd.grad(loss, images, retain_graph=True)
-    (plain_grad,) = torch.autograd.grad(plain, images)
+    # the shared augmentation graph is kept for the second pass; a compiled backward runs once (as in a build)
+    (plain_grad,) = torch.autograd.grad(plain, images, retain_graph=True)
+    (grad,) = torch.autograd.grad(loss, images)
     torch.testing.assert_close(loss, plain, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad, plain_grad, rtol=1e-5, atol=1e-6)
     assert grad.abs().sum() > 0
@@ -225,3 +230,58 @@ def test_compile_auto_falls_back_to_uncompiled_with_a_warning_when_compilation_f
         plain = sum(((nets[0].embed(real).mean(0) - nets[0].embed(syn).mean(0)) ** 2).sum() for real, syn in pairs)
         torch.testing.assert_close(loss, plain, rtol=1e-5, atol=1e-6)
         assert not method._compiles(nets[0])  # the rest of the build runs uncompiled, without trying again
+
+
+def _backward_fails_to_compile(monkeypatch) -> list[int]:
+    """DM's compiled functions through a backend whose forward compiles (as it is) and whose backward fails to,
+    as inductor's does without a working compiler for the backward kernels; returns the list of failed tries."""
+    failures: list[int] = []
+
+    def forward(gm, example_inputs):
+        return make_boxed_func(gm.forward)
+
+    def backward(gm, example_inputs):
+        failures.append(1)
+        raise RuntimeError("no compiler for the backward kernels")
+
+    backend = aot_autograd(fw_compiler=forward, bw_compiler=backward)
+
+    # functions of this test's own (dynamo keeps compiled code per function): other tests' compiled code is left alone
+    def embed(x, weights, spec):
+        return realbranch._embed_from_weights(x, weights, spec)
+
+    def embed_winograd(x, prepared, steps, transforms):
+        return realbranch.winograd.embed_chwn(x, prepared, steps, transforms)
+
+    compiled = torch.compile(embed, dynamic=False, backend=backend)
+    compiled_winograd = torch.compile(embed_winograd, dynamic=False, backend=backend)
+    monkeypatch.setattr(realbranch, "_compiled_embed", lambda: compiled)
+    monkeypatch.setattr(realbranch, "_compiled_winograd", lambda: compiled_winograd)
+    return failures
+
+
+def test_compile_auto_falls_back_when_the_backward_pass_fails_to_compile(fashion_mnist_root, tmp_path, monkeypatch):
+    # torch.compile compiles a backward pass at its first .backward(), outside DM's fallback: it must be compiled
+    # with the forward pass, so that "auto" redoes the iteration uncompiled and builds the uncompiled set
+    recipe = {"source": "fashionmnist", "method": "dm", "ipc": 1, "model": "ConvNetW32", "seed": 4, "iterations": 2,
+              "checkpoint_every": 0, "augment": "none", "real_per_class": 8, "params": {"batch_real": 8}}
+    plain = build(recipe_from_dict(recipe, [("params.compile", False)]), out_root=tmp_path / "plain",
+                  data_root=fashion_mnist_root, device="cpu", evaluate=False, progress=False)
+    monkeypatch.setattr(dm_module, "auto_compiles", lambda device: True)  # auto compiles here, as on a GPU
+    failures = _backward_fails_to_compile(monkeypatch)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        auto = build(recipe_from_dict(recipe, [("params.compile", "auto")]), out_root=tmp_path / "auto",
+                     data_root=fashion_mnist_root, device="cpu", evaluate=False, progress=False)
+    fallbacks = [w for w in caught if "This build runs uncompiled" in str(w.message)]
+    assert len(fallbacks) == 1 and "no compiler for the backward kernels" in str(fallbacks[0].message)
+    assert failures == [1]  # the later iteration ran uncompiled without trying again
+    assert torch.equal(auto.images, plain.images)
+
+
+def test_compile_true_stops_when_the_backward_pass_fails_to_compile(monkeypatch):
+    _backward_fails_to_compile(monkeypatch)
+    ctx = _context("ConvNetW32", compile=True, size=10)
+    method = DistributionMatching(ctx)
+    with pytest.raises(CompileError, match="could not compile the network.*params.compile: false"):
+        next(iter(method.losses(method.initial_state(), 0)))
