@@ -270,8 +270,10 @@ def parse_paper_rows(text: str) -> list[tuple[str, int, int | None]]:
             numbers = [int(f) for f in fields[1:]]
         except ValueError:
             numbers = []
-        if not 1 < len(fields) < 4 or len(numbers) != len(fields) - 1 or min(numbers) < 1:
-            raise click.BadParameter(f"{item!r}: write METHOD:IPC or METHOD:IPC:ITERATIONS (positive whole numbers)",
+        if (not re.fullmatch(r"[a-z0-9_]+", method) or not 1 < len(fields) < 4 or len(numbers) != len(fields) - 1
+                or min(numbers) < 1):
+            raise click.BadParameter(f"{item!r}: write METHOD:IPC or METHOD:IPC:ITERATIONS (a recipe's method name, "
+                                     "positive whole numbers)",
                                      param_hint="--paper")
         if not (REPO / "recipes" / f"{method}_fashionmnist.yaml").is_file():
             raise click.BadParameter(f"{item!r}: no recipes/{method}_fashionmnist.yaml", param_hint="--paper")

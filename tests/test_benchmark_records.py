@@ -28,3 +28,24 @@ def test_results_folder_defaults_to_benchmarks_results(monkeypatch: pytest.Monke
     assert machine.results_dir() == Path(machine.__file__).parent / "results"
     monkeypatch.setenv(machine.RESULTS_ENV, "")  # empty: as unset
     assert machine.results_dir() == machine.RESULTS
+
+
+def test_gpu_sessions_paper_rows_parse_and_refuse_what_no_recipe_names() -> None:
+    import click
+    import gpu_session  # benchmarks/gpu_session.py
+
+    assert gpu_session.parse_paper_rows(" dc:10, DSA:1 ,dm:50:5000") == [("dc", 10, None), ("dsa", 1, None),
+                                                                        ("dm", 50, 5000)]
+    assert gpu_session.parse_paper_rows("") == []
+    for bad in ("dc", "dc:0", "dc:ten", "dc:1:2:3", "dc:1:-5", "nope:1", "../dc:1"):
+        with pytest.raises(click.BadParameter):
+            gpu_session.parse_paper_rows(bad)
+    assert gpu_session.recipe_iterations(Path(gpu_session.REPO) / "recipes" / "dm_fashionmnist.yaml") == 20000
+
+
+def test_dm_vs_references_durations_are_the_timed_iterations_alone() -> None:
+    import dm_vs_reference  # benchmarks/dm_vs_reference.py
+
+    stamps = [1.0, 1.5, 3.0, 3.25, 4.0]  # iteration ends; warm-up 2, timed 2: iterations 3 and 4
+    assert dm_vs_reference._durations(stamps, 2, 2) == [1.5, 0.25]
+    assert dm_vs_reference._per_iteration(stamps, 2, 2) == pytest.approx(0.875)
