@@ -76,7 +76,8 @@ from builders.wide_convnet import check_form
 @click.option("--variants", "variants_text", default="", metavar="NAME,NAME",
               help="Also time sequential and the first form under each variant, interleaved: unpinned (host-to-GPU "
                    "copies from pageable memory, builders.transfer.PIN_HOST_COPIES off), cudnn_benchmark "
-                   "(torch.backends.cudnn.benchmark on).")
+                   "(torch.backends.cudnn.benchmark on), compiled (the first form with wide_compile=True; its "
+                   "first call, compilation included, is timed apart; sequential is not run again for it).")
 @click.option("--note", default="")
 def main(nets: int, epochs: int, rounds: int, model: str, device: str, record: bool, count_ops: bool,
          augment_timing: bool, profile_steps: bool, forms_text: str, variants_text: str, note: str) -> None:
@@ -112,9 +113,9 @@ def main(nets: int, epochs: int, rounds: int, model: str, device: str, record: b
         for net, s in zip(fresh(), seeds):
             train_network(net, images, targets, settings, torch.Generator().manual_seed(s))
 
-    def together(form: str) -> None:
+    def together(form: str, compiled: bool = False) -> None:
         train_together(fresh(), images, targets, settings, [torch.Generator().manual_seed(s) for s in seeds],
-                       label_loss, wide_form=form)
+                       label_loss, wide_form=form, wide_compile=compiled)
 
     def sync() -> None:
         if dev.type == "cuda":
@@ -122,13 +123,24 @@ def main(nets: int, epochs: int, rounds: int, model: str, device: str, record: b
 
     for form in forms:  # warm-up (allocations, cuDNN's choices; vmap's first trace where it runs)
         together(form)
+    first_compiled_call = None
+    if "compiled" in variants:  # the compilation: each process pays it once per shape (inductor caches on disk)
+        sync()
+        start = time.perf_counter()
+        together(forms[0], compiled=True)
+        sync()
+        first_compiled_call = round(time.perf_counter() - start, 3)
     sequential()
     if profile_steps:
-        _profile(nets, model, dev, epochs, fresh, seeds, images, targets, settings, forms, record, note)
+        _profile(nets, model, dev, epochs, fresh, seeds, images, targets, settings, forms, record, note,
+                 compiled="compiled" in variants)
         return
     runs = []
     cases = [("sequential", None, sequential), *(("together", f, lambda f=f: together(f)) for f in forms)]
     for variant in variants:
+        if variant == "compiled":  # changes the wide step alone: sequential's own runs serve
+            cases.append(("together_compiled", forms[0], lambda: together(forms[0], compiled=True)))
+            continue
         cases += [(f"sequential_{variant}", None, lambda v=variant: _under(v, sequential)),
                   (f"together_{variant}", forms[0], lambda v=variant: _under(v, lambda: together(forms[0])))]
     for r in range(rounds):
@@ -149,15 +161,19 @@ def main(nets: int, epochs: int, rounds: int, model: str, device: str, record: b
     by_form = {form: {"wall_s_median": med("wall_s", form), "cpu_s_median": med("cpu_s", form),
                       "speedup_wall_median": round(med("wall_s") / med("wall_s", form), 3),
                       "speedup_cpu_median": round(med("cpu_s") / med("cpu_s", form), 3)} for form in forms}
+    def sequential_mode(variant: str) -> str:
+        return "sequential" if variant == "compiled" else f"sequential_{variant}"
+
     by_variant = {variant: {  # time under the variant / time as is (> 1: the variant is slower), and its speedup
         "form": forms[0],
-        "sequential_wall_s_median": med("wall_s", mode=f"sequential_{variant}"),
+        "sequential_wall_s_median": med("wall_s", mode=sequential_mode(variant)),
         "together_wall_s_median": med("wall_s", forms[0], f"together_{variant}"),
-        "sequential_time_ratio_to_default": round(med("wall_s", mode=f"sequential_{variant}") / med("wall_s"), 3),
+        "sequential_time_ratio_to_default": round(med("wall_s", mode=sequential_mode(variant)) / med("wall_s"), 3),
         "together_time_ratio_to_default": round(med("wall_s", forms[0], f"together_{variant}")
                                                 / med("wall_s", forms[0]), 3),
-        "speedup_wall_median": round(med("wall_s", mode=f"sequential_{variant}")
-                                     / med("wall_s", forms[0], f"together_{variant}"), 3)} for variant in variants}
+        "speedup_wall_median": round(med("wall_s", mode=sequential_mode(variant))
+                                     / med("wall_s", forms[0], f"together_{variant}"), 3),
+        **({"first_call_wall_s": first_compiled_call} if variant == "compiled" else {})} for variant in variants}
     result = {
         "benchmark": f"{nets} x {model} trained together vs sequentially", "epochs": epochs, "set": "100 images",
         "together_mode": together_mode(fresh()[0]),
@@ -178,7 +194,8 @@ def main(nets: int, epochs: int, rounds: int, model: str, device: str, record: b
 
 #: What each ``--variants`` name changes for the runs under it.
 VARIANTS = {"unpinned": "host-to-GPU copies from pageable memory (builders.transfer.PIN_HOST_COPIES off)",
-            "cudnn_benchmark": "torch.backends.cudnn.benchmark on (cuDNN times its algorithms per shape)"}
+            "cudnn_benchmark": "torch.backends.cudnn.benchmark on (cuDNN times its algorithms per shape)",
+            "compiled": "the wide network through torch.compile (train_together(..., wide_compile=True))"}
 
 
 def _warnings_of(fn) -> list[str]:
@@ -206,9 +223,11 @@ def _under(variant: str, fn) -> None:
 
 
 def _profile(nets: int, model: str, dev: torch.device, epochs: int, fresh, seeds: list[int], images: torch.Tensor,
-             targets: torch.Tensor, settings: TrainSettings, forms: list[str], record: bool, note: str) -> None:
+             targets: torch.Tensor, settings: TrainSettings, forms: list[str], record: bool, note: str,
+             compiled: bool = False) -> None:
     """Per step of one network alone and of the N together in each of ``forms`` (keyed ``{N}_together``
-    for the grouped form, ``{N}_together_{form}`` for another): wall, device-busy and host time, and the
+    for the grouped form, ``{N}_together_{form}`` for another; with ``compiled``, the first form compiled too,
+    ``{N}_together_compiled``, after the warm-up compiled it): wall, device-busy and host time, and the
     operators by device time (host time on a CPU)."""
     cuda = dev.type == "cuda"
     activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
@@ -221,6 +240,9 @@ def _profile(nets: int, model: str, dev: torch.device, epochs: int, fresh, seeds
                                              [torch.Generator().manual_seed(s) for s in seeds], label_loss,
                                              wide_form=form))
            for form in forms},
+        **({f"{nets}_together_compiled": lambda: train_together(
+            fresh(), images, targets, settings, [torch.Generator().manual_seed(s) for s in seeds], label_loss,
+            wide_form=forms[0], wide_compile=True)} if compiled else {}),
     }
     result: dict = {"benchmark": f"profile: one {model} alone and {nets} together, per training step",
                     "epochs": epochs, "steps": steps, "set": f"{images.shape[0]} images", "forms": forms}

@@ -20,9 +20,9 @@ grandchild). Sections, in order:
 3b. where DM's iterations spend their time, by default and uncompiled (``dm_profile.py``);
 4. five ConvNets trained together against one after another (``ensemble_speed.py``), the same with each
    form of the wide step (``--forms grouped,channels_last,split``, section ``ensemble_forms``), and the
-   profile of a step of each (``--profile``); the first form and sequential also with pageable host-to-GPU
-   copies and with ``cudnn.benchmark`` (``--variants unpinned,cudnn_benchmark``: what ``builders/transfer.py``'s
-   pinned copies save, and what cuDNN's own algorithm search would);
+   profile of a step of each (``--profile``); the grouped form also compiled (``--variants compiled``:
+   ``train_together(..., wide_compile=True)``, its first call with the compilation timed apart; the
+   session of 2026-11-26 10:44Z measured the variants ``unpinned`` and ``cudnn_benchmark``: no effect);
 4b. five experts trained at once against one by one, one CIFAR-10-shaped epoch each, after one untimed run of
     each (``experts_speed.py --warmup 1``: the GPU's start-up costs stay out of the timed runs);
 5. the quickstart built at fp32 and at bf16-real, two seeds each (``precision_check.py``);
@@ -187,10 +187,10 @@ def main(reference: Path, fashion_mnist: Path, budget: float, out: Path, python:
     # sequential + 3 forms, each warmed up once and timed per round: about 2.5x the section above
     s.section("ensemble_forms", [f"{bench}/ensemble_speed.py", "--device", device, "--nets", "5",
                                  "--epochs", counts["epochs"], "--rounds", counts["rounds"],
-                                 "--forms", "grouped,channels_last,split", "--variants", "unpinned,cudnn_benchmark", "--record"],
-              needs=60, limit=240)  # and sequential and grouped with pageable host copies (builders/transfer.py)
+                                 "--forms", "grouped,channels_last,split", "--variants", "compiled", "--record"],
+              needs=60, limit=240)  # and grouped with wide_compile=True (its compilation timed apart)
     s.section("ensemble_profile", [f"{bench}/ensemble_speed.py", "--device", device, "--nets", "5", "--profile",
-                                   "--forms", "grouped,channels_last,split",
+                                   "--forms", "grouped,channels_last,split", "--variants", "compiled",
                                    "--epochs", "2" if smoke else "100", "--record"], needs=30, limit=120)
     s.section("experts", [f"{bench}/experts_speed.py", "--device", device, "--experts", "5", "--epochs", "1",
                           "--per-class", "20" if smoke else "5000", "--rounds", "1" if smoke else "2", "--warmup", "1",

@@ -116,6 +116,7 @@ def train_together(
     on_epoch: Callable[[], Any] | None = None,
     *,
     wide_form: str = "grouped",
+    wide_compile: bool = False,
     on_epoch_end: Callable[[int, torch.Tensor], Any] | None = None,
 ) -> list[nn.Module]:
     """Train every ``nets[i]`` in place with ``generators[i]``, as ``train_network`` would alone; returns them.
@@ -131,7 +132,12 @@ def train_together(
     host synchronisation per epoch. :func:`together_mode` says which step runs. ``wide_form`` is the form of
     the wide step (``builders.wide_convnet.FORMS``: ``"grouped"``, ``"channels_last"`` or ``"split"``; the
     same maths, for choosing the fastest by measurement); an unknown name is refused (``ValueError``)
-    whichever step runs, and a valid one is ignored by the vmap step, which has no wide network. Example::
+    whichever step runs, and a valid one is ignored by the vmap step, which has no wide network.
+    ``wide_compile``: the wide network's forward and backward go through ``torch.compile`` (compiled at the
+    first step, about 20 s on a CPU; inductor fuses each norm, activation and pooling; the same maths up to
+    float rounding); a compilation that fails warns and the step runs uncompiled. Off by default: whether it
+    repays its compilation is to be measured on GPUs (``benchmarks/ensemble_speed.py --variants compiled``).
+    Example::
 
         nets = [build_network("ConvNet", 1, 10, (28, 28), seed=s) for s in seeds]
         train_together(nets, images, labels, TrainSettings(epochs=300), [Generator().manual_seed(s) for s in seeds],
@@ -142,7 +148,8 @@ def train_together(
         raise ValueError("train_together: on_epoch_end counts correct rows, which needs class-index targets "
                          f"(int64), got {targets.dtype}")
     check_form(wide_form)
-    step = _WideStep(nets, loss_fn, wide_form) if together_mode(nets[0]) == "wide" else _VmapStep(nets, loss_fn)
+    step = (_WideStep(nets, loss_fn, wide_form, wide_compile) if together_mode(nets[0]) == "wide"
+            else _VmapStep(nets, loss_fn))
     opt = torch.optim.SGD(step.leaves, lr=settings.lr, momentum=settings.momentum,
                           weight_decay=settings.weight_decay)
     n, augmenter, device = images.shape[0], settings.augmenter, images.device
@@ -212,8 +219,9 @@ def make_device_step(step: "_WideStep | _VmapStep", opt: torch.optim.Optimizer, 
 class _WideStep:
     """ConvNets as one wide network; the summed loss of the N networks, backward by autograd."""
 
-    def __init__(self, nets: Sequence[nn.Module], loss_fn: LossFn, form: str = "grouped") -> None:
-        self.wide = WideConvNet(nets, form)
+    def __init__(self, nets: Sequence[nn.Module], loss_fn: LossFn, form: str = "grouped",
+                 compiled: bool = False) -> None:
+        self.wide = WideConvNet(nets, form, compiled)
         self.leaves = self.wide.parameters()
         self.loss_fn, self.count = loss_fn, len(nets)
         self.losses = vmap(loss_fn)

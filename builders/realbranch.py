@@ -30,7 +30,6 @@ and ConvNets holding a layer not listed in :func:`_functional_layers`, run the u
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -38,10 +37,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch._functorch import config as functorch_config
 
 from builders import winograd
-from builders.errors import CompileError
+from builders.compiling import call_compiled
 from builders.networks import ConvNet, uses_batch_statistics
 
 PRECISIONS = ("fp32", "bf16-real")
@@ -180,30 +178,6 @@ def _compiled_winograd() -> Callable[..., torch.Tensor]:
     return torch.compile(winograd.embed_chwn, dynamic=False)
 
 
-def _backward_compiled_with_forward() -> contextlib.AbstractContextManager:
-    """Within it, ``torch.compile`` compiles a function's backward pass when it compiles its forward pass, not at
-    the first ``.backward()`` (a later failure would escape the caller's fallback); torch versions without the
-    switch keep compiling it lazily. Compiled so, a backward pass frees what it uses, as a lazily compiled one
-    does unless asked to keep the graph: a second backward through it (``retain_graph=True``) is refused."""
-    if not hasattr(functorch_config, "force_non_lazy_backward_lowering"):
-        return contextlib.nullcontext()
-    return functorch_config.patch(force_non_lazy_backward_lowering=True)
-
-
-def _call_compiled(function: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
-    """``function(*args)`` for a function made by ``torch.compile``; a failed compilation, of its forward pass or
-    of its backward pass (compiled here too), is a :class:`CompileError`."""
-    try:
-        with _backward_compiled_with_forward():
-            return function(*args)
-    except torch._dynamo.exc.BackendCompilerFailed as error:
-        cause = getattr(error, "inner_exception", None) or error  # what the compiler raised, when dynamo kept it
-        reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-        raise CompileError(f"params.compile: torch.compile could not compile the network ({reason}). It needs a "
-                           "working C++ compiler on CPUs (Triton on GPUs): install one (e.g. g++), or set "
-                           "params.compile: false.") from error
-
-
 def _embedder(net: nn.Module, compiled: bool, cpu_fp32_classes: bool = False
               ) -> tuple[Callable[[torch.Tensor], torch.Tensor], int]:
     """``x -> net.embed(x)`` without a gradient (compiled when asked and ``net`` allows it), and its CPU pass size.
@@ -225,7 +199,7 @@ def _embedder(net: nn.Module, compiled: bool, cpu_fp32_classes: bool = False
 
     def embed(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return _call_compiled(function, x, *args)
+            return call_compiled(function, x, *args)
     return embed, chunk
 
 
@@ -237,7 +211,7 @@ def embed_with_gradient(net: nn.Module, x: torch.Tensor, compiled: bool = False)
     if layers is None:
         return net.embed(x)
     spec, weights = layers
-    return _call_compiled(_compiled_embed(), x, weights, spec)
+    return call_compiled(_compiled_embed(), x, weights, spec)
 
 
 def class_mean_embeddings(net: nn.Module, batches: Sequence[torch.Tensor], precision: str = "fp32",

@@ -4,15 +4,15 @@ Network ``i`` owns channels ``[i*C, (i+1)*C)`` of every feature map. Each layer 
 ConvNet acts on its own network's channels alone in the wide form:
 
 - a convolution is one ``conv2d`` with ``groups = N`` (times its own groups), the N weights stacked
-  along the output channels; except where each group would read one input channel (a one-channel
-  image's first layer), which the GPU runs through a slow depthwise kernel (18 % of the wide step in
-  ``benchmarks/results/ensemble_profile_forms_5xConvNet_cuda_2026-11-26.json``): there N dense calls
-  whose outputs are concatenated along the channels;
+  along the output channels; except, off the CPU, where each group would read one input channel (a
+  one-channel image's first layer), which the GPU runs through a slow depthwise kernel (18 % of the wide
+  step in ``benchmarks/results/ensemble_profile_forms_5xConvNet_cuda_2026-11-26.json``): there N dense
+  calls whose outputs are concatenated along the channels;
 - instance norm (``GroupNorm(C, C)``) and group norm (``GroupNorm(G, C)``) are ``GroupNorm(N*G, N*C)``:
   the same statistics over the same channels; layer norm over ``[C, H, W]`` is ``GroupNorm(N, N*C)``
   followed by each network's elementwise affine;
-- activations and 2x2 pooling act per channel and are unchanged (2x2 average pooling through
-  :class:`AvgPool2x2`, the same values with a faster backward);
+- activations and 2x2 pooling act per channel and are unchanged (off the CPU, 2x2 average pooling
+  through :class:`AvgPool2x2`: the same values with a backward that is faster on GPUs);
 - the linear head is one batched matmul of each network's flattened features with its own weights.
 
 So one step of N networks dispatches about as many operators as one network's, which is what a
@@ -38,12 +38,15 @@ Every form holds the parameters in the same stacked layout (:func:`_to_wide`), s
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from builders.compiling import call_compiled
+from builders.errors import CompileError
 from builders.networks import ConvNet
 
 __all__ = ["FORMS", "AvgPool2x2", "WideConvNet", "check_form", "widens", "widen_inputs"]
@@ -101,7 +104,7 @@ class WideConvNet:
         logits = wide(wide.inputs(torch.stack(batches)))  # [N, B, num_classes]
     """
 
-    def __init__(self, nets: Sequence[nn.Module], form: str = "grouped") -> None:
+    def __init__(self, nets: Sequence[nn.Module], form: str = "grouped", compiled: bool = False) -> None:
         if not nets or not all(widens(net) for net in nets):
             raise ValueError("WideConvNet: every network must be a ConvNet the wide form covers (see widens)")
         self.form = check_form(form)
@@ -112,6 +115,8 @@ class WideConvNet:
             name: _to_wide(name, torch.stack([p[name].detach() for p in named]), form).requires_grad_(True)
             for name in named[0]
         }
+        # compiled: the forward (and its backward) through torch.compile, created here, compiled at the first call
+        self._compiled: Callable[[Tensor], Tensor] | None = _compile(self._logits) if compiled else None
         buffers = [dict(net.named_buffers()) for net in nets]
         self.buffers: dict[str, Tensor] = {  # BatchNorm's running statistics, [N*C]; updated in place by training
             name: torch.stack([b[name].detach() for b in buffers]).reshape(-1) for name in buffers[0]
@@ -129,8 +134,24 @@ class WideConvNet:
         wide = widen_inputs(x)
         return wide.contiguous(memory_format=torch.channels_last) if self.form == "channels_last" else wide
 
+    @property
+    def compiled(self) -> bool:
+        """Whether the forward goes through ``torch.compile`` (asked for, and not given up after a failure)."""
+        return self._compiled is not None
+
     def __call__(self, x: Tensor) -> Tensor:
-        """Logits ``[N, B, num_classes]`` of ``x`` laid out by :meth:`inputs`."""
+        """Logits ``[N, B, num_classes]`` of ``x`` laid out by :meth:`inputs`; through ``torch.compile`` when
+        built ``compiled=True``: a compilation that fails warns once and this network runs uncompiled from then on."""
+        if self._compiled is not None:
+            try:
+                return call_compiled(self._compiled, x, setting="wide_compile", turn_off="pass wide_compile=False")
+            except CompileError as error:
+                self._compiled = None
+                warnings.warn(f"{error} The networks train on uncompiled.", stacklevel=2)
+        return self._logits(x)
+
+    def _logits(self, x: Tensor) -> Tensor:
+        """The forward pass (uncompiled)."""
         n, p = self.count, self.params
         for i, layer in enumerate(self.template.features):
             weight, bias = p.get(f"features.{i}.weight"), p.get(f"features.{i}.bias")
@@ -141,7 +162,7 @@ class WideConvNet:
                 x = self._norm(x, layer, weight, bias)
             elif isinstance(layer, nn.BatchNorm2d):
                 x = self._batch_norm(x, layer, f"features.{i}", weight, bias)
-            elif _halves(layer):
+            elif _halves(layer) and _off_cpu(x):  # on CPUs avg_pool2d's own backward is the faster
                 x = AvgPool2x2.apply(x)
             else:  # per-channel activation or pooling
                 x = layer(x)
@@ -158,7 +179,7 @@ class WideConvNet:
         if self.form == "split":
             return torch.cat([F.conv2d(rows, w, b, *args, layer.groups)
                               for rows, w, b in zip(x.chunk(self.count), weight.chunk(self.count), biases)])
-        if layer.in_channels == layer.groups:  # one input channel a group: the grouped call would be depthwise
+        if layer.in_channels == layer.groups and _off_cpu(x):  # one input channel a group: depthwise on GPUs
             return torch.cat([F.conv2d(channels, w, b, *args, layer.groups) for channels, w, b
                               in zip(x.chunk(self.count, dim=1), weight.chunk(self.count), biases)], dim=1)
         return F.conv2d(x, weight, bias, *args, layer.groups * self.count)
@@ -199,6 +220,20 @@ class WideConvNet:
                 param.copy_(_from_wide(name, self.params[name], self.count)[i])
             for name, buffer in net.named_buffers():
                 buffer.copy_(self.buffers[name].view(self.count, -1)[i].view(buffer.shape))
+
+
+def _compile(function: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    """``function`` under ``torch.compile`` with static shapes (one graph per batch shape; inductor fuses each
+    norm, activation and pooling, and their backward)."""
+    return torch.compile(function, dynamic=False)
+
+
+def _off_cpu(x: Tensor) -> bool:
+    """Whether ``x`` lives off the CPU, where the GPU kernels that :class:`AvgPool2x2` and the one-channel first
+    layer's dense calls avoid would run. On a CPU both replacements were slower (5 ConvNets' wide step, 100
+    one-channel 28x28 images, forward and backward: 4.55 s against 3.70 s with neither, interleaved), so
+    there the plain calls stay."""
+    return x.device.type != "cpu"
 
 
 def _halves(layer: nn.Module) -> bool:

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from builders import wide_convnet
 from builders.augment import Augmenter
 from builders.dc_augment import make_augmenter
 from builders.ensemble import _VmapStep, _WideStep, make_device_step, together_mode, train_together, use_together
@@ -22,7 +23,8 @@ def _data(n=16, size=12):
     return torch.randn(n, 1, size, size, generator=g), torch.arange(n) % 10
 
 
-def _assert_same_trajectories(model, count, augment, targets=None, epochs=3, device="cpu", form="grouped"):
+def _assert_same_trajectories(model, count, augment, targets=None, epochs=3, device="cpu", form="grouped",
+                              compiled=False):
     images, labels = (t.to(device) for t in _data())
     targets = labels if targets is None else targets
     settings = TrainSettings(epochs=epochs, lr=0.01, batch=8, augmenter=Augmenter(augment) if augment else None)
@@ -30,7 +32,7 @@ def _assert_same_trajectories(model, count, augment, targets=None, epochs=3, dev
     nets = [build_network(model, 1, 10, (12, 12), seed=s).to(device) for s in seeds]
     alone = [copy.deepcopy(n) for n in nets]
     train_together(nets, images, targets, settings, [torch.Generator().manual_seed(s) for s in seeds], label_loss,
-                   wide_form=form)
+                   wide_form=form, wide_compile=compiled)
     for net, single, s in zip(nets, alone, seeds):
         before = copy.deepcopy(single.state_dict())
         train_network(single, images, targets, settings, torch.Generator().manual_seed(s))
@@ -52,6 +54,50 @@ def _assert_same_trajectories(model, count, augment, targets=None, epochs=3, dev
 def test_a_convnet_trained_wide_follows_its_trajectory_alone(model, count, augment, form):
     assert together_mode(build_network(model, 1, 10, (12, 12))) == "wide"
     _assert_same_trajectories(model, count, augment, epochs=4, form=form)  # 8 steps, lr x0.1 after epoch 2
+
+
+def test_a_compiled_wide_network_follows_the_trajectories_alone():
+    # torch.compile (inductor's C++ kernels here, Triton on a GPU) of the wide forward and its backward: the same
+    # maths up to float rounding, through the learning-rate drop; about 20 s of compilation on a CPU
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _assert_same_trajectories("ConvNetW32", 3, DSA, epochs=4, compiled=True)
+    assert not [w for w in caught if "wide_compile" in str(w.message)]  # compiled: not the uncompiled fallback
+
+
+def test_a_wide_compilation_that_fails_warns_once_and_trains_uncompiled(monkeypatch):
+    def no_compiler(graph, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(wide_convnet, "_compile", lambda function: torch.compile(function, backend=no_compiler))
+    images, labels = _data()
+    settings = TrainSettings(epochs=2, lr=0.01, batch=8, augmenter=Augmenter(DSA))
+    trained = {}
+    for compiled in (True, False):
+        nets = [build_network("ConvNetW32", 1, 10, (12, 12), seed=s) for s in (1, 2)]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            train_together(nets, images, labels, settings, [torch.Generator().manual_seed(s) for s in (1, 2)],
+                           label_loss, wide_compile=compiled)
+        trained[compiled] = (nets, [str(w.message) for w in caught])
+    said = [m for m in trained[True][1] if "wide_compile" in m]
+    assert len(said) == 1 and "no compiler here" in said[0] and "pass wide_compile=False" in said[0]
+    assert not trained[False][1]
+    for fell_back, plain in zip(*(trained[c][0] for c in (True, False))):
+        for (name, got), want in zip(fell_back.state_dict().items(), plain.state_dict().values()):
+            assert torch.equal(got, want), name  # the uncompiled steps, bit for bit
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_a_gpu_the_compiled_step_captured_as_a_cuda_graph_follows_the_trajectories_alone(monkeypatch):
+    # Triton's kernels compiled in the eager warm-up, then captured and replayed
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _assert_same_trajectories("ConvNetW32", 3, DSA, epochs=4, device="cuda", compiled=True)
+    fallbacks = [str(w.message) for w in caught if "GraphedStep" in str(w.message) or "wide_compile" in str(w.message)]
+    assert not fallbacks  # neither the capture nor the compilation was given up (torch's own advice may be said)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -107,26 +153,43 @@ def test_the_wide_pooling_gives_avg_pool2d_values_and_gradients_bit_for_bit(size
 
 
 @pytest.mark.parametrize("form", ["grouped", "channels_last"])
-def test_one_channel_images_never_reach_the_gpus_depthwise_kernel(monkeypatch, form):
-    calls, conv2d = [], F.conv2d
+@pytest.mark.parametrize("device", ["meta", "cpu"])  # meta: shapes alone, standing in for a GPU
+def test_off_the_cpu_one_channel_images_and_pooling_avoid_the_slow_gpu_kernels(monkeypatch, form, device):
+    calls, conv2d, pools = [], F.conv2d, []
 
     def recording(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
         calls.append((weight.shape[1], groups))
         return conv2d(x, weight, bias, stride, padding, dilation, groups)
 
-    nets = [build_network("ConvNetW32", 1, 10, (12, 12), seed=s) for s in (1, 2, 3)]
+    nets = [build_network("ConvNetW32", 1, 10, (12, 12), seed=s).to(device) for s in (1, 2, 3)]
     wide = WideConvNet(nets, form=form)
     monkeypatch.setattr(F, "conv2d", recording)
-    wide(wide.inputs(torch.randn(3, 4, 1, 12, 12)))
-    assert calls and all(per_group > 1 or groups == 1 for per_group, groups in calls)  # no grouped 1-channel call
-    assert len(calls) == 3 + 2  # the first layer as 3 dense calls, the other two grouped
+    monkeypatch.setattr(AvgPool2x2, "apply", lambda x: pools.append(1) or F.avg_pool2d(x, 2))
+    wide(wide.inputs(torch.randn(3, 4, 1, 12, 12, device=device)))
+    if device == "cpu":  # the plain calls, faster there
+        assert len(calls) == 3 and calls[0] == (1, 3) and not pools
+    else:
+        assert calls and all(per_group > 1 or groups == 1 for per_group, groups in calls)  # no grouped 1-channel call
+        assert len(calls) == 3 + 2 and len(pools) == 3  # the first layer as 3 dense calls, the other two grouped
 
 
 @pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("channels, side", [(3, 16), (1, 12)])  # one channel: the first layer's dense calls
+@pytest.mark.parametrize("channels, side", [(3, 16), (1, 12)])  # one channel: the first layer's own path
 @pytest.mark.parametrize("model", ["ConvNet", "ConvNetD1", "ConvNetW32", "ConvNetNN", "ConvNetGN", "ConvNetLN",
                                    "ConvNetMP", "ConvNetNP", "ConvNetAS", "ConvNetAL", "ConvNetASwish"])
 def test_each_wide_form_gives_the_separate_logits_and_gradients(model, channels, side, form):
+    _assert_wide_is_separate(model, channels, side, form)
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("model", ["ConvNet", "ConvNetD1", "ConvNetNP", "ConvNetMP"])
+def test_the_gpus_paths_give_the_separate_logits_and_gradients_too(monkeypatch, model, form):
+    # the dense first-layer calls and AvgPool2x2, which run off the CPU, here on it
+    monkeypatch.setattr(wide_convnet, "_off_cpu", lambda x: True)
+    _assert_wide_is_separate(model, 1, 12, form)
+
+
+def _assert_wide_is_separate(model, channels, side, form):
     # float64: in float32 the forms' rounding differs by ~1e-6, enough to flip a ReLU's mask where a norm's
     # output is that close to 0 (seen: ConvNetNP, one channel), which moves a gradient by its full value
     nets = [build_network(model, channels, 7, (side, side), seed=s).double() for s in (1, 2, 3)]

@@ -1,0 +1,41 @@
+"""Calling functions made by ``torch.compile``: a compilation that fails, of the forward pass or of the
+backward pass, is a :class:`builders.errors.CompileError` raised at the call, where the caller can fall back."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch._functorch import config as functorch_config
+
+from builders.errors import CompileError
+
+__all__ = ["backward_compiled_with_forward", "call_compiled"]
+
+
+def backward_compiled_with_forward() -> contextlib.AbstractContextManager:
+    """Within it, ``torch.compile`` compiles a function's backward pass when it compiles its forward pass, not at
+    the first ``.backward()`` (a later failure would escape the caller's fallback); torch versions without the
+    switch keep compiling it lazily. Compiled so, a backward pass frees what it uses, as a lazily compiled one
+    does unless asked to keep the graph: a second backward through it (``retain_graph=True``) is refused."""
+    if not hasattr(functorch_config, "force_non_lazy_backward_lowering"):
+        return contextlib.nullcontext()
+    return functorch_config.patch(force_non_lazy_backward_lowering=True)
+
+
+def call_compiled(function: Callable[..., Any], *args: Any, setting: str = "params.compile",
+                  turn_off: str = "set params.compile: false") -> Any:
+    """``function(*args)`` for a function made by ``torch.compile``; a failed compilation, of its forward pass or
+    of its backward pass (compiled here too), is a :class:`CompileError` naming ``setting`` and how to
+    ``turn_off`` compilation."""
+    try:
+        with backward_compiled_with_forward():
+            return function(*args)
+    except torch._dynamo.exc.BackendCompilerFailed as error:
+        cause = getattr(error, "inner_exception", None) or error  # what the compiler raised, when dynamo kept it
+        reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise CompileError(f"{setting}: torch.compile could not compile the network ({reason}). It needs a "
+                           f"working C++ compiler on CPUs (Triton on GPUs): install one (e.g. g++), or "
+                           f"{turn_off}.") from error
