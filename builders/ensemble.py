@@ -134,7 +134,7 @@ def train_together(
     same maths, for choosing the fastest by measurement); an unknown name is refused (``ValueError``)
     whichever step runs, and a valid one is ignored by the vmap step, which has no wide network.
     ``wide_compile``: the wide network's forward and backward go through ``torch.compile`` (compiled at the
-    first step, about 20 s on a CPU; inductor fuses each norm, activation and pooling; the same maths up to
+    first step, about 40 s on a 2-core CPU; inductor fuses each norm, activation and pooling; the same maths up to
     float rounding); a compilation that fails warns and the step runs uncompiled. Off by default: whether it
     repays its compilation is to be measured on GPUs (``benchmarks/ensemble_speed.py --variants compiled``).
     Example::
