@@ -76,7 +76,7 @@ from builders.wide_convnet import check_form
 @click.option("--variants", "variants_text", default="", metavar="NAME,NAME",
               help="Also time sequential and the first form under each variant, interleaved: unpinned (host-to-GPU "
                    "copies from pageable memory, builders.transfer.PIN_HOST_COPIES off), cudnn_benchmark "
-                   "(torch.backends.cudnn.benchmark on), compiled (the first form with wide_compile=True; its "
+                   "(torch.backends.cudnn.benchmark on), compiled (every form also with wide_compile=True; each one's "
                    "first call, compilation included, is timed apart; sequential is not run again for it).")
 @click.option("--note", default="")
 def main(nets: int, epochs: int, rounds: int, model: str, device: str, record: bool, count_ops: bool,
@@ -123,13 +123,13 @@ def main(nets: int, epochs: int, rounds: int, model: str, device: str, record: b
 
     for form in forms:  # warm-up (allocations, cuDNN's choices; vmap's first trace where it runs)
         together(form)
-    first_compiled_call = None
-    if "compiled" in variants:  # the compilation: each process pays it once per shape (inductor caches on disk)
+    first_compiled_call: dict[str, float] = {}
+    for form in forms if "compiled" in variants else []:  # the compilation: once per process, form and shape
         sync()
         start = time.perf_counter()
-        together(forms[0], compiled=True)
+        together(form, compiled=True)
         sync()
-        first_compiled_call = round(time.perf_counter() - start, 3)
+        first_compiled_call[form] = round(time.perf_counter() - start, 3)
     sequential()
     if profile_steps:
         _profile(nets, model, dev, epochs, fresh, seeds, images, targets, settings, forms, record, note,
@@ -139,7 +139,7 @@ def main(nets: int, epochs: int, rounds: int, model: str, device: str, record: b
     cases = [("sequential", None, sequential), *(("together", f, lambda f=f: together(f)) for f in forms)]
     for variant in variants:
         if variant == "compiled":  # changes the wide step alone: sequential's own runs serve
-            cases.append(("together_compiled", forms[0], lambda: together(forms[0], compiled=True)))
+            cases += [("together_compiled", f, lambda f=f: together(f, compiled=True)) for f in forms]
             continue
         cases += [(f"sequential_{variant}", None, lambda v=variant: _under(v, sequential)),
                   (f"together_{variant}", forms[0], lambda v=variant: _under(v, lambda: together(forms[0])))]
@@ -173,7 +173,14 @@ def main(nets: int, epochs: int, rounds: int, model: str, device: str, record: b
                                                 / med("wall_s", forms[0]), 3),
         "speedup_wall_median": round(med("wall_s", mode=sequential_mode(variant))
                                      / med("wall_s", forms[0], f"together_{variant}"), 3),
-        **({"first_call_wall_s": first_compiled_call} if variant == "compiled" else {})} for variant in variants}
+        **({"first_call_wall_s": first_compiled_call[forms[0]]} if variant == "compiled" else {})}
+        for variant in variants}
+    if "compiled" in variants:  # each form compiled: its speedup, its time against itself uncompiled, its first call
+        by_variant["compiled"]["by_form"] = {form: {
+            "wall_s_median": med("wall_s", form, "together_compiled"),
+            "speedup_wall_median": round(med("wall_s") / med("wall_s", form, "together_compiled"), 3),
+            "time_ratio_to_uncompiled": round(med("wall_s", form, "together_compiled") / med("wall_s", form), 3),
+            "first_call_wall_s": first_compiled_call[form]} for form in forms}
     result = {
         "benchmark": f"{nets} x {model} trained together vs sequentially", "epochs": epochs, "set": "100 images",
         "together_mode": together_mode(fresh()[0]),
@@ -226,8 +233,8 @@ def _profile(nets: int, model: str, dev: torch.device, epochs: int, fresh, seeds
              targets: torch.Tensor, settings: TrainSettings, forms: list[str], record: bool, note: str,
              compiled: bool = False) -> None:
     """Per step of one network alone and of the N together in each of ``forms`` (keyed ``{N}_together``
-    for the grouped form, ``{N}_together_{form}`` for another; with ``compiled``, the first form compiled too,
-    ``{N}_together_compiled``, after the warm-up compiled it): wall, device-busy and host time, and the
+    for the grouped form, ``{N}_together_{form}`` for another; with ``compiled``, each form compiled too,
+    ``..._compiled``, after the warm-up compiled it): wall, device-busy and host time, and the
     operators by device time (host time on a CPU)."""
     cuda = dev.type == "cuda"
     activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
@@ -240,9 +247,11 @@ def _profile(nets: int, model: str, dev: torch.device, epochs: int, fresh, seeds
                                              [torch.Generator().manual_seed(s) for s in seeds], label_loss,
                                              wide_form=form))
            for form in forms},
-        **({f"{nets}_together_compiled": lambda: train_together(
-            fresh(), images, targets, settings, [torch.Generator().manual_seed(s) for s in seeds], label_loss,
-            wide_form=forms[0], wide_compile=True)} if compiled else {}),
+        **{f"{nets}_together" + ("" if form == "grouped" else f"_{form}") + "_compiled":
+           (lambda form=form: train_together(fresh(), images, targets, settings,
+                                             [torch.Generator().manual_seed(s) for s in seeds], label_loss,
+                                             wide_form=form, wide_compile=True))
+           for form in (forms if compiled else [])},
     }
     result: dict = {"benchmark": f"profile: one {model} alone and {nets} together, per training step",
                     "epochs": epochs, "steps": steps, "set": f"{images.shape[0]} images", "forms": forms}
