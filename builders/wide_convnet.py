@@ -173,7 +173,8 @@ class WideConvNet:
         return torch.baddbmm(p["classifier.bias"], features, p["classifier.weight"])
 
     def _conv(self, x: Tensor, layer: nn.Conv2d, weight: Tensor, bias: Tensor | None) -> Tensor:
-        """The N networks' convolution: one grouped call, or (``"split"``) one dense call per network."""
+        """The N networks' convolution: one grouped call, or one call per network (``"split"``: on its rows; off
+        the CPU, a layer reading one input channel a group: on its channels, concatenated)."""
         args = (layer.stride, layer.padding, layer.dilation)
         biases = [None] * self.count if bias is None else bias.chunk(self.count)
         if self.form == "split":
@@ -243,6 +244,7 @@ def _halves(layer: nn.Module) -> bool:
 
 
 def _pair(value: int | Sequence[int] | None) -> tuple[int, ...] | None:
+    """A pooling argument as a tuple (an int ``k`` as ``(k, k)``), None kept."""
     return (value, value) if isinstance(value, int) else None if value is None else tuple(value)
 
 
