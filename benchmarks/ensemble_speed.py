@@ -132,8 +132,10 @@ def main(nets: int, epochs: int, rounds: int, model: str, device: str, record: b
         first_compiled_call[form] = round(time.perf_counter() - start, 3)
     sequential()
     if profile_steps:
-        _profile(nets, model, dev, epochs, fresh, seeds, images, targets, settings, forms, record, note,
-                 compiled="compiled" in variants)
+        one = fresh()[0]
+        _profile(nets, model, dev, epochs, lambda: train_network(one, images, targets, settings,
+                                                                 torch.Generator().manual_seed(seeds[0])),
+                 together, images.shape[0], settings, forms, record, note, compiled="compiled" in variants)
         return
     runs = []
     cases = [("sequential", None, sequential), *(("together", f, lambda f=f: together(f)) for f in forms)]
@@ -229,32 +231,23 @@ def _under(variant: str, fn) -> None:
             fn()
 
 
-def _profile(nets: int, model: str, dev: torch.device, epochs: int, fresh, seeds: list[int], images: torch.Tensor,
-             targets: torch.Tensor, settings: TrainSettings, forms: list[str], record: bool, note: str,
-             compiled: bool = False) -> None:
-    """Per step of one network alone and of the N together in each of ``forms`` (keyed ``{N}_together``
+def _profile(nets: int, model: str, dev: torch.device, epochs: int, alone, together, images: int,
+             settings: TrainSettings, forms: list[str], record: bool, note: str, compiled: bool = False) -> None:
+    """Per step of one network alone (``alone()``) and of the N together (``together(form, compiled)``) over
+    ``images`` images in each of ``forms`` (keyed ``{N}_together``
     for the grouped form, ``{N}_together_{form}`` for another; with ``compiled``, each form compiled too,
     ``..._compiled``, after the warm-up compiled it): wall, device-busy and host time, and the
     operators by device time (host time on a CPU)."""
     cuda = dev.type == "cuda"
     activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
-    steps = epochs * -(-images.shape[0] // settings.batch)
-    one = fresh()[0]
-    cases = {
-        "one_network": lambda: train_network(one, images, targets, settings, torch.Generator().manual_seed(seeds[0])),
-        **{f"{nets}_together" + ("" if form == "grouped" else f"_{form}"):
-           (lambda form=form: train_together(fresh(), images, targets, settings,
-                                             [torch.Generator().manual_seed(s) for s in seeds], label_loss,
-                                             wide_form=form))
-           for form in forms},
-        **{f"{nets}_together" + ("" if form == "grouped" else f"_{form}") + "_compiled":
-           (lambda form=form: train_together(fresh(), images, targets, settings,
-                                             [torch.Generator().manual_seed(s) for s in seeds], label_loss,
-                                             wide_form=form, wide_compile=True))
-           for form in (forms if compiled else [])},
-    }
+    steps = epochs * -(-images // settings.batch)
+    cases = {"one_network": alone}
+    for compiles in (False, True) if compiled else (False,):
+        for form in forms:
+            name = f"{nets}_together" + ("" if form == "grouped" else f"_{form}") + ("_compiled" if compiles else "")
+            cases[name] = lambda form=form, compiles=compiles: together(form, compiles)
     result: dict = {"benchmark": f"profile: one {model} alone and {nets} together, per training step",
-                    "epochs": epochs, "steps": steps, "set": f"{images.shape[0]} images", "forms": forms}
+                    "epochs": epochs, "steps": steps, "set": f"{images} images", "forms": forms}
     for name, run in cases.items():
         if cuda:
             torch.cuda.synchronize()
