@@ -224,33 +224,31 @@ def main(reference: Path, fashion_mnist: Path, budget: float, out: Path, python:
     if per_it:
         iterations = int(min(20000, max(0.0, s.left() - eval_allowance - 30) / per_it))
         if iterations >= counts["paper_min"]:
-            build_out = Path("/tmp/gpu_session_build")
-            shutil.rmtree(build_out, ignore_errors=True)
             s.say(f"paper row: {iterations} of 20000 iterations fit ({per_it:.4f} s/it measured above)")
-            s.section("paper_dm_fashionmnist_ipc10",
-                      ["-c", "from builders.cli import build_command; build_command()",
-                       "recipes/dm_fashionmnist.yaml", "--device", device, "--quiet", "--out", str(build_out),
-                       "--set", f"iterations={iterations}", "--set", "checkpoint_every=0",
-                       *(["--set", "eval.runs=1", "--set", "eval.epochs=2"] if smoke else [])],
-                      needs=eval_allowance + 60, limit=s.left())
-            record_paper_row(build_out, "dm", 10, iterations, 20000, device, s)
+            paper_row(s, "dm", 10, iterations, device, smoke, needs=eval_allowance + 60)
         else:
             s.say(f"paper row: skipped ({s.left():.0f} s left)")
     else:
         s.say("paper row: skipped (no DM s/iteration measured this session)")
     for method, ipc, iterations in rows:
-        recipe = REPO / "recipes" / f"{method}_fashionmnist.yaml"
-        build_out = Path(tempfile.mkdtemp(prefix=f"gpu_session_{method}_ipc{ipc}_"))
-        name = paper_section(method, ipc)
-        args = ["-c", "from builders.cli import build_command; build_command()", str(recipe.relative_to(REPO)),
-                "--device", device, "--quiet", "--out", str(build_out), "--set", f"ipc={ipc}",
-                "--set", "checkpoint_every=0",
-                *(["--set", f"iterations={iterations}"] if iterations is not None else []),
-                *(["--set", "eval.runs=1", "--set", "eval.epochs=2"] if smoke else [])]
-        if s.section(name, args, needs=60, limit=s.left()) is not None:
-            record_paper_row(build_out, method, ipc, iterations, recipe_iterations(recipe), device, s)
+        paper_row(s, method, ipc, iterations, device, smoke, needs=60)
     s.say(json.dumps(s.summary))
     s.save()
+
+
+def paper_row(s: Session, method: str, ipc: int, iterations: int | None, device: str, smoke: bool,
+              needs: float) -> None:
+    """Build ``recipes/<method>_fashionmnist.yaml`` at ``ipc`` (its own iterations unless given) with its
+    evaluation, as section :func:`paper_section`, and record the row."""
+    recipe = REPO / "recipes" / f"{method}_fashionmnist.yaml"
+    build_out = Path(tempfile.mkdtemp(prefix=f"gpu_session_{method}_ipc{ipc}_"))
+    args = ["-c", "from builders.cli import build_command; build_command()", str(recipe.relative_to(REPO)),
+            "--device", device, "--quiet", "--out", str(build_out), "--set", f"ipc={ipc}",
+            "--set", "checkpoint_every=0",
+            *(["--set", f"iterations={iterations}"] if iterations is not None else []),
+            *(["--set", "eval.runs=1", "--set", "eval.epochs=2"] if smoke else [])]
+    if s.section(paper_section(method, ipc), args, needs=needs, limit=s.left()) is not None:
+        record_paper_row(build_out, method, ipc, iterations, recipe_iterations(recipe), device, s)
 
 
 def read_metadata(path: Path, python: str) -> dict:
