@@ -72,6 +72,20 @@ def write_generated_cifar10(root: Path, per_class: int = 5000, test_per_class: i
     _write_pickle(folder / "batches.meta", {"label_names": [f"class{c}" for c in range(10)]})
 
 
+def prepare_source(tmp: Path, source: str) -> tuple[Path, str]:
+    """``source``'s files in ``tmp/data`` (one of :data:`SOURCES`), and the folder children need on their
+    PYTHONPATH to read them (``""`` for none; the generated CIFAR-10 needs :data:`ACCEPT_GENERATED_CIFAR`)."""
+    data = tmp / "data"
+    if source == "fashionmnist":
+        if not install_system_fashion_mnist(data):
+            raise click.ClickException("no system copy of Fashion-MNIST (CONDENSED_FASHION_MNIST_DIR)")
+        return data, ""
+    write_generated_cifar10(data)
+    (tmp / "harness").mkdir()
+    (tmp / "harness" / "sitecustomize.py").write_text(ACCEPT_GENERATED_CIFAR)
+    return data, str(tmp / "harness")
+
+
 def _write_pickle(path: Path, obj: dict) -> None:
     """CIFAR-10's own container format is a Python pickle; torchvision reads it as such."""
     with open(path, "wb") as handle:
@@ -168,16 +182,7 @@ def main(reference: Path, rounds: int, warmup: int, timed: int, overrides: tuple
     total = warmup + timed
     with tempfile.TemporaryDirectory(prefix="dm_vs_reference_") as tmp_name:
         tmp = Path(tmp_name)
-        data = tmp / "data"
-        harness = ""
-        if source == "fashionmnist":
-            if not install_system_fashion_mnist(data):
-                raise click.ClickException("no system copy of Fashion-MNIST (CONDENSED_FASHION_MNIST_DIR)")
-        else:
-            write_generated_cifar10(data)
-            (tmp / "harness").mkdir()
-            (tmp / "harness" / "sitecustomize.py").write_text(ACCEPT_GENERATED_CIFAR)
-            harness = str(tmp / "harness")
+        data, harness = prepare_source(tmp, source)
         patch_reference(reference, tmp / "ref")
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
         if device == "cpu":

@@ -16,6 +16,8 @@ grandchild). Sections, in order:
 1. DM iteration time against the reference, Fashion-MNIST ipc 10 (``dm_vs_reference.py``; DM's
    default ``params.compile: auto`` compiles on a GPU);
 2. the same on CIFAR-10-shaped generated images, ipc 10;
+2b. DM's compiled iteration in fresh processes with inductor's caches cold and warm (``compile_cache.py``:
+    on 2026-11-26 warm ran 2-3x slower; the package now compiles afresh off the CPU);
 3. the Fashion-MNIST comparison with ``params.compile: false`` (one round);
 3b. where DM's iterations spend their time, by default and uncompiled (``dm_profile.py``);
 4. five ConvNets trained together against one after another (``ensemble_speed.py``), the same with each
@@ -27,7 +29,7 @@ grandchild). Sections, in order:
 4b. five experts trained at once against one by one, one CIFAR-10-shaped epoch each, after one untimed run of
     each (``experts_speed.py --warmup 1``: the GPU's start-up costs stay out of the timed runs);
 5. the quickstart built at fp32 and at bf16-real, two seeds each (``precision_check.py``);
-6. DM against the reference on CIFAR-10-shaped images, ipc 50 (one round);
+6. DM against the reference on CIFAR-10-shaped images, ipc 50 (two rounds);
 7. peak memory of MTT at CIFAR-100 shape, ipc 10, unrolled vs constant (``tesla_memory.py``);
 8. MTT memory at CIFAR-100 shape, ipc 50 (the recipe's 125 images per step);
 9. a one-process ``torchrun`` build (NCCL on a GPU): a tiny DM Fashion-MNIST set whose metadata must
@@ -176,6 +178,9 @@ def main(reference: Path, fashion_mnist: Path, budget: float, out: Path, python:
     s.section("dm_fashionmnist_ipc10", [*dm, "--rounds", counts["rounds"]], needs=60, limit=170)
     s.section("dm_cifar10_ipc10", [*dm, "--source", "cifar10-generated", "--rounds", counts["rounds"]],
               needs=60, limit=170)
+    s.section("compile_cache", [f"{bench}/compile_cache.py", "--device", device, "--record",
+                                "--warmup", "1" if smoke else "4", "--iterations", "2" if smoke else "16"],
+              needs=60, limit=200)  # 4 fresh processes, each compiling or loading, about 30 s each on an H100
     s.section("dm_fashionmnist_ipc10_uncompiled", [*dm, "--rounds", "1", "--set", "params.compile=false"],
               needs=60, limit=200)  # params.compile's default, auto, compiles on a GPU: this row without it
     profile = [f"{bench}/dm_profile.py", "recipes/dm_fashionmnist.yaml", "--device", device, "--record",
@@ -201,8 +206,8 @@ def main(reference: Path, fashion_mnist: Path, budget: float, out: Path, python:
                        "--set", "params.batch_real=8"] if smoke else []
     s.section("precision_quickstart", [f"{bench}/precision_check.py", "--device", device, "--record",
                                        *precision_smoke], needs=60, limit=200)
-    s.section("dm_cifar10_ipc50", [*dm, "--source", "cifar10-generated", "--ipc", "50", "--rounds", "1"],
-              needs=60, limit=120)
+    s.section("dm_cifar10_ipc50", [*dm, "--source", "cifar10-generated", "--ipc", "50", "--rounds", counts["rounds"]],
+              needs=60, limit=200)
     mtt = [f"{bench}/tesla_memory.py", "--device", device, "--model", "ConvNet", "--classes", "100",
            "--steps", counts["steps"], "--record", "--child-timeout", "60"]
     s.section("mtt_memory_cifar100_ipc10", [*mtt, "--images", counts["images"], "--tag", "cifar100_ipc10"],

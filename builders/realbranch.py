@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from builders import winograd
-from builders.compiling import call_compiled
+from builders.compiling import call_compiled, compile_static
 from builders.networks import ConvNet, uses_batch_statistics
 
 PRECISIONS = ("fp32", "bf16-real")
@@ -160,9 +160,10 @@ def _embed_from_weights(x: torch.Tensor, weights: list[tuple[torch.Tensor | None
 
 
 @functools.cache
-def _compiled_embed() -> Callable[..., torch.Tensor]:
-    """:func:`_embed_from_weights` under ``torch.compile`` with static shapes (created on first use)."""
-    return torch.compile(_embed_from_weights, dynamic=False)
+def _compiled_embed(device_type: str) -> Callable[..., torch.Tensor]:
+    """:func:`_embed_from_weights` compiled for inputs on ``device_type`` (:func:`compile_static`; created on
+    first use)."""
+    return compile_static(_embed_from_weights, device_type)
 
 
 def _compiled_layers(net: nn.Module, compiled: bool
@@ -174,8 +175,9 @@ def _compiled_layers(net: nn.Module, compiled: bool
 
 @functools.cache
 def _compiled_winograd() -> Callable[..., torch.Tensor]:
-    """:func:`builders.winograd.embed_chwn` under ``torch.compile`` with static shapes (created on first use)."""
-    return torch.compile(winograd.embed_chwn, dynamic=False)
+    """:func:`builders.winograd.embed_chwn` compiled for the CPU, its only route (:func:`compile_static`; created
+    on first use)."""
+    return compile_static(winograd.embed_chwn, "cpu")
 
 
 def _embedder(net: nn.Module, compiled: bool, cpu_fp32_classes: bool = False
@@ -195,7 +197,7 @@ def _embedder(net: nn.Module, compiled: bool, cpu_fp32_classes: bool = False
         transforms = (winograd.INPUT_TRANSFORM, winograd.OUTPUT_TRANSFORM)
         function, args, chunk = _compiled_winograd(), (prepared, steps, transforms), WINOGRAD_CHUNK
     else:
-        function, args, chunk = _compiled_embed(), (weights, spec), COMPILED_CHUNK
+        function, args, chunk = _compiled_embed(next(net.parameters()).device.type), (weights, spec), COMPILED_CHUNK
 
     def embed(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -211,7 +213,7 @@ def embed_with_gradient(net: nn.Module, x: torch.Tensor, compiled: bool = False)
     if layers is None:
         return net.embed(x)
     spec, weights = layers
-    return call_compiled(_compiled_embed(), x, weights, spec)
+    return call_compiled(_compiled_embed(x.device.type), x, weights, spec)
 
 
 def class_mean_embeddings(net: nn.Module, batches: Sequence[torch.Tensor], precision: str = "fp32",

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from builders.compiling import call_compiled
+from builders.compiling import call_compiled, compile_static
 from builders.errors import CompileError
 from builders.networks import ConvNet
 
@@ -116,7 +116,8 @@ class WideConvNet:
             for name in named[0]
         }
         # compiled: the forward (and its backward) through torch.compile, created here, compiled at the first call
-        self._compiled: Callable[[Tensor], Tensor] | None = _compile(self._logits) if compiled else None
+        device = self.template.classifier.weight.device
+        self._compiled: Callable[[Tensor], Tensor] | None = compile_static(self._logits, device) if compiled else None
         buffers = [dict(net.named_buffers()) for net in nets]
         self.buffers: dict[str, Tensor] = {  # BatchNorm's running statistics, [N*C]; updated in place by training
             name: torch.stack([b[name].detach() for b in buffers]).reshape(-1) for name in buffers[0]
@@ -221,12 +222,6 @@ class WideConvNet:
                 param.copy_(_from_wide(name, self.params[name], self.count)[i])
             for name, buffer in net.named_buffers():
                 buffer.copy_(self.buffers[name].view(self.count, -1)[i].view(buffer.shape))
-
-
-def _compile(function: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
-    """``function`` under ``torch.compile`` with static shapes (one graph per batch shape; inductor fuses each
-    norm, activation and pooling, and their backward)."""
-    return torch.compile(function, dynamic=False)
 
 
 def _off_cpu(x: Tensor) -> bool:

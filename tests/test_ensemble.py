@@ -69,7 +69,8 @@ def test_a_wide_compilation_that_fails_warns_once_and_trains_uncompiled(monkeypa
     def no_compiler(graph, example_inputs):
         raise RuntimeError("no compiler here")
 
-    monkeypatch.setattr(wide_convnet, "_compile", lambda function: torch.compile(function, backend=no_compiler))
+    monkeypatch.setattr(wide_convnet, "compile_static",
+                        lambda function, device: torch.compile(function, backend=no_compiler))
     images, labels = _data()
     settings = TrainSettings(epochs=2, lr=0.01, batch=8, augmenter=Augmenter(DSA))
     trained = {}
