@@ -71,6 +71,9 @@ from builders.wide_convnet import check_form
 @click.option("--count-ops", is_flag=True, help="Count the operators of one step instead of timing.")
 @click.option("--augment-timing", is_flag=True, help="Time the N networks' augmentation alone.")
 @click.option("--profile", "profile_steps", is_flag=True, help="Profile one network and N together instead.")
+@click.option("--shapes", is_flag=True,
+              help="With --profile: also record operator input shapes, and a table of operators by input shape "
+                   "(which convolution a kernel serves; adds host time, so walls are not comparable to runs without).")
 @click.option("--forms", "forms_text", default="grouped", show_default=True, metavar="FORM,FORM",
               help="Forms of the wide step to time (or profile) against sequential: grouped, channels_last, split.")
 @click.option("--variants", "variants_text", default="", metavar="NAME,NAME",
@@ -80,7 +83,8 @@ from builders.wide_convnet import check_form
                    "first call, compilation included, is timed apart; sequential is not run again for it).")
 @click.option("--note", default="")
 def main(nets: int, epochs: int, rounds: int, model: str, device: str, record: bool, count_ops: bool,
-         augment_timing: bool, profile_steps: bool, forms_text: str, variants_text: str, note: str) -> None:
+         augment_timing: bool, profile_steps: bool, shapes: bool, forms_text: str, variants_text: str,
+         note: str) -> None:
     """Time sequential vs together training of NETS networks."""
     try:
         forms = list(dict.fromkeys(check_form(f.strip()) for f in forms_text.split(",") if f.strip()))
@@ -135,7 +139,8 @@ def main(nets: int, epochs: int, rounds: int, model: str, device: str, record: b
         one = fresh()[0]
         _profile(nets, model, dev, epochs, lambda: train_network(one, images, targets, settings,
                                                                  torch.Generator().manual_seed(seeds[0])),
-                 together, images.shape[0], settings, forms, record, note, compiled="compiled" in variants)
+                 together, images.shape[0], settings, forms, record, note, compiled="compiled" in variants,
+                 shapes=shapes)
         return
     runs = []
     cases = [("sequential", None, sequential), *(("together", f, lambda f=f: together(f)) for f in forms)]
@@ -232,12 +237,14 @@ def _under(variant: str, fn) -> None:
 
 
 def _profile(nets: int, model: str, dev: torch.device, epochs: int, alone, together, images: int,
-             settings: TrainSettings, forms: list[str], record: bool, note: str, compiled: bool = False) -> None:
+             settings: TrainSettings, forms: list[str], record: bool, note: str, compiled: bool = False,
+             shapes: bool = False) -> None:
     """Per step of one network alone (``alone()``) and of the N together (``together(form, compiled)``) over
     ``images`` images in each of ``forms`` (keyed ``{N}_together``
     for the grouped form, ``{N}_together_{form}`` for another; with ``compiled``, each form compiled too,
     ``..._compiled``, after the warm-up compiled it): wall, device-busy and host time, and the
-    operators by device time (host time on a CPU)."""
+    operators by device time (host time on a CPU); with ``shapes``, also the operators grouped by input shape
+    (``ops_by_shape``: a kernel's time counts under the operator that launched it)."""
     cuda = dev.type == "cuda"
     activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
     steps = epochs * -(-images // settings.batch)
@@ -251,7 +258,7 @@ def _profile(nets: int, model: str, dev: torch.device, epochs: int, alone, toget
     for name, run in cases.items():
         if cuda:
             torch.cuda.synchronize()
-        with profile(activities=activities) as prof:
+        with profile(activities=activities, record_shapes=shapes) as prof:
             start = time.perf_counter()
             said = _warnings_of(run)
             if cuda:
@@ -266,7 +273,11 @@ def _profile(nets: int, model: str, dev: torch.device, epochs: int, alone, toget
             "table": events.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=20),
             **({"warnings": said} if said else {}),
         }
-        click.echo(f"{name}: " + json.dumps({k: v for k, v in result[name].items() if k != "table"}))
+        if shapes:
+            result[name]["ops_by_shape"] = prof.key_averages(group_by_input_shape=True).table(
+                sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=25)
+        click.echo(f"{name}: " + json.dumps({k: v for k, v in result[name].items()
+                                             if k not in ("table", "ops_by_shape")}))
         click.echo(result[name]["table"])
     result.update(provenance("ensemble_speed.py", device_name(dev), note))
     if record:
