@@ -2,9 +2,11 @@
 
     python benchmarks/build_speed.py recipes/dm_cifar10.yaml --iterations 50 [--set KEY=VALUE ...]
 
-Runs the engine for a few iterations (no evaluation, nothing written beside the set's usual place
-except under --out), then prints and (with --record) writes a JSON record to benchmarks/results/
-with the device, command and date.
+Runs the engine for the first ``--warmup`` + ``--iterations`` iterations of the recipe's own schedule (the
+recipe keeps its iteration count, which choices such as DM's ``params.compile: auto`` depend on; a recipe with
+fewer is extended to that many) and stops it there: no evaluation, no set saved, only the build log under
+--out. Then prints and (with --record) writes a JSON record to benchmarks/results/ with the device, command
+and date.
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ from builders.engine import Engine
 from builders.recipe import parse_overrides
 
 
+class _Timed(Exception):
+    """Raised by the per-iteration callback after the last timed iteration: the build stops there."""
+
+
 @click.command()
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--iterations", type=int, default=20, show_default=True)
@@ -42,8 +48,11 @@ def main(recipe: Path, iterations: int, warmup: int, overrides: tuple[str, ...],
          data_root: Path | None, record: bool, note: str, stamps: bool) -> None:
     """Time RECIPE's build loop (with the command line's allocator settings)."""
     tune_allocator()
-    pairs = parse_overrides(overrides) + [("iterations", warmup + iterations), ("checkpoint_every", 0)]
+    wanted = warmup + iterations
+    pairs = parse_overrides(overrides) + [("checkpoint_every", 0)]
     r = load_recipe(recipe, pairs)
+    if r.iterations < wanted:
+        r = load_recipe(recipe, [*pairs, ("iterations", wanted)])
     engine = Engine(r, out_root=out, data_root=data_root, device=device, evaluate=False, progress=False)
     times: list[float] = []
 
@@ -53,16 +62,22 @@ def main(recipe: Path, iterations: int, warmup: int, overrides: tuple[str, ...],
         times.append(time.perf_counter())
         if stamps:
             click.echo(f"BENCH_ITER {iteration} {times[-1]} {time.process_time()}")
+        if len(times) == wanted:
+            raise _Timed
 
     if engine.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    engine.run(on_iteration=tick)
+    try:
+        engine.run(on_iteration=tick)
+    except _Timed:
+        pass
     timed = times[warmup:]
     rate = (len(timed) - 1) / (timed[-1] - timed[0]) if len(timed) > 1 else float("nan")
     result = {
         "recipe": str(recipe),
         "method": r.method, "source": r.source, "ipc": r.ipc, "model": r.model,
         "overrides": list(overrides),
+        "recipe_iterations": r.iterations,
         "iterations_timed": len(timed) - 1,
         "iterations_per_second": round(rate, 4),
         "device": torch.cuda.get_device_name() if engine.device.type == "cuda" else

@@ -218,9 +218,29 @@ def test_compile_auto_does_not_compile_on_a_cpu(monkeypatch):
     assert torch.isfinite(next(iter(method.losses(method.initial_state(), 0))))
 
 
+@pytest.mark.parametrize("device, iterations, compiles", [
+    ("cuda", dm_module.AUTO_COMPILE_MIN_ITERATIONS, True),
+    ("cuda:1", 20000, True),
+    ("cuda", dm_module.AUTO_COMPILE_MIN_ITERATIONS - 1, False),
+    ("cuda", 200, False),  # the quickstart's length
+    ("cpu", 20000, False),
+])
+def test_compile_auto_compiles_long_builds_on_gpus_only(device, iterations, compiles):
+    assert dm_module.auto_compiles(torch.device(device), iterations) is compiles
+
+
+def test_compile_auto_decides_on_the_recipes_iterations(monkeypatch):
+    asked = []
+    monkeypatch.setattr(dm_module, "auto_compiles", lambda device, iterations: asked.append(iterations) or False)
+    ctx = _context("ConvNetW32", compile="auto")
+    method = DistributionMatching(ctx)
+    next(iter(method.losses(method.initial_state(), 7)))  # a resumed build: the recipe's count all the same
+    assert asked and set(asked) == {ctx.recipe.iterations}
+
+
 def test_compile_auto_falls_back_to_uncompiled_with_a_warning_when_compilation_fails(monkeypatch):
     # auto compiling here (as on a GPU), with no C++ compiler for inductor and a shape no other test compiles
-    monkeypatch.setattr(dm_module, "auto_compiles", lambda device: True)
+    monkeypatch.setattr(dm_module, "auto_compiles", lambda device, iterations: True)
     ctx = _context("ConvNetW32", compile="auto", size=11)
     nets, pairs = _spy(ctx)
     method = DistributionMatching(ctx)
@@ -276,7 +296,7 @@ def test_compile_auto_falls_back_when_the_backward_pass_fails_to_compile(fashion
               "checkpoint_every": 0, "augment": "none", "real_per_class": 8, "params": {"batch_real": 8}}
     plain = build(recipe_from_dict(recipe, [("params.compile", False)]), out_root=tmp_path / "plain",
                   data_root=fashion_mnist_root, device="cpu", evaluate=False, progress=False)
-    monkeypatch.setattr(dm_module, "auto_compiles", lambda device: True)  # auto compiles here, as on a GPU
+    monkeypatch.setattr(dm_module, "auto_compiles", lambda device, iterations: True)  # auto compiles here, as on a GPU
     failures = _backward_fails_to_compile(monkeypatch)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -22,12 +22,20 @@ from builders.registry import register
 COMPILE_CHOICES = (False, True, AUTO)
 
 
-def auto_compiles(device: torch.device) -> bool:
-    """Whether ``params.compile: auto`` compiles on ``device``: on GPUs, where DM measured 1.6x faster per
-    iteration compiled (benchmarks/results/dm_vs_reference_cuda_compile-true_2026-11-26_2.json against
-    dm_vs_reference_cuda_2026-11-26_3.json); not on CPUs, where the first compilation costs more than a short
-    build gains."""
-    return device.type == "cuda"
+#: The fewest iterations for which ``params.compile: auto`` compiles on a GPU (value chosen here). Compiled, an
+#: iteration took 0.0116 s against 0.0183 uncompiled on an H200 (benchmarks/results/
+#: dm_vs_reference_cuda_compile-true_2026-11-26_2.json, dm_vs_reference_cuda_2026-11-26_3.json), 0.0067 s saved;
+#: the compilation, paid in every process, took about 6-12 s on an H100 (fresh processes 29.6-31.2 s wall
+#: compiling against 19.4-23.9 s loading compiled code, compile_cache_cuda_2026-11-26.json): repaid after
+#: about 900-1,800 iterations. The quickstart's 200 are far below; the papers' 20,000 far above.
+AUTO_COMPILE_MIN_ITERATIONS = 2000
+
+
+def auto_compiles(device: torch.device, iterations: int) -> bool:
+    """Whether ``params.compile: auto`` compiles a build of ``iterations`` iterations on ``device``: on GPUs, for
+    builds of at least :data:`AUTO_COMPILE_MIN_ITERATIONS`; not on CPUs, where the first compilation (tens of
+    seconds) needs a C++ compiler and costs more than most builds gain."""
+    return device.type == "cuda" and iterations >= AUTO_COMPILE_MIN_ITERATIONS
 
 
 def mean_embedding_loss(
@@ -60,8 +68,9 @@ class DistributionMatching(Method):
         "batch_real": 256,
         "init": "real",
         "precision": "fp32",  # or "bf16-real": the real branch under bfloat16 autocast (see README)
-        # both branches through torch.compile (ConvNets without BatchNorm): true, false, or "auto": on a GPU
-        # (where it measured 1.6x faster per iteration), falling back with a warning if compilation fails
+        # both branches through torch.compile (ConvNets without BatchNorm): true, false, or "auto": on a GPU for
+        # builds of AUTO_COMPILE_MIN_ITERATIONS or more (1.6x faster per iteration there), falling back with a
+        # warning if compilation fails
         "compile": AUTO,
     }
 
@@ -126,11 +135,13 @@ class DistributionMatching(Method):
 
     def _compiles(self, net: torch.nn.Module) -> bool:
         """Whether this iteration's branches go through ``torch.compile``: ``params.compile`` true (warning once
-        when ``net`` cannot), or "auto" on a GPU for a network that can, unless a compilation failed."""
+        when ``net`` cannot), or "auto" on a GPU for a long enough build (:func:`auto_compiles`; the recipe's
+        iterations, so that a resumed build decides as the uninterrupted one) and a network that can, unless a
+        compilation failed."""
         setting = self.params["compile"]
         if setting is True:
             return self._can_compile(net)
-        return (setting == AUTO and auto_compiles(self.ctx.device) and compilable(net)
+        return (setting == AUTO and auto_compiles(self.ctx.device, self.ctx.recipe.iterations) and compilable(net)
                 and not getattr(self, "_compile_failed", False))
 
     def _can_compile(self, net: torch.nn.Module) -> bool:
