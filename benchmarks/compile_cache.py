@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import click
-from dm_vs_reference import SOURCES, prepare_source  # benchmarks/dm_vs_reference.py
+from dm_vs_reference import SOURCES, prepare_source, recipe_path  # benchmarks/dm_vs_reference.py
 from machine import device_name, provenance, write_record  # benchmarks/machine.py (scripts run from benchmarks/)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -54,7 +54,7 @@ def main(device: str, source: str, warmup: int, iterations: int, overrides: tupl
         data, harness = prepare_source(tmp, source)
         paths = [p for p in (str(REPO), harness) if p]
         command = [sys.executable, str(REPO / "benchmarks" / "build_speed.py"),
-                   str(REPO / "recipes" / SOURCES[source][1]), "--device", device, "--data-root", str(data),
+                   str(recipe_path("dm", source)), "--device", device, "--data-root", str(data),
                    "--warmup", str(warmup), "--iterations", str(iterations), "--set", "ipc=10"]
         for pair in overrides:
             command += ["--set", pair]

@@ -1,14 +1,19 @@
-"""DM iteration time of this package against the papers' reference code, side by side on one machine.
+"""DM, DC or DSA iteration time of this package against the papers' reference code, side by side on one machine.
 
     python benchmarks/dm_vs_reference.py --reference /path/to/DatasetCondensation [--rounds 2] [--record]
-        [--device cpu|cuda] [--source fashionmnist|cifar10-generated] [--ipc 10]
+        [--method dm|dc|dsa] [--device cpu|cuda] [--source fashionmnist|cifar10-generated] [--ipc 10]
 
 ``--reference`` is a checkout of VICO-UoE/DatasetCondensation. It is copied to a temporary folder and
 that copy is patched at run time (nothing of it enters this repository): the one-word ``.view(`` ->
-``.reshape(`` fix in its ConvNet ``embed`` that current PyTorch needs, a timestamp printed after each
-image update (after a CUDA synchronisation on a GPU), and its evaluations switched off. Both sides run
-the same configuration: DM, ipc 10 (``--ipc``), batch_real 256, DSA ``color_crop_cutout_flip_scale_rotate``,
-ConvNet (depth 3, width 128, instance norm), on the CPU with PyTorch's default threads or on the GPU
+``.reshape(`` fix in its ConvNet's ``forward`` and ``embed`` that current PyTorch needs, ``x[:] = x[0].clone()`` for its
+siamese DSA's ``x[:] = x[0]`` (current PyTorch refuses that overlapping copy for a one-image batch), a timestamp printed at the end of
+each iteration (after a CUDA synchronisation on a GPU), and its evaluations switched off. DM runs
+``main_DM.py`` (the timestamp after its one image update an iteration); DC and DSA run ``main.py --method
+DC|DSA`` (the timestamp after an iteration's outer loop: ``outer_loop`` image updates, the network trained
+``inner_loop`` epochs between them). Both sides run the same configuration: ipc 10 (``--ipc``), batch_real
+256, ConvNet (depth 3, width 128, instance norm), DSA ``color_crop_cutout_flip_scale_rotate`` for DM and
+DSA, images initialised from real ones (DC: from noise, its recipe's and ``main.py``'s default), against
+the package's ``recipes/<method>_<source>.yaml``, on the CPU with PyTorch's default threads or on the GPU
 (``--device cuda``). The data is Fashion-MNIST (the system copy, installed under a temporary data root)
 or, with ``--source cifar10-generated``, CIFAR-10-shaped generated images (uniform random bytes, 5,000
 per class, seed 0) written in CIFAR-10's own file layout; torchvision's MD5 check of those files is
@@ -44,7 +49,21 @@ from condensed_datasets.sources import install_system_fashion_mnist
 
 REPO = Path(__file__).resolve().parent.parent
 STAMP = "BENCH_ITER"
-SOURCES = {"fashionmnist": ("FashionMNIST", "dm_fashionmnist.yaml"), "cifar10-generated": ("CIFAR10", "dm_cifar10.yaml")}
+#: source -> (the reference's --dataset, the package's recipe name after "<method>_")
+SOURCES = {"fashionmnist": ("FashionMNIST", "fashionmnist"), "cifar10-generated": ("CIFAR10", "cifar10")}
+#: method -> (the reference's script, its extra arguments, the line after which an iteration ends)
+REFERENCE_SCRIPTS = {
+    "dm": ("main_DM.py", ["--init", "real", "--dsa_strategy", "color_crop_cutout_flip_scale_rotate"],
+           "optimizer_img.step()"),
+    "dc": ("main.py", ["--method", "DC", "--init", "noise"], "loss_avg /= (num_classes*args.outer_loop)"),
+    "dsa": ("main.py", ["--method", "DSA", "--init", "real", "--dsa_strategy", "color_crop_cutout_flip_scale_rotate"],
+            "loss_avg /= (num_classes*args.outer_loop)"),
+}
+
+
+def recipe_path(method: str, source: str) -> Path:
+    """The package's recipe that :func:`main` times for ``method`` on ``source``."""
+    return REPO / "recipes" / f"{method}_{SOURCES[source][1]}.yaml"
 ACCEPT_GENERATED_CIFAR = (
     '"""Benchmark harness only: accept generated CIFAR-10 files (torchvision checks the real files\' MD5)."""\n'
     "import torchvision.datasets.cifar\n"
@@ -99,26 +118,34 @@ def _replace_once(text: str, old: str, new: str, where: str) -> str:
     return text.replace(old, new)
 
 
-def patch_reference(src: Path, dst: Path) -> None:
-    """Copy the reference checkout to ``dst`` and patch the copy (see the module docstring)."""
+def patch_reference(src: Path, dst: Path, method: str = "dm") -> None:
+    """Copy the reference checkout to ``dst`` and patch the copy for ``method`` (see the module docstring)."""
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".git", "__pycache__"))
     nets = (dst / "networks.py").read_text()
     start = nets.index("class ConvNet(")
     end = nets.index("\nclass ", start + 1)
     body = nets[start:end]
-    embed = body.index("def embed")
-    fixed = body[:embed] + _replace_once(body[embed:], "out.view(", "out.reshape(", "networks.py ConvNet.embed")
+    if body.count("out.view(") != 2:  # forward (DC, DSA) and embed (DM)
+        raise click.ClickException("networks.py: expected ConvNet's forward and embed to hold one 'out.view(' each; "
+                                   "is this the DatasetCondensation reference?")
+    fixed = body.replace("out.view(", "out.reshape(")
     (dst / "networks.py").write_text(nets[:start] + fixed + nets[end:])
-    main = (dst / "main_DM.py").read_text()
-    main = _replace_once(main, "if it in eval_it_pool:", "if False:  # benchmark: no evaluation", "main_DM.py")
-    step = re.search(r"\n(\s*)optimizer_img\.step\(\)\n", main)
-    if step is None:
-        raise click.ClickException("main_DM.py: no optimizer_img.step() line to time")
-    indent = step.group(1)
-    main = (main[: step.end()] + f"{indent}torch.cuda.synchronize() if torch.cuda.is_available() else None\n"
-            f"{indent}print('{STAMP}', it, time.perf_counter(), time.process_time(), flush=True)\n"
-            + main[step.end():])
-    (dst / "main_DM.py").write_text(main)
+    utils = (dst / "utils.py").read_text()  # the siamese DSA copies: one sample's draw over its own batch
+    utils, copies = re.subn(r"(\w+)\[:\] = \1\[0\]\n", r"\1[:] = \1[0].clone()\n", utils)
+    if not copies:
+        raise click.ClickException("utils.py: no siamese 'x[:] = x[0]' lines; is this the DatasetCondensation "
+                                   "reference?")
+    (dst / "utils.py").write_text(utils)
+    script, _, iteration_end = REFERENCE_SCRIPTS[method]
+    main = (dst / script).read_text()
+    main = _replace_once(main, "if it in eval_it_pool:", "if False:  # benchmark: no evaluation", script)
+    ends = list(re.finditer(rf"\n(\s*){re.escape(iteration_end)}\n", main))
+    if len(ends) != 1:
+        raise click.ClickException(f"{script}: expected one {iteration_end!r} line to time, found {len(ends)}")
+    end, indent = ends[0].end(), ends[0].group(1)
+    main = (main[:end] + f"{indent}torch.cuda.synchronize() if torch.cuda.is_available() else None\n"
+            f"{indent}print('{STAMP}', it, time.perf_counter(), time.process_time(), flush=True)\n" + main[end:])
+    (dst / script).write_text(main)
 
 
 def _run(cmd: list[str], cwd: Path, env: dict[str, str], log: Path) -> dict:
@@ -170,20 +197,21 @@ def _per_iteration(stamps: list[float], warmup: int, timed: int) -> float:
 @click.option("--python", "python", default=sys.executable, show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--source", type=click.Choice(sorted(SOURCES)), default="fashionmnist", show_default=True)
+@click.option("--method", type=click.Choice(sorted(REFERENCE_SCRIPTS)), default="dm", show_default=True)
 @click.option("--ipc", type=click.IntRange(1), default=10, show_default=True)
 @click.option("--record", is_flag=True, help="Write the result to benchmarks/results/.")
 @click.option("--note", default="", help="Conditions worth recording (e.g. other load on the machine).")
 def main(reference: Path, rounds: int, warmup: int, timed: int, overrides: tuple[str, ...],
-         reference_pythonpath: str, python: str, device: str, source: str, ipc: int, record: bool,
+         reference_pythonpath: str, python: str, device: str, source: str, method: str, ipc: int, record: bool,
          note: str) -> None:
-    """Time DM iterations of the reference and of this package, interleaved."""
+    """Time DM (DC, DSA) iterations of the reference and of this package, interleaved."""
     if warmup < 1 or timed < 1:
         raise click.BadParameter("--warmup and --timed must be >= 1")
     total = warmup + timed
-    with tempfile.TemporaryDirectory(prefix="dm_vs_reference_") as tmp_name:
+    with tempfile.TemporaryDirectory(prefix=f"{method}_vs_reference_") as tmp_name:
         tmp = Path(tmp_name)
         data, harness = prepare_source(tmp, source)
-        patch_reference(reference, tmp / "ref")
+        patch_reference(reference, tmp / "ref", method)
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
         if device == "cpu":
             env["CUDA_VISIBLE_DEVICES"] = ""  # both on the CPU
@@ -192,12 +220,11 @@ def main(reference: Path, rounds: int, warmup: int, timed: int, overrides: tuple
         ref_env = dict(env, PYTHONPATH=os.pathsep.join(
             p for p in (str(tmp / "ref"), harness, reference_pythonpath) if p))
         pkg_env = dict(env, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), harness) if p))
-        ref_name, recipe_name = SOURCES[source]
-        ref_cmd = [python, "main_DM.py", "--dataset", ref_name, "--model", "ConvNet", "--ipc", str(ipc),
-                   "--batch_real", "256", "--dsa_strategy", "color_crop_cutout_flip_scale_rotate",
-                   "--init", "real", "--num_exp", "1", "--Iteration", str(total - 1),
+        script, script_args, _ = REFERENCE_SCRIPTS[method]
+        ref_cmd = [python, script, "--dataset", SOURCES[source][0], "--model", "ConvNet", "--ipc", str(ipc),
+                   "--batch_real", "256", *script_args, "--num_exp", "1", "--Iteration", str(total - 1),
                    "--data_path", str(data), "--save_path", str(tmp / "ref_out")]
-        pkg_cmd = [python, str(REPO / "benchmarks" / "build_speed.py"), str(REPO / "recipes" / recipe_name),
+        pkg_cmd = [python, str(REPO / "benchmarks" / "build_speed.py"), str(recipe_path(method, source)),
                    "--device", device, "--data-root", str(data), "--out", "PKG_OUT",
                    "--warmup", str(warmup - 1), "--iterations", str(timed + 1), "--stamps", "--set", f"ipc={ipc}"]
         for pair in overrides:
@@ -224,9 +251,10 @@ def main(reference: Path, rounds: int, warmup: int, timed: int, overrides: tuple
     ref_cpu, pkg_cpu = (statistics.median(side("reference", "cpu_s_per_iteration")),
                         statistics.median(side("package", "cpu_s_per_iteration")))
     result = {
-        "benchmark": "DM iteration, reference main_DM.py vs this package",
-        "config": {"source": source, "ipc": ipc, "method": "dm", "batch_real": 256, "model": "ConvNet",
-                   "augment": "color_crop_cutout_flip_scale_rotate", "package_overrides": list(overrides),
+        "benchmark": f"{method.upper()} iteration, reference {script} vs this package",
+        "config": {"source": source, "ipc": ipc, "method": method, "batch_real": 256, "model": "ConvNet",
+                   "reference_arguments": script_args, "package_recipe": str(recipe_path(method, source).name),
+                   "package_overrides": list(overrides),
                    "timed_iterations": f"{warmup + 1}-{total}", "order": "reference, package, alternating"},
         "runs": runs,
         "reference_s_per_iteration_median": ref_it,
@@ -243,9 +271,11 @@ def main(reference: Path, rounds: int, warmup: int, timed: int, overrides: tuple
                    if device == "cuda" else
                    f"cpu: {cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"),
         "torch": torch.__version__,
-        "reference_patches": ["networks.py ConvNet.embed: .view( -> .reshape(",
-                              ("main_DM.py: evaluations off, timestamp after each optimizer_img.step() "
-                              "(after torch.cuda.synchronize() on a GPU)")],
+        "reference_patches": ["networks.py ConvNet.forward and .embed: .view( -> .reshape(",
+                              ("utils.py DSA: x[:] = x[0] -> x[:] = x[0].clone() (today's PyTorch refuses the "
+                               "overlapping copy when the batch holds one image, as at ipc 1)"),
+                              (f"{script}: evaluations off, timestamp after each iteration's "
+                               f"{REFERENCE_SCRIPTS[method][2]!r} (after torch.cuda.synchronize() on a GPU)")],
         "cpu_and_rss": "whole child process (os.wait4): start-up and data loading included",
         "command": " ".join(["python", "benchmarks/dm_vs_reference.py", *sys.argv[1:]]),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -254,7 +284,8 @@ def main(reference: Path, rounds: int, warmup: int, timed: int, overrides: tuple
     click.echo(json.dumps(result, indent=2))
     if record:
         tag = "_".join(p.replace("params.", "").replace("=", "-") for p in overrides)
-        base = f"dm_vs_reference_{device}" + ("" if (source, ipc) == ("fashionmnist", 10) else f"_{source}_ipc{ipc}")
+        where = "" if (source, ipc) == ("fashionmnist", 10) else f"_{source}_ipc{ipc}"
+        base = f"{method}_vs_reference_{device}{where}"
         path = write_record(f"{base}{'_' + tag if tag else ''}", result)
         click.echo(f"recorded {path}")
 

@@ -75,9 +75,10 @@ INPUT_TRANSFORM, OUTPUT_TRANSFORM = _tile_transforms()
 
 
 def winograd_weights(weight: torch.Tensor) -> torch.Tensor:
-    """``[C_out, C_in, 3, 3]`` -> ``G w G^T`` as ``[36, C_out, C_in]`` (computed in float64)."""
+    """``[C_out, C_in, 3, 3]`` -> ``G w G^T`` as ``[36, C_out, C_in]`` (computed in float64; differentiable, so
+    that a gradient through the Winograd weights reaches ``weight``)."""
     g = _matrix(_G).to(weight.device)
-    u = torch.einsum("ia,ocab,jb->ijoc", g, weight.detach().double(), g)
+    u = torch.einsum("ia,ocab,jb->ijoc", g, weight.double(), g)
     return u.reshape(36, weight.shape[0], weight.shape[1]).to(weight.dtype).contiguous()
 
 

@@ -14,6 +14,7 @@ from builders.methods.base import BuildContext
 from builders.methods.dc import GradientMatching, SiameseGradientMatching, class_gradient, class_matching_loss
 from builders.methods.matching import freeze_batch_norm, gradient_distance, layerwise_distance, outer_inner_loops
 from builders.networks import build_network
+from builders.realbranch import real_class_gradient
 from builders.recipe import RecipeError
 from condensed_datasets.sources import get_source
 
@@ -231,3 +232,49 @@ def test_a_tiny_build_lowers_the_matching_loss(method, augment, fashion_mnist_ro
     real = RealData.from_source("fashionmnist", fashion_mnist_root, per_class=10)
     before, after = (_fixed_matching_loss(sets[i].images, real, 1) for i in (0, 12))
     assert after < before, (before, after)
+
+
+# -- the compiled real gradient (params.compile) ------------------------------------------------------
+
+
+def _float64_gradient(net: nn.Module, images: torch.Tensor, label: int) -> list[torch.Tensor]:
+    """The plain computation in float64: a reference for float32 routes."""
+    wide = build_network("ConvNetW32", 1, 10, tuple(images.shape[-2:]))
+    wide.load_state_dict(net.state_dict())
+    wide = wide.double()
+    return [g.float() for g in class_gradient(wide, list(wide.parameters()), images.double(), label, False)]
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_the_real_gradient_equals_the_plain_one_in_float64_compiled_or_not(compiled):
+    # compiled on a CPU: the Winograd route (its 32-channel layers are >= WINOGRAD_MIN_CHANNELS), backward included
+    net = build_network("ConvNetW32", 1, 10, (12, 12), seed=3)
+    images = torch.randn(16, 1, 12, 12, generator=torch.Generator().manual_seed(4))
+    got = real_class_gradient(net, list(net.parameters()), images, 6, compiled=compiled)
+    want = _float64_gradient(net, images, 6)
+    scale = max(float(w.norm()) for w in want)
+    for (name, _), g, w in zip(net.named_parameters(), got, want):
+        assert not g.requires_grad
+        # a convolution's bias before instance norm has no effect: its true gradient is 0, float noise each way
+        assert float((g - w).norm()) <= 1e-3 * float(w.norm()) + 1e-6 * scale, name
+
+
+def test_dc_compile_true_matches_the_uncompiled_loss_and_image_gradient():
+    losses, grads = [], []
+    for compiled in (False, True):
+        ctx, _ = _tiny_context(method="dsa", augment=DSA, compile=compiled, batch_real=8)
+        ctx.new_network = lambda name=None: build_network("ConvNetW32", 1, 10, (8, 8), seed=5)
+        method = SiameseGradientMatching(ctx)
+        state = method.initial_state()
+        loss = next(iter(method.losses(state, 0)))
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(state["images"].grad.clone())
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-2, atol=1e-3 * float(grads[0].abs().max()))
+
+
+@pytest.mark.parametrize("value", ["auto", "yes", 1, None])
+def test_dc_compile_takes_true_or_false_only(value):
+    with pytest.raises(RecipeError, match="params.compile"):
+        recipe_from_dict({"source": "fashionmnist", "method": "dc", "ipc": 1, "params": {"compile": value}})

@@ -42,6 +42,7 @@ from builders.methods.matching import (
     gradient_distance,
     outer_inner_loops,
 )
+from builders.realbranch import real_class_gradient
 from builders.recipe import check_at_least, check_choice
 from builders.registry import register
 from builders.transfer import to_device
@@ -68,17 +69,20 @@ def class_matching_loss(
     syn_batches: Sequence[torch.Tensor],
     metric: str = "ours",
     classes: Sequence[int] | None = None,
+    compiled: bool = False,
 ) -> torch.Tensor:
     """Sum over classes ``c`` of the distance between the gradients on ``real_batches[c]`` and ``syn_batches[c]``.
 
     ``classes``: the class label of each pair of batches (default ``0, 1, ...``). The real gradients are
-    detached; the synthetic ones keep their graph, so the result backpropagates into the synthetic images.
+    detached (:func:`builders.realbranch.real_class_gradient`; ``compiled``: through ``torch.compile`` where
+    the network allows); the synthetic ones keep their graph, so the result backpropagates into the
+    synthetic images.
     """
     params = [p for p in net.parameters() if p.requires_grad]
     labels = range(len(real_batches)) if classes is None else classes
     total = None
     for c, real, syn in zip(labels, real_batches, syn_batches):
-        g_real = [g.detach() for g in class_gradient(net, params, real, c, create_graph=False)]
+        g_real = real_class_gradient(net, params, real, c, compiled)
         g_syn = class_gradient(net, params, syn, c, create_graph=True)
         dist = gradient_distance(g_real, g_syn, metric)
         total = dist if total is None else total + dist
@@ -102,6 +106,9 @@ class GradientMatching(Method):
         "outer_loop": 0,  # 0: by ipc, see outer_inner_loops
         "inner_loop": 0,  # 0: by ipc
         "bn_batch_per_class": 16,  # real images per class that set BatchNorm statistics
+        # the real gradients through torch.compile (ConvNets without BatchNorm; on a CPU the Winograd route):
+        # false or true; true stops with a BuildError naming the fix where compilation fails
+        "compile": False,
     }
     #: DSA: a siamese draw per class while matching, per-sample DSA while the inner net trains.
     augmented: ClassVar[bool] = False
@@ -112,6 +119,7 @@ class GradientMatching(Method):
         p = recipe.params
         check_init(p["init"])
         check_choice("distance", p["distance"], DISTANCES)
+        check_choice("compile", p["compile"], (False, True))
         check_at_least(p, ("outer_loop", "inner_loop"), 0, meaning="0: the paper's value for the ipc")
         check_at_least(p, ("batch_real", "batch_train", "bn_batch_per_class"), 1)
         check_at_least(p, ("lr_img", "lr_net", "momentum"), 0)
@@ -179,7 +187,7 @@ class GradientMatching(Method):
             # its own classes (all of them in one process), and the engine sums the image gradients.
             here = ctx.classes_here()
             yield class_matching_loss(net, [real_batches[c] for c in here], [syn_batches[c] for c in here],
-                                      self.params["distance"], classes=here)
+                                      self.params["distance"], classes=here, compiled=self.params["compile"])
             if outer == self.outer_loop - 1:
                 break  # the paper does not train the network after the last matching step
             self.train_inner(net, optimizer, state["images"])
