@@ -28,7 +28,7 @@ and ConvNets holding a layer not listed in :func:`_functional_layers`, run the u
 (silently here: :func:`compilable` tells the caller).
 
 Gradient matching (DC, DSA) has a real branch too: each class batch's gradient of the network's
-cross-entropy with respect to its parameters, a fixed target (:func:`real_class_gradient`). Compiled, it
+cross-entropy with respect to its parameters, a fixed target (the loss: :func:`class_loss`). Compiled, it
 takes the same routes, its backward pass compiled with its forward: on a CPU in float32 the Winograd one,
 whose backward is again products in the Winograd domain (4x fewer multiply-adds in the wide layers), one
 pass per class batch.
@@ -309,32 +309,28 @@ def _compiled_classifier_loss_winograd() -> Callable[..., torch.Tensor]:
     return compile_static(_classifier_loss_winograd, "cpu")
 
 
-def real_class_gradient(net: nn.Module, params: Sequence[torch.Tensor], images: torch.Tensor, label: int,
-                        compiled: bool = False) -> tuple[torch.Tensor, ...]:
-    """Gradient matching's real branch: the gradient of the mean cross-entropy of ``net`` on ``images`` (all of
-    class ``label``) with respect to ``params``, detached (zeros for a parameter the loss does not reach).
+def class_loss(net: nn.Module, images: torch.Tensor, label: int, compiled: bool = False) -> torch.Tensor:
+    """The mean cross-entropy of ``net`` on ``images``, all of class ``label``: what gradient matching
+    differentiates (its real branch: the target gradient of each class).
 
     ``compiled``: through ``torch.compile`` where :func:`compilable` (a ConvNet without batch statistics), on a
-    CPU in float32 by the Winograd route when :func:`builders.winograd.plan` accepts the network; the same
-    gradient up to float rounding (tests: within 1e-3 of its norm against a float64 computation). A failed
-    compilation is a :class:`builders.errors.CompileError`.
+    CPU in float32 by the Winograd route when :func:`builders.winograd.plan` accepts the network, its backward
+    compiled with it (so it cannot be differentiated twice); the same loss and gradients up to float rounding
+    (tests: gradients within 1e-3 of their norm against a float64 computation). A failed compilation is a
+    :class:`builders.errors.CompileError`.
     """
     targets = torch.full((images.shape[0],), label, dtype=torch.int64, device=images.device)
     layers = _compiled_layers(net, compiled)
     if layers is None:
-        loss = F.cross_entropy(net(images), targets)
-    else:
-        spec, weights = layers
-        classifier = net.classifier
-        planned = (winograd.plan(spec, weights) if images.device.type == "cpu" and images.dtype == torch.float32
-                   else None)
-        if planned is not None:
-            steps, prepared = planned
-            transforms = (winograd.INPUT_TRANSFORM, winograd.OUTPUT_TRANSFORM)
-            loss = call_compiled(_compiled_classifier_loss_winograd(), images, prepared, steps, transforms,
-                                 classifier.weight, classifier.bias, targets)
-        else:
-            loss = call_compiled(_compiled_classifier_loss(images.device.type), images, weights, spec,
-                                 classifier.weight, classifier.bias, targets)
-    grads = torch.autograd.grad(loss, list(params), allow_unused=True, materialize_grads=True)
-    return tuple(g.detach() for g in grads)
+        return F.cross_entropy(net(images), targets)
+    spec, weights = layers
+    classifier = net.classifier
+    planned = (winograd.plan(spec, weights) if images.device.type == "cpu" and images.dtype == torch.float32
+               else None)
+    if planned is None:
+        return call_compiled(_compiled_classifier_loss(images.device.type), images, weights, spec,
+                             classifier.weight, classifier.bias, targets)
+    steps, prepared = planned
+    transforms = (winograd.INPUT_TRANSFORM, winograd.OUTPUT_TRANSFORM)
+    return call_compiled(_compiled_classifier_loss_winograd(), images, prepared, steps, transforms,
+                         classifier.weight, classifier.bias, targets)

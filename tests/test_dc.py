@@ -14,7 +14,6 @@ from builders.methods.base import BuildContext
 from builders.methods.dc import GradientMatching, SiameseGradientMatching, class_gradient, class_matching_loss
 from builders.methods.matching import freeze_batch_norm, gradient_distance, layerwise_distance, outer_inner_loops
 from builders.networks import build_network
-from builders.realbranch import real_class_gradient
 from builders.recipe import RecipeError
 from condensed_datasets.sources import get_source
 
@@ -250,11 +249,10 @@ def test_the_real_gradient_equals_the_plain_one_in_float64_compiled_or_not(compi
     # compiled on a CPU: the Winograd route (its 32-channel layers are >= WINOGRAD_MIN_CHANNELS), backward included
     net = build_network("ConvNetW32", 1, 10, (12, 12), seed=3)
     images = torch.randn(16, 1, 12, 12, generator=torch.Generator().manual_seed(4))
-    got = real_class_gradient(net, list(net.parameters()), images, 6, compiled=compiled)
+    got = class_gradient(net, list(net.parameters()), images, 6, create_graph=False, compiled=compiled)
     want = _float64_gradient(net, images, 6)
     scale = max(float(w.norm()) for w in want)
     for (name, _), g, w in zip(net.named_parameters(), got, want):
-        assert not g.requires_grad
         # a convolution's bias before instance norm has no effect: its true gradient is 0, float noise each way
         assert float((g - w).norm()) <= 1e-3 * float(w.norm()) + 1e-6 * scale, name
 
@@ -272,6 +270,12 @@ def test_dc_compile_true_matches_the_uncompiled_loss_and_image_gradient():
         grads.append(state["images"].grad.clone())
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-3, atol=1e-6)
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-2, atol=1e-3 * float(grads[0].abs().max()))
+
+
+def test_a_compiled_gradient_refuses_to_keep_its_graph():
+    net = build_network("ConvNetW32", 1, 10, (8, 8), seed=3)
+    with pytest.raises(ValueError, match="create_graph"):
+        class_gradient(net, list(net.parameters()), torch.zeros(2, 1, 8, 8), 0, create_graph=True, compiled=True)
 
 
 @pytest.mark.parametrize("value", ["auto", "yes", 1, None])

@@ -29,7 +29,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from builders.errors import RecipeError
@@ -42,7 +41,7 @@ from builders.methods.matching import (
     gradient_distance,
     outer_inner_loops,
 )
-from builders.realbranch import real_class_gradient
+from builders.realbranch import class_loss
 from builders.recipe import check_at_least, check_choice
 from builders.registry import register
 from builders.transfer import to_device
@@ -54,11 +53,17 @@ if TYPE_CHECKING:
 
 
 def class_gradient(
-    net: nn.Module, params: Sequence[torch.Tensor], images: torch.Tensor, label: int, create_graph: bool
+    net: nn.Module, params: Sequence[torch.Tensor], images: torch.Tensor, label: int, create_graph: bool,
+    compiled: bool = False,
 ) -> tuple[torch.Tensor, ...]:
-    """Gradient of the mean cross-entropy of ``net`` on ``images`` (all of class ``label``) w.r.t. ``params``."""
-    targets = torch.full((images.shape[0],), label, dtype=torch.int64, device=images.device)
-    loss = F.cross_entropy(net(images), targets)
+    """Gradient of the mean cross-entropy of ``net`` on ``images`` (all of class ``label``) w.r.t. ``params``.
+
+    ``compiled`` (not with ``create_graph``: a compiled backward is not differentiated again): the loss through
+    :func:`builders.realbranch.class_loss`'s compiled routes.
+    """
+    if compiled and create_graph:
+        raise ValueError("class_gradient: a compiled gradient cannot keep its graph (create_graph)")
+    loss = class_loss(net, images, label, compiled)
     return torch.autograd.grad(loss, list(params), create_graph=create_graph, allow_unused=True,
                                materialize_grads=True)
 
@@ -74,15 +79,14 @@ def class_matching_loss(
     """Sum over classes ``c`` of the distance between the gradients on ``real_batches[c]`` and ``syn_batches[c]``.
 
     ``classes``: the class label of each pair of batches (default ``0, 1, ...``). The real gradients are
-    detached (:func:`builders.realbranch.real_class_gradient`; ``compiled``: through ``torch.compile`` where
-    the network allows); the synthetic ones keep their graph, so the result backpropagates into the
+    detached (``compiled``: through ``torch.compile`` where the network allows, see :func:`class_gradient`); the synthetic ones keep their graph, so the result backpropagates into the
     synthetic images.
     """
     params = [p for p in net.parameters() if p.requires_grad]
     labels = range(len(real_batches)) if classes is None else classes
     total = None
     for c, real, syn in zip(labels, real_batches, syn_batches):
-        g_real = real_class_gradient(net, params, real, c, compiled)
+        g_real = [g.detach() for g in class_gradient(net, params, real, c, False, compiled)]
         g_syn = class_gradient(net, params, syn, c, create_graph=True)
         dist = gradient_distance(g_real, g_syn, metric)
         total = dist if total is None else total + dist
