@@ -40,6 +40,7 @@ __all__ = [
     "VGG11",
     "available_networks",
     "build_network",
+    "is_avg_pool_2x2",
     "uses_batch_statistics",
 ]
 
@@ -533,3 +534,16 @@ def uses_batch_statistics(net: nn.Module) -> bool:
     Such nets must see one class per forward pass during distribution matching.
     """
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
+
+
+def is_avg_pool_2x2(layer: nn.Module) -> bool:
+    """Whether ``layer`` is plain 2x2, stride-2 average pooling (``nn.AvgPool2d`` itself, no subclass; no padding,
+    floor mode, the usual divisor): what ConvNet's ``avgpooling`` builds, and what faster equivalents of it
+    compute."""
+    return (type(layer) is nn.AvgPool2d and _pair(layer.kernel_size) == (2, 2) and _pair(layer.stride) == (2, 2)
+            and _pair(layer.padding) == (0, 0) and not layer.ceil_mode and layer.divisor_override is None)
+
+
+def _pair(value: int | tuple[int, ...] | list[int] | None) -> tuple[int, ...] | None:
+    """A pooling argument as a tuple (an int ``k`` as ``(k, k)``), None kept."""
+    return (value, value) if isinstance(value, int) else None if value is None else tuple(value)

@@ -46,7 +46,7 @@ from torch import nn
 
 from builders import winograd
 from builders.compiling import call_compiled, compile_static
-from builders.networks import ConvNet, uses_batch_statistics
+from builders.networks import ConvNet, is_avg_pool_2x2, uses_batch_statistics
 
 PRECISIONS = ("fp32", "bf16-real")
 CHUNK = 64  # real images per forward pass on a CPU: bounds activation memory; the class mean is unchanged
@@ -75,9 +75,7 @@ def _fast_layer(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     GPU the pooling kernel is faster: the views' in-place adds were a fifth of a DM iteration's GPU time)."""
     if type(layer) is nn.ReLU:
         return x.relu_()
-    if x.device.type == "cpu" and type(layer) is nn.AvgPool2d and layer.kernel_size in (2, (2, 2)) \
-            and layer.stride in (2, (2, 2)) \
-            and layer.padding in (0, (0, 0)) and not layer.ceil_mode:
+    if x.device.type == "cpu" and is_avg_pool_2x2(layer):
         return _avg_pool_2x2(x)
     return layer(x)
 

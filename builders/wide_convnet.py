@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from builders.compiling import call_compiled, compile_static
 from builders.errors import CompileError
-from builders.networks import ConvNet
+from builders.networks import ConvNet, is_avg_pool_2x2
 
 __all__ = ["FORMS", "AvgPool2x2", "WideConvNet", "check_form", "widens", "widen_inputs"]
 
@@ -163,7 +163,7 @@ class WideConvNet:
                 x = self._norm(x, layer, weight, bias)
             elif isinstance(layer, nn.BatchNorm2d):
                 x = self._batch_norm(x, layer, f"features.{i}", weight, bias)
-            elif _halves(layer) and _off_cpu(x):  # on CPUs avg_pool2d's own backward is the faster
+            elif is_avg_pool_2x2(layer) and _off_cpu(x):  # on CPUs avg_pool2d's own backward is the faster
                 x = AvgPool2x2.apply(x)
             else:  # per-channel activation or pooling
                 x = layer(x)
@@ -230,17 +230,6 @@ def _off_cpu(x: Tensor) -> bool:
     one-channel 28x28 images, forward and backward: 4.55 s against 3.70 s with neither, interleaved), so
     there the plain calls stay."""
     return x.device.type != "cpu"
-
-
-def _halves(layer: nn.Module) -> bool:
-    """Whether ``layer`` is the ConvNet's plain 2x2, stride-2 average pooling (what :class:`AvgPool2x2` computes)."""
-    return (isinstance(layer, nn.AvgPool2d) and _pair(layer.kernel_size) == (2, 2) and _pair(layer.stride) == (2, 2)
-            and _pair(layer.padding) == (0, 0) and not layer.ceil_mode and layer.divisor_override is None)
-
-
-def _pair(value: int | Sequence[int] | None) -> tuple[int, ...] | None:
-    """A pooling argument as a tuple (an int ``k`` as ``(k, k)``), None kept."""
-    return (value, value) if isinstance(value, int) else None if value is None else tuple(value)
 
 
 class AvgPool2x2(torch.autograd.Function):
