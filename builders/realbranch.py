@@ -28,10 +28,11 @@ and ConvNets holding a layer not listed in :func:`_functional_layers`, run the u
 (silently here: :func:`compilable` tells the caller).
 
 Gradient matching (DC, DSA) has a real branch too: each class batch's gradient of the network's
-cross-entropy with respect to its parameters, a fixed target (the loss: :func:`class_loss`). Compiled, it
-takes the same routes, its backward pass compiled with its forward: on a CPU in float32 the Winograd one,
-whose backward is again products in the Winograd domain (4x fewer multiply-adds in the wide layers), one
-pass per class batch.
+cross-entropy with respect to its parameters, a fixed target (the loss: :func:`class_loss`), and the
+training of its network between matching steps (:func:`classifier_loss`, any labels). Compiled, they take
+the same routes, the backward pass compiled with the forward: on a CPU in float32 the Winograd one, whose
+backward is again products in the Winograd domain (4x fewer multiply-adds in the wide layers), one pass per
+batch.
 """
 
 from __future__ import annotations
@@ -309,15 +310,21 @@ def _compiled_classifier_loss_winograd() -> Callable[..., torch.Tensor]:
 
 def class_loss(net: nn.Module, images: torch.Tensor, label: int, compiled: bool = False) -> torch.Tensor:
     """The mean cross-entropy of ``net`` on ``images``, all of class ``label``: what gradient matching
-    differentiates (its real branch: the target gradient of each class).
+    differentiates (its real branch: the target gradient of each class); see :func:`classifier_loss`."""
+    targets = torch.full((images.shape[0],), label, dtype=torch.int64, device=images.device)
+    return classifier_loss(net, images, targets, compiled)
+
+
+def classifier_loss(net: nn.Module, images: torch.Tensor, targets: torch.Tensor, compiled: bool = False
+                    ) -> torch.Tensor:
+    """The mean cross-entropy of ``net`` on ``images`` against class indices ``targets`` (int64).
 
     ``compiled``: through ``torch.compile`` where :func:`compilable` (a ConvNet without batch statistics), on a
     CPU in float32 by the Winograd route when :func:`builders.winograd.plan` accepts the network, its backward
     compiled with it (so it cannot be differentiated twice); the same loss and gradients up to float rounding
-    (tests: gradients within 1e-3 of their norm against a float64 computation). A failed compilation is a
-    :class:`builders.errors.CompileError`.
+    (tests: gradients within 1e-3 of their norm against a float64 computation). It compiles once per process
+    for each batch shape. A failed compilation is a :class:`builders.errors.CompileError`.
     """
-    targets = torch.full((images.shape[0],), label, dtype=torch.int64, device=images.device)
     layers = _compiled_layers(net, compiled)
     if layers is None:
         return F.cross_entropy(net(images), targets)

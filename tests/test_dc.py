@@ -7,9 +7,12 @@ import pytest
 import torch
 from torch import nn
 
+from builders import realbranch
 from builders.build import load_recipe, recipe_from_dict
 from builders.data import RealData
 from builders.engine import Engine
+from builders.errors import CompileError
+from builders.methods import dc as dc_module
 from builders.methods.base import BuildContext
 from builders.methods.dc import GradientMatching, SiameseGradientMatching, class_gradient, class_matching_loss
 from builders.methods.matching import freeze_batch_norm, gradient_distance, layerwise_distance, outer_inner_loops
@@ -74,13 +77,14 @@ def test_outer_inner_loops_refuses_ipc_below_one():
 # -- the method on a tiny context ------------------------------------------------------------------
 
 
-def _tiny_context(method="dc", ipc=2, per_class=3, augment="none", model="ConvNetW32", **params):
+def _tiny_context(method="dc", ipc=2, per_class=3, augment="none", model="ConvNetW32", size=8, iterations=0,
+                  **params):
     info = get_source("fashionmnist")
     g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (10 * per_class, 1, 8, 8), generator=g, dtype=torch.uint8)
+    images = torch.randint(0, 256, (10 * per_class, 1, size, size), generator=g, dtype=torch.uint8)
     real = RealData(images, torch.arange(10).repeat_interleave(per_class), info)
     recipe = recipe_from_dict({"source": "fashionmnist", "method": method, "ipc": ipc, "augment": augment,
-                               "model": model, "params": params})
+                               "model": model, "iterations": iterations, "params": params})
     return BuildContext(recipe, real, torch.device("cpu"), torch.Generator().manual_seed(1)), real
 
 
@@ -278,7 +282,100 @@ def test_a_compiled_gradient_refuses_to_keep_its_graph():
         class_gradient(net, list(net.parameters()), torch.zeros(2, 1, 8, 8), 0, create_graph=True, compiled=True)
 
 
-@pytest.mark.parametrize("value", ["auto", "yes", 1, None])
-def test_dc_compile_takes_true_or_false_only(value):
+@pytest.mark.parametrize("value", ["yes", 1, None, "true"])
+def test_dc_compile_takes_true_false_or_auto_only(value):
+    for ok in (True, False, "auto"):
+        recipe_from_dict({"source": "fashionmnist", "method": "dc", "ipc": 1, "params": {"compile": ok}})
     with pytest.raises(RecipeError, match="params.compile"):
         recipe_from_dict({"source": "fashionmnist", "method": "dc", "ipc": 1, "params": {"compile": value}})
+
+
+@pytest.mark.parametrize("device, real_gradients, compiles", [
+    ("cpu", dc_module.AUTO_COMPILE_MIN_REAL_GRADIENTS, True),
+    ("cpu", 1000 * 10 * 10, True),  # the paper recipes: 1000 iterations x 10 matching steps x 10 classes
+    ("cpu", dc_module.AUTO_COMPILE_MIN_REAL_GRADIENTS - 1, False),
+    ("cpu", 12 * 1 * 10, False),  # a tiny test build
+    ("cuda", 1000 * 10 * 10, False),  # not measured on GPUs yet
+])
+def test_dc_compile_auto_compiles_long_builds_on_cpus_only(device, real_gradients, compiles):
+    assert dc_module.auto_compiles(torch.device(device), real_gradients) is compiles
+
+
+@pytest.mark.parametrize("method, ipc, outer", [("dc", 1, 1), ("dsa", 10, 10)])
+def test_dc_compile_auto_decides_on_the_whole_builds_real_gradients(method, ipc, outer, monkeypatch):
+    asked = []
+    monkeypatch.setattr(dc_module, "auto_compiles", lambda device, n: asked.append((device.type, n)) or False)
+    ctx, _ = _tiny_context(method=method, ipc=ipc, augment=DSA if method == "dsa" else "none", iterations=7)
+    (SiameseGradientMatching if method == "dsa" else GradientMatching)(ctx)
+    assert asked == [("cpu", 7 * outer * 10)]
+
+
+def test_dc_compile_true_warns_once_and_runs_uncompiled_for_batchnorm_networks():
+    ctx, _ = _tiny_context(model="ConvNetBN", compile=True, outer_loop=3, inner_loop=1, batch_real=4)
+    method = GradientMatching(ctx)
+    with pytest.warns(UserWarning, match="params.compile: model 'ConvNetBN'") as caught:
+        losses = [float(loss) for loss in method.losses(method.initial_state(), 0)]
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+    assert sum("params.compile" in str(w.message) for w in caught) == 1
+
+
+def _first_loss_and_image_gradient(compile, size, new_network):
+    ctx, _ = _tiny_context(compile=compile, size=size, batch_real=8)
+    ctx.new_network = new_network
+    method = GradientMatching(ctx)
+    state = method.initial_state()
+    loss = next(iter(method.losses(state, 0)))
+    loss.backward()
+    return method, loss.detach(), state["images"].grad
+
+
+# no C++ compiler for inductor, at image sizes no other test compiles (a failed compilation is not cached)
+NO_COMPILER = {"cpp.cxx": ("/nonexistent/bin/c++",), "fx_graph_cache": False}
+
+
+def test_dc_compile_auto_falls_back_to_the_uncompiled_gradient_with_a_warning_when_compilation_fails(monkeypatch):
+    def new_network(name=None):
+        return build_network("ConvNetW32", 1, 10, (9, 9), seed=5)
+
+    _, plain_loss, plain_grad = _first_loss_and_image_gradient(False, 9, new_network)
+    monkeypatch.setattr(dc_module, "auto_compiles", lambda device, n: True)  # "auto" compiles this build
+    with torch._inductor.config.patch(NO_COMPILER):
+        with pytest.warns(UserWarning, match="could not compile the network.*This build runs uncompiled"):
+            method, loss, grad = _first_loss_and_image_gradient("auto", 9, new_network)
+    assert torch.equal(loss, plain_loss) and torch.equal(grad, plain_grad)  # the same computation, uncompiled
+    assert method.compile.failed and not method.compile.compiles(new_network())
+
+
+def test_dc_compile_true_stops_when_compilation_fails():
+    with torch._inductor.config.patch(NO_COMPILER):
+        with pytest.raises(CompileError, match="could not compile the network.*params.compile: false"):
+            _first_loss_and_image_gradient(True, 10, lambda name=None: build_network("ConvNetW32", 1, 10, (10, 10)))
+
+
+def test_dc_inner_training_compiled_follows_the_uncompiled_trajectory(monkeypatch):
+    # a sigmoid ConvNet: with ReLU the gradient jumps where a unit's input crosses 0, so float rounding alone (of
+    # either route) can flip a unit and move a step's gradient by a few 1e-3 of its norm (measured on 28x28
+    # inputs); smooth activations make the two trajectories comparable to float rounding
+    asked = []
+
+    def recording_loss(net, images, targets, compiled=False):
+        asked.append(compiled)
+        return realbranch.classifier_loss(net, images, targets, compiled)
+
+    monkeypatch.setattr(dc_module, "classifier_loss", recording_loss)
+    start = build_network("ConvNetAS", 1, 10, (12, 12), seed=3)
+    trained = {}
+    for compiled in (False, True):  # 80 synthetic images in batches of 16, 2 epochs: 10 steps
+        ctx, _ = _tiny_context(ipc=8, size=12, model="ConvNetAS", batch_train=16, inner_loop=2, compile=compiled)
+        method = GradientMatching(ctx)
+        images = method.initial_state()["images"]
+        net = build_network("ConvNetAS", 1, 10, (12, 12))
+        net.load_state_dict(start.state_dict())
+        method.train_inner(net, torch.optim.SGD(net.parameters(), lr=0.05), images)
+        trained[compiled] = dict(net.named_parameters())
+    assert asked == [False] * 10 + [True] * 10
+    for name, plain in trained[False].items():
+        moved = float((plain - start.state_dict()[name]).norm())
+        assert moved > 0 or name.endswith("bias"), name  # the steps train the network
+        # a convolution's bias before instance norm has no effect: its gradient is float noise either way
+        assert float((trained[True][name] - plain).norm()) <= 1e-4 * moved + 1e-6, name

@@ -250,7 +250,7 @@ def test_compile_auto_falls_back_to_uncompiled_with_a_warning_when_compilation_f
             loss = next(iter(method.losses(state, 0)))
         plain = sum(((nets[0].embed(real).mean(0) - nets[0].embed(syn).mean(0)) ** 2).sum() for real, syn in pairs)
         torch.testing.assert_close(loss, plain, rtol=1e-5, atol=1e-6)
-        assert not method._compiles(nets[0])  # the rest of the build runs uncompiled, without trying again
+        assert not method.compile.compiles(nets[0])  # the rest of the build runs uncompiled, without trying again
 
 
 # torch versions without the switch compile a backward pass at its first .backward(), outside the fallback (the

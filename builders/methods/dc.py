@@ -32,8 +32,8 @@ import torch
 from torch import nn
 
 from builders.errors import RecipeError
-from builders.evaluate import train_step
 from builders.methods.base import Method, SetContents, check_init
+from builders.methods.compile_setting import COMPILE_CHOICES, CompileSetting
 from builders.methods.matching import (
     DISTANCES,
     batch_norm_layers,
@@ -41,8 +41,8 @@ from builders.methods.matching import (
     gradient_distance,
     outer_inner_loops,
 )
-from builders.realbranch import class_loss
-from builders.recipe import check_at_least, check_choice
+from builders.realbranch import class_loss, classifier_loss
+from builders.recipe import AUTO, check_at_least, check_choice
 from builders.registry import register
 from builders.transfer import to_device
 
@@ -50,6 +50,21 @@ if TYPE_CHECKING:
     from builders.methods.base import BuildContext
     from builders.recipe import Recipe
 
+
+#: The fewest real-batch gradients (iterations x matching steps x classes) for which ``params.compile: auto``
+#: compiles a build on a CPU (value chosen here: about three times the break-even). On this project's 2-core CPU
+#: (Fashion-MNIST, ConvNet, 256 real images per class) the compiled (Winograd) real gradient took 1.18-1.29 s
+#: against 1.68-1.85 s uncompiled (benchmarks/results/real_gradient_routes_cpu_2026-11-26.json), about 0.5 s
+#: saved each, and its compilation about 67 s: repaid after about 140 gradients. The paper recipes' builds
+#: (1000 iterations at ipc 10: 100,000 gradients) are far above, a test-sized build (a few) far below.
+AUTO_COMPILE_MIN_REAL_GRADIENTS = 500
+
+
+def auto_compiles(device: torch.device, real_gradients: int) -> bool:
+    """Whether ``params.compile: auto`` compiles a build that computes ``real_gradients`` real-batch gradients on
+    ``device``: on CPUs, for builds of at least :data:`AUTO_COMPILE_MIN_REAL_GRADIENTS`; not yet on GPUs, where
+    the compiled gradient has not been measured against the uncompiled one."""
+    return device.type == "cpu" and real_gradients >= AUTO_COMPILE_MIN_REAL_GRADIENTS
 
 
 def class_gradient(
@@ -110,9 +125,11 @@ class GradientMatching(Method):
         "outer_loop": 0,  # 0: by ipc, see outer_inner_loops
         "inner_loop": 0,  # 0: by ipc
         "bn_batch_per_class": 16,  # real images per class that set BatchNorm statistics
-        # the real gradients through torch.compile (ConvNets without BatchNorm; on a CPU the Winograd route):
-        # false or true; true stops with a BuildError naming the fix where compilation fails
-        "compile": False,
+        # the real gradients and the inner training's steps through torch.compile (ConvNets without BatchNorm;
+        # on a CPU the Winograd route):
+        # true, false, or "auto": on a CPU for builds of AUTO_COMPILE_MIN_REAL_GRADIENTS or more (a DSA
+        # iteration at ipc 1 took 10.6 s against 15.3 there), falling back with a warning if compilation fails
+        "compile": AUTO,
     }
     #: DSA: a siamese draw per class while matching, per-sample DSA while the inner net trains.
     augmented: ClassVar[bool] = False
@@ -123,7 +140,7 @@ class GradientMatching(Method):
         p = recipe.params
         check_init(p["init"])
         check_choice("distance", p["distance"], DISTANCES)
-        check_choice("compile", p["compile"], (False, True))
+        check_choice("compile", p["compile"], COMPILE_CHOICES)
         check_at_least(p, ("outer_loop", "inner_loop"), 0, meaning="0: the paper's value for the ipc")
         check_at_least(p, ("batch_real", "batch_train", "bn_batch_per_class"), 1)
         check_at_least(p, ("lr_img", "lr_net", "momentum"), 0)
@@ -138,6 +155,11 @@ class GradientMatching(Method):
         outer, inner = outer_inner_loops(ctx.ipc)
         self.outer_loop: int = self.params["outer_loop"] or outer
         self.inner_loop: int = self.params["inner_loop"] or inner
+        # "auto" decides on the recipe's whole build (every class, every iteration), so that a resumed build and
+        # every torchrun rank decide alike
+        real_gradients = ctx.recipe.iterations * self.outer_loop * ctx.num_classes
+        self.compile = CompileSetting(self.params["compile"], auto_compiles(ctx.device, real_gradients),
+                                      ctx.recipe.model)
 
     def initial_state(self) -> dict[str, torch.Tensor]:
         images, self.init_rows = self.ctx.initial_images(self.params["init"])
@@ -162,7 +184,8 @@ class GradientMatching(Method):
         return real_batches, syn_batches
 
     def train_inner(self, net: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor) -> None:
-        """``inner_loop`` epochs of ``net`` on the detached synthetic set (per-sample DSA for dsa)."""
+        """``inner_loop`` epochs of ``net`` on the detached synthetic set (per-sample DSA for dsa); each step's
+        loss through ``torch.compile`` as ``params.compile`` says."""
         ctx = self.ctx
         data, labels = images.detach(), ctx.hard_labels()
         batch = self.params["batch_train"]
@@ -172,7 +195,10 @@ class GradientMatching(Method):
             for start in range(0, data.shape[0], batch):
                 idx = order[start : start + batch]
                 x = ctx.augment_each(data[idx]) if self.augmented else data[idx]
-                train_step(net, optimizer, x, labels[idx], None, ctx.generator)
+                loss = self.compile.run(net, lambda compiled: classifier_loss(net, x, labels[idx], compiled))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
 
     # -- one iteration ---------------------------------------------------------------------
     def losses(self, state: dict[str, torch.Tensor], iteration: int) -> Iterator[torch.Tensor]:
@@ -190,8 +216,9 @@ class GradientMatching(Method):
             # torchrun class split: every rank drew every class's batches above, in order; it matches only
             # its own classes (all of them in one process), and the engine sums the image gradients.
             here = ctx.classes_here()
-            yield class_matching_loss(net, [real_batches[c] for c in here], [syn_batches[c] for c in here],
-                                      self.params["distance"], classes=here, compiled=self.params["compile"])
+            yield self.compile.run(net, lambda compiled: class_matching_loss(
+                net, [real_batches[c] for c in here], [syn_batches[c] for c in here], self.params["distance"],
+                classes=here, compiled=compiled))
             if outer == self.outer_loop - 1:
                 break  # the paper does not train the network after the last matching step
             self.train_inner(net, optimizer, state["images"])

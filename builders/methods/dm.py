@@ -7,20 +7,16 @@ shared (siamese) DSA draw per class.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, ClassVar, Iterator
 
 import torch
 
-from builders.errors import CompileError
-from builders.methods.base import Method, SetContents, check_init
+from builders.methods.base import BuildContext, Method, SetContents, check_init
+from builders.methods.compile_setting import COMPILE_CHOICES, CompileSetting
 from builders.networks import uses_batch_statistics
-from builders.realbranch import PRECISIONS, class_mean_embeddings, compilable, embed_with_gradient, group_means
+from builders.realbranch import PRECISIONS, class_mean_embeddings, embed_with_gradient, group_means
 from builders.recipe import AUTO, check_at_least, check_choice
 from builders.registry import register
-
-COMPILE_CHOICES = (False, True, AUTO)
-
 
 #: The fewest iterations for which ``params.compile: auto`` compiles on a GPU (value chosen here). Compiled, an
 #: iteration took 0.0116 s against 0.0183 uncompiled on an H200 (benchmarks/results/
@@ -82,6 +78,12 @@ class DistributionMatching(Method):
         check_at_least(recipe.params, ("lr_img", "momentum"), 0)
         check_at_least(recipe.params, ("batch_real",), 1)
 
+    def __init__(self, ctx: BuildContext) -> None:
+        super().__init__(ctx)
+        # "auto" decides on the recipe's iterations, so that a resumed build decides as the uninterrupted one
+        self.compile = CompileSetting(self.params["compile"], auto_compiles(ctx.device, ctx.recipe.iterations),
+                                      ctx.recipe.model)
+
     def initial_state(self) -> dict[str, torch.Tensor]:
         images, self.init_rows = self.ctx.initial_images(self.params["init"])
         return {"images": images}
@@ -110,8 +112,7 @@ class DistributionMatching(Method):
                                                         [images[ctx.class_slice(c)] for c in here])
         real_sizes, syn_sizes = [len(p) for p in real_parts], [len(p) for p in syn_parts]
         if uses_batch_statistics(net):
-            if self.params["compile"] is True:
-                self._can_compile(net)  # says once that this network runs uncompiled
+            self.compile.compiles(net)  # with params.compile: true, says once that this network runs uncompiled
             # BatchNorm mixes a batch's samples: the paper's one concatenated real forward pass.
             with torch.no_grad():
                 real_emb = net.embed(torch.cat(real_parts))
@@ -123,37 +124,8 @@ class DistributionMatching(Method):
             return (class_mean_embeddings(net, real_parts, self.params["precision"], compiled=compiled),
                     embed_with_gradient(net, torch.cat(syn_parts), compiled))
 
-        try:
-            real_means, syn_emb = branches(self._compiles(net))
-        except CompileError as error:
-            if self.params["compile"] is True:
-                raise
-            self._compile_failed = True  # "auto": this build goes on uncompiled
-            warnings.warn(f"{error} This build runs uncompiled.", stacklevel=2)
-            real_means, syn_emb = branches(False)
+        real_means, syn_emb = self.compile.run(net, branches)
         yield class_means_distance(real_means, group_means(syn_emb, syn_sizes))
-
-    def _compiles(self, net: torch.nn.Module) -> bool:
-        """Whether this iteration's branches go through ``torch.compile``: ``params.compile`` true (warning once
-        when ``net`` cannot), or "auto" on a GPU for a long enough build (:func:`auto_compiles`; the recipe's
-        iterations, so that a resumed build decides as the uninterrupted one) and a network that can, unless a
-        compilation failed."""
-        setting = self.params["compile"]
-        if setting is True:
-            return self._can_compile(net)
-        return (setting == AUTO and auto_compiles(self.ctx.device, self.ctx.recipe.iterations) and compilable(net)
-                and not getattr(self, "_compile_failed", False))
-
-    def _can_compile(self, net: torch.nn.Module) -> bool:
-        """Whether ``params.compile`` applies to ``net``; warns once per build when it does not."""
-        if compilable(net):
-            return True
-        if not getattr(self, "_compile_warned", False):
-            self._compile_warned = True
-            warnings.warn(f"params.compile: model {self.ctx.recipe.model!r} is not a ConvNet without BatchNorm "
-                          "(or holds a layer the compiled route does not know); it runs uncompiled. "
-                          "Set params.compile: false to silence this.", stacklevel=2)
-        return False
 
     def finalize(self, state: dict[str, torch.Tensor]) -> SetContents:
         return SetContents(images=state["images"].detach(), metadata={"init": self.params["init"]})

@@ -1,0 +1,72 @@
+"""A build's ``params.compile`` (DM, DC, DSA): whether each computation goes through ``torch.compile``, the warning
+when the network cannot, and "auto"'s fallback to uncompiled code when a compilation fails."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import TypeVar
+
+from torch import nn
+
+from builders.errors import CompileError
+from builders.realbranch import compilable
+from builders.recipe import AUTO
+
+__all__ = ["COMPILE_CHOICES", "CompileSetting"]
+
+#: What ``params.compile`` takes: false, true, or "auto" (each method says when "auto" compiles).
+COMPILE_CHOICES = (False, True, AUTO)
+
+Result = TypeVar("Result")
+
+
+class CompileSetting:
+    """One build's ``params.compile``.
+
+    - ``true``: compiled wherever the network allows (:func:`builders.realbranch.compilable`), with one warning per
+      build where it does not; a failed compilation stops the build (:class:`CompileError`, naming the fix).
+    - ``"auto"``: compiled when ``auto`` (the method's decision for this build) and the network allows; a failed
+      compilation warns once and the rest of the build runs uncompiled.
+    - ``false``: never compiled.
+    """
+
+    def __init__(self, setting: bool | str, auto: bool, model: str) -> None:
+        if not (isinstance(setting, bool) or setting == AUTO):  # 1 == True, but a recipe's 1 is not a choice
+            raise ValueError(f"params.compile: expected one of {COMPILE_CHOICES}, got {setting!r}")
+        self.setting = setting
+        self.auto = auto
+        self.model = model
+        self.failed = False  # "auto" met a failed compilation: the rest of the build runs uncompiled
+        self._warned = False
+
+    def compiles(self, net: nn.Module) -> bool:
+        """Whether a computation through ``net`` goes through ``torch.compile`` now; with ``true``, warns (once per
+        build) when ``net`` cannot."""
+        if self.setting is True:
+            return compilable(net) or self._warn_uncompilable()
+        return self.setting == AUTO and self.auto and not self.failed and compilable(net)
+
+    def run(self, net: nn.Module, compute: Callable[[bool], Result]) -> Result:
+        """``compute(compiled)``, with ``compiled`` as :meth:`compiles` says; under "auto", a failed compilation
+        warns and is computed again uncompiled (``compute`` must draw no random numbers, so that the retry is the
+        same computation)."""
+        if not self.compiles(net):
+            return compute(False)
+        try:
+            return compute(True)
+        except CompileError as error:
+            if self.setting is True:
+                raise
+            self.failed = True
+            warnings.warn(f"{error} This build runs uncompiled.", stacklevel=3)
+            return compute(False)
+
+    def _warn_uncompilable(self) -> bool:
+        """Warns, once per build, that ``params.compile: true`` does not apply to this model; False."""
+        if not self._warned:
+            self._warned = True
+            warnings.warn(f"params.compile: model {self.model!r} is not a ConvNet without BatchNorm (or holds a "
+                          "layer the compiled route does not know); it runs uncompiled. Set params.compile: false "
+                          "to silence this.", stacklevel=4)
+        return False
