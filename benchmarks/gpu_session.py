@@ -30,6 +30,8 @@ grandchild). Sections, in order:
     each (``experts_speed.py --warmup 1``: the GPU's start-up costs stay out of the timed runs);
 5. the quickstart built at fp32 and at bf16-real, two seeds each (``precision_check.py``);
 6. DM against the reference on CIFAR-10-shaped images, ipc 50 (two rounds);
+6b. DSA against the reference, Fashion-MNIST ipc 1, with ``params.compile`` true and false (one round each),
+    and the compiled gradient's accuracy against float64 (``compiled_gradient_accuracy.py``);
 7. peak memory of MTT at CIFAR-100 shape, ipc 10, unrolled vs constant (``tesla_memory.py``);
 8. MTT memory at CIFAR-100 shape, ipc 50 (the recipe's 125 images per step);
 9. a one-process ``torchrun`` build (NCCL on a GPU): a tiny DM Fashion-MNIST set whose metadata must
@@ -208,6 +210,13 @@ def main(reference: Path, fashion_mnist: Path, budget: float, out: Path, python:
                                        *precision_smoke], needs=60, limit=200)
     s.section("dm_cifar10_ipc50", [*dm, "--source", "cifar10-generated", "--ipc", "50", "--rounds", counts["rounds"]],
               needs=60, limit=200)
+    # DC/DSA's params.compile off the CPU (auto does not compile on GPUs until this is measured)
+    for setting in ("true", "false"):
+        s.section(f"dsa_fashionmnist_ipc1_compile_{setting}",
+                  [*dm, "--method", "dsa", "--ipc", "1", "--rounds", "1", "--set", f"params.compile={setting}"],
+                  needs=60, limit=200)
+    s.section("compiled_gradient_accuracy", [f"{bench}/compiled_gradient_accuracy.py", "--device", device,
+                                             "--record", "--seeds", "2" if smoke else "8"], needs=30, limit=120)
     mtt = [f"{bench}/tesla_memory.py", "--device", device, "--model", "ConvNet", "--classes", "100",
            "--steps", counts["steps"], "--record", "--child-timeout", "60"]
     s.section("mtt_memory_cifar100_ipc10", [*mtt, "--images", counts["images"], "--tag", "cifar100_ipc10"],

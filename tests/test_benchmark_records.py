@@ -49,3 +49,14 @@ def test_dm_vs_references_durations_are_the_timed_iterations_alone() -> None:
     stamps = [1.0, 1.5, 3.0, 3.25, 4.0]  # iteration ends; warm-up 2, timed 2: iterations 3 and 4
     assert dm_vs_reference._durations(stamps, 2, 2) == [1.5, 0.25]
     assert dm_vs_reference._per_iteration(stamps, 2, 2) == pytest.approx(0.875)
+
+
+def test_compiled_gradient_accuracy_compares_each_parameter_to_its_exact_gradient() -> None:
+    import torch
+    from compiled_gradient_accuracy import largest_relative_error  # benchmarks/compiled_gradient_accuracy.py
+
+    exact = [torch.tensor([1.0, 1.0], dtype=torch.float64), torch.tensor([3.0, 4.0], dtype=torch.float64),
+             torch.tensor([1e-12], dtype=torch.float64)]  # the last: an exact 0 (left out)
+    got = [torch.tensor([1.0, 0.0]), torch.tensor([3.0, 4.5]), torch.tensor([5.0])]
+    # |(0, -1)| / sqrt 2 = 0.7071 against |(0, 0.5)| / 5 = 0.1
+    assert largest_relative_error(got, exact) == pytest.approx(2 ** -0.5)
