@@ -74,11 +74,15 @@ def train_step(net: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, targ
     if augmenter is not None:
         x = augmenter(x, generator)
     logits = net(x)
-    loss = label_loss(logits, targets)
+    step_on(opt, label_loss(logits, targets))
+    return logits.detach()
+
+
+def step_on(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    """One optimiser step down ``loss``'s gradient (the gradients it finds are replaced, not added to)."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    return logits.detach()
 
 
 def replay_steps(

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from builders.errors import RecipeError
+from builders.evaluate import step_on
 from builders.methods.base import Method, SetContents, check_init
 from builders.methods.compile_setting import COMPILE_CHOICES, CompileSetting
 from builders.methods.matching import (
@@ -195,10 +196,8 @@ class GradientMatching(Method):
             for start in range(0, data.shape[0], batch):
                 idx = order[start : start + batch]
                 x = ctx.augment_each(data[idx]) if self.augmented else data[idx]
-                loss = self.compile.run(net, lambda compiled: classifier_loss(net, x, labels[idx], compiled))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                step_on(optimizer, self.compile.run(net, lambda compiled: classifier_loss(net, x, labels[idx],
+                                                                                         compiled)))
 
     # -- one iteration ---------------------------------------------------------------------
     def losses(self, state: dict[str, torch.Tensor], iteration: int) -> Iterator[torch.Tensor]:
