@@ -16,9 +16,11 @@ __all__ = ["backward_compiled_with_forward", "call_compiled", "compile_static"]
 
 #: inductor settings for compilations off the CPU: no FX-graph cache (and so no AOTAutograd cache, which needs it).
 #: On an H100, DM's compiled iteration ran 0.0174 and 0.0119 s with a cold cache, 0.0346 and 0.0432 s with the
-#: same cache warm, and 0.0153 s warm with both caches off (benchmarks/results/compile_cache_cuda_2026-11-26.json):
-#: code loaded from the caches ran 2-3x slower. On a CPU the three took 3.13 / 3.35 / 3.48 s (within noise;
-#: compile_cache_cpu_2026-11-26.json), and the warm cache halves the compilation, so CPUs keep it.
+#: same cache warm, and 0.0153 s warm with both caches off (benchmarks/results/compile_cache_cuda_2026-11-26.json).
+#: With these settings a later session saw 3 of 4 processes fast and one at 0.0343 s
+#: (gpu_session_partial_cuda_2026-11-26.json): the caches were one way into that slow mode, not the only one.
+#: On a CPU the three took 3.13 / 3.35 / 3.48 s (within noise; compile_cache_cpu_2026-11-26.json), and the warm
+#: cache halves the compilation, so CPUs keep it.
 OFF_CPU_OPTIONS = {"fx_graph_cache": False}
 
 #: torch's switch that lowers a compiled function's backward pass together with its forward pass.
