@@ -2,10 +2,10 @@
 
     python benchmarks/allocator_effect.py recipes/dsa_fashionmnist.yaml --set ipc=1 [--rounds 2] [--record]
 
-Runs ``build_speed.py RECIPE`` in child processes, alternately with the settings and with
-``CONDENSED_DATASETS_NO_MALLOPT=1`` (off, on, off, on, ...), and records for each child its seconds
-per iteration (wall and process CPU), user and system CPU seconds and peak RSS (``os.wait4``; whole
-process, start-up and data loading included).
+Runs ``build_speed.py RECIPE`` in child processes, alternately without the settings and with them
+(``--allocator off`` / ``on``: off, on, off, on, ...; on also for a method the command line leaves
+untuned), and records for each child its seconds per iteration (wall and process CPU), user and system
+CPU seconds and peak RSS (``os.wait4``; whole process, start-up and data loading included).
 """
 
 from __future__ import annotations
@@ -53,11 +53,10 @@ def main(recipe: Path, overrides: tuple[str, ...], rounds: int, warmup: int, tim
             for mode in ("off", "on"):
                 env = {k: v for k, v in os.environ.items() if k != ENV_OFF}
                 env["PYTHONPATH"] = str(REPO)
-                if mode == "off":
-                    env[ENV_OFF] = "1"
                 log = tmp / f"{mode}_{r}.log"
-                with open(log, "w") as out:
-                    proc = subprocess.Popen([*cmd, "--out", str(tmp / f"out_{mode}_{r}")], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+                with open(log, "w") as out:  # on: whether or not the command line applies them to this method
+                    proc = subprocess.Popen([*cmd, "--allocator", mode, "--out", str(tmp / f"out_{mode}_{r}")],
+                                            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
                     _, status, usage = os.wait4(proc.pid, 0)
                 text = log.read_text()
                 if os.waitstatus_to_exitcode(status) != 0:

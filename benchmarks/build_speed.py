@@ -24,6 +24,7 @@ from machine import write_record  # benchmarks/machine.py (scripts run from benc
 
 from builders.allocator import tune_allocator
 from builders.build import load_recipe
+from builders.cli import tune_allocator_for
 from builders.engine import Engine
 from builders.recipe import parse_overrides
 
@@ -42,17 +43,22 @@ class _Timed(Exception):
 @click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None)
 @click.option("--record", is_flag=True, help="Write the result to benchmarks/results/.")
 @click.option("--note", default="", help="Conditions worth recording (e.g. other load on the machine).")
+@click.option("--allocator", type=click.Choice(["method", "on", "off"]), default="method", show_default=True,
+              help="The allocator settings: as the command line gives the recipe's method, or on / off.")
 @click.option("--stamps", is_flag=True,
               help="Print 'BENCH_ITER <iteration> <perf_counter> <process_time>' after each iteration.")
 def main(recipe: Path, iterations: int, warmup: int, overrides: tuple[str, ...], device: str, out: Path,
-         data_root: Path | None, record: bool, note: str, stamps: bool) -> None:
-    """Time RECIPE's build loop (with the command line's allocator settings)."""
-    tune_allocator()
+         data_root: Path | None, record: bool, note: str, stamps: bool, allocator: str) -> None:
+    """Time RECIPE's build loop (with the allocator settings the command line gives its method)."""
     wanted = warmup + iterations
     pairs = parse_overrides(overrides) + [("checkpoint_every", 0)]
     r = load_recipe(recipe, pairs)
     if r.iterations < wanted:
         r = load_recipe(recipe, [*pairs, ("iterations", wanted)])
+    if allocator == "on":
+        tune_allocator()
+    elif allocator == "method":
+        tune_allocator_for(r)  # as the command line does for this method
     engine = Engine(r, out_root=out, data_root=data_root, device=device, evaluate=False, progress=False)
     times: list[float] = []
 

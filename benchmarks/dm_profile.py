@@ -23,8 +23,8 @@ from machine import provenance, write_record  # benchmarks/machine.py (scripts r
 from profiler_events import device_busy_us, python_operators
 from torch.profiler import ProfilerActivity, profile
 
-from builders.allocator import tune_allocator
 from builders.build import load_recipe
+from builders.cli import tune_allocator_for
 from builders.engine import Engine
 from builders.recipe import parse_overrides
 
@@ -46,9 +46,9 @@ RUNTIME_CALLS = ("cudaLaunchKernel", "cudaStreamSynchronize", "cudaMemcpyAsync",
 def main(recipe: Path, warmup: int, iterations: int, overrides: tuple[str, ...], device: str, out: Path,
          rows: int, record: bool, tag: str, note: str) -> None:
     """Profile RECIPE's build loop over iterations WARMUP+1 .. WARMUP+ITERATIONS."""
-    tune_allocator()
     pairs = parse_overrides(overrides) + [("iterations", warmup + iterations), ("checkpoint_every", 0)]
     r = load_recipe(recipe, pairs)
+    tune_allocator_for(r)  # as the command line does for this method
     engine = Engine(r, out_root=out, device=device, evaluate=False, progress=False, overwrite=True)
     cuda = engine.device.type == "cuda"
     activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]

@@ -185,6 +185,27 @@ def _per_iteration(stamps: list[float], warmup: int, timed: int) -> float:
 
 
 
+def parse_env_pairs(pairs: tuple[str, ...]) -> dict[str, str]:
+    """``KEY=VALUE`` strings as a mapping; a pair without ``=`` or with an empty or non-identifier key is refused."""
+    env: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.isidentifier():
+            raise click.BadParameter(f"{pair!r}: expected KEY=VALUE with KEY a variable name",
+                                     param_hint="--variant-env")
+        env[key] = value
+    return env
+
+
+def variant_figures(reference: list[float], variant: list[float], variant_cpu: list[float]) -> dict:
+    """The variant side's medians and its speedup over the reference, per round and median."""
+    median = statistics.median(variant)
+    return {"package_variant_s_per_iteration_median": median,
+            "package_variant_cpu_s_per_iteration_median": statistics.median(variant_cpu),
+            "package_variant_speedup_median": round(statistics.median(reference) / median, 3),
+            "package_variant_speedup_per_round": [round(a / b, 3) for a, b in zip(reference, variant)]}
+
+
 @click.command()
 @click.option("--reference", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
               help="Checkout of VICO-UoE/DatasetCondensation (main_DM.py, networks.py, utils.py).")
@@ -199,14 +220,18 @@ def _per_iteration(stamps: list[float], warmup: int, timed: int) -> float:
 @click.option("--source", type=click.Choice(sorted(SOURCES)), default="fashionmnist", show_default=True)
 @click.option("--method", type=click.Choice(sorted(REFERENCE_SCRIPTS)), default="dm", show_default=True)
 @click.option("--ipc", type=click.IntRange(1), default=10, show_default=True)
+@click.option("--variant-env", "variant_env", multiple=True, metavar="KEY=VALUE",
+              help="Each round also runs the package with these environment variables (side 'package_variant'), "
+                   "e.g. OMP_NUM_THREADS=1.")
 @click.option("--record", is_flag=True, help="Write the result to benchmarks/results/.")
 @click.option("--note", default="", help="Conditions worth recording (e.g. other load on the machine).")
 def main(reference: Path, rounds: int, warmup: int, timed: int, overrides: tuple[str, ...],
-         reference_pythonpath: str, python: str, device: str, source: str, method: str, ipc: int, record: bool,
-         note: str) -> None:
+         reference_pythonpath: str, python: str, device: str, source: str, method: str, ipc: int,
+         variant_env: tuple[str, ...], record: bool, note: str) -> None:
     """Time DM (DC, DSA) iterations of the reference and of this package, interleaved."""
     if warmup < 1 or timed < 1:
         raise click.BadParameter("--warmup and --timed must be >= 1")
+    variant = parse_env_pairs(variant_env)
     total = warmup + timed
     with tempfile.TemporaryDirectory(prefix=f"{method}_vs_reference_") as tmp_name:
         tmp = Path(tmp_name)
@@ -229,17 +254,19 @@ def main(reference: Path, rounds: int, warmup: int, timed: int, overrides: tuple
                    "--warmup", str(warmup - 1), "--iterations", str(timed + 1), "--stamps", "--set", f"ipc={ipc}"]
         for pair in overrides:
             pkg_cmd += ["--set", pair]
+        sides = [("reference", ref_cmd, tmp / "ref", ref_env), ("package", pkg_cmd, REPO, pkg_env)]
+        if variant:
+            sides.append(("package_variant", pkg_cmd, REPO, dict(pkg_env, **variant)))
         runs: list[dict] = []
         for r in range(rounds):
-            for side, cmd, cwd, run_env in (("reference", ref_cmd, tmp / "ref", ref_env),
-                                              ("package", pkg_cmd, REPO, pkg_env)):
-                cmd = [str(tmp / f"pkg_out_{r}") if c == "PKG_OUT" else c for c in cmd]  # a fresh output per run
+            for side, cmd, cwd, run_env in sides:
+                cmd = [str(tmp / f"{side}_out_{r}") if c == "PKG_OUT" else c for c in cmd]  # a fresh output per run
                 result = _run(cmd, cwd, run_env, tmp / f"{side}_{r}.log")
                 result["iteration_s"] = _durations(result["stamps"], warmup, timed)  # spread within the run
                 result["s_per_iteration"] = round(_per_iteration(result.pop("stamps"), warmup, timed), 4)
                 result["cpu_s_per_iteration"] = round(_per_iteration(result.pop("cpu_stamps"), warmup, timed), 4)
                 runs.append({"side": side, "round": r, **result})
-                click.echo(f"round {r} {side:9s}: {result['s_per_iteration']:.3f} s/it "
+                click.echo(f"round {r} {side:15s}: {result['s_per_iteration']:.3f} s/it "
                            f"({result['cpu_s_per_iteration']:.3f} CPU-s/it), user {result['user_s']} s, "
                            f"sys {result['sys_s']} s, peak RSS {result['peak_rss_mib']} MiB, wall {result['wall_s']} s")
 
@@ -254,8 +281,9 @@ def main(reference: Path, rounds: int, warmup: int, timed: int, overrides: tuple
         "benchmark": f"{method.upper()} iteration, reference {script} vs this package",
         "config": {"source": source, "ipc": ipc, "method": method, "batch_real": 256, "model": "ConvNet",
                    "reference_arguments": script_args, "package_recipe": str(recipe_path(method, source).name),
-                   "package_overrides": list(overrides),
-                   "timed_iterations": f"{warmup + 1}-{total}", "order": "reference, package, alternating"},
+                   "package_overrides": list(overrides), "package_variant_env": variant,
+                   "timed_iterations": f"{warmup + 1}-{total}",
+                   "order": f"{', '.join(name for name, *_ in sides)}, alternating"},
         "runs": runs,
         "reference_s_per_iteration_median": ref_it,
         "package_s_per_iteration_median": pkg_it,
@@ -267,6 +295,8 @@ def main(reference: Path, rounds: int, warmup: int, timed: int, overrides: tuple
         "cpu_time_ratio_median": round(ref_cpu / pkg_cpu, 3),
         "reference_peak_rss_mib_max": max(side("reference", "peak_rss_mib")),
         "package_peak_rss_mib_max": max(side("package", "peak_rss_mib")),
+        **(variant_figures(side("reference", "s_per_iteration"), side("package_variant", "s_per_iteration"),
+                           side("package_variant", "cpu_s_per_iteration")) if variant else {}),
         "device": (f"cuda: {torch.cuda.get_device_name()} (host cpu: {cpu_name()}, {os.cpu_count()} cores)"
                    if device == "cuda" else
                    f"cpu: {cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"),
@@ -283,7 +313,8 @@ def main(reference: Path, rounds: int, warmup: int, timed: int, overrides: tuple
     }
     click.echo(json.dumps(result, indent=2))
     if record:
-        tag = "_".join(p.replace("params.", "").replace("=", "-") for p in overrides)
+        tag = "_".join([*(p.replace("params.", "").replace("=", "-") for p in overrides),
+                        *(f"variant-{k}-{v}" for k, v in variant.items())])
         where = "" if (source, ipc) == ("fashionmnist", 10) else f"_{source}_ipc{ipc}"
         base = f"{method}_vs_reference_{device}{where}"
         path = write_record(f"{base}{'_' + tag if tag else ''}", result)

@@ -16,6 +16,8 @@ grandchild). Sections, in order:
 1. DM iteration time against the reference, Fashion-MNIST ipc 10 (``dm_vs_reference.py``; DM's
    default ``params.compile: auto`` compiles on a GPU);
 2. the same on CIFAR-10-shaped generated images, ipc 10;
+2a. the same with a third process each round, the package with ``OMP_NUM_THREADS=1`` (``--variant-env``): one
+    package process in four ran DM 2x slower on an H100 with more CPU time per iteration (fifth session);
 2b. DM's compiled iteration in fresh processes with inductor's caches cold and warm (``compile_cache.py``:
     on 2026-11-26 warm ran 2-3x slower; the package now compiles afresh off the CPU);
 3. the Fashion-MNIST comparison with ``params.compile: false`` (one round);
@@ -31,7 +33,8 @@ grandchild). Sections, in order:
 5. the quickstart built at fp32 and at bf16-real, two seeds each (``precision_check.py``);
 6. DM against the reference on CIFAR-10-shaped images, ipc 50 (two rounds);
 6b. DSA against the reference, Fashion-MNIST ipc 1, with ``params.compile`` true and false (one round each),
-    and the compiled gradient's accuracy against float64 (``compiled_gradient_accuracy.py``);
+    with ``params.batch_classes`` true and false (two rounds each), and the compiled gradient's accuracy
+    against float64 (``compiled_gradient_accuracy.py``);
 7. peak memory of MTT at CIFAR-100 shape, ipc 10, unrolled vs constant (``tesla_memory.py``);
 8. MTT memory at CIFAR-100 shape, ipc 50 (the recipe's 125 images per step);
 9. a one-process ``torchrun`` build (NCCL on a GPU): a tiny DM Fashion-MNIST set whose metadata must
@@ -180,6 +183,9 @@ def main(reference: Path, fashion_mnist: Path, budget: float, out: Path, python:
     s.section("dm_fashionmnist_ipc10", [*dm, "--rounds", counts["rounds"]], needs=60, limit=170)
     s.section("dm_cifar10_ipc10", [*dm, "--source", "cifar10-generated", "--rounds", counts["rounds"]],
               needs=60, limit=170)
+    # DM's slow mode (about 2x, steady within a process; fifth session): is it the host's idle OpenMP threads?
+    s.section("dm_cifar10_ipc10_threads1", [*dm, "--source", "cifar10-generated", "--rounds", counts["rounds"],
+                                            "--variant-env", "OMP_NUM_THREADS=1"], needs=90, limit=260)
     s.section("compile_cache", [f"{bench}/compile_cache.py", "--device", device, "--record",
                                 "--warmup", "1" if smoke else "4", "--iterations", "2" if smoke else "16"],
               needs=60, limit=200)  # 4 fresh processes, each compiling or loading, about 30 s each on an H100
@@ -210,11 +216,16 @@ def main(reference: Path, fashion_mnist: Path, budget: float, out: Path, python:
                                        *precision_smoke], needs=60, limit=200)
     s.section("dm_cifar10_ipc50", [*dm, "--source", "cifar10-generated", "--ipc", "50", "--rounds", counts["rounds"]],
               needs=60, limit=200)
-    # DC/DSA's params.compile off the CPU (auto does not compile on GPUs until this is measured)
+    # DC/DSA's params.compile off the CPU (measured in the fifth session: compiled 0.202, uncompiled 0.161 s/it)
     for setting in ("true", "false"):
         s.section(f"dsa_fashionmnist_ipc1_compile_{setting}",
                   [*dm, "--method", "dsa", "--ipc", "1", "--rounds", "1", "--set", f"params.compile={setting}"],
                   needs=60, limit=200)
+    # DC/DSA's params.batch_classes: every class matched in one pass (auto: on, off the CPU) against class by class
+    for setting in ("true", "false"):
+        s.section(f"dsa_fashionmnist_ipc1_batch_classes_{setting}",
+                  [*dm, "--method", "dsa", "--ipc", "1", "--rounds", counts["rounds"], "--set",
+                   f"params.batch_classes={setting}"], needs=60, limit=200)
     s.section("compiled_gradient_accuracy", [f"{bench}/compiled_gradient_accuracy.py", "--device", device,
                                              "--record", "--seeds", "2" if smoke else "8"], needs=30, limit=120)
     mtt = [f"{bench}/tesla_memory.py", "--device", device, "--model", "ConvNet", "--classes", "100",

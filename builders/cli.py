@@ -21,7 +21,7 @@ from builders.evaluate import evaluate_set
 from builders.nas import run_nas
 from builders.networks import available_networks
 from builders.publish import publish_to_dir, publish_to_hub
-from builders.recipe import DEFAULT_ROOT, parse_overrides, stored_evaluation
+from builders.recipe import DEFAULT_ROOT, Recipe, parse_overrides, stored_evaluation
 from builders.registry import get_method
 from builders.runspec import load_spec
 from builders.show import save_grid
@@ -52,6 +52,13 @@ def _user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             raise click.ClickException(printable(exc, keep="\n")) from exc
 
     return wrapper
+
+
+def tune_allocator_for(recipe: Recipe) -> bool:
+    """Apply the allocator settings (:func:`builders.allocator.tune_allocator`) unless the recipe's method declines
+    them (``Method.tunes_allocator``; runners that are no condensation method, e.g. experts, take them); True if
+    applied."""
+    return getattr(get_method(recipe.method), "tunes_allocator", True) and tune_allocator()
 
 
 def _silent(*args: Any, **kwargs: Any) -> None:
@@ -106,8 +113,8 @@ def build_command(recipe: Path, overrides: tuple[str, ...], out_root: Path | Non
     Under torchrun (``torchrun --nproc_per_node=N $(which condensed-build) RECIPE``) the build runs across
     the N processes; rank 0 alone writes, logs and prints.
     """
-    tune_allocator()
     r = load_recipe(recipe, parse_overrides(overrides))
+    tune_allocator_for(r)
     dev = resolve_device(device)
     echo = click.echo if distributed.env_is_main() else _silent  # under torchrun one rank speaks
     quiet = quiet or not distributed.env_is_main()

@@ -127,6 +127,13 @@ class WideConvNet:
         """The stacked leaf tensors, for an optimiser (SGD acts elementwise: the layout does not matter)."""
         return list(self.params.values())
 
+    def per_network(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+        """``tensors`` laid out as :attr:`params` and in their order (their gradients, say) as ``[N, ...]``:
+        row ``i`` is network ``i``'s, shaped as the ConvNet's own parameter (views where the layout allows)."""
+        if len(tensors) != len(self.params):
+            raise ValueError(f"per_network: {len(self.params)} parameters, got {len(tensors)} tensors")
+        return [_from_wide(name, t, self.count) for name, t in zip(self.params, tensors)]
+
     def inputs(self, x: Tensor) -> Tensor:
         """Each network's own batch ``[N, B, C, H, W]`` laid out as this form's input: ``[B, N*C, H, W]``
         (:func:`widen_inputs`; channels-last strides for ``"channels_last"``) or ``[N*B, C, H, W]`` (``"split"``)."""

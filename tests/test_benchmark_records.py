@@ -51,6 +51,22 @@ def test_dm_vs_references_durations_are_the_timed_iterations_alone() -> None:
     assert dm_vs_reference._per_iteration(stamps, 2, 2) == pytest.approx(0.875)
 
 
+def test_dm_vs_references_variant_env_is_parsed_strictly_and_timed_against_the_reference() -> None:
+    import click
+    import dm_vs_reference  # benchmarks/dm_vs_reference.py
+
+    assert dm_vs_reference.parse_env_pairs(("OMP_NUM_THREADS=1", "A_B=x=y", "EMPTY=")) == {
+        "OMP_NUM_THREADS": "1", "A_B": "x=y", "EMPTY": ""}
+    for bad in ("NOEQUALS", "=1", "1X=2", "A-B=1", "../X=1"):
+        with pytest.raises(click.BadParameter):
+            dm_vs_reference.parse_env_pairs((bad,))
+    figures = dm_vs_reference.variant_figures([0.09, 0.08], [0.02, 0.04], [0.1, 0.3])
+    assert figures["package_variant_s_per_iteration_median"] == pytest.approx(0.03)
+    assert figures["package_variant_cpu_s_per_iteration_median"] == pytest.approx(0.2)
+    assert figures["package_variant_speedup_median"] == pytest.approx(0.085 / 0.03, abs=1e-3)
+    assert figures["package_variant_speedup_per_round"] == [4.5, 2.0]
+
+
 def test_compiled_gradient_accuracy_compares_each_parameter_to_its_exact_gradient() -> None:
     import torch
     from compiled_gradient_accuracy import largest_relative_error  # benchmarks/compiled_gradient_accuracy.py

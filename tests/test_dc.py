@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from builders import realbranch
+from builders import realbranch, wide_convnet
 from builders.build import load_recipe, recipe_from_dict
 from builders.data import RealData
 from builders.engine import Engine
@@ -15,7 +15,13 @@ from builders.errors import CompileError
 from builders.methods import dc as dc_module
 from builders.methods.base import BuildContext
 from builders.methods.dc import GradientMatching, SiameseGradientMatching, class_gradient, class_matching_loss
-from builders.methods.matching import freeze_batch_norm, gradient_distance, layerwise_distance, outer_inner_loops
+from builders.methods.matching import (
+    freeze_batch_norm,
+    gradient_distance,
+    layerwise_distance,
+    outer_inner_loops,
+    stacked_gradient_distance,
+)
 from builders.networks import build_network
 from builders.recipe import RecipeError
 from condensed_datasets.sources import get_source
@@ -55,6 +61,27 @@ def test_mse_and_cos_compare_all_gradients_as_one_vector():
     assert math.isclose(gradient_distance(real, syn, "cos").item(), expected, abs_tol=1e-6)
     with pytest.raises(ValueError, match="valid: ours, mse, cos"):
         gradient_distance(real, syn, "l1")
+
+
+@pytest.mark.parametrize("metric", ["ours", "mse", "cos"])
+def test_the_stacked_distance_is_the_sum_of_each_rows_distance(metric):
+    g = torch.Generator().manual_seed(2)
+    shapes = [(4, 3, 3, 3), (4,), (5, 4, 2), (7, 5), ()]  # a kernel, a bias, a layer-norm weight, a linear, a scalar
+    real = [torch.randn(3, *shape, generator=g, dtype=torch.float64) for shape in shapes]
+    syn = [torch.randn(3, *shape, generator=g, dtype=torch.float64) for shape in shapes]
+    want = sum(gradient_distance([t[i] for t in real], [t[i] for t in syn], metric) for i in range(3))
+    assert torch.allclose(stacked_gradient_distance(real, syn, metric), want, rtol=1e-13, atol=0)
+
+
+def test_the_stacked_distance_refuses_mismatched_or_unstacked_gradients():
+    with pytest.raises(ValueError, match="1 real gradients but 2"):
+        stacked_gradient_distance([torch.zeros(2, 3)], [torch.zeros(2, 3)] * 2)
+    with pytest.raises(ValueError, match="differ or have no stack dimension"):
+        stacked_gradient_distance([torch.zeros(2, 3)], [torch.zeros(3, 3)])
+    with pytest.raises(ValueError, match="no stack dimension"):
+        stacked_gradient_distance([torch.zeros(())], [torch.zeros(())])
+    with pytest.raises(ValueError, match="unknown gradient distance"):
+        stacked_gradient_distance([torch.zeros(2, 3)], [torch.zeros(2, 3)], "l1")
 
 
 @pytest.mark.parametrize("ipc, loops", [(1, (1, 1)), (10, (10, 50)), (20, (20, 25)), (30, (30, 20)),
@@ -379,3 +406,130 @@ def test_dc_inner_training_compiled_follows_the_uncompiled_trajectory(monkeypatc
         assert moved > 0 or name.endswith("bias"), name  # the steps train the network
         # a convolution's bias before instance norm has no effect: its gradient is float noise either way
         assert float((trained[True][name] - plain).norm()) <= 1e-4 * moved + 1e-6, name
+
+
+# -- params.batch_classes: every class's gradients in one pass -------------------------------------
+
+
+def _per_class_and_wide(model, metric, classes, dtype=torch.float64):
+    """The matching loss and its image gradient, class by class and in one pass, on the same batches."""
+    net = build_network(model, 1, 10, (12, 12), seed=3).to(dtype)
+    g = torch.Generator().manual_seed(4)
+    real = [torch.randn(5, 1, 12, 12, generator=g, dtype=dtype) for _ in classes]
+    images = torch.randn(2 * len(classes), 1, 12, 12, generator=g, dtype=dtype, requires_grad=True)
+    syn = [images[2 * i : 2 * i + 2] for i in range(len(classes))]
+    out = []
+    for loss_fn in (class_matching_loss, dc_module.wide_class_matching_loss):
+        loss = loss_fn(net, real, syn, metric, classes=classes)
+        out.append((loss.detach(), torch.autograd.grad(loss, images)[0]))
+    return out
+
+
+@pytest.mark.parametrize("gpu_paths", [False, True])
+@pytest.mark.parametrize("metric", ["ours", "mse", "cos"])
+@pytest.mark.parametrize("model", ["ConvNet", "ConvNetAS", "ConvNetLN", "ConvNetNN", "ConvNetGN", "ConvNetMP"])
+def test_matching_all_classes_in_one_pass_is_the_per_class_sum_in_float64(model, metric, gpu_paths, monkeypatch):
+    if gpu_paths:  # the wide network's paths off the CPU (dense one-channel first layer, AvgPool2x2), here on it
+        monkeypatch.setattr(wide_convnet, "_off_cpu", lambda x: True)
+    (plain, plain_grad), (wide, wide_grad) = _per_class_and_wide(model, metric, classes=(0, 3, 4, 9))
+    assert torch.allclose(wide, plain, rtol=1e-12, atol=0)
+    assert torch.allclose(wide_grad, plain_grad, rtol=1e-9, atol=1e-12 * plain_grad.abs().max().item())
+
+
+def test_matching_in_one_pass_in_float32_is_within_1e_5_of_the_per_class_computation():
+    (plain, plain_grad), (wide, wide_grad) = _per_class_and_wide("ConvNet", "ours", tuple(range(10)), torch.float32)
+    assert abs(wide.item() - plain.item()) <= 1e-5 * abs(plain.item())
+    assert (wide_grad - plain_grad).norm() <= 1e-5 * plain_grad.norm()
+
+
+@pytest.mark.parametrize("setting, device, batches", [
+    ("auto", "cpu", False), ("auto", "cuda", True), ("auto", "meta", True),
+    (True, "cpu", True), (False, "cuda", False),
+])
+def test_batch_classes_auto_batches_off_the_cpu_only(setting, device, batches):
+    assert dc_module.batches_classes(setting, torch.device(device)) is batches
+
+
+@pytest.mark.parametrize("value", ["yes", 1, None, "true"])
+def test_batch_classes_takes_true_false_or_auto_only(value):
+    with pytest.raises(RecipeError, match="batch_classes"):
+        _tiny_context(batch_classes=value)
+
+
+def _build_images(batch_classes, model, **params):
+    """The DSA images at the start and after 2 iterations of the engine's loop (tiny context)."""
+    ctx, _ = _tiny_context(method="dsa", augment=DSA, model=model, batch_classes=batch_classes, batch_real=3,
+                           **params)
+    method = SiameseGradientMatching(ctx)
+    state = method.initial_state()
+    start = state["images"].detach().clone()
+    optimizer = method.optimizers(state)["images"]
+    for iteration in range(2):
+        for loss in method.losses(state, iteration):
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return start, state["images"].detach()
+
+
+def test_a_dsa_build_matched_in_one_pass_follows_the_per_class_build():
+    """Same random numbers, same steps: after 2 iterations of 2 matching steps, with inner training between
+    them, the images part by float rounding alone. The float32 image gradient of either way errs by 2e-5 to
+    4e-5 of its norm against float64 here, and the steps compound it (measured: 1e-4 of the images' movement);
+    a sigmoid ConvNet, since with ReLU a unit within rounding of 0 may switch sides and the builds part more."""
+    start, one_pass = _build_images(True, "ConvNetAS", outer_loop=2, inner_loop=2)
+    _, per_class = _build_images(False, "ConvNetAS", outer_loop=2, inner_loop=2)
+    moved = (per_class - start).norm()
+    assert moved > 1.0
+    assert (one_pass - per_class).norm() <= 1e-3 * moved
+
+
+def test_batch_classes_true_warns_once_and_matches_class_by_class_for_batchnorm_networks(monkeypatch):
+    ctx, _ = _tiny_context(model="ConvNetBN", batch_classes=True, outer_loop=3, inner_loop=1, batch_real=4)
+    method = GradientMatching(ctx)
+    called = []
+    monkeypatch.setattr(dc_module, "wide_class_matching_loss", lambda *a, **k: called.append(1))
+    with pytest.warns(UserWarning, match="params.batch_classes: model 'ConvNetBN'") as caught:
+        losses = [loss.item() for loss in method.losses(method.initial_state(), 0)]
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses) and called == []
+    assert sum("params.batch_classes" in str(w.message) for w in caught) == 1
+
+
+def test_classes_with_fewer_real_images_than_batch_real_are_matched_class_by_class():
+    ctx, real = _tiny_context(batch_classes=True, batch_real=3)
+    method = GradientMatching(ctx)
+    net = build_network("ConvNetW32", 1, 10, (8, 8), seed=5)
+    same = [torch.zeros(3, 1, 8, 8)] * 10
+    assert method.matches_in_one_pass(net, False, same)
+    assert not method.matches_in_one_pass(net, False, [*same[:9], torch.zeros(2, 1, 8, 8)])
+    assert not GradientMatching(_tiny_context(batch_classes="auto")[0]).matches_in_one_pass(net, False, same)
+
+
+@pytest.mark.parametrize("count, per_class, sizes", [
+    (10, 256, [10]), (100, 256, [10] * 10), (7, 1000, [2, 2, 2, 1]), (3, 5000, [1, 1, 1]), (4, 0, [4]),
+])
+def test_classes_are_matched_in_groups_of_at_most_2560_real_images(count, per_class, sizes):
+    groups = dc_module.class_groups(count, per_class)
+    assert [len(g) for g in groups] == sizes
+    assert [i for g in groups for i in g] == list(range(count))
+
+
+def test_a_build_of_more_classes_than_one_pass_takes_sums_every_group(monkeypatch):
+    """At most 12 real images a pass and 3 a class: groups of 4 classes, and the loss is the per-class sum."""
+    ctx, _ = _tiny_context(batch_classes=True, batch_real=3, outer_loop=1)
+    net = build_network("ConvNetW32", 1, 10, (8, 8), seed=5)
+    ctx.new_network = lambda name=None: net
+    method = GradientMatching(ctx)
+    state = method.initial_state()
+    monkeypatch.setattr(dc_module, "ONE_PASS_MAX_REAL_IMAGES", 12)
+    groups = []
+    wide = dc_module.wide_class_matching_loss
+    monkeypatch.setattr(dc_module, "wide_class_matching_loss",
+                        lambda *a, classes, **k: groups.append(list(classes)) or wide(*a, classes=classes, **k))
+    grouped = next(iter(method.losses(state, 0)))
+    assert groups == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    ctx2, _ = _tiny_context(batch_classes=False, batch_real=3, outer_loop=1)
+    ctx2.new_network = lambda name=None: net
+    plain_method = GradientMatching(ctx2)
+    plain = next(iter(plain_method.losses(plain_method.initial_state(), 0)))
+    assert torch.allclose(grouped, plain, rtol=1e-5)

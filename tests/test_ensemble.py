@@ -153,6 +153,24 @@ def test_the_wide_pooling_gives_avg_pool2d_values_and_gradients_bit_for_bit(size
     assert wide.grad[..., -1].abs().sum() == 0 if size[-1] % 2 else True
 
 
+def test_the_wide_pooling_differentiates_twice():
+    """Gradient matching differentiates the network's gradient (create_graph) through AvgPool2x2's backward."""
+    x = torch.randn(2, 3, 7, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(AvgPool2x2.apply, (x,))
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_per_network_gives_each_networks_own_parameter_shapes_and_values(form):
+    nets = [build_network("ConvNetLN", 1, 7, (12, 12), seed=s) for s in (1, 2, 3)]
+    wide = WideConvNet(nets, form=form)
+    rows = wide.per_network(wide.parameters())
+    for i, net in enumerate(nets):
+        for (name, param), stacked in zip(net.named_parameters(), rows):
+            assert stacked[i].shape == param.shape and torch.equal(stacked[i], param), name
+    with pytest.raises(ValueError, match="per_network"):
+        wide.per_network(wide.parameters()[:-1])
+
+
 @pytest.mark.parametrize("form", ["grouped", "channels_last"])
 @pytest.mark.parametrize("device", ["meta", "cpu"])  # meta: shapes alone, standing in for a GPU
 def test_off_the_cpu_one_channel_images_and_pooling_avoid_the_slow_gpu_kernels(monkeypatch, form, device):

@@ -152,6 +152,9 @@ class Method(ABC):
     #: that every rank takes the identical step: "classes" (the loss holds the terms of ``ctx.classes_here()``)
     #: or "batches" (per-sample terms of ``ctx.batch_shard``'s share of each batch); "" none.
     gradient_split: ClassVar[str] = ""
+    #: Whether the command line applies its allocator settings (:mod:`builders.allocator`) to this method's
+    #: builds: they pay where large blocks are freed and faulted in again every iteration (DM's real branch).
+    tunes_allocator: ClassVar[bool] = True
 
     def __init__(self, ctx: BuildContext) -> None:
         self.ctx = ctx

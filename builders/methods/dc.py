@@ -16,6 +16,9 @@ matched; the inner training runs in train mode.
 DSA is the same loop with one siamese DSA draw per class applied to the real and the synthetic
 batch before matching, and per-sample DSA while the inner network trains.
 
+``params.batch_classes`` computes a matching step's per-class gradients in one pass instead of class by
+class (:func:`wide_class_matching_loss`): the same sum, with about a quarter of the operators dispatched.
+
 Under torchrun with N processes (``gradient_split = "classes"``) rank r computes the matching terms of
 its block of classes ``[r*C//N, (r+1)*C//N)``; every rank draws every random number of the iteration
 in the same order (all classes' batches and DSA draws, the inner training's order). The engine sums the
@@ -26,9 +29,11 @@ sum. Batch norm is no obstacle here (its statistics are frozen while gradients a
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Sequence
+import warnings
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from builders.errors import RecipeError
@@ -41,11 +46,13 @@ from builders.methods.matching import (
     freeze_batch_norm,
     gradient_distance,
     outer_inner_loops,
+    stacked_gradient_distance,
 )
 from builders.realbranch import class_loss, classifier_loss
 from builders.recipe import AUTO, check_at_least, check_choice
 from builders.registry import register
 from builders.transfer import to_device
+from builders.wide_convnet import WideConvNet, widens
 
 if TYPE_CHECKING:
     from builders.methods.base import BuildContext
@@ -101,14 +108,77 @@ def class_matching_loss(
     """
     params = [p for p in net.parameters() if p.requires_grad]
     labels = range(len(real_batches)) if classes is None else classes
-    total = None
-    for c, real, syn in zip(labels, real_batches, syn_batches):
+
+    def distance(c: int, real: torch.Tensor, syn: torch.Tensor) -> torch.Tensor:
         g_real = [g.detach() for g in class_gradient(net, params, real, c, False, compiled)]
-        g_syn = class_gradient(net, params, syn, c, create_graph=True)
-        dist = gradient_distance(g_real, g_syn, metric)
-        total = dist if total is None else total + dist
-    assert total is not None, "no classes to match"
+        return gradient_distance(g_real, class_gradient(net, params, syn, c, create_graph=True), metric)
+
+    return sum_of(distance(c, real, syn) for c, real, syn in zip(labels, real_batches, syn_batches))
+
+
+#: The most real images one pass of :func:`wide_class_matching_loss` takes (value chosen here: ten classes at the
+#: papers' 256 real images each, as DM's real branch sends through a GPU at once). Its activations, and their
+#: gradients, are held for all of them together: on this project's CPU a DSA ipc 1 build peaked at 6.3 GB this
+#: way against 1.6 GB class by class (benchmarks/results/speed_dsa_fashionmnist_ipc1_cpu_2026-11-26_*.json).
+#: Builds of more classes (CIFAR-100) match them in groups of at most this many images.
+ONE_PASS_MAX_REAL_IMAGES = 2560
+
+
+def class_groups(count: int, images_per_class: int, most: int | None = None) -> list[range]:
+    """Positions ``0 .. count - 1`` in consecutive groups of at most ``most // images_per_class`` (at least one;
+    ``most`` defaults to :data:`ONE_PASS_MAX_REAL_IMAGES`)."""
+    size = max(1, (ONE_PASS_MAX_REAL_IMAGES if most is None else most) // max(1, images_per_class))
+    return [range(start, min(start + size, count)) for start in range(0, count, size)]
+
+
+def batches_classes(setting: bool | str, device: torch.device) -> bool:
+    """Whether ``params.batch_classes`` (true, false or auto) matches every class's gradients in one pass
+    (:func:`wide_class_matching_loss`) where the network allows: ``auto`` off the CPU. There a launch-bound GPU
+    pays per operator, and a DSA ipc 1 iteration dispatches 1,656 of them this way against 7,362 class by class
+    (benchmarks/results/profile_dsa_fashionmnist_ipc1_cpu_ops_batch_classes-*_2026-11-26.json); the grouped
+    ConvNet step ran 2.6x faster than five networks' steps one after another on an H100
+    (ensemble_forms_5xConvNet_cuda_2026-11-26_2.json). Its GPU timing for DSA is still to be measured."""
+    return setting is True or (setting == AUTO and device.type != "cpu")
+
+
+def wide_class_matching_loss(
+    net: nn.Module,
+    real_batches: Sequence[torch.Tensor],
+    syn_batches: Sequence[torch.Tensor],
+    metric: str = "ours",
+    classes: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """:func:`class_matching_loss` computed for all classes at once: ``net`` copied once per class as one
+    :class:`builders.wide_convnet.WideConvNet`, class ``c``'s batches through copy ``c``, so that each copy's
+    gradient is its class's. The same maths up to float rounding; needs a network that
+    :func:`builders.wide_convnet.widens` without BatchNorm, and real batches of one size (the synthetic
+    ones too)."""
+    labels = list(range(len(real_batches))) if classes is None else list(classes)
+    wide = WideConvNet([net] * len(labels))
+    params = wide.parameters()
+    g_real = torch.autograd.grad(_wide_class_loss(wide, real_batches, labels), params)
+    g_syn = torch.autograd.grad(_wide_class_loss(wide, syn_batches, labels), params, create_graph=True)
+    return stacked_gradient_distance(wide.per_network([g.detach() for g in g_real]), wide.per_network(g_syn),
+                                     metric)
+
+
+def sum_of(losses: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The sum of one or more losses (the first itself when alone)."""
+    total = None
+    for loss in losses:
+        total = loss if total is None else total + loss
+    if total is None:
+        raise ValueError("sum_of: no losses")
     return total
+
+
+def _wide_class_loss(wide: WideConvNet, batches: Sequence[torch.Tensor], labels: Sequence[int]) -> torch.Tensor:
+    """The sum over copies ``c`` of the mean cross-entropy of copy ``c`` on ``batches[c]``, all of class
+    ``labels[c]``."""
+    logits = wide(wide.inputs(torch.stack(list(batches))))  # [N, B, classes]
+    per_copy = logits.shape[1]
+    targets = torch.tensor(labels, device=logits.device).repeat_interleave(per_copy)
+    return F.cross_entropy(logits.flatten(0, 1), targets, reduction="sum") / per_copy
 
 
 @register
@@ -132,10 +202,17 @@ class GradientMatching(Method):
         # true, false, or "auto": on a CPU for builds of AUTO_COMPILE_MIN_REAL_GRADIENTS or more (a DSA
         # iteration at ipc 1 took 10.6 s against 15.3 there), falling back with a warning if compilation fails
         "compile": AUTO,
+        # every class's gradients in one pass through the network copied per class (a ConvNet without BatchNorm,
+        # one real batch size): true, false, or "auto": off the CPU (see batches_classes)
+        "batch_classes": AUTO,
     }
     #: DSA: a siamese draw per class while matching, per-sample DSA while the inner net trains.
     augmented: ClassVar[bool] = False
     gradient_split: ClassVar[str] = "classes"  # torchrun: classes' matching terms across ranks, gradients summed
+    # no allocator settings: at ipc 10 on this project's 2-core CPU they left the iteration as it was (349.3 against
+    # 350.1 s, median of 2 interleaved rounds) and raised peak RSS from 2177 to 2586 MiB
+    # (benchmarks/results/allocator_dc_fashionmnist_ipc-10_2026-11-26.json)
+    tunes_allocator: ClassVar[bool] = False
 
     @classmethod
     def check_recipe(cls, recipe: "Recipe") -> None:
@@ -143,6 +220,7 @@ class GradientMatching(Method):
         check_init(p["init"])
         check_choice("distance", p["distance"], DISTANCES)
         check_choice("compile", p["compile"], COMPILE_CHOICES)
+        check_choice("batch_classes", p["batch_classes"], COMPILE_CHOICES)
         check_at_least(p, ("outer_loop", "inner_loop"), 0, meaning="0: the paper's value for the ipc")
         check_at_least(p, ("batch_real", "batch_train", "bn_batch_per_class"), 1)
         check_at_least(p, ("lr_img", "lr_net", "momentum"), 0)
@@ -162,6 +240,8 @@ class GradientMatching(Method):
         real_gradients = ctx.recipe.iterations * self.outer_loop * ctx.num_classes
         self.compile = CompileSetting(self.params["compile"], auto_compiles(ctx.device, real_gradients),
                                       ctx.recipe.model)
+        self.batch_classes = batches_classes(self.params["batch_classes"], ctx.device)
+        self._warned_unbatched = False
 
     def initial_state(self) -> dict[str, torch.Tensor]:
         images, self.init_rows = self.ctx.initial_images(self.params["init"])
@@ -200,6 +280,20 @@ class GradientMatching(Method):
                 step_on(optimizer, self.compile.run(net, lambda compiled: classifier_loss(net, x, labels[idx],
                                                                                          compiled)))
 
+    def matches_in_one_pass(self, net: nn.Module, has_bn: bool, real_batches: Sequence[torch.Tensor]) -> bool:
+        """Whether this matching step takes :func:`wide_class_matching_loss` (``params.batch_classes``); with
+        ``true``, a network it cannot take warns once. A class with fewer real images than ``batch_real`` (a
+        smaller batch) is matched class by class, silently: the same maths."""
+        if not self.batch_classes:
+            return False
+        if has_bn or not widens(net):
+            if self.params["batch_classes"] is True and not self._warned_unbatched:
+                self._warned_unbatched = True
+                warnings.warn(f"params.batch_classes: model {self.ctx.recipe.model!r} is not a ConvNet without "
+                              "BatchNorm; its classes are matched one by one", stacklevel=2)
+            return False
+        return len({batch.shape[0] for batch in real_batches}) == 1
+
     # -- one iteration ---------------------------------------------------------------------
     def losses(self, state: dict[str, torch.Tensor], iteration: int) -> Iterator[torch.Tensor]:
         ctx = self.ctx
@@ -216,9 +310,14 @@ class GradientMatching(Method):
             # torchrun class split: every rank drew every class's batches above, in order; it matches only
             # its own classes (all of them in one process), and the engine sums the image gradients.
             here = ctx.classes_here()
-            yield self.compile.run(net, lambda compiled: class_matching_loss(
-                net, [real_batches[c] for c in here], [syn_batches[c] for c in here], self.params["distance"],
-                classes=here, compiled=compiled))
+            reals, syns = [real_batches[c] for c in here], [syn_batches[c] for c in here]
+            if self.matches_in_one_pass(net, has_bn, reals):
+                yield sum_of(wide_class_matching_loss(net, [reals[i] for i in group], [syns[i] for i in group],
+                                                      self.params["distance"], classes=[here[i] for i in group])
+                             for group in class_groups(len(here), reals[0].shape[0]))
+            else:
+                yield self.compile.run(net, lambda compiled: class_matching_loss(
+                    net, reals, syns, self.params["distance"], classes=here, compiled=compiled))
             if outer == self.outer_loop - 1:
                 break  # the paper does not train the network after the last matching step
             self.train_inner(net, optimizer, state["images"])

@@ -76,6 +76,35 @@ def gradient_distance(
     raise ValueError(f"unknown gradient distance {metric!r}; valid: {', '.join(DISTANCES)}")
 
 
+def stacked_gradient_distance(
+    real_grads: Sequence[torch.Tensor], syn_grads: Sequence[torch.Tensor], metric: str = "ours"
+) -> torch.Tensor:
+    """The sum over ``i`` of :func:`gradient_distance` of ``[g[i] for g in real_grads]`` and ``[g[i] for g in
+    syn_grads]``: N pairs of per-parameter gradients at once, every tensor stacked ``[N, ...]`` (row ``i``: the
+    gradient of network or class ``i``)."""
+    if len(real_grads) != len(syn_grads):
+        raise ValueError(f"{len(real_grads)} real gradients but {len(syn_grads)} synthetic ones")
+    for real, syn in zip(real_grads, syn_grads):
+        if real.shape != syn.shape or real.dim() < 1:
+            raise ValueError(f"stacked gradient shapes differ or have no stack dimension: {tuple(real.shape)} vs "
+                             f"{tuple(syn.shape)}")
+    if metric == "ours":
+        total = torch.zeros((), dtype=syn_grads[0].dtype, device=syn_grads[0].device)
+        for real, syn in zip(real_grads, syn_grads):
+            if real.dim() <= 2:  # each row's tensor has one dimension or none: nothing, as in layerwise_distance
+                continue
+            rows = real.shape[0] * real.shape[1]
+            total = total + _cosine_gap(real.reshape(rows, -1), syn.reshape(rows, -1)).sum()
+        return total
+    real_vec = torch.cat([g.reshape(g.shape[0], -1) for g in real_grads], dim=1)
+    syn_vec = torch.cat([g.reshape(g.shape[0], -1) for g in syn_grads], dim=1)
+    if metric == "mse":
+        return ((syn_vec - real_vec) ** 2).sum()
+    if metric == "cos":
+        return _cosine_gap(real_vec, syn_vec).sum()
+    raise ValueError(f"unknown gradient distance {metric!r}; valid: {', '.join(DISTANCES)}")
+
+
 def outer_inner_loops(ipc: int) -> tuple[int, int]:
     """(outer, inner) loop counts for ``ipc`` images per class.
 
