@@ -399,7 +399,7 @@ def test_dc_inner_training_compiled_follows_the_uncompiled_trajectory(monkeypatc
         net = build_network("ConvNetAS", 1, 10, (12, 12))
         net.load_state_dict(start.state_dict())
         method.train_inner(net, torch.optim.SGD(net.parameters(), lr=0.05), images)
-        trained[compiled] = dict(net.named_parameters())
+        trained[compiled] = {name: param.detach().clone() for name, param in net.named_parameters()}
     assert asked == [False] * 10 + [True] * 10
     for name, plain in trained[False].items():
         moved = float((plain - start.state_dict()[name]).norm())
