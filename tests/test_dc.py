@@ -341,7 +341,7 @@ def test_dc_compile_true_warns_once_and_runs_uncompiled_for_batchnorm_networks()
     ctx, _ = _tiny_context(model="ConvNetBN", compile=True, outer_loop=3, inner_loop=1, batch_real=4)
     method = GradientMatching(ctx)
     with pytest.warns(UserWarning, match="params.compile: model 'ConvNetBN'") as caught:
-        losses = [float(loss) for loss in method.losses(method.initial_state(), 0)]
+        losses = [loss.item() for loss in method.losses(method.initial_state(), 0)]
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
     assert sum("params.compile" in str(w.message) for w in caught) == 1
 
