@@ -148,8 +148,9 @@ def test_dc_gradients_reach_every_synthetic_image(distance):
 def test_dsa_augments_siamese_while_matching_and_per_sample_while_training():
     ctx, _ = _tiny_context(method="dsa", augment=DSA, outer_loop=2, inner_loop=3)
     siamese, each = [], []
-    real_siamese, real_each = ctx.augment_siamese, ctx.augment_each
-    ctx.augment_siamese = lambda *b: siamese.append(len(b)) or real_siamese(*b)
+    real_siamese, real_each = ctx.apply_siamese_draws, ctx.augment_each
+    ctx.apply_siamese_draws = lambda draws, *lists: siamese.append(
+        (len(draws), [[len(b) for b in batches] for batches in lists])) or real_siamese(draws, *lists)
     ctx.augment_each = lambda b: each.append(b.shape[0]) or real_each(b)
     method = SiameseGradientMatching(ctx)
     state = method.initial_state()
@@ -158,7 +159,8 @@ def test_dsa_augments_siamese_while_matching_and_per_sample_while_training():
         state["images"].grad = None
         loss.backward()
         assert (state["images"].grad.flatten(1).abs().sum(1) > 0).all()
-    assert siamese == [2] * 20  # one draw per class, for its real and synthetic batch, per outer step
+    # per outer step, one draw per class for its real and its synthetic batch, every class's applied together
+    assert siamese == [(10, [[3] * 10, [2] * 10])] * 2
     assert each == [20] * 3  # the inner training between the two outer steps: 3 epochs of one batch
 
 

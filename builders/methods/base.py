@@ -88,6 +88,22 @@ class BuildContext:
                                          list(draws) * len(batch_lists))
         return tuple(flat[k * n:(k + 1) * n] for k in range(len(batch_lists)))
 
+    def class_batches(self, images: torch.Tensor, batch_real: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """For each class of :meth:`classes_here`: a real batch of ``batch_real`` images and the class's rows of
+        ``images``, both transformed by one siamese DSA draw of that class (untransformed without augmentation).
+
+        Every class's random numbers are drawn, in class order (its real batch, then its draw), whichever classes
+        this process computes; the images are gathered, normalised and transformed together (on a GPU, a few
+        launches instead of ten times as many)."""
+        picks, draws = [], []
+        for c in range(self.num_classes):
+            picks.append(self.real.pick_class(c, batch_real, self.generator))
+            draws.append(self.siamese_draw())
+        reals = list(self.real.rows(torch.cat(picks)).split([len(p) for p in picks]))
+        here = self.classes_here()
+        return self.apply_siamese_draws([draws[c] for c in here], [reals[c] for c in here],
+                                        [images[self.class_slice(c)] for c in here])
+
     def augment_each(self, batch: torch.Tensor) -> torch.Tensor:
         """Per-sample DSA (identity when the recipe has no augmentation)."""
         if self.augmenter is None:

@@ -14,10 +14,11 @@ batch of ``bn_batch_per_class`` images of every class and frozen (eval mode) whi
 matched; the inner training runs in train mode.
 
 DSA is the same loop with one siamese DSA draw per class applied to the real and the synthetic
-batch before matching, and per-sample DSA while the inner network trains.
+batch before matching (every class's draws applied together: ``BuildContext.class_batches``), and
+per-sample DSA while the inner network trains.
 
 ``params.batch_classes`` computes a matching step's per-class gradients in one pass instead of class by
-class (:func:`wide_class_matching_loss`): the same sum, with about a quarter of the operators dispatched.
+class (:func:`wide_class_matching_loss`): the same sum, with about a fifth of the operators dispatched.
 
 Under torchrun with N processes (``gradient_split = "classes"``) rank r computes the matching terms of
 its block of classes ``[r*C//N, (r+1)*C//N)``; every rank draws every random number of the iteration
@@ -134,8 +135,8 @@ def class_groups(count: int, images_per_class: int, most: int | None = None) -> 
 def batches_classes(setting: bool | str, device: torch.device) -> bool:
     """Whether ``params.batch_classes`` (true, false or auto) matches every class's gradients in one pass
     (:func:`wide_class_matching_loss`) where the network allows: ``auto`` off the CPU. There a launch-bound GPU
-    pays per operator, and a DSA ipc 1 iteration dispatches 1,656 of them this way against 7,362 class by class
-    (benchmarks/results/profile_dsa_fashionmnist_ipc1_cpu_ops_batch_classes-*_2026-11-26.json); the grouped
+    pays per operator, and a DSA ipc 1 iteration dispatches 1,357 of them this way against 7,063 class by class
+    (benchmarks/results/profile_dsa_fashionmnist_ipc1_cpu_ops_batch_classes-*_2026-11-26_2.json); the grouped
     ConvNet step ran 2.6x faster than five networks' steps one after another on an H100
     (ensemble_forms_5xConvNet_cuda_2026-11-26_2.json). Its GPU timing for DSA is still to be measured."""
     return setting is True or (setting == AUTO and device.type != "cpu")
@@ -252,19 +253,6 @@ class GradientMatching(Method):
         return {"images": sgd}
 
     # -- pieces ----------------------------------------------------------------------------
-    def matching_batches(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Per class: a real batch and the synthetic images (with one siamese DSA draw each for dsa)."""
-        ctx = self.ctx
-        real_batches, syn_batches = [], []
-        for c in range(ctx.num_classes):
-            real = ctx.real.sample_class(c, self.params["batch_real"], ctx.generator)
-            syn = images[ctx.class_slice(c)]
-            if self.augmented:
-                real, syn = ctx.augment_siamese(real, syn)
-            real_batches.append(real)
-            syn_batches.append(syn)
-        return real_batches, syn_batches
-
     def train_inner(self, net: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor) -> None:
         """``inner_loop`` epochs of ``net`` on the detached synthetic set (per-sample DSA for dsa); each step's
         loss through ``torch.compile`` as ``params.compile`` says."""
@@ -306,11 +294,10 @@ class GradientMatching(Method):
                 n = self.params["bn_batch_per_class"]
                 freeze_batch_norm(net, torch.cat([ctx.real.sample_class(c, n, ctx.generator)
                                                   for c in range(ctx.num_classes)]))
-            real_batches, syn_batches = self.matching_batches(state["images"])
-            # torchrun class split: every rank drew every class's batches above, in order; it matches only
-            # its own classes (all of them in one process), and the engine sums the image gradients.
+            # torchrun class split: every rank draws every class's batches, in order; it matches only its own
+            # classes (all of them in one process), and the engine sums the image gradients.
+            reals, syns = ctx.class_batches(state["images"], self.params["batch_real"])
             here = ctx.classes_here()
-            reals, syns = [real_batches[c] for c in here], [syn_batches[c] for c in here]
             if self.matches_in_one_pass(net, has_bn, reals):
                 yield sum_of(wide_class_matching_loss(net, [reals[i] for i in group], [syns[i] for i in group],
                                                       self.params["distance"], classes=[here[i] for i in group])

@@ -99,17 +99,9 @@ class DistributionMatching(Method):
         for p in net.parameters():
             p.requires_grad_(False)
         images = state["images"]
-        picks, draws = [], []
-        for c in range(ctx.num_classes):  # per class: a real batch, then one siamese DSA draw
-            picks.append(ctx.real.pick_class(c, self.params["batch_real"], ctx.generator))
-            draws.append(ctx.siamese_draw())
-        # every class's images gathered and normalised at once (on a GPU, a few launches instead of ten times as many)
-        reals = list(ctx.real.rows(torch.cat(picks)).split([len(p) for p in picks]))
-        # torchrun class split: every rank drew the whole iteration's random numbers above, in order;
-        # it computes only its own classes' terms (all of them in one process).
-        here = ctx.classes_here()
-        real_parts, syn_parts = ctx.apply_siamese_draws([draws[c] for c in here], [reals[c] for c in here],
-                                                        [images[ctx.class_slice(c)] for c in here])
+        # torchrun class split: every rank draws the whole iteration's random numbers, in order; it computes only
+        # its own classes' terms (all of them in one process)
+        real_parts, syn_parts = ctx.class_batches(images, self.params["batch_real"])
         real_sizes, syn_sizes = [len(p) for p in real_parts], [len(p) for p in syn_parts]
         if uses_batch_statistics(net):
             self.compile.compiles(net)  # with params.compile: true, says once that this network runs uncompiled
