@@ -66,20 +66,14 @@ class BuildContext:
         # drawn on the host (the same bytes on any device), copied without waiting for the GPU's queued work
         return module_to_device(net, self.device)
 
-    def augment_siamese(self, *batches: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """One DSA draw applied to every batch (identity when the recipe has no augmentation)."""
-        if self.augmenter is None:
-            return batches
-        return self.augmenter.siamese(self.generator, *batches)
-
     def siamese_draw(self) -> "AugmentDraw | None":
         """One DSA draw for a group of batches (None when the recipe has no augmentation); draws the same
-        random numbers as :meth:`augment_siamese`."""
+        random numbers as ``Augmenter.siamese``."""
         return None if self.augmenter is None else self.augmenter.sample(self.generator, None)
 
     def apply_siamese_draws(self, draws: Sequence["AugmentDraw | None"],
                             *batch_lists: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], ...]:
-        """``batch_lists[k][i]`` transformed by ``draws[i]``, every list alike: what ``augment_siamese``
+        """``batch_lists[k][i]`` transformed by ``draws[i]``, every list alike: what ``Augmenter.siamese``
         gives group by group, in one pass per augmentation family (see ``Augmenter.apply_each``)."""
         if self.augmenter is None:
             return tuple(list(batches) for batches in batch_lists)
