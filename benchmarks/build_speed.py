@@ -25,7 +25,8 @@ from machine import write_record  # benchmarks/machine.py (scripts run from benc
 from builders.allocator import tune_allocator
 from builders.build import load_recipe
 from builders.cli import tune_allocator_for
-from builders.engine import Engine
+from builders.engine import Engine, resolve_device
+from builders.host_threads import limit_threads_for
 from builders.recipe import parse_overrides
 
 
@@ -45,10 +46,12 @@ class _Timed(Exception):
 @click.option("--note", default="", help="Conditions worth recording (e.g. other load on the machine).")
 @click.option("--allocator", type=click.Choice(["method", "on", "off"]), default="method", show_default=True,
               help="The allocator settings: as the command line gives the recipe's method, or on / off.")
+@click.option("--threads", type=click.Choice(["cli", "keep"]), default="cli", show_default=True,
+              help="CPU threads: as the command line sets them for the device (one on a GPU), or torch's default.")
 @click.option("--stamps", is_flag=True,
               help="Print 'BENCH_ITER <iteration> <perf_counter> <process_time>' after each iteration.")
 def main(recipe: Path, iterations: int, warmup: int, overrides: tuple[str, ...], device: str, out: Path,
-         data_root: Path | None, record: bool, note: str, stamps: bool, allocator: str) -> None:
+         data_root: Path | None, record: bool, note: str, stamps: bool, allocator: str, threads: str) -> None:
     """Time RECIPE's build loop (with the allocator settings the command line gives its method)."""
     wanted = warmup + iterations
     pairs = parse_overrides(overrides) + [("checkpoint_every", 0)]
@@ -59,6 +62,8 @@ def main(recipe: Path, iterations: int, warmup: int, overrides: tuple[str, ...],
         tune_allocator()
     elif allocator == "method":
         tune_allocator_for(r)  # as the command line does for this method
+    if threads == "cli":
+        limit_threads_for(resolve_device(device))  # as the command line does for this device
     engine = Engine(r, out_root=out, data_root=data_root, device=device, evaluate=False, progress=False)
     times: list[float] = []
 

@@ -1,13 +1,15 @@
 """DM's ``params.compile``: the package against itself, compiled real branch on and off, interleaved.
 
-    python benchmarks/dm_compile.py ab [--rounds 2] [--warmup 3] [--timed 8] [--record] [--note TEXT]
+    python benchmarks/dm_compile.py ab [--recipe R] [--cold] [--rounds 2] [--warmup 3] [--timed 8] [--record]
     python benchmarks/dm_compile.py chunk [--repeats 3] [--record] [--note TEXT]
 
-``ab`` runs ``build_speed.py recipes/dm_fashionmnist.yaml`` (Fashion-MNIST, ipc 10, ConvNet, DSA,
-batch_real 256) alternately without and with ``--set params.compile=true`` (off, on, off, on, ...),
-each in its own process, and reports wall and CPU seconds (all threads) per iteration over iterations
-``warmup + 1`` to ``warmup + timed`` (the first compilation falls in the warm-up), and each child's
-user/sys CPU and peak RSS (``os.wait4``, whole process).
+``ab`` runs ``build_speed.py`` on a DM recipe (default ``recipes/dm_fashionmnist.yaml``: Fashion-MNIST,
+ipc 10, ConvNet, DSA, batch_real 256) alternately with ``--set params.compile=false`` and ``true`` (off,
+on, off, on, ...), each in its own process, and reports wall and CPU seconds (all threads) per iteration
+over iterations ``warmup + 1`` to ``warmup + timed`` (the first compilation falls in the warm-up), the
+time from each child's start to the end of its first iteration, the iterations after which compiling
+has paid for itself, and each child's user/sys CPU and peak RSS (``os.wait4``, whole process). With
+``--cold`` every child gets an empty inductor cache, so its first iteration holds a whole compilation.
 
 ``chunk`` times the real branch alone (ConvNet, 10 classes x 256 random 28x28 images, a fresh network
 per call) in one process, interleaved, after one untimed call of each compiled variant (the
@@ -32,6 +34,7 @@ import torch
 from machine import cpu_name, provenance, write_record  # benchmarks/machine.py (scripts run from benchmarks/)
 
 from builders import realbranch
+from builders.build import load_recipe
 from builders.networks import build_network
 from condensed_datasets.sources import install_system_fashion_mnist
 
@@ -67,6 +70,9 @@ def _run(cmd: list[str], env: dict[str, str], log: Path, warmup: int, timed: int
             "cpu_s_per_iteration": round((cpus[warmup + timed - 1] - cpus[warmup - 1]) / timed, 4),
             "user_s": round(usage.ru_utime, 1), "sys_s": round(usage.ru_stime, 1),
             "peak_rss_mib": round(usage.ru_maxrss / 1024, 1), "wall_s": round(wall, 1),
+            # process start to the end of the first iteration (start-up, data, any compilation): perf_counter is
+            # the system's monotonic clock here (Linux), the same in parent and child
+            "to_first_iteration_s": round(walls[0] - start, 1),
             "load_average_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
 
 
@@ -80,23 +86,31 @@ def main() -> None:
 @click.option("--warmup", type=click.IntRange(1), default=3, show_default=True, help="Iterations not timed.")
 @click.option("--timed", type=click.IntRange(1), default=8, show_default=True, help="Iterations timed.")
 @click.option("--python", "python", default=sys.executable, show_default=True)
+@click.option("--recipe", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=REPO / "recipes" / "dm_fashionmnist.yaml", show_default=True, help="A DM recipe.")
+@click.option("--cold", is_flag=True,
+              help="Each child with an empty inductor cache of its own (TORCHINDUCTOR_CACHE_DIR): the first "
+                   "iteration then holds a whole compilation, as a machine's first build does.")
 @click.option("--record", is_flag=True, help="Write the result to benchmarks/results/.")
 @click.option("--note", default="", help="Conditions worth recording (e.g. other load on the machine).")
-def ab(rounds: int, warmup: int, timed: int, python: str, record: bool, note: str) -> None:
+def ab(rounds: int, warmup: int, timed: int, python: str, recipe: Path, cold: bool, record: bool, note: str) -> None:
     """Build iterations with the compiled real branch off and on, alternating."""
     runs: list[dict] = []
+    r_recipe = load_recipe(recipe, [])
     with tempfile.TemporaryDirectory(prefix="dm_compile_") as tmp_name:
         tmp = Path(tmp_name)
         if not install_system_fashion_mnist(tmp / "data"):
             raise click.ClickException("no system copy of Fashion-MNIST (CONDENSED_FASHION_MNIST_DIR)")
-        env = dict(os.environ, PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="")
-        base = [python, str(REPO / "benchmarks" / "build_speed.py"), str(REPO / "recipes" / "dm_fashionmnist.yaml"),
+        base = [python, str(REPO / "benchmarks" / "build_speed.py"), str(recipe.resolve()),
                 "--device", "cpu", "--data-root", str(tmp / "data"),
                 "--warmup", str(warmup - 1), "--iterations", str(timed + 1), "--stamps"]
         for r in range(rounds):
             for compiled in (False, True):
+                env = dict(os.environ, PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="")
+                if cold:
+                    env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp / f"inductor_{compiled}_{r}")
                 cmd = base + ["--out", str(tmp / f"out_{compiled}_{r}")]  # a build refuses to overwrite a set
-                cmd += ["--set", "params.compile=true"] if compiled else []
+                cmd += ["--set", f"params.compile={'true' if compiled else 'false'}"]  # never the recipe's auto
                 result = _run(cmd, env, tmp / f"{compiled}_{r}.log", warmup, timed)
                 runs.append({"compile": compiled, "round": r, **result})
                 click.echo(f"round {r} compile={compiled!s:5}: {result['s_per_iteration']:.3f} s/it "
@@ -107,9 +121,10 @@ def ab(rounds: int, warmup: int, timed: int, python: str, record: bool, note: st
 
     result = {
         "benchmark": "DM iteration, this package: params.compile off vs on",
-        "config": {"recipe": "recipes/dm_fashionmnist.yaml", "source": "fashionmnist", "ipc": 10, "model": "ConvNet",
-                   "batch_real": 256, "augment": "color_crop_cutout_flip_scale_rotate",
-                   "timed_iterations": f"{warmup + 1}-{warmup + timed}", "order": "off, on, alternating"},
+        "config": {"recipe": str(recipe), "source": r_recipe.source, "ipc": r_recipe.ipc, "model": r_recipe.model,
+                   "batch_real": r_recipe.params["batch_real"], "augment": r_recipe.augment,
+                   "timed_iterations": f"{warmup + 1}-{warmup + timed}", "order": "off, on, alternating",
+                   "inductor_cache": "empty, one per child" if cold else "the user's (warm after the first run)"},
         "runs": runs,
         "off_s_per_iteration_median": median(False, "s_per_iteration"),
         "on_s_per_iteration_median": median(True, "s_per_iteration"),
@@ -118,13 +133,20 @@ def ab(rounds: int, warmup: int, timed: int, python: str, record: bool, note: st
         "cpu_time_ratio_off_over_on": round(median(False, "cpu_s_per_iteration")
                                             / median(True, "cpu_s_per_iteration"), 3),
         "wall_ratio_off_over_on": round(median(False, "s_per_iteration") / median(True, "s_per_iteration"), 3),
+        "to_first_iteration_s_median": {"off": median(False, "to_first_iteration_s"),
+                                         "on": median(True, "to_first_iteration_s")},
+        # iterations after which compiling has paid for its later first iteration
+        "break_even_iterations": round((median(True, "to_first_iteration_s") - median(False, "to_first_iteration_s"))
+                                       / max(1e-9, median(False, "s_per_iteration") - median(True, "s_per_iteration")),
+                                       1),
         "peak_rss_mib_max": {"off": max(r["peak_rss_mib"] for r in runs if not r["compile"]),
                              "on": max(r["peak_rss_mib"] for r in runs if r["compile"])},
         **provenance("dm_compile.py", _device(), note),
     }
     click.echo(json.dumps(result, indent=2))
     if record:
-        _record(result, "dm_compile_ab_cpu")
+        _record(result, f"dm_compile_ab_cpu{'' if recipe.stem == 'dm_fashionmnist' else '_' + recipe.stem}"
+                        f"{'_cold' if cold else ''}")
 
 
 @main.command()

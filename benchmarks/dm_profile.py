@@ -25,7 +25,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from builders.build import load_recipe
 from builders.cli import tune_allocator_for
-from builders.engine import Engine
+from builders.engine import Engine, resolve_device
+from builders.host_threads import limit_threads_for
 from builders.recipe import parse_overrides
 
 RUNTIME_CALLS = ("cudaLaunchKernel", "cudaStreamSynchronize", "cudaMemcpyAsync", "cudaDeviceSynchronize",
@@ -49,6 +50,7 @@ def main(recipe: Path, warmup: int, iterations: int, overrides: tuple[str, ...],
     pairs = parse_overrides(overrides) + [("iterations", warmup + iterations), ("checkpoint_every", 0)]
     r = load_recipe(recipe, pairs)
     tune_allocator_for(r)  # as the command line does for this method
+    limit_threads_for(resolve_device(device))  # and for this device
     engine = Engine(r, out_root=out, device=device, evaluate=False, progress=False, overwrite=True)
     cuda = engine.device.type == "cuda"
     activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]

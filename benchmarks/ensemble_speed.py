@@ -55,8 +55,10 @@ from torch.profiler import ProfilerActivity, profile
 
 from builders import transfer
 from builders.augment import Augmenter
+from builders.engine import resolve_device
 from builders.ensemble import DEVICE_STEP, together_mode, train_together
 from builders.evaluate import TrainSettings, label_loss, train_network
+from builders.host_threads import limit_threads_for
 from builders.networks import build_network
 from builders.wide_convnet import check_form
 
@@ -81,11 +83,15 @@ from builders.wide_convnet import check_form
                    "copies from pageable memory, builders.transfer.PIN_HOST_COPIES off), cudnn_benchmark "
                    "(torch.backends.cudnn.benchmark on), compiled (every form also with wide_compile=True; each one's "
                    "first call, compilation included, is timed apart; sequential is not run again for it).")
+@click.option("--threads", type=click.Choice(["cli", "keep"]), default="cli", show_default=True,
+              help="CPU threads: as condensed-eval sets them for the device (one on a GPU), or torch's default.")
 @click.option("--note", default="")
 def main(nets: int, epochs: int, rounds: int, model: str, device: str, record: bool, count_ops: bool,
          augment_timing: bool, profile_steps: bool, shapes: bool, forms_text: str, variants_text: str,
-         note: str) -> None:
+         threads: str, note: str) -> None:
     """Time sequential vs together training of NETS networks."""
+    if threads == "cli":
+        limit_threads_for(resolve_device(device))
     try:
         forms = list(dict.fromkeys(check_form(f.strip()) for f in forms_text.split(",") if f.strip()))
     except ValueError as error:

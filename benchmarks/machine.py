@@ -32,10 +32,12 @@ def device_name(device: torch.device | str) -> str:
 
 
 def provenance(script: str, device: str, note: str = "") -> dict[str, str]:
-    """The fields every record ends with: device, torch, the command as run, the UTC date, a note."""
+    """The fields every record ends with: device, torch and its intra-op CPU threads at the time, the command as
+    run, the UTC date, a note."""
     return {
         "device": device,
         "torch": torch.__version__,
+        "torch_threads": str(torch.get_num_threads()),
         "command": " ".join(["python", f"benchmarks/{script}", *sys.argv[1:]]),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "note": note,

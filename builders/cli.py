@@ -18,6 +18,7 @@ from builders.data import RealData
 from builders.engine import BuildPaths, resolve_device
 from builders.errors import BuildersError, RecipeError
 from builders.evaluate import evaluate_set
+from builders.host_threads import limit_threads_for
 from builders.nas import run_nas
 from builders.networks import available_networks
 from builders.publish import publish_to_dir, publish_to_hub
@@ -59,6 +60,14 @@ def tune_allocator_for(recipe: Recipe) -> bool:
     them (``Method.tunes_allocator``; runners that are no condensation method, e.g. experts, take them); True if
     applied."""
     return getattr(get_method(recipe.method), "tunes_allocator", True) and tune_allocator()
+
+
+def _limit_threads_for_spec(spec_values: dict[str, Any], device: str | None) -> None:
+    """:func:`builders.host_threads.limit_threads_for` the device a run spec names (--device first); a value
+    that is no name is left to the runner's own checks."""
+    name = device or spec_values.get("device") or "auto"
+    if isinstance(name, str):
+        limit_threads_for(resolve_device(name))
 
 
 def _silent(*args: Any, **kwargs: Any) -> None:
@@ -116,6 +125,7 @@ def build_command(recipe: Path, overrides: tuple[str, ...], out_root: Path | Non
     r = load_recipe(recipe, parse_overrides(overrides))
     tune_allocator_for(r)
     dev = resolve_device(device)
+    limit_threads_for(dev)
     echo = click.echo if distributed.env_is_main() else _silent  # under torchrun one rank speaks
     quiet = quiet or not distributed.env_is_main()
     options = dict(out_root=out_root, data_root=data_root, device=device, resume=resume, overwrite=overwrite,
@@ -167,6 +177,7 @@ def eval_command(set_file: Path, model: str | None, models: str, runs: int | Non
         if name not in available_networks():
             raise click.BadParameter(f"unknown network {name!r}; valid: {', '.join(available_networks())}")
     dev = distributed.local_device(resolve_device(device))
+    limit_threads_for(dev)
     data_root = root  # never a path from the file: a set's metadata is a stranger's
     train = RealData.from_source(cset.source, data_root, train=True, device=dev)
     test = RealData.from_source(cset.source, data_root, train=False, device=dev)
@@ -330,7 +341,9 @@ def _spec_command(name: str, outputs: str, data: str) -> Callable[[Callable[...,
 def continual_command(spec: Path, overrides: tuple[str, ...], out: Path | None, data_root: Path | None,
                       device: str | None, quiet: bool) -> None:
     """Run the class-incremental protocol of a SPEC (YAML): per-step accuracy per method, JSON and a plot."""
-    run_continual(load_spec(spec, parse_overrides(overrides)), data_root=data_root, out=out, device=device,
+    spec_values = load_spec(spec, parse_overrides(overrides))
+    _limit_threads_for_spec(spec_values, device)
+    run_continual(spec_values, data_root=data_root, out=out, device=device,
                   progress=not quiet, echo=click.echo)
 
 
@@ -342,5 +355,7 @@ def continual_command(spec: Path, overrides: tuple[str, ...], out: Path | None, 
 def nas_command(spec: Path, overrides: tuple[str, ...], out: Path | None, data_root: Path | None,
                 device: str | None, only: str | None, quiet: bool) -> None:
     """Rank a SPEC's (YAML) search space on real data and on proxy sets; print the rank correlations."""
-    run_nas(load_spec(spec, parse_overrides(overrides)), data_root=data_root, out=out, device=device,
+    spec_values = load_spec(spec, parse_overrides(overrides))
+    _limit_threads_for_spec(spec_values, device)
+    run_nas(spec_values, data_root=data_root, out=out, device=device,
             progress=not quiet, echo=click.echo, only=only)

@@ -18,7 +18,8 @@ __all__ = ["backward_compiled_with_forward", "call_compiled", "compile_static"]
 #: On an H100, DM's compiled iteration ran 0.0174 and 0.0119 s with a cold cache, 0.0346 and 0.0432 s with the
 #: same cache warm, and 0.0153 s warm with both caches off (benchmarks/results/compile_cache_cuda_2026-11-26.json).
 #: With these settings a later session saw 3 of 4 processes fast and one at 0.0343 s
-#: (gpu_session_partial_cuda_2026-11-26.json): the caches were one way into that slow mode, not the only one.
+#: (gpu_session_partial_cuda_2026-11-26.json): the caches were one way into that slow mode, not the only one;
+#: torch's intra-op threads were the main one (builders/host_threads.py).
 #: On a CPU the three took 3.13 / 3.35 / 3.48 s (within noise; compile_cache_cpu_2026-11-26.json), and the warm
 #: cache halves the compilation, so CPUs keep it.
 OFF_CPU_OPTIONS = {"fx_graph_cache": False}

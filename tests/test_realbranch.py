@@ -223,9 +223,13 @@ def test_compile_auto_does_not_compile_on_a_cpu(monkeypatch):
     ("cuda:1", 20000, True),
     ("cuda", dm_module.AUTO_COMPILE_MIN_ITERATIONS - 1, False),
     ("cuda", 200, False),  # the quickstart's length
-    ("cpu", 20000, False),
+    ("cpu", 20000, True),
+    ("cpu", dm_module.AUTO_COMPILE_MIN_ITERATIONS_CPU, True),
+    ("cpu", dm_module.AUTO_COMPILE_MIN_ITERATIONS_CPU - 1, False),
+    ("cpu", 200, False),  # the quickstart
+    ("meta", 20000, False),  # no other device
 ])
-def test_compile_auto_compiles_long_builds_on_gpus_only(device, iterations, compiles):
+def test_compile_auto_compiles_long_builds(device, iterations, compiles):
     assert dm_module.auto_compiles(torch.device(device), iterations) is compiles
 
 

@@ -138,7 +138,9 @@ def batches_classes(setting: bool | str, device: torch.device) -> bool:
     pays per operator, and a DSA ipc 1 iteration dispatches 1,357 of them this way against 7,063 class by class
     (benchmarks/results/profile_dsa_fashionmnist_ipc1_cpu_ops_batch_classes-*_2026-11-26_2.json); the grouped
     ConvNet step ran 2.6x faster than five networks' steps one after another on an H100
-    (ensemble_forms_5xConvNet_cuda_2026-11-26_2.json). Its GPU timing for DSA is still to be measured."""
+    (ensemble_forms_5xConvNet_cuda_2026-11-26_2.json). On an H100 a DSA Fashion-MNIST ipc 1 iteration took
+    0.0570 s this way against 0.1406 s class by class
+    (dsa_vs_reference_cuda_fashionmnist_ipc1_batch_classes-{true,false}_2026-11-26.json)."""
     return setting is True or (setting == AUTO and device.type != "cpu")
 
 

@@ -26,12 +26,23 @@ from builders.registry import register
 #: about 900-1,800 iterations. The quickstart's 200 are far below; the papers' 20,000 far above.
 AUTO_COMPILE_MIN_ITERATIONS = 2000
 
+#: The same on a CPU (value chosen here). On the project's 2-core CPU, each child with an empty inductor cache,
+#: two interleaved rounds (benchmarks/dm_compile.py ab --cold): recipes/dm_fashionmnist.yaml (batch_real 256) ran
+#: 3.27 s/iteration compiled against 5.15 uncompiled (1.58x), its first iteration 41 s later: repaid after 22
+#: iterations (dm_compile_ab_cpu_cold_2026-11-26.json); the quickstart (batch_real 64) 1.04 against 1.59 s, 43 s
+#: later: repaid after 78 (dm_compile_ab_cpu_quickstart_cold_2026-11-26.json). 500 leaves a margin over both, and
+#: keeps the 200-iteration quickstart (whose bar would sit still for most of a minute) and test-sized builds
+#: uncompiled.
+AUTO_COMPILE_MIN_ITERATIONS_CPU = 500
+
 
 def auto_compiles(device: torch.device, iterations: int) -> bool:
-    """Whether ``params.compile: auto`` compiles a build of ``iterations`` iterations on ``device``: on GPUs, for
-    builds of at least :data:`AUTO_COMPILE_MIN_ITERATIONS`; not on CPUs, where the first compilation (tens of
-    seconds) needs a C++ compiler and costs more than most builds gain."""
-    return device.type == "cuda" and iterations >= AUTO_COMPILE_MIN_ITERATIONS
+    """Whether ``params.compile: auto`` compiles a build of ``iterations`` iterations on ``device``: on GPUs for
+    builds of at least :data:`AUTO_COMPILE_MIN_ITERATIONS`, on CPUs for builds of at least
+    :data:`AUTO_COMPILE_MIN_ITERATIONS_CPU` (a CPU without a working C++ compiler falls back, with a warning, to
+    uncompiled code); never on other devices."""
+    least = {"cuda": AUTO_COMPILE_MIN_ITERATIONS, "cpu": AUTO_COMPILE_MIN_ITERATIONS_CPU}.get(device.type)
+    return least is not None and iterations >= least
 
 
 def mean_embedding_loss(
@@ -64,9 +75,9 @@ class DistributionMatching(Method):
         "batch_real": 256,
         "init": "real",
         "precision": "fp32",  # or "bf16-real": the real branch under bfloat16 autocast (see README)
-        # both branches through torch.compile (ConvNets without BatchNorm): true, false, or "auto": on a GPU for
-        # builds of AUTO_COMPILE_MIN_ITERATIONS or more (1.6x faster per iteration there), falling back with a
-        # warning if compilation fails
+        # both branches through torch.compile (ConvNets without BatchNorm): true, false, or "auto": for builds of
+        # AUTO_COMPILE_MIN_ITERATIONS or more on a GPU (1.6x faster per iteration there) and of
+        # AUTO_COMPILE_MIN_ITERATIONS_CPU or more on a CPU (1.56x), falling back with a warning if compilation fails
         "compile": AUTO,
     }
 
