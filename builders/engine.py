@@ -21,7 +21,7 @@ from builders.checkpoint import load_checkpoint, restore_checkpoint, save_checkp
 from builders.data import RealData
 from builders.errors import BuildError, CheckpointError
 from builders.evaluate import evaluate_set
-from builders.methods.base import BuildContext, SetContents
+from builders.methods.base import BuildContext, SetContents, no_status
 from builders.networks import build_network, uses_batch_statistics
 from builders.recipe import Recipe
 from builders.registry import get_method
@@ -323,6 +323,7 @@ class Engine:
                    # None: quiet when output is not a terminal; under torchrun only rank 0 shows it
                    disable=None if self.progress and distributed.current().is_main else True,
                    desc=f"{r.method} {r.source} ipc{r.ipc}", unit="it", dynamic_ncols=True)
+        ctx.status_sink = bar.set_postfix_str
         for iteration in bar:
             total, steps = 0.0, 0
             for loss in method.losses(state, iteration):
@@ -355,6 +356,7 @@ class Engine:
                 self._sync(state, optimizers)
                 self._log({"iteration": done, "eval": self._evaluation(method.finalize(state), ctx)})
         bar.close()
+        ctx.status_sink = no_status
         if r.checkpoint_every:
             self._checkpoint(r.iterations, state, optimizers, ctx)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from abc import ABC
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -19,6 +19,10 @@ if TYPE_CHECKING:
     from builders.data import RealData
     from builders.distributed import BatchShard
     from builders.recipe import Recipe
+
+
+def no_status(text: str) -> None:
+    """A build's status line where nothing shows it (no progress bar)."""
 
 
 def draw_seed(generator: torch.Generator) -> int:
@@ -46,6 +50,8 @@ class BuildContext:
     out_root: Path = Path("data")  # where the build writes (expert trajectories live under it)
     owned_classes: tuple[int, ...] | None = None  # under torchrun: the classes this rank computes (None: all)
     batch_shard: BatchShard | None = None  # under torchrun, gradient_split "batches": this rank's share of batches
+    #: Where :meth:`status` notes go: the engine points it at its progress bar while the loop runs.
+    status_sink: Callable[[str], None] = no_status
 
     @property
     def num_classes(self) -> int:
@@ -58,6 +64,10 @@ class BuildContext:
     @property
     def params(self) -> dict[str, Any]:
         return self.recipe.params
+
+    def status(self, text: str) -> None:
+        """Show ``text`` beside the build's progress bar until the iteration ends (e.g. that it compiles)."""
+        self.status_sink(text)
 
     def new_network(self, name: str | None = None) -> nn.Module:
         """A freshly initialised network (seeded from the build's RNG) on the build's device."""

@@ -18,6 +18,9 @@ __all__ = ["COMPILE_CHOICES", "CompileSetting"]
 #: What ``params.compile`` takes: false, true, or "auto" (each method says when "auto" compiles).
 COMPILE_CHOICES = (False, True, AUTO)
 
+#: The note beside the progress bar while the first compiled computation compiles.
+COMPILING_NOTE = "compiling (once per process; the first iterations take longer)"
+
 Result = TypeVar("Result")
 
 
@@ -31,7 +34,8 @@ class CompileSetting:
     - ``false``: never compiled.
     """
 
-    def __init__(self, setting: bool | str, auto: bool, model: str) -> None:
+    def __init__(self, setting: bool | str, auto: bool, model: str,
+                 announce: Callable[[str], None] | None = None) -> None:
         if not (isinstance(setting, bool) or setting == AUTO):  # 1 == True, but a recipe's 1 is not a choice
             raise ValueError(f"params.compile: expected one of {COMPILE_CHOICES}, got {setting!r}")
         self.setting = setting
@@ -39,6 +43,7 @@ class CompileSetting:
         self.model = model
         self.failed = False  # "auto" met a failed compilation: the rest of the build runs uncompiled
         self._warned = False
+        self._announce = announce  # told once, before the first compiled computation (the build's status line)
 
     def compiles(self, net: nn.Module) -> bool:
         """Whether a computation through ``net`` goes through ``torch.compile`` now; with ``true``, warns (once per
@@ -53,6 +58,9 @@ class CompileSetting:
         same computation)."""
         if not self.compiles(net):
             return compute(False)
+        if self._announce is not None:
+            self._announce(COMPILING_NOTE)
+            self._announce = None
         try:
             return compute(True)
         except CompileError as error:

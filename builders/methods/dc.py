@@ -242,7 +242,7 @@ class GradientMatching(Method):
         # every torchrun rank decide alike
         real_gradients = ctx.recipe.iterations * self.outer_loop * ctx.num_classes
         self.compile = CompileSetting(self.params["compile"], auto_compiles(ctx.device, real_gradients),
-                                      ctx.recipe.model)
+                                      ctx.recipe.model, announce=ctx.status)
         self.batch_classes = batches_classes(self.params["batch_classes"], ctx.device)
         self._warned_unbatched = False
 

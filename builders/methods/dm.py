@@ -93,7 +93,7 @@ class DistributionMatching(Method):
         super().__init__(ctx)
         # "auto" decides on the recipe's iterations, so that a resumed build decides as the uninterrupted one
         self.compile = CompileSetting(self.params["compile"], auto_compiles(ctx.device, ctx.recipe.iterations),
-                                      ctx.recipe.model)
+                                      ctx.recipe.model, announce=ctx.status)
 
     def initial_state(self) -> dict[str, torch.Tensor]:
         images, self.init_rows = self.ctx.initial_images(self.params["init"])
