@@ -66,6 +66,7 @@ def test_compile_auto_falls_back_once_and_the_rest_of_the_build_runs_uncompiled(
         warnings.simplefilter("error")
         assert choice.run(PLAIN, compute) == "plain"  # no second try, no second warning
     assert calls == [True, False, False]
+    assert choice.describe() == {"compiled": False, "compile_fell_back": True}
 
 
 def test_compile_true_stops_at_a_failed_compilation():
@@ -80,3 +81,13 @@ def test_compile_true_stops_at_a_failed_compilation():
 def test_a_setting_outside_the_choices_is_refused(setting):
     with pytest.raises(ValueError, match="params.compile"):
         CompileSetting(setting, True, "ConvNetW32")
+
+
+def test_the_build_metadata_says_whether_a_computation_ran_compiled():
+    compiled = CompileSetting(True, False, "ConvNetW32")
+    assert compiled.describe() == {"compiled": False}  # nothing computed yet
+    compiled.run(PLAIN, _computation(fails_compiled=False)[0])
+    assert compiled.describe() == {"compiled": True}
+    plain = CompileSetting("auto", False, "ConvNetW32")  # the method decided this build does not compile
+    plain.run(PLAIN, _computation(fails_compiled=False)[0])
+    assert plain.describe() == {"compiled": False}

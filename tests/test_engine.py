@@ -157,3 +157,16 @@ def test_a_finished_set_or_an_unfinished_checkpoint_is_never_replaced_silently(f
     again.overwrite = True
     again.run()
     assert again.paths.set.exists()
+
+
+def test_a_compiled_dm_build_gives_the_same_bytes_and_resumes_to_them(fashion_mnist_root, tmp_path, reproducible):
+    """params.compile (which auto turns on for long CPU builds): the same recipe and seed twice, and a build killed
+    after its checkpoint and resumed, give one set, byte for byte."""
+    compiled = {"batch_real": 8, "compile": True}
+    a = engine(fashion_mnist_root, tmp_path / "a", params=compiled, iterations=4)
+    b = engine(fashion_mnist_root, tmp_path / "b", params=compiled, iterations=4)
+    a.run(), b.run()
+    assert a.paths.set.read_bytes() == b.paths.set.read_bytes()
+    assert CondensedSet.load(a.paths.set).metadata["build"]["method"]["compiled"] is True
+    assert_resume_is_identical(lambda out: engine(fashion_mnist_root, out, params=compiled, iterations=4),
+                               tmp_path / "resumed", 3)

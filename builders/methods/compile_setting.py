@@ -44,6 +44,7 @@ class CompileSetting:
         self.failed = False  # "auto" met a failed compilation: the rest of the build runs uncompiled
         self._warned = False
         self._announce = announce  # told once, before the first compiled computation (the build's status line)
+        self.used = False  # a computation of this process ran compiled
 
     def compiles(self, net: nn.Module) -> bool:
         """Whether a computation through ``net`` goes through ``torch.compile`` now; with ``true``, warns (once per
@@ -62,13 +63,20 @@ class CompileSetting:
             self._announce(COMPILING_NOTE)
             self._announce = None
         try:
-            return compute(True)
+            result = compute(True)
         except CompileError as error:
             if self.setting is True:
                 raise
             self.failed = True
             warnings.warn(f"{error} This build runs uncompiled.", stacklevel=3)
             return compute(False)
+        self.used = True
+        return result
+
+    def describe(self) -> dict[str, bool]:
+        """For the set's build metadata: whether this process computed compiled (results then differ from an
+        uncompiled build's within float rounding), and whether "auto" fell back after a failed compilation."""
+        return {"compiled": self.used, **({"compile_fell_back": True} if self.failed else {})}
 
     def _warn_uncompilable(self) -> bool:
         """Warns, once per build, that ``params.compile: true`` does not apply to this model; False."""

@@ -315,7 +315,7 @@ class GradientMatching(Method):
         return SetContents(
             images=state["images"].detach(),
             metadata={"init": self.params["init"], "distance": self.params["distance"],
-                      "outer_loop": self.outer_loop, "inner_loop": self.inner_loop},
+                      "outer_loop": self.outer_loop, "inner_loop": self.inner_loop, **self.compile.describe()},
         )
 
 

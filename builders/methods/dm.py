@@ -131,4 +131,5 @@ class DistributionMatching(Method):
         yield class_means_distance(real_means, group_means(syn_emb, syn_sizes))
 
     def finalize(self, state: dict[str, torch.Tensor]) -> SetContents:
-        return SetContents(images=state["images"].detach(), metadata={"init": self.params["init"]})
+        return SetContents(images=state["images"].detach(), metadata={"init": self.params["init"],
+                                                                      **self.compile.describe()})
