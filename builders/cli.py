@@ -190,7 +190,7 @@ def eval_command(set_file: Path, model: str | None, models: str, runs: int | Non
             models=extra, runs=runs or ev.runs, epochs=epochs or ev.epochs, default_lr=ev.lr, batch=ev.batch,
             augment=augment,
             seed=cset.metadata.get("seed", 0) if seed is None else seed, train=train, test=test,
-            progress=not quiet and distributed.env_is_main(),
+            progress=not quiet and distributed.env_is_main(), compile=ev.compile,
         )
     if not distributed.env_is_main():  # one rank prints and saves
         return

@@ -146,7 +146,7 @@ class Engine:
             soft_labels=contents.soft_labels, lr=contents.lr, ipc=r.ipc, model=r.eval_model,
             models=ev.models, runs=ev.runs, epochs=ev.epochs, default_lr=ev.lr, batch=ev.batch,
             augment=r.eval_augment, seed=r.seed, train=ctx.real, test=test,
-            random_baseline=ev.random_baseline, progress=self.progress,
+            random_baseline=ev.random_baseline, progress=self.progress, compile=ev.compile,
         )
 
     # -- the loop ----------------------------------------------------------------------------

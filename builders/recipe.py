@@ -50,6 +50,9 @@ class EvalSpec:
     augment: str | None = None  # None: the recipe's augment; "none": no augmentation
     random_baseline: bool = True
     test_per_class: int | None = None  # test on at most this many real test images per class (quick runs)
+    #: each training step's loss through torch.compile (ConvNets without batch statistics, class-index labels):
+    #: true, false, or "auto": on a CPU for evaluations of builders.evaluate.AUTO_COMPILE_MIN_STEPS steps or more
+    compile: bool | str = "auto"
 
 
 @dataclass
@@ -343,6 +346,8 @@ def _eval_spec(ev: Any) -> EvalSpec:
         raise RecipeError(f"eval.every: must be >= 0 (0: only at the end), got {spec.every}")
     if spec.lr <= 0:
         raise RecipeError(f"eval.lr: must be > 0, got {spec.lr}")
+    if spec.compile not in (True, False, AUTO):
+        raise RecipeError(f"eval.compile: unknown {spec.compile!r}; valid: true, false, auto")
     return spec
 
 

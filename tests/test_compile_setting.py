@@ -1,12 +1,12 @@
-"""params.compile's one home (builders.methods.compile_setting): when a computation compiles, the warning for
+"""params.compile's one home (builders.compile_setting): when a computation compiles, the warning for
 networks that cannot, and "auto"'s fallback after a failed compilation."""
 
 import warnings
 
 import pytest
 
+from builders.compile_setting import CompileSetting
 from builders.errors import CompileError
-from builders.methods.compile_setting import CompileSetting
 from builders.networks import build_network
 
 PLAIN = build_network("ConvNetW32", 1, 10, (8, 8), seed=0)  # compilable: instance norm, no batch statistics

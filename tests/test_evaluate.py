@@ -7,6 +7,7 @@ import torch
 
 import builders.evaluate
 from builders.augment import Augmenter
+from builders.compile_setting import CompileSetting
 from builders.data import RealData
 from builders.ensemble import ran_out_of_memory
 from builders.evaluate import TrainSettings, evaluate_set, label_loss, run_seeds, train_network, train_runs
@@ -182,3 +183,57 @@ def test_what_counts_as_running_out_of_gpu_memory():
     assert ran_out_of_memory(RuntimeError("CUDA error: out of memory"))
     assert not ran_out_of_memory(RuntimeError("CUDA error: an illegal memory access was encountered"))
     assert not ran_out_of_memory(ValueError("out of memory"))  # not an error torch raises for it
+
+
+# -- eval.compile ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device, steps, compiles", [
+    ("cpu", builders.evaluate.AUTO_COMPILE_MIN_STEPS, True),
+    ("cpu", builders.evaluate.AUTO_COMPILE_MIN_STEPS - 1, False),
+    ("cpu", 10 * 1000 * 1, True),  # the papers' evaluation: 5 runs and 5 baseline runs x 1000 epochs, one batch
+    ("cuda", 10**6, False),  # compiling this step did not pay on a GPU
+])
+def test_eval_compile_auto_compiles_long_evaluations_on_cpus(device, steps, compiles):
+    assert builders.evaluate.evaluation_compiles(torch.device(device), steps) is compiles
+
+
+def test_a_compile_setting_that_does_not_compile_trains_bit_for_bit_as_before():
+    images, targets, settings, seeds = _tiny_runs()
+    plain, same = _nets(seeds[:1]), _nets(seeds[:1])
+    train_network(plain[0], images, targets, settings, torch.Generator().manual_seed(3))
+    off = CompileSetting(False, True, "ConvNetW32", key="eval.compile")
+    train_network(same[0], images, targets, settings, torch.Generator().manual_seed(3), compile=off)
+    for (name, a), b in zip(plain[0].state_dict().items(), same[0].state_dict().values()):
+        assert torch.equal(a, b), name
+    assert not off.used
+
+
+def test_compiled_training_follows_the_plain_trajectory_and_the_protocol_says_so():
+    """The same augmentation draws and steps, the loss compiled: parameters within float rounding after the
+    epochs; evaluate_set records that the training ran compiled (one batch shape throughout: one compilation)."""
+    data, labels, info = _separable_data(6, 0)
+    two = info.__class__("mnist", 1, 8, ("dark", "light"), info.mean, info.std)
+    train = RealData(data, labels, two)
+    syn, syn_labels = train.rows(train.random_class_balanced(2, torch.Generator().manual_seed(5))), torch.tensor(
+        [0, 0, 1, 1])
+    settings = TrainSettings(epochs=4, lr=0.01, batch=5, augmenter=Augmenter("crop_flip"))
+    plain, compiled = (build_network("ConvNetW32", 1, 2, (8, 8), seed=9) for _ in range(2))
+    train_network(plain, syn, syn_labels, settings, torch.Generator().manual_seed(3))
+    setting = CompileSetting(True, False, "ConvNetW32", key="eval.compile")
+    train_network(compiled, syn, syn_labels, settings, torch.Generator().manual_seed(3), compile=setting)
+    assert setting.used
+    for (name, a), b in zip(plain.state_dict().items(), compiled.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    common = dict(soft_labels=None, lr=None, ipc=2, model="ConvNetW32", models=[], runs=1, epochs=2,
+                  default_lr=0.01, batch=5, augment="crop_flip", seed=0, train=train, test=train)
+    assert evaluate_set(syn, syn_labels, compile=True, **common)["protocol"]["compiled"] is True
+    assert evaluate_set(syn, syn_labels, **common)["protocol"]["compiled"] is False  # auto: a short evaluation
+    soft = dict(common, soft_labels=torch.tensor([[2.0, -2.0]] * 2 + [[-2.0, 2.0]] * 2), random_baseline=False)
+    assert evaluate_set(syn, syn_labels, compile=True, **soft)["protocol"]["compiled"] is False
+
+
+def test_compile_needs_class_index_targets():
+    images, _, settings, seeds = _tiny_runs()
+    soft = torch.softmax(torch.randn(len(images), 3), dim=1)
+    with pytest.raises(ValueError, match="class-index"):
+        train_network(_nets(seeds[:1])[0], images, soft, settings, torch.Generator().manual_seed(0),
+                      compile=CompileSetting(True, True, "ConvNetW32", key="eval.compile"))

@@ -7,9 +7,9 @@ from typing import ClassVar, Iterator
 import torch
 
 from builders.build import load_recipe
+from builders.compile_setting import COMPILING_NOTE, CompileSetting
 from builders.engine import Engine
 from builders.methods.base import Method
-from builders.methods.compile_setting import COMPILING_NOTE, CompileSetting
 from builders.networks import build_network
 from builders.progress import progress_bar
 from builders.registry import register

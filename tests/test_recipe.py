@@ -27,6 +27,8 @@ def test_defaults_are_filled_from_the_method():
         ({"params": {"lr_img": "big"}}, "params.lr_img: expected a number"),
         ({"eval": {"runz": 1}}, "unknown key in eval"),
         ({"eval": {"runs": 0}}, "eval.runs: must be >= 1"),
+        ({"eval": {"compile": "yes"}}, "eval.compile: unknown 'yes'; valid: true, false, auto"),
+        ({"eval": {"compile": 1}}, "eval.compile: expected a string, got 1"),
         ({"source": "imagenet"}, "source: unknown 'imagenet'; valid: mnist, fashionmnist"),
         ({"method": "magic"}, "method: unknown 'magic'; buildable methods:"),
         ({"model": "ConvNetX"}, "model: unknown network 'ConvNetX'; valid:"),
@@ -96,3 +98,9 @@ def test_command_line_values_win_over_the_files_ipc_overrides(tmp_path):
     assert (r.ipc, r.params["lr_img"], r.iterations) == (2, 7.0, 3)
     assert r.params["momentum"] == 0.9  # the file's override still applies where the command line is silent
     assert load_recipe(path, parse_overrides(["ipc=2"])).params["lr_img"] == 5.0
+
+
+@pytest.mark.parametrize("value", [True, False, "auto"])
+def test_eval_compile_takes_true_false_or_auto(value):
+    assert build(eval={"compile": value}).eval.compile == value
+    assert build().eval.compile == "auto"

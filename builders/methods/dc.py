@@ -37,10 +37,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from builders.compile_setting import COMPILE_CHOICES, CompileSetting
 from builders.errors import RecipeError
 from builders.evaluate import step_on
 from builders.methods.base import Method, SetContents, check_init
-from builders.methods.compile_setting import COMPILE_CHOICES, CompileSetting
 from builders.methods.matching import (
     DISTANCES,
     batch_norm_layers,

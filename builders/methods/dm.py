@@ -11,8 +11,8 @@ from typing import Any, ClassVar, Iterator
 
 import torch
 
+from builders.compile_setting import COMPILE_CHOICES, CompileSetting
 from builders.methods.base import BuildContext, Method, SetContents, check_init
-from builders.methods.compile_setting import COMPILE_CHOICES, CompileSetting
 from builders.networks import uses_batch_statistics
 from builders.realbranch import PRECISIONS, class_mean_embeddings, embed_with_gradient, group_means
 from builders.recipe import AUTO, check_at_least, check_choice

@@ -1,5 +1,6 @@
-"""A build's ``params.compile`` (DM, DC, DSA): whether each computation goes through ``torch.compile``, the warning
-when the network cannot, and "auto"'s fallback to uncompiled code when a compilation fails."""
+"""A build's ``params.compile`` (DM, DC, DSA) and an evaluation's ``eval.compile``: whether each computation goes
+through ``torch.compile``, the warning when the network cannot, and "auto"'s fallback to uncompiled code when a
+compilation fails."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ Result = TypeVar("Result")
 
 
 class CompileSetting:
-    """One build's ``params.compile``.
+    """One build's ``params.compile`` (or an evaluation's ``eval.compile``: ``key`` names it in messages).
 
     - ``true``: compiled wherever the network allows (:func:`builders.realbranch.compilable`), with one warning per
       build where it does not; a failed compilation stops the build (:class:`CompileError`, naming the fix).
@@ -35,15 +36,19 @@ class CompileSetting:
     """
 
     def __init__(self, setting: bool | str, auto: bool, model: str,
-                 announce: Callable[[str], None] | None = None) -> None:
+                 announce: Callable[[str], None] | None = None, key: str = "params.compile") -> None:
         if not (isinstance(setting, bool) or setting == AUTO):  # 1 == True, but a recipe's 1 is not a choice
-            raise ValueError(f"params.compile: expected one of {COMPILE_CHOICES}, got {setting!r}")
+            raise ValueError(f"{key}: expected one of {COMPILE_CHOICES}, got {setting!r}")
+        self.key = key
         self.setting = setting
         self.auto = auto
         self.model = model
         self.failed = False  # "auto" met a failed compilation: the rest of the build runs uncompiled
         self._warned = False
-        self._announce = announce  # told once, before the first compiled computation (the build's status line)
+        #: told once, before the first compiled computation (a status line beside a progress bar); may be replaced
+        #: until then
+        self.announce = announce
+        self._announced = False
         self.used = False  # a computation of this process ran compiled
 
     def compiles(self, net: nn.Module) -> bool:
@@ -59,16 +64,18 @@ class CompileSetting:
         same computation)."""
         if not self.compiles(net):
             return compute(False)
-        if self._announce is not None:
-            self._announce(COMPILING_NOTE)
-            self._announce = None
+        if self.announce is not None and not self._announced:
+            self._announced = True
+            self.announce(COMPILING_NOTE)
         try:
             result = compute(True)
         except CompileError as error:
+            message = str(error).replace("params.compile", self.key)  # the compiler's message names the build's key
             if self.setting is True:
-                raise
+                raise CompileError(message) from error
             self.failed = True
-            warnings.warn(f"{error} This build runs uncompiled.", stacklevel=3)
+            warnings.warn(f"{message} This {'evaluation' if self.key.startswith('eval') else 'build'} runs "
+                          "uncompiled.", stacklevel=3)
             return compute(False)
         self.used = True
         return result
@@ -82,7 +89,7 @@ class CompileSetting:
         """Warns, once per build, that ``params.compile: true`` does not apply to this model; False."""
         if not self._warned:
             self._warned = True
-            warnings.warn(f"params.compile: model {self.model!r} is not a ConvNet without BatchNorm (or holds a "
-                          "layer the compiled route does not know); it runs uncompiled. Set params.compile: false "
+            warnings.warn(f"{self.key}: model {self.model!r} is not a ConvNet without BatchNorm (or holds a "
+                          f"layer the compiled route does not know); it runs uncompiled. Set {self.key}: false "
                           "to silence this.", stacklevel=4)
         return False
