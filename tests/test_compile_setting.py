@@ -91,3 +91,16 @@ def test_the_build_metadata_says_whether_a_computation_ran_compiled():
     plain = CompileSetting("auto", False, "ConvNetW32")  # the method decided this build does not compile
     plain.run(PLAIN, _computation(fails_compiled=False)[0])
     assert plain.describe() == {"compiled": False}
+
+
+def test_an_evaluations_setting_names_its_own_key():
+    choice = CompileSetting("auto", True, "ConvNetW32", key="eval.compile")
+    compute, _ = _computation(fails_compiled=True)
+    with pytest.warns(UserWarning, match=r"^eval\.compile: torch.compile could not compile .* This evaluation runs "
+                                         "uncompiled"):
+        assert choice.run(PLAIN, compute) == "plain"
+    strict = CompileSetting(True, False, "ConvNetBN", key="eval.compile")
+    with pytest.raises(CompileError, match=r"^eval\.compile: torch.compile could not compile"):
+        strict.run(PLAIN, _computation(fails_compiled=True)[0])
+    with pytest.warns(UserWarning, match="eval.compile: model 'ConvNetBN' .* Set eval.compile: false"):
+        assert not strict.compiles(BATCHNORM)
