@@ -1,13 +1,15 @@
 """The evaluation protocol: label losses by hand, the schedule, and a real tiny evaluation."""
 
+import io
 import math
+import sys
 
 import pytest
 import torch
 
 import builders.evaluate
 from builders.augment import Augmenter
-from builders.compile_setting import CompileSetting
+from builders.compile_setting import COMPILING_NOTE, CompileSetting
 from builders.data import RealData
 from builders.ensemble import ran_out_of_memory
 from builders.evaluate import TrainSettings, evaluate_set, label_loss, run_seeds, train_network, train_runs
@@ -186,6 +188,11 @@ def test_what_counts_as_running_out_of_gpu_memory():
 
 
 # -- eval.compile ---------------------------------------------------------------------------------------------
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
 @pytest.mark.parametrize("device, steps, compiles", [
     ("cpu", builders.evaluate.AUTO_COMPILE_MIN_STEPS, True),
     ("cpu", builders.evaluate.AUTO_COMPILE_MIN_STEPS - 1, False),
@@ -207,7 +214,7 @@ def test_a_compile_setting_that_does_not_compile_trains_bit_for_bit_as_before():
     assert not off.used
 
 
-def test_compiled_training_follows_the_plain_trajectory_and_the_protocol_says_so():
+def test_compiled_training_follows_the_plain_trajectory_and_the_protocol_says_so(monkeypatch):
     """The same augmentation draws and steps, the loss compiled: parameters within float rounding after the
     epochs; evaluate_set records that the training ran compiled (one batch shape throughout: one compilation)."""
     data, labels, info = _separable_data(6, 0)
@@ -225,7 +232,10 @@ def test_compiled_training_follows_the_plain_trajectory_and_the_protocol_says_so
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
     common = dict(soft_labels=None, lr=None, ipc=2, model="ConvNetW32", models=[], runs=1, epochs=2,
                   default_lr=0.01, batch=5, augment="crop_flip", seed=0, train=train, test=train)
-    assert evaluate_set(syn, syn_labels, compile=True, **common)["protocol"]["compiled"] is True
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)  # progress bars show on a terminal
+    assert evaluate_set(syn, syn_labels, compile=True, progress=True, **common)["protocol"]["compiled"] is True
+    assert COMPILING_NOTE in terminal.getvalue()  # the evaluation's bar says that it compiles
     assert evaluate_set(syn, syn_labels, **common)["protocol"]["compiled"] is False  # auto: a short evaluation
     soft = dict(common, soft_labels=torch.tensor([[2.0, -2.0]] * 2 + [[-2.0, 2.0]] * 2), random_baseline=False)
     assert evaluate_set(syn, syn_labels, compile=True, **soft)["protocol"]["compiled"] is False
