@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,7 +29,8 @@ from pathlib import Path
 
 import click
 import torch
-from machine import cpu_name, provenance, write_record  # benchmarks/machine.py (scripts run from benchmarks/)
+from children import run_stamped  # benchmarks/children.py (scripts run from benchmarks/)
+from machine import cpu_name, provenance, write_record  # benchmarks/machine.py
 
 from builders import realbranch
 from builders.build import load_recipe
@@ -39,7 +38,6 @@ from builders.networks import build_network
 from condensed_datasets.sources import install_system_fashion_mnist
 
 REPO = Path(__file__).resolve().parent.parent
-STAMP = "BENCH_ITER"
 
 
 def _device() -> str:
@@ -49,31 +47,6 @@ def _device() -> str:
 def _record(result: dict, name: str) -> None:
     path = write_record(name, result)
     click.echo(f"recorded {path}")
-
-
-def _run(cmd: list[str], env: dict[str, str], log: Path, warmup: int, timed: int) -> dict:
-    """One child: per-iteration wall and CPU seconds from its stamps, user/sys CPU and peak RSS."""
-    load_before = os.getloadavg()[0]
-    with open(log, "w") as out:
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - start
-    text = log.read_text()
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise click.ClickException(f"{' '.join(cmd)} failed; last lines:\n" + "\n".join(text.splitlines()[-15:]))
-    found = re.findall(rf"^{STAMP} \d+ ([0-9.]+) ([0-9.]+)$", text, re.MULTILINE)
-    if len(found) < warmup + timed:
-        raise click.ClickException(f"only {len(found)} iteration stamps, {warmup + timed} needed")
-    walls, cpus = [float(w) for w, _ in found], [float(c) for _, c in found]
-    return {"s_per_iteration": round((walls[warmup + timed - 1] - walls[warmup - 1]) / timed, 4),
-            "cpu_s_per_iteration": round((cpus[warmup + timed - 1] - cpus[warmup - 1]) / timed, 4),
-            "user_s": round(usage.ru_utime, 1), "sys_s": round(usage.ru_stime, 1),
-            "peak_rss_mib": round(usage.ru_maxrss / 1024, 1), "wall_s": round(wall, 1),
-            # process start to the end of the first iteration (start-up, data, any compilation): perf_counter is
-            # the system's monotonic clock here (Linux), the same in parent and child
-            "to_first_iteration_s": round(walls[0] - start, 1),
-            "load_average_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
 
 
 @click.group()
@@ -111,7 +84,7 @@ def ab(rounds: int, warmup: int, timed: int, python: str, recipe: Path, cold: bo
                     env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp / f"inductor_{compiled}_{r}")
                 cmd = base + ["--out", str(tmp / f"out_{compiled}_{r}")]  # a build refuses to overwrite a set
                 cmd += ["--set", f"params.compile={'true' if compiled else 'false'}"]  # never the recipe's auto
-                result = _run(cmd, env, tmp / f"{compiled}_{r}.log", warmup, timed)
+                result = run_stamped(cmd, env, tmp / f"{compiled}_{r}.log", warmup, timed)
                 runs.append({"compile": compiled, "round": r, **result})
                 click.echo(f"round {r} compile={compiled!s:5}: {result['s_per_iteration']:.3f} s/it "
                            f"({result['cpu_s_per_iteration']:.3f} CPU-s/it), peak RSS {result['peak_rss_mib']} MiB")

@@ -42,6 +42,7 @@ __all__ = [
     "build_network",
     "is_avg_pool_2x2",
     "uses_batch_statistics",
+    "mixes_samples",
 ]
 
 Size = tuple[int, int]
@@ -534,6 +535,12 @@ def uses_batch_statistics(net: nn.Module) -> bool:
     Such nets must see one class per forward pass during distribution matching.
     """
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
+
+
+def mixes_samples(net: nn.Module) -> bool:
+    """True when ``net``'s output for one sample depends on the other samples of its batch as it is now: a
+    BatchNorm layer in training mode (frozen ones, in eval mode, normalise each sample on its own)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in net.modules())
 
 
 def is_avg_pool_2x2(layer: nn.Module) -> bool:

@@ -28,11 +28,12 @@ and ConvNets holding a layer not listed in :func:`_functional_layers`, run the u
 (silently here: :func:`compilable` tells the caller).
 
 Gradient matching (DC, DSA) has a real branch too: each class batch's gradient of the network's
-cross-entropy with respect to its parameters, a fixed target (the loss: :func:`class_loss`), and the
-training of its network between matching steps (:func:`classifier_loss`, any labels). Compiled, they take
-the same routes, the backward pass compiled with the forward: on a CPU in float32 the Winograd one, whose
-backward is again products in the Winograd domain (4x fewer multiply-adds in the wide layers), one pass per
-batch.
+cross-entropy with respect to its parameters, a fixed target (:func:`real_class_gradient`, its loss
+:func:`class_loss`), and the training of its network between matching steps (:func:`classifier_loss`, any
+labels). Compiled, they take the same routes, the backward pass compiled with the forward: on a CPU in float32
+the Winograd one, whose backward is again products in the Winograd domain (4x fewer multiply-adds in the wide
+layers). On a CPU the real gradient is summed over passes of :data:`GRADIENT_PASS` images, as the real branch of
+distribution matching is chunked: one pass's activations alive at a time.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from torch import nn
 
 from builders import winograd
 from builders.compiling import call_compiled, compile_static
-from builders.networks import ConvNet, is_avg_pool_2x2, uses_batch_statistics
+from builders.networks import ConvNet, is_avg_pool_2x2, mixes_samples, uses_batch_statistics
 
 PRECISIONS = ("fp32", "bf16-real")
 CHUNK = 64  # real images per forward pass on a CPU: bounds activation memory; the class mean is unchanged
@@ -60,6 +61,12 @@ COMPILED_CHUNK = 256
 # ConvNet, took a median 6.46 / 6.07 / 7.21 CPU-s in passes of 16 / 32 / 64 images (uncompiled: 11.64; compiled
 # direct route: 9.80; benchmarks/results/dm_compiled_chunk_cpu_2026-11-26_2.json)
 WINOGRAD_CHUNK = 32
+#: real images per pass of a gradient matching real gradient on a CPU (:func:`real_class_gradient`; value chosen
+#: here). One class's gradient on 256 28x28 images through ConvNet, median of 2 interleaved rounds x 4, CPU-s and peak
+#: RSS above the process's before it, in passes of 256 / 64 / 32: uncompiled 3.12 / 3.28 / 2.53 s, 550 / 196 / 118
+#: MiB; compiled (Winograd) 2.12 / 1.72 / 1.78 s, 538 / 83 / 46 MiB
+#: (benchmarks/results/real_gradient_passes_cpu_2026-11-26.json)
+GRADIENT_PASS = 32
 GPU_CHUNK = 4096  # on a GPU, all classes' batches go through together (small passes are launch-bound)
 
 
@@ -339,3 +346,26 @@ def classifier_loss(net: nn.Module, images: torch.Tensor, targets: torch.Tensor,
     transforms = (winograd.INPUT_TRANSFORM, winograd.OUTPUT_TRANSFORM)
     return call_compiled(_compiled_classifier_loss_winograd(), images, prepared, steps, transforms,
                          classifier.weight, classifier.bias, targets)
+
+
+def real_class_gradient(net: nn.Module, params: Sequence[torch.Tensor], images: torch.Tensor, label: int,
+                        compiled: bool = False) -> tuple[torch.Tensor, ...]:
+    """The gradient w.r.t. ``params`` of the mean cross-entropy of ``net`` on ``images``, all of class ``label``
+    (:func:`class_loss`), without a graph: gradient matching's target for the class.
+
+    On a CPU, for a network whose samples do not mix (:func:`builders.networks.mixes_samples`), it is the sum
+    over passes of at most :data:`GRADIENT_PASS` images of each pass's gradient weighted by its share of the
+    images: the same gradient up to float rounding, with one pass's activations alive at a time instead of the
+    whole batch's. A parameter the loss does not reach gets a zero gradient.
+    """
+    params = list(params)
+    passes = (images.split(GRADIENT_PASS) if images.device.type == "cpu" and not mixes_samples(net)
+              and images.shape[0] > 0 else (images,))
+    total: list[torch.Tensor] = []
+    for part in passes:
+        loss = class_loss(net, part, label, compiled)
+        if len(passes) > 1:
+            loss = loss * (part.shape[0] / images.shape[0])
+        grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
+        total = [t.add_(g) for t, g in zip(total, grads)] if total else list(grads)
+    return tuple(total)

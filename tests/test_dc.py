@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from builders import realbranch, wide_convnet
@@ -22,7 +23,7 @@ from builders.methods.matching import (
     outer_inner_loops,
     stacked_gradient_distance,
 )
-from builders.networks import build_network
+from builders.networks import build_network, mixes_samples
 from builders.recipe import RecipeError
 from condensed_datasets.sources import get_source
 
@@ -288,6 +289,54 @@ def test_the_real_gradient_equals_the_plain_one_in_float64_compiled_or_not(compi
     for (name, _), g, w in zip(net.named_parameters(), got, want):
         # a convolution's bias before instance norm has no effect: its true gradient is 0, float noise each way
         assert float((g - w).norm()) <= 1e-3 * float(w.norm()) + 1e-6 * scale, name
+
+
+def _plain_gradient(net: nn.Module, images: torch.Tensor, label: int) -> list[torch.Tensor]:
+    """The obviously-correct computation: one pass, the mean cross-entropy's gradient."""
+    targets = torch.full((images.shape[0],), label, dtype=torch.int64)
+    return list(torch.autograd.grad(F.cross_entropy(net(images), targets), list(net.parameters())))
+
+
+def test_the_real_gradient_in_passes_is_the_one_pass_gradient(monkeypatch):
+    # 14 images in passes of 4, 4, 4, 2: each pass's gradient weighted by its share of the images
+    monkeypatch.setattr(realbranch, "GRADIENT_PASS", 4)
+    calls = []
+    plain_class_loss = realbranch.class_loss
+    monkeypatch.setattr(realbranch, "class_loss", lambda net, part, *a: calls.append(part.shape[0]) or
+                        plain_class_loss(net, part, *a))
+    net = build_network("ConvNetW32", 1, 10, (12, 12), seed=3)
+    images = torch.randn(14, 1, 12, 12, generator=torch.Generator().manual_seed(4))
+    got = class_gradient(net, list(net.parameters()), images, 6, create_graph=False)
+    assert calls == [4, 4, 4, 2]
+    want64 = _plain_gradient(net.double(), images.double(), 6)
+    want32 = _plain_gradient(net.float(), images, 6)
+    scale = max(float(w.norm()) for w in want64)
+    for (name, _), g, w64, w32 in zip(net.named_parameters(), got, want64, want32):
+        assert g.dtype == torch.float32
+        # float32 rounding only: as close to the float64 gradient as the one-pass float32 computation is
+        assert float((g.double() - w64).norm()) <= 1e-5 * float(w64.norm()) + 1e-7 * scale, name
+        assert float((w32.double() - w64).norm()) <= 1e-5 * float(w64.norm()) + 1e-7 * scale, name
+
+
+def test_the_real_gradient_of_a_network_in_batchnorm_training_takes_one_pass(monkeypatch):
+    # its samples mix (batch statistics): passes would change the gradient, so there is one
+    monkeypatch.setattr(realbranch, "GRADIENT_PASS", 4)
+    net = build_network("ConvNetBN", 1, 10, (8, 8), seed=5).train()
+    images = torch.randn(12, 1, 8, 8, generator=torch.Generator().manual_seed(6))
+    got = class_gradient(net, list(net.parameters()), images, 2, create_graph=False)
+    for g, w in zip(got, _plain_gradient(net, images, 2)):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-8)
+    # frozen (eval mode), each sample is normalised on its own: passes again, the same gradient
+    net.eval()
+    got = class_gradient(net, list(net.parameters()), images, 2, create_graph=False)
+    for g, w in zip(got, _plain_gradient(net, images, 2)):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
+
+
+def test_mixes_samples_only_for_batchnorm_in_training_mode():
+    assert not mixes_samples(build_network("ConvNet", 1, 10, (8, 8)))
+    bn = build_network("ConvNetBN", 1, 10, (8, 8))
+    assert mixes_samples(bn.train()) and not mixes_samples(bn.eval())
 
 
 def test_dc_compile_true_matches_the_uncompiled_loss_and_image_gradient():

@@ -49,7 +49,7 @@ from builders.methods.matching import (
     outer_inner_loops,
     stacked_gradient_distance,
 )
-from builders.realbranch import class_loss, classifier_loss
+from builders.realbranch import class_loss, classifier_loss, real_class_gradient
 from builders.recipe import AUTO, check_at_least, check_choice
 from builders.registry import register
 from builders.transfer import to_device
@@ -83,13 +83,15 @@ def class_gradient(
 ) -> tuple[torch.Tensor, ...]:
     """Gradient of the mean cross-entropy of ``net`` on ``images`` (all of class ``label``) w.r.t. ``params``.
 
-    ``compiled`` (not with ``create_graph``: a compiled backward is not differentiated again): the loss through
-    :func:`builders.realbranch.class_loss`'s compiled routes.
+    Without ``create_graph`` (a real batch's target): :func:`builders.realbranch.real_class_gradient`, summed over
+    passes of a few images on a CPU. ``compiled`` (not with ``create_graph``: a compiled backward is not
+    differentiated again): the loss through :func:`builders.realbranch.class_loss`'s compiled routes.
     """
     if compiled and create_graph:
         raise ValueError("class_gradient: a compiled gradient cannot keep its graph (create_graph)")
-    loss = class_loss(net, images, label, compiled)
-    return torch.autograd.grad(loss, list(params), create_graph=create_graph, allow_unused=True,
+    if not create_graph:
+        return real_class_gradient(net, params, images, label, compiled)
+    return torch.autograd.grad(class_loss(net, images, label), list(params), create_graph=True, allow_unused=True,
                                materialize_grads=True)
 
 
