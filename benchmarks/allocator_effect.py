@@ -13,21 +13,18 @@ from __future__ import annotations
 import json
 import os
 import platform
-import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import click
-from machine import write_record  # benchmarks/machine.py (scripts run from benchmarks/)
+from children import REPO, run_stamped  # benchmarks/children.py (scripts run from benchmarks/)
+from machine import write_record  # benchmarks/machine.py
 
 from builders.allocator import ENV_OFF
 from condensed_datasets.sources import install_system_fashion_mnist
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 @click.command()
@@ -53,22 +50,10 @@ def main(recipe: Path, overrides: tuple[str, ...], rounds: int, warmup: int, tim
             for mode in ("off", "on"):
                 env = {k: v for k, v in os.environ.items() if k != ENV_OFF}
                 env["PYTHONPATH"] = str(REPO)
-                log = tmp / f"{mode}_{r}.log"
-                with open(log, "w") as out:  # on: whether or not the command line applies them to this method
-                    proc = subprocess.Popen([*cmd, "--allocator", mode, "--out", str(tmp / f"out_{mode}_{r}")],
-                                            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-                    _, status, usage = os.wait4(proc.pid, 0)
-                text = log.read_text()
-                if os.waitstatus_to_exitcode(status) != 0:
-                    raise click.ClickException(f"build_speed failed:\n{text[-2000:]}")
-                found = [(float(w), float(c))
-                         for w, c in re.findall(r"^BENCH_ITER \d+ ([0-9.]+) ([0-9.]+)$", text, re.MULTILINE)]
-                wall = (found[-1][0] - found[warmup - 1][0]) / timed
-                cpu = (found[-1][1] - found[warmup - 1][1]) / timed
-                runs.append({"allocator_settings": mode, "round": r, "s_per_iteration": round(wall, 3),
-                             "cpu_s_per_iteration": round(cpu, 3), "user_s": round(usage.ru_utime, 1),
-                             "sys_s": round(usage.ru_stime, 1), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),
-                             "load_average_1min": round(os.getloadavg()[0], 2)})
+                # on: whether or not the command line applies them to this method
+                figures = run_stamped([*cmd, "--allocator", mode, "--out", str(tmp / f"out_{mode}_{r}")], env,
+                                      tmp / f"{mode}_{r}.log", warmup, timed)
+                runs.append({"allocator_settings": mode, "round": r, **figures})
                 click.echo(json.dumps(runs[-1]))
 
     def med(mode: str, key: str) -> float:

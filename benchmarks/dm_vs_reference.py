@@ -34,7 +34,6 @@ import pickle
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,12 +42,12 @@ from pathlib import Path
 import click
 import numpy as np
 import torch
-from machine import cpu_name, write_record  # benchmarks/machine.py (scripts run from benchmarks/)
+from children import STAMP, per_iteration, run_child  # benchmarks/children.py (scripts run from benchmarks/)
+from machine import cpu_name, write_record  # benchmarks/machine.py
 
 from condensed_datasets.sources import install_system_fashion_mnist
 
 REPO = Path(__file__).resolve().parent.parent
-STAMP = "BENCH_ITER"
 #: source -> (the reference's --dataset, the package's recipe name after "<method>_")
 SOURCES = {"fashionmnist": ("FashionMNIST", "fashionmnist"), "cifar10-generated": ("CIFAR10", "cifar10")}
 #: method -> (the reference's script, its extra arguments, the line after which an iteration ends)
@@ -148,41 +147,10 @@ def patch_reference(src: Path, dst: Path, method: str = "dm") -> None:
     (dst / script).write_text(main)
 
 
-def _run(cmd: list[str], cwd: Path, env: dict[str, str], log: Path) -> dict:
-    """Run ``cmd``; its stamps, CPU seconds and peak RSS (of this child alone, from wait4)."""
-    load_before = os.getloadavg()[0]
-    with open(log, "w") as out:
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        wall = time.perf_counter() - start
-    text = log.read_text()
-    if proc.returncode != 0:
-        raise click.ClickException(f"{' '.join(cmd)} failed ({proc.returncode}); last lines:\n"
-                                   + "\n".join(text.splitlines()[-15:]))
-    found = re.findall(rf"^{STAMP} \d+ ([0-9.]+) ([0-9.]+)$", text, re.MULTILINE)
-    said = [line for line in text.splitlines() if line.strip() and not line.startswith(STAMP)]
-    return {"stamps": [float(w) for w, _ in found], "cpu_stamps": [float(c) for _, c in found],
-            "log_tail": said[-12:],  # warnings (an uncompiled fallback, say) beside the figures
-            "user_s": round(usage.ru_utime, 1), "sys_s": round(usage.ru_stime, 1),
-            "peak_rss_mib": round(usage.ru_maxrss / 1024, 1), "wall_s": round(wall, 1),
-            "load_average_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
-
-
 def _durations(stamps: list[float], warmup: int, timed: int) -> list[float]:
     """Each timed iteration's seconds (``warmup + 1 .. warmup + timed``), rounded to 0.1 ms."""
     window = stamps[warmup - 1:warmup + timed]
     return [round(b - a, 4) for a, b in zip(window, window[1:])]
-
-
-def _per_iteration(stamps: list[float], warmup: int, timed: int) -> float:
-    """Seconds per iteration over iterations ``warmup + 1 .. warmup + timed`` (stamps end iterations)."""
-    if len(stamps) < warmup + timed:
-        raise click.ClickException(f"only {len(stamps)} iteration stamps, {warmup + timed} needed")
-    return (stamps[warmup + timed - 1] - stamps[warmup - 1]) / timed
-
-
 
 
 def parse_env_pairs(pairs: tuple[str, ...]) -> dict[str, str]:
@@ -261,10 +229,10 @@ def main(reference: Path, rounds: int, warmup: int, timed: int, overrides: tuple
         for r in range(rounds):
             for side, cmd, cwd, run_env in sides:
                 cmd = [str(tmp / f"{side}_out_{r}") if c == "PKG_OUT" else c for c in cmd]  # a fresh output per run
-                result = _run(cmd, cwd, run_env, tmp / f"{side}_{r}.log")
+                result = run_child(cmd, run_env, tmp / f"{side}_{r}.log", cwd)
                 result["iteration_s"] = _durations(result["stamps"], warmup, timed)  # spread within the run
-                result["s_per_iteration"] = round(_per_iteration(result.pop("stamps"), warmup, timed), 4)
-                result["cpu_s_per_iteration"] = round(_per_iteration(result.pop("cpu_stamps"), warmup, timed), 4)
+                result["s_per_iteration"] = round(per_iteration(result.pop("stamps"), warmup, timed), 4)
+                result["cpu_s_per_iteration"] = round(per_iteration(result.pop("cpu_stamps"), warmup, timed), 4)
                 runs.append({"side": side, "round": r, **result})
                 click.echo(f"round {r} {side:15s}: {result['s_per_iteration']:.3f} s/it "
                            f"({result['cpu_s_per_iteration']:.3f} CPU-s/it), user {result['user_s']} s, "

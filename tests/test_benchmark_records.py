@@ -1,8 +1,9 @@
-"""benchmarks/machine.py's write_record: records never replace one another, and go where they are told."""
+"""The benchmarks' own helpers: records never replace one another and go where they are told; timed children."""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -44,11 +45,27 @@ def test_gpu_sessions_paper_rows_parse_and_refuse_what_no_recipe_names() -> None
 
 
 def test_dm_vs_references_durations_are_the_timed_iterations_alone() -> None:
+    import children  # benchmarks/children.py
     import dm_vs_reference  # benchmarks/dm_vs_reference.py
 
     stamps = [1.0, 1.5, 3.0, 3.25, 4.0]  # iteration ends; warm-up 2, timed 2: iterations 3 and 4
     assert dm_vs_reference._durations(stamps, 2, 2) == [1.5, 0.25]
-    assert dm_vs_reference._per_iteration(stamps, 2, 2) == pytest.approx(0.875)
+    assert children.per_iteration(stamps, 2, 2) == pytest.approx(0.875)
+
+
+def test_a_stamped_child_is_timed_by_its_stamps_and_a_failed_one_says_so(tmp_path: Path) -> None:
+    import children  # benchmarks/children.py
+    import click
+
+    lines = ["warming up", "BENCH_ITER 0 10.0 1.0", "BENCH_ITER 1 12.0 2.5", "BENCH_ITER 2 15.0 5.5", "a warning"]
+    script = "print(" + repr("\n".join(lines)) + ")"
+    got = children.run_stamped([sys.executable, "-c", script], dict(os.environ), tmp_path / "child.log", 1, 2)
+    assert got["s_per_iteration"] == pytest.approx(2.5) and got["cpu_s_per_iteration"] == pytest.approx(2.25)
+    assert got["log_tail"] == ["warming up", "a warning"] and got["peak_rss_mib"] > 0
+    with pytest.raises(click.ClickException, match="only 3 iteration stamps, 4 needed"):
+        children.run_stamped([sys.executable, "-c", script], dict(os.environ), tmp_path / "child.log", 2, 2)
+    with pytest.raises(click.ClickException, match=r"failed \(3\)"):
+        children.run_stamped([sys.executable, "-c", "raise SystemExit(3)"], dict(os.environ), tmp_path / "x.log", 1, 1)
 
 
 def test_dm_vs_references_variant_env_is_parsed_strictly_and_timed_against_the_reference() -> None:
