@@ -34,7 +34,7 @@ import build_speed  # benchmarks/build_speed.py (scripts run from benchmarks/)
 import click
 import torch
 from children import REPO, run_stamped
-from machine import cpu_name, provenance, write_record
+from machine import device_name, provenance, write_record
 
 from builders import realbranch
 from builders.networks import build_network
@@ -131,8 +131,7 @@ def run(passes: str, routes: str, rounds: int, repeats: int, shape: str, record:
                                  for k, v in runs.items()},
         "peak_rss_mib_max": {k: max(f["peak_rss_mib"] for f in v) for k, v in runs.items()},
         "order": ", ".join(runs) + f", each in its own process, x {rounds} rounds",
-        **provenance("real_gradient_passes.py",
-                     f"cpu: {cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads", note),
+        **provenance("real_gradient_passes.py", device_name("cpu"), note),
     }
     click.echo(json.dumps({k: result[k] for k in ("cpu_s_median", "peak_over_before_mib")}, indent=2))
     if record:
@@ -184,14 +183,14 @@ def build(recipe: Path, passes: str, rounds: int, warmup: int, timed: int, overr
 
     result = {
         "benchmark": "gradient matching build iterations by real gradient pass size (realbranch.GRADIENT_PASS)",
-        "config": {"recipe": str(recipe), "overrides": list(overrides), "timed_iterations": f"{warmup + 1}-{warmup + timed}",
+        "config": {"recipe": str(recipe), "overrides": list(overrides),
+                   "timed_iterations": f"{warmup + 1}-{warmup + timed}",
                    "order": ", ".join(str(s) for s in sizes) + f", alternating, x {rounds} rounds"},
         "runs": runs,
         "s_per_iteration_median": {str(s): median(s, "s_per_iteration") for s in sizes},
         "cpu_s_per_iteration_median": {str(s): median(s, "cpu_s_per_iteration") for s in sizes},
         "peak_rss_mib_max": {str(s): max(r["peak_rss_mib"] for r in runs if r["pass_size"] == s) for s in sizes},
-        **provenance("real_gradient_passes.py",
-                     f"cpu: {cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads", note),
+        **provenance("real_gradient_passes.py", device_name("cpu"), note),
     }
     click.echo(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2))
     if record:

@@ -106,8 +106,9 @@ def class_matching_loss(
     """Sum over classes ``c`` of the distance between the gradients on ``real_batches[c]`` and ``syn_batches[c]``.
 
     ``classes``: the class label of each pair of batches (default ``0, 1, ...``). The real gradients are
-    detached (``compiled``: through ``torch.compile`` where the network allows, see :func:`class_gradient`); the synthetic ones keep their graph, so the result backpropagates into the
-    synthetic images.
+    detached (``compiled``: through ``torch.compile`` where the network allows; on a CPU in passes; see
+    :func:`class_gradient`); the synthetic ones keep their graph, so the result backpropagates into the synthetic
+    images.
     """
     params = [p for p in net.parameters() if p.requires_grad]
     labels = range(len(real_batches)) if classes is None else classes
