@@ -20,7 +20,7 @@ from condensed_datasets.errors import (
     SetNotFoundError,
     UnknownNameError,
 )
-from condensed_datasets.format import CondensedSet
+from condensed_datasets.format import CondensedSet, whole_set_problem
 from condensed_datasets.hub import download_set, is_hub_copy
 from condensed_datasets.listing import available
 from condensed_datasets.mae_refill import load_mae, refill_patches
@@ -151,12 +151,10 @@ class CondensedVisionDataset(VisionDataset):
 
         path = self._locate(method, ipc, download=download, build=build, repo_id=repo_id, revision=revision)
         cset = CondensedSet.load(path)
-        if (cset.source, cset.method, cset.ipc) != (self.source, method, ipc):
-            raise SetNotFoundError(
-                f"{path} holds source={cset.source!r} method={cset.method!r} ipc={cset.ipc}, not the requested "
-                f"source={self.source!r} method={method!r} ipc={ipc}; the file is misnamed or damaged — "
-                "delete it and build or download it again"
-            )
+        problem = whole_set_problem(cset, self.source, method, ipc)
+        if problem:
+            raise SetNotFoundError(f"{path} {problem}; the file is misnamed or damaged — delete it and build or "
+                                   "download it again")
         if target_type == "soft" and cset.soft_labels is None:
             raise UnknownNameError(f"target_type='soft' but {path} has no soft labels; use 'hard' or 'auto'")
 

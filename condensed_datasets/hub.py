@@ -69,7 +69,7 @@ from condensed_datasets.errors import (
     SkippedEntryWarning,
     UnknownNameError,
 )
-from condensed_datasets.format import CondensedSet
+from condensed_datasets.format import CondensedSet, whole_set_problem
 from condensed_datasets.paths import (
     canonical_source,
     check_repo_id,
@@ -674,11 +674,9 @@ def _check_content(data: bytes, name: str, source: str, method: str, ipc: int) -
         cset = CondensedSet.from_bytes(data, name)
     except CondensedSetError as exc:
         raise HubIntegrityError(f"{name} is not a valid condensed set: {exc}") from None
-    if (cset.source, cset.method, cset.ipc) != (source, method, ipc):
-        raise HubIntegrityError(
-            f"{name} holds source={cset.source!r} method={cset.method!r} ipc={cset.ipc}, not "
-            f"source={source!r} method={method!r} ipc={ipc}; the repository is misnamed"
-        )
+    problem = whole_set_problem(cset, source, method, ipc)
+    if problem:
+        raise HubIntegrityError(f"{name} {problem}; the repository is misnamed")
 
 
 def _record(dest: Path, repo: str, rev: str, commit: str | None, filename: str, sha: str) -> None:

@@ -193,6 +193,15 @@ def test_file_that_disagrees_with_its_name_is_refused(tmp_path: Path, make_set) 
         CondensedSVHN(tmp_path, "dsa", 1)
 
 
+def test_a_set_of_some_classes_at_a_whole_sets_path_is_refused(tmp_path: Path) -> None:
+    subset = CondensedSet(torch.zeros(2, 1, 28, 28), torch.arange(2), source="fashionmnist", method="dm", ipc=1,
+                          metadata={"class_subset": [7, 3]})
+    path = subset.save(set_path(tmp_path, "fashionmnist", "dm", 1))
+    with pytest.raises(RuntimeError, match=r"classes \[7, 3\] only") as err:  # was a 2-class set, labels 0..1 for
+        CondensedFashionMNIST(tmp_path, "dm", 1)  # Sneaker and Dress, beside a real test split labelled 0..9
+    assert str(path) in str(err.value)
+
+
 def test_build_on_demand_calls_builders_lazily(tmp_path: Path, make_set, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
 

@@ -28,6 +28,7 @@ from condensed_datasets.continual import ClassIncrementalBuffer
 from condensed_datasets.errors import (
     CondensedSetError,
     HubError,
+    HubIntegrityError,
     IndexFormatError,
     SetNotFoundError,
     SourceDataError,
@@ -507,3 +508,16 @@ def test_an_index_over_the_limit_is_refused_before_it_is_read(tmp_path: Path, se
         hub.fetch_index(REPO)
     monkeypatch.setattr(catalogue, "INDEX_LIMIT", 1000)
     assert hub.fetch_index(REPO)["files"] == {}  # under the limit: read as before
+
+
+# -- 8. a set of some classes under the name of a whole set ----------------------------------------------------
+def test_a_set_of_some_classes_under_a_whole_sets_name_on_the_hub_is_never_written(tmp_path: Path,
+                                                                                    server: HubServer) -> None:
+    folder = server.repo_dir(REPO)
+    folder.mkdir(parents=True)
+    subset = CondensedSet(torch.zeros(2, 1, 28, 28), torch.arange(2), source="fashionmnist", method="dm", ipc=1,
+                          metadata={"class_subset": [7, 3]})
+    (folder / "dm_ipc1.safetensors").write_bytes(subset.to_bytes())
+    with pytest.raises(HubIntegrityError, match=r"classes \[7, 3\] only"):  # was written and loaded as the whole set
+        CondensedFashionMNIST(tmp_path, "dm", 1, download=True, repo_id=REPO)
+    assert not set_path(tmp_path, "fashionmnist", "dm", 1).exists()
