@@ -21,6 +21,8 @@ the file holds exactly those bytes: such a hub copy is compared with the hub aga
 ``download=True`` lookup and replaced when the revision moved. A valid file whose bytes are not its
 record's (rebuilt, re-saved by ``condensed-eval --save``, changed) is the user's own and is never replaced.
 An invalid local file is replaced; offline it is restored from the Hugging Face cache or refused, never used.
+In a folder that cannot be written (a read-only mount of shared data) nothing is downloaded: a sound local set
+is used as it is, as offline, and a missing or invalid one is a HubError saying the folder cannot be written.
 
 Strangers' names never reach a path or URL unchecked (:mod:`condensed_datasets.paths`); a download that
 makes less than the minimum progress (:func:`min_download_speed`) is aborted with HubStalledError; a
@@ -29,6 +31,7 @@ file whose SHA-256 is wrong is removed from the Hugging Face cache as well as re
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -105,6 +108,7 @@ __all__ = [
 _SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
 _COMMIT = re.compile(r"^[0-9a-f]{40}\Z")
 _TRUE = {"1", "ON", "YES", "TRUE"}
+_READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)  # what creating a file in a folder we cannot write raises
 
 RepositoryNotFoundError = hf_errors.RepositoryNotFoundError
 RevisionNotFoundError = hf_errors.RevisionNotFoundError
@@ -435,7 +439,8 @@ def download_set(
     Online: HEAD the file; a local copy with the hub's SHA-256 is kept (no download), otherwise the file
     is downloaded (through the Hugging Face cache), checked (SHA-256, format, source/method/ipc) and
     written atomically. Offline or unreachable: the local copy if it is sound, else the cached one, else
-    HubOfflineError. Missing repository / revision / file: HubNotFoundError listing what exists.
+    HubOfflineError. A folder that cannot be written: the local copy if it is sound, else HubError. Missing
+    repository / revision / file: HubNotFoundError listing what exists.
     """
     name = get_source(source).name
     repo, rev = _checked(repo_id or default_repo_id(name), revision)
@@ -457,13 +462,27 @@ def download_set(
             f"another process has been downloading {dest} for more than {LOCK_TIMEOUT_S:.0f} s "
             f"(lock {lock.lock_file}); if none is, delete the lock file and retry"
         ) from None
-    except OSError as exc:  # a folder or a symbolic link where the lock file goes
+    except OSError as exc:
+        if exc.errno in _READ_ONLY:  # a folder this process cannot write, such as a read-only mount of shared data
+            return _read_only_copy(dest, repo, rev, filename, exc, how_to_get(root, name, method, ipc))
+        # a folder or a symbolic link where the lock file goes
         raise HubError(f"cannot take the download lock {lock.lock_file} ({exc}); it must be a plain file or "
                        "absent: remove it and retry") from None
     try:
         return _download_locked(dest, root, name, method, int(ipc), repo, rev, filename)
     finally:
         lock.release()
+
+
+def _read_only_copy(dest: Path, repo: str, rev: str, filename: str, exc: OSError, hint: str) -> Path:
+    """``dest`` when it is a sound set, used as it is (as offline): a folder that cannot be written takes no
+    download; else HubError saying that the folder cannot be written."""
+    problem = _local_problem(dest) if dest.is_file() else ""
+    if dest.is_file() and not problem:
+        return dest
+    raise HubError(f"cannot download {filename} of {_where(repo, rev)} into {dest.parent}: the folder cannot be "
+                   f"written ({exc.strerror}).{(' ' + problem) if problem else ''} Pass a root folder you can "
+                   f"write to. {hint}")
 
 
 def _download_locked(dest: Path, root: str | os.PathLike, source: str, method: str, ipc: int, repo: str,

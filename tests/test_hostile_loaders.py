@@ -6,10 +6,12 @@ is written outside the root or under a set's final name unless it is right."""
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import io
 import json
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -510,7 +512,38 @@ def test_an_index_over_the_limit_is_refused_before_it_is_read(tmp_path: Path, se
     assert hub.fetch_index(REPO)["files"] == {}  # under the limit: read as before
 
 
-# -- 8. a set of some classes under the name of a whole set ----------------------------------------------------
+# -- 8. a read-only root; a set of some classes under the name of a whole set -------------------------------------
+class _ReadOnlyFolderLock:
+    """The download lock of a folder on a read-only mount (shared data): taking it fails as the filesystem does."""
+
+    def __init__(self, lock_file: str, timeout: float = -1) -> None:
+        self.lock_file = lock_file
+
+    def acquire(self) -> None:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), self.lock_file)
+
+    def release(self) -> None:
+        raise AssertionError("never taken")
+
+
+def test_a_downloaded_set_on_a_read_only_root_loads_with_download_true(tmp_path: Path, server: HubServer,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    _serve(server)
+    path = CondensedFashionMNIST(tmp_path, "dm", 1, download=True, repo_id=REPO).path  # while it was writable
+    before = {p: p.read_bytes() for p in path.parent.iterdir()}
+    monkeypatch.setattr(hub, "FileLock", _ReadOnlyFolderLock)
+    for offline in (False, True):  # was HubError "cannot take the download lock ...: remove it and retry"
+        if offline:
+            go_offline(monkeypatch)
+        assert len(CondensedFashionMNIST(tmp_path, "dm", 1, download=True, repo_id=REPO)) == 10
+    path.write_bytes(b"\x00" * 64)  # a broken copy cannot be replaced there: the error says why
+    with pytest.raises(HubError, match="cannot be written.*a root folder you can write to"):
+        CondensedFashionMNIST(tmp_path, "dm", 1, download=True, repo_id=REPO)
+    with pytest.raises(HubError, match="cannot be written.*a root folder you can write to"):
+        CondensedFashionMNIST(tmp_path, "dm", 2, download=True, repo_id=REPO)
+    assert sorted(path.parent.iterdir()) == sorted(before)
+
+
 def test_a_set_of_some_classes_under_a_whole_sets_name_on_the_hub_is_never_written(tmp_path: Path,
                                                                                     server: HubServer) -> None:
     folder = server.repo_dir(REPO)
