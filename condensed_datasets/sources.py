@@ -259,7 +259,12 @@ def install_system_fashion_mnist(root: str | os.PathLike) -> bool:
             except (OSError, EOFError, zlib.error) as exc:  # not gzip, or cut short
                 raise SourceDataError(f"fashionmnist: the system copy {src / f'{f}.gz'} is not a readable gzip file "
                                       f"({exc}); reinstall it, or set {FASHION_MNIST_ENV} to a good copy") from exc
-            atomic_write_bytes(raw / f, data)
+            try:
+                atomic_write_bytes(raw / f, data)
+            except OSError as exc:  # a root that cannot be written, such as a read-only mount of shared data
+                raise SourceDataError(f"fashionmnist: the system copy cannot be un-gzipped into {raw}: the folder "
+                                      f"cannot be written ({exc.strerror}); pass a root folder you can write to, "
+                                      "or put the un-gzipped IDX files there") from exc
     return True
 
 

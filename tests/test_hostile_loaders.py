@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from safetensors.torch import save as st_save
 
-from condensed_datasets import CondensedFashionMNIST, catalogue, hub, paths
+from condensed_datasets import CondensedFashionMNIST, catalogue, hub, paths, sources
 from condensed_datasets.continual import ClassIncrementalBuffer
 from condensed_datasets.errors import (
     CondensedSetError,
@@ -542,6 +542,24 @@ def test_a_downloaded_set_on_a_read_only_root_loads_with_download_true(tmp_path:
     with pytest.raises(HubError, match="cannot be written.*a root folder you can write to"):
         CondensedFashionMNIST(tmp_path, "dm", 2, download=True, repo_id=REPO)
     assert sorted(path.parent.iterdir()) == sorted(before)
+
+
+def test_the_real_test_split_on_a_read_only_root_is_a_source_data_error(tmp_path: Path, make_set: Any,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    system = tmp_path / "system"
+    system.mkdir()
+    for f in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+              "t10k-labels-idx1-ubyte"):
+        (system / f"{f}.gz").write_bytes(gzip.compress(b"x" * 100))
+    monkeypatch.setenv("CONDENSED_FASHION_MNIST_DIR", str(system))
+    make_set(tmp_path / "root", "fashionmnist")
+
+    def read_only(path: Any, data: bytes, **kwargs: Any) -> Path:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    monkeypatch.setattr(sources, "atomic_write_bytes", read_only)
+    with pytest.raises(SourceDataError, match="cannot be written.*a root folder you can write to"):  # was OSError
+        CondensedFashionMNIST(tmp_path / "root", "dm", 1).real_test_set()
 
 
 def test_a_set_of_some_classes_under_a_whole_sets_name_on_the_hub_is_never_written(tmp_path: Path,
