@@ -33,7 +33,7 @@ from condensed_datasets.constants import (
     ORG_ENV,
 )
 from condensed_datasets.errors import CondensedSetError, IndexFormatError, SkippedEntryWarning, UnknownNameError
-from condensed_datasets.format import read_file_metadata
+from condensed_datasets.format import read_file_metadata, whole_set_problem
 from condensed_datasets.metadata_checks import MAX_TEXT, is_count, is_number
 from condensed_datasets.paths import check_name, parse_set_filename, set_filename
 from condensed_datasets.sources import SOURCES, get_source
@@ -241,12 +241,14 @@ def index_listing(index: dict[str, Any], *, where: str, location: str,
 
 # -- local roots, folders, embedded sets ------------------------------------------------------------------------
 def _scan_folder(folder: Path, *, where: str, source: str | None = None) -> list[dict[str, Any]]:
-    """Listing rows for the set files directly in ``folder`` (headers only; unreadable files are skipped)."""
+    """Listing rows for the set files directly in ``folder`` (headers only; unreadable files, and files that do
+    not hold the whole set their name says, are skipped)."""
     rows: list[dict[str, Any]] = []
     if not folder.is_dir():
         return rows
     for path in sorted(folder.iterdir()):
-        if parse_set_filename(path.name) is None or not path.is_file():
+        named = parse_set_filename(path.name)
+        if named is None or not path.is_file():
             continue
         try:
             meta = read_set_metadata(path)
@@ -255,6 +257,10 @@ def _scan_folder(folder: Path, *, where: str, source: str | None = None) -> list
             warnings.warn(f"{path} left out of the listing: {exc}", SkippedEntryWarning, stacklevel=2)
             continue
         if source is not None and entry["source"] != get_source(source).name:
+            continue
+        problem = whole_set_problem(meta, entry["source"], *named)
+        if problem:
+            warnings.warn(f"{path} left out of the listing: it {problem}", SkippedEntryWarning, stacklevel=2)
             continue
         rows.append({**entry, "file": path.name, "where": where, "location": str(path)})
     return rows

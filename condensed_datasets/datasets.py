@@ -151,7 +151,7 @@ class CondensedVisionDataset(VisionDataset):
 
         path = self._locate(method, ipc, download=download, build=build, repo_id=repo_id, revision=revision)
         cset = CondensedSet.load(path)
-        problem = whole_set_problem(cset, self.source, method, ipc)
+        problem = whole_set_problem(cset.metadata, self.source, method, ipc)
         if problem:
             raise SetNotFoundError(f"{path} {problem}; the file is misnamed or damaged — delete it and build or "
                                    "download it again")

@@ -261,14 +261,14 @@ class CondensedSet:
         return cls.from_bytes(path.read_bytes(), str(path))
 
 
-def whole_set_problem(cset: CondensedSet, source: str, method: str, ipc: int) -> str | None:
-    """Why ``cset`` is not the set of every class of ``source`` by ``method`` at ``ipc`` (what a file named
-    ``{method}_ipc{ipc}.safetensors`` under ``condensed/{source}/`` must hold), or None."""
-    if (cset.source, cset.method, cset.ipc) != (source, method, ipc):
-        return (f"holds source={cset.source!r} method={cset.method!r} ipc={cset.ipc}, not "
+def whole_set_problem(metadata: dict[str, Any], source: str, method: str, ipc: int) -> str | None:
+    """Why the set of ``metadata`` is not the set of every class of ``source`` by ``method`` at ``ipc`` (what a
+    file named ``{method}_ipc{ipc}.safetensors`` under ``condensed/{source}/`` must hold), or None."""
+    if (metadata["source"], metadata["method"], metadata["ipc"]) != (source, method, ipc):
+        return (f"holds source={metadata['source']!r} method={metadata['method']!r} ipc={metadata['ipc']}, not "
                 f"source={source!r} method={method!r} ipc={ipc}")
-    if cset.metadata.get("class_subset") is not None:
-        return (f"holds {source} classes {cset.metadata['class_subset']} only, not all of them (a set of some "
+    if metadata.get("class_subset") is not None:
+        return (f"holds {source} classes {metadata['class_subset']} only, not all of them (a set of some "
                 f"classes lives under condensed/{source}/classes/)")
     return None
 

@@ -693,7 +693,7 @@ def _check_content(data: bytes, name: str, source: str, method: str, ipc: int) -
         cset = CondensedSet.from_bytes(data, name)
     except CondensedSetError as exc:
         raise HubIntegrityError(f"{name} is not a valid condensed set: {exc}") from None
-    problem = whole_set_problem(cset, source, method, ipc)
+    problem = whole_set_problem(cset.metadata, source, method, ipc)
     if problem:
         raise HubIntegrityError(f"{name} {problem}; the repository is misnamed")
 

@@ -33,6 +33,7 @@ from condensed_datasets.errors import (
     HubIntegrityError,
     IndexFormatError,
     SetNotFoundError,
+    SkippedEntryWarning,
     SourceDataError,
     UnknownNameError,
 )
@@ -512,7 +513,7 @@ def test_an_index_over_the_limit_is_refused_before_it_is_read(tmp_path: Path, se
     assert hub.fetch_index(REPO)["files"] == {}  # under the limit: read as before
 
 
-# -- 8. a read-only root; a set of some classes under the name of a whole set -------------------------------------
+# -- 8. a read-only root; files that do not hold the set their name says -------------------------------------------
 class _ReadOnlyFolderLock:
     """The download lock of a folder on a read-only mount (shared data): taking it fails as the filesystem does."""
 
@@ -572,3 +573,19 @@ def test_a_set_of_some_classes_under_a_whole_sets_name_on_the_hub_is_never_writt
     with pytest.raises(HubIntegrityError, match=r"classes \[7, 3\] only"):  # was written and loaded as the whole set
         CondensedFashionMNIST(tmp_path, "dm", 1, download=True, repo_id=REPO)
     assert not set_path(tmp_path, "fashionmnist", "dm", 1).exists()
+
+
+def test_a_file_whose_header_disagrees_with_its_name_is_left_out_of_listings(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONDENSED_DATASETS_EMBEDDED_DIR", str(tmp_path / "no-embedded-sets"))
+    misnamed = CondensedSet(torch.zeros(20, 1, 28, 28), torch.arange(10).repeat_interleave(2), source="fashionmnist",
+                            method="dc", ipc=2).save(set_path(tmp_path, "fashionmnist", "dm", 3))
+    subset = CondensedSet(torch.zeros(2, 1, 28, 28), torch.arange(2), source="fashionmnist", method="dm", ipc=1,
+                          metadata={"class_subset": [7, 3]}).save(set_path(tmp_path, "fashionmnist", "dm", 1))
+    with pytest.warns(SkippedEntryWarning) as caught:  # were listed as dc ipc 2 (file dm_ipc3) and dm ipc 1,
+        assert catalogue.list_local(tmp_path, "fashionmnist") == []  # which no Dataset could load by those names
+        assert catalogue.list_folder(misnamed.parent) == []
+    text = " ".join(str(w.message) for w in caught)
+    assert str(misnamed) in text and "method='dc' ipc=2" in text and str(subset) in text and "[7, 3] only" in text
+    with pytest.warns(SkippedEntryWarning), pytest.raises(SetNotFoundError, match="present for fashionmnist: none"):
+        CondensedFashionMNIST(tmp_path, "dc", 2)  # was "no dc set with ipc 2 ...; available ipcs for dc: 2"
