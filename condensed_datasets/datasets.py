@@ -17,6 +17,7 @@ from condensed_datasets.errors import (
     HubNotFoundError,
     HubOfflineError,
     HubServerError,
+    HubStalledError,
     SetNotFoundError,
     UnknownNameError,
 )
@@ -141,7 +142,7 @@ class CondensedVisionDataset(VisionDataset):
         if not self.source:
             raise TypeError("CondensedVisionDataset is a base class; use a subclass such as CondensedCIFAR10")
         check_method(method)
-        check_ipc(ipc)
+        ipc = check_ipc(ipc)
         if repo_id is not None:
             check_repo_id(repo_id)
         if revision is not None:
@@ -201,7 +202,7 @@ class CondensedVisionDataset(VisionDataset):
         if download:
             try:
                 return download_set(self.root, self.source, method, ipc, repo_id=repo_id, revision=revision)
-            except (HubNotFoundError, HubOfflineError, HubServerError):
+            except (HubNotFoundError, HubOfflineError, HubServerError, HubStalledError):
                 if not build:
                     raise
         if build:

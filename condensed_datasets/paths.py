@@ -7,6 +7,7 @@ it reaches a path or a URL, so no name can climb out of the folder it is meant f
 
 from __future__ import annotations
 
+import numbers
 import os
 import re
 from pathlib import Path
@@ -44,10 +45,10 @@ def check_method(value: object) -> str:
 
 
 def check_ipc(value: object) -> int:
-    """``value`` if it is a positive int (not a bool), else UnknownNameError."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 10**9:
+    """``value`` as an int if it is a positive integer (a Python or NumPy int, not a bool), else UnknownNameError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value < 10**9:
         raise UnknownNameError(f"ipc must be a positive int, got {value!r}")
-    return value
+    return int(value)
 
 
 def check_repo_id(value: object) -> str:

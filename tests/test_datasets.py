@@ -8,6 +8,7 @@ import types
 from pathlib import Path
 
 import pytest
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
@@ -163,6 +164,12 @@ def test_value_errors(tmp_path: Path, make_set) -> None:
     for bad in (0, -1, 1.5, True, "10"):
         with pytest.raises(ValueError, match="ipc must be a positive int"):
             CondensedMNIST(tmp_path, "dm", bad)
+    for bad in (np.bool_(True), np.int64(0), np.float64(3.0), torch.tensor(3)):
+        with pytest.raises(ValueError, match="ipc must be a positive int"):
+            CondensedMNIST(tmp_path, "dm", bad)
+    for ipc in (np.int64(3), np.uint8(3)):  # an ipc read from a NumPy array or config, as torchvision users pass them
+        ds = CondensedMNIST(tmp_path, "dm", ipc)
+        assert ds.ipc == 3 and type(ds.ipc) is int and len(ds) == 30
     with pytest.raises(ValueError, match="available ipcs for dm: 1, 3"):
         CondensedMNIST(tmp_path, "dm", 50)
 

@@ -324,6 +324,24 @@ def test_a_trickling_download_is_aborted_and_nothing_is_written(tmp_path: Path, 
     assert hub.download_set(tmp_path, "fashionmnist", "dm", 1, repo_id=REPO).is_file()
 
 
+def test_a_trickling_download_with_build_true_builds_instead(tmp_path: Path, server: HubServer,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stalled hub is like an unreachable one: with build=True the set is built, as for offline or 5xx."""
+    import builders.build
+
+    put_repo(server, make_cset())
+    monkeypatch.setenv("CONDENSED_DATASETS_MIN_DOWNLOAD_RATE", "20000")  # bytes/s
+    monkeypatch.setenv("CONDENSED_DATASETS_MIN_DOWNLOAD_WINDOW", "0.5")  # s
+    server.trickle = (64, 0.02)
+    built = make_cset(seed=7)
+    monkeypatch.setattr(builders.build, "build_set",
+                        lambda source, method, ipc, root: built.save(set_path(root, source, method, ipc)))
+    ds = CondensedFashionMNIST(tmp_path, "dm", 1, download=True, build=True, repo_id=REPO)
+    assert torch.equal(ds.data, built.images)
+    with pytest.raises(HubStalledError):  # without build=True the stall is the error
+        CondensedFashionMNIST(tmp_path / "other", "dm", 1, download=True, repo_id=REPO)
+
+
 def test_bad_speed_settings_are_a_clear_error(tmp_path: Path, server: HubServer,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     put_repo(server, make_cset())
