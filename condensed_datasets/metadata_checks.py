@@ -80,6 +80,10 @@ def _classes_problem(meta: dict[str, Any]) -> str | None:
     info = SOURCES.get(meta["source"])
     if info is not None and "class_subset" not in meta and len(classes) != info.num_classes:  # subsets: format.py
         return f"{info.name} has {info.num_classes} classes, the metadata names {len(classes)}"
+    if info is not None and "class_subset" not in meta and classes != list(info.classes):
+        wrong = next(i for i, (got, want) in enumerate(zip(classes, info.classes)) if got != want)
+        return (f"metadata 'classes' must be {info.name}'s class names in its label order; class {wrong} is named "
+                f"{classes[wrong]!r}, not {info.classes[wrong]!r}")
     return None
 
 

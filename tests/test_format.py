@@ -142,6 +142,16 @@ def test_count_not_classes_times_ipc_is_refused(tmp_path: pathlib.Path) -> None:
         CondensedSet.load(_write(tmp_path / "n.safetensors", tensors, meta))
 
 
+def test_a_whole_set_whose_class_names_are_not_its_sources_is_refused(tmp_path: pathlib.Path) -> None:
+    """class_to_idx and real_test_set() follow the source's label order, so a whole set must name its classes so."""
+    tensors, meta = _parts(_set(soft=False))
+    assert meta["source"] == "fashionmnist"
+    meta["classes"][1], meta["classes"][2] = meta["classes"][2], meta["classes"][1]
+    with pytest.raises(CondensedSetError, match="fashionmnist's class names in its label order; class 1 is named 'Pullover', "
+                                                 "not 'Trouser'"):
+        CondensedSet.load(_write(tmp_path / "c.safetensors", tensors, meta))
+
+
 def test_labels_out_of_range_are_refused(tmp_path: pathlib.Path) -> None:
     tensors, meta = _parts(_set(soft=False))
     tensors["labels"][-1] = 10
