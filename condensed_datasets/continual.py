@@ -45,7 +45,10 @@ Builder = Callable[[str, str, int, list[int], Path], Path]
 
 def class_order(num_classes: int, order_seed: int) -> list[int]:
     """The class order of seed ``order_seed``: the same permutation as ``CL_DM.py``
-    (``np.random.seed(seed); np.random.permutation(num_classes)``), drawn from its own generator."""
+    (``np.random.seed(seed); np.random.permutation(num_classes)``), drawn from its own generator.
+    ``order_seed`` is an int in [0, 2**32), the seeds numpy takes."""
+    if isinstance(order_seed, bool) or not isinstance(order_seed, (int, np.integer)) or not 0 <= order_seed < 2 ** 32:
+        raise UnknownNameError(f"order_seed must be an int in [0, 2**32), got {order_seed!r}")
     return [int(c) for c in np.random.RandomState(int(order_seed)).permutation(int(num_classes))]
 
 
@@ -112,13 +115,13 @@ class ClassIncrementalBuffer:
         self.ipc = check_ipc(ipc)
         if isinstance(steps, bool) or not isinstance(steps, int):
             raise UnknownNameError(f"steps must be an int (0: add steps with add_step), got {steps!r}")
+        self.order = class_order(self.info.num_classes, order_seed)
         self.order_seed = int(order_seed)
         self.root = Path(root).expanduser()
         self.build = build
         self.download = download
         self.repo_id = repo_id
         self.revision = revision
-        self.order = class_order(self.info.num_classes, self.order_seed)
         self._steps: list[list[int]] = split_steps(self.order, steps) if steps else []
         self._memories: dict[int, CondensedSet] = {}
         subset_set_path(self.root, self.source, self.method, self.ipc, [0], self.info.num_classes)  # checks the method's name early

@@ -163,7 +163,8 @@ def rank_report(proxy: Sequence[ArchitectureResult], truth: Sequence[Architectur
 
     Spearman and Kendall over all architectures and over the proxy's top k (the shortlist a search
     keeps; k in ``tops`` up to the table's size), the ground-truth accuracy of the proxy's pick beside
-    the best there is (and the pick's ground-truth rank, 1 = best), and both tables' total times.
+    the best there is (and the pick's ground-truth rank: 1 + the architectures better on real, so ties share
+    it), and both tables' total times.
     Correlations that are undefined (a constant side) are None.
     """
     p = {r.architecture: r for r in proxy}
@@ -187,12 +188,11 @@ def rank_report(proxy: Sequence[ArchitectureResult], truth: Sequence[Architectur
             report["top"][str(k)] = {"spearman": _finite(spearman(px[:k], tx[:k])),
                                      "kendall": _finite(kendall(px[:k], tx[:k]))}
     pick = names[0]
-    best = max(t.values(), key=lambda r: (r.accuracy, r.architecture))
-    truth_order = sorted(t, key=lambda n: (-t[n].accuracy, n))
+    best = t[min(t, key=lambda n: (-t[n].accuracy, n))]  # ties broken by name, as the proxy's pick
     report.update({
         "picked": pick,
         "picked_truth_accuracy": t[pick].accuracy,
-        "picked_truth_rank": truth_order.index(pick) + 1,
+        "picked_truth_rank": 1 + sum(r.accuracy > t[pick].accuracy for r in truth),  # ties share the best rank
         "best": best.architecture,
         "best_truth_accuracy": best.accuracy,
         "proxy_time_s": round(sum(r.time_s for r in proxy), 3),

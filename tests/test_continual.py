@@ -14,6 +14,7 @@ from builders.continual import check_spec, net_seed, run_continual
 from builders.recipe import RECIPES_DIR, available_run_specs
 from builders.runspec import load_spec
 from condensed_datasets.continual import ClassIncrementalBuffer, class_order, split_steps
+from condensed_datasets.errors import UnknownNameError
 from condensed_datasets.format import CondensedSet
 from condensed_datasets.sources import load_split
 
@@ -22,6 +23,12 @@ def test_class_orders_are_cl_dm_pys_numpy_permutations():
     # CL_DM.py: np.random.seed(0); np.random.permutation(10)
     assert class_order(10, 0) == [2, 8, 4, 9, 1, 6, 7, 3, 0, 5]
     assert class_order(100, 3) == np.random.RandomState(3).permutation(100).tolist()
+
+
+@pytest.mark.parametrize("seed", [-1, 2 ** 32, 1.5, True])
+def test_an_order_seed_numpy_cannot_take_is_the_packages_error(seed):
+    with pytest.raises(UnknownNameError, match="order_seed"):
+        ClassIncrementalBuffer("fashionmnist", "dm", 10, 5, order_seed=seed, root="unused")
 
 
 def test_steps_split_the_order_evenly():

@@ -73,6 +73,15 @@ def test_rank_report_by_hand():
     assert report["proxy_time_s"] == report["truth_time_s"] == 1.0 + 2.0 + 3.0 + 4.0
 
 
+def test_rank_report_ties_for_the_best_rank_first_and_agree_on_the_best():
+    truth = _table([90.0, 90.0, 50.0])  # a0 and a1 tie for the best
+    second = rank_report(_table([20.0, 30.0, 10.0]), truth)  # the proxy picks a1
+    assert (second["picked"], second["picked_truth_rank"]) == ("a1", 1)  # nothing on real beats it
+    first = rank_report(_table([30.0, 20.0, 10.0]), truth)  # the proxy picks a0
+    assert (first["picked"], first["picked_truth_rank"], first["best"]) == ("a0", 1, "a0")
+    assert second["best"] == first["best"] and second["best_truth_accuracy"] == 90.0
+
+
 def test_rank_report_needs_the_same_architectures():
     with pytest.raises(ValueError, match="same architectures"):
         rank_report(_table([1.0, 2.0]), _table([1.0, 2.0, 3.0]))
