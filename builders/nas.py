@@ -209,8 +209,10 @@ def _proxy_dataset(cset: CondensedSet, real: RealData) -> TensorDataset:
         raise RecipeError("a proxy set built in ZCA space cannot be ranked against un-whitened real images; "
                           "use a set built without ZCA")
     norm = cset.metadata.get("normalization") or {}
-    if norm and [round(v, 6) for v in norm.get("mean", [])] != [round(float(v), 6) for v in real.mean.flatten()]:
-        raise RecipeError("a proxy set uses another normalisation than the source's; it cannot share validation images")
+    if norm and any([round(v, 6) for v in norm.get(key, [])] != [round(float(v), 6) for v in ours.flatten()]
+                    for key, ours in (("mean", real.mean), ("std", real.std))):
+        raise RecipeError(f"a proxy set uses another normalisation ({norm}) than the source's; it cannot share "
+                          "validation images: use a set built in the source's own normalisation")
     if cset.metadata.get("class_subset") is not None:
         raise RecipeError("a proxy set must hold every class of the source, not a class subset")
     targets = torch.softmax(cset.soft_labels, 1) if cset.soft_labels is not None else cset.labels

@@ -6,12 +6,16 @@ import math
 import pytest
 import torch
 
+from builders import nas
 from builders.build import recipe_from_dict
+from builders.data import RealData
 from builders.engine import Engine
 from builders.nas import NASProtocol, check_spec, run_nas, train_architectures
 from builders.recipe import RECIPES_DIR, RecipeError, available_run_specs
 from builders.runspec import load_spec
+from condensed_datasets.format import CondensedSet
 from condensed_datasets.nas import ArchitectureResult, SearchSpace, kendall, rank_report, ranks, spearman
+from condensed_datasets.sources import get_source
 
 
 def test_the_default_space_is_the_dc_papers_720_convnets():
@@ -140,6 +144,21 @@ def test_a_three_architecture_nas_run_end_to_end(fashion_mnist_root, tmp_path):
     assert len(written["truth"]) == 3 and all(0 <= r["accuracy"] <= 100 for r in written["truth"])
     assert written["proxies"]["random_ipc1"]["validation_overlap"] == 0  # its rows are the first 100 per class
     assert any("Spearman" in line for line in lines)
+
+
+@pytest.mark.parametrize("key", ["mean", "std"])
+def test_a_proxy_set_in_another_normalisation_is_refused(key):
+    info = get_source("fashionmnist")
+    real = RealData(torch.zeros(10, 1, 28, 28, dtype=torch.uint8), torch.arange(10), info)
+    norm = {"mean": list(info.mean), "std": list(info.std)}
+    cset = CondensedSet(torch.zeros(10, 1, 28, 28), torch.arange(10), source="fashionmnist", method="dm", ipc=1,
+                        metadata={"normalization": norm})
+    assert len(nas._proxy_dataset(cset, real)) == 10  # the source's own normalisation is taken
+    norm[key] = [norm[key][0] * 2]
+    cset = CondensedSet(cset.images, cset.labels, source="fashionmnist", method="dm", ipc=1,
+                        metadata={"normalization": norm})
+    with pytest.raises(RecipeError, match="another normalisation"):
+        nas._proxy_dataset(cset, real)
 
 
 def test_a_nas_spec_with_a_mistyped_key_names_it(tmp_path):
