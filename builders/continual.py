@@ -22,7 +22,7 @@ from builders.augment import Augmenter
 from builders.build import load_recipe, make_engine, run_continuing
 from builders.data import RealData
 from builders.engine import resolve_device
-from builders.errors import RecipeError
+from builders.errors import BuildError, RecipeError
 from builders.evaluate import TrainSettings, train_runs
 from builders.nas import accuracy
 from builders.networks import available_networks, build_network
@@ -32,6 +32,7 @@ from builders.recipe import RECIPES_DIR, check_at_least
 from builders.runspec import check_augment, check_keys, check_overrides
 from condensed_datasets._atomic import atomic_write_bytes
 from condensed_datasets.continual import ClassIncrementalBuffer
+from condensed_datasets.format import CondensedSet
 from condensed_datasets.sources import get_source
 
 _SPEC = {"source": "", "root": "data", "sets_root": None, "out": "", "device": "auto", "seed": 0, "steps": 5,
@@ -105,8 +106,15 @@ def step_builder(recipe_path: Path, overrides: dict[str, Any], *, data_root: Pat
     return build
 
 
-def _seen_test(test: RealData, seen: list[int], per_class: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalised real test images of the ``seen`` classes (at most ``per_class`` each) and their labels."""
+def _seen_test(test: RealData, memories: list[CondensedSet], seen: list[int],
+               per_class: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real test images of the ``seen`` classes (at most ``per_class`` each) in the space of the step sets
+    ``memories`` (their normalisation, and their ZCA whitening when they have one), and their labels."""
+    spaces = [m.metadata.get("normalization") for m in memories]
+    if any(space != spaces[0] for space in spaces):
+        raise BuildError(f"the step sets were built in different normalisations ({spaces}); their union is not "
+                         "one training set: build every step with the same recipe")
+    test.set_zca(memories[0].zca, spaces[0])
     rows = torch.cat([test.class_indices[c][:per_class] for c in seen])
     return test.rows(rows), test.labels[rows.to(test.device)]
 
@@ -148,7 +156,8 @@ def run_continual(spec: dict[str, Any], *, data_root: str | os.PathLike | None =
                 memory = buffer.dataset(step, target_type="hard")
                 images = memory.data.to(dev)
                 targets = torch.tensor(memory.targets, dtype=torch.int64, device=dev)
-                x_test, y_test = _seen_test(test, buffer.seen_classes(step), spec["test_per_class"])
+                x_test, y_test = _seen_test(test, [buffer.memory(s) for s in range(step + 1)],
+                                            buffer.seen_classes(step), spec["test_per_class"])
                 seeds = [net_seed(spec["seed"], order, step, run) for run in range(spec["runs"])]
                 nets = [build_network(spec["model"], c, info.num_classes, (h, w), seed=s).to(dev) for s in seeds]
                 # the runs' networks trained at once on a GPU (builders.ensemble), one by one elsewhere

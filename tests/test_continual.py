@@ -10,13 +10,15 @@ import torch
 
 import builders.data
 import builders.engine
-from builders.continual import check_spec, net_seed, run_continual
+from builders.continual import _seen_test, check_spec, net_seed, run_continual
+from builders.errors import BuildError
 from builders.recipe import RECIPES_DIR, available_run_specs
 from builders.runspec import load_spec
 from condensed_datasets.continual import ClassIncrementalBuffer, class_order, split_steps
 from condensed_datasets.errors import UnknownNameError
 from condensed_datasets.format import CondensedSet
-from condensed_datasets.sources import load_split
+from condensed_datasets.sources import get_source, load_split
+from condensed_datasets.zca import ZCA
 
 
 def test_class_orders_are_cl_dm_pys_numpy_permutations():
@@ -137,6 +139,31 @@ def test_a_real_step_build_never_loads_future_classes(fashion_mnist_root, tmp_pa
         assert cset.metadata["class_subset"] == buffer.classes(step)
         assert source_labels[cset.indices].tolist() == [c for c in buffer.classes(step) for _ in range(2)]
     assert ds.targets == [c for c in buffer.seen_classes(1) for _ in range(2)]
+
+
+def test_test_images_are_put_into_the_memorys_space():
+    """The networks train on the memory, so the test images go into its space: its normalisation, its ZCA."""
+    info = get_source("fashionmnist")
+    g = torch.Generator().manual_seed(0)
+    raw = torch.randint(0, 256, (20, 1, 28, 28), generator=g, dtype=torch.uint8)
+    test = builders.data.RealData(raw, torch.arange(10).repeat(2), info)
+    x = raw.float() / 255
+
+    def memory(classes, zca=None, **metadata):
+        return CondensedSet(torch.zeros(len(classes), 1, 28, 28), torch.arange(len(classes)), source="fashionmnist",
+                            method="dm", ipc=1, metadata={"class_subset": classes, **metadata}, zca=zca)
+
+    plain, labels = _seen_test(test, [memory([3, 7])], [3, 7], None)
+    rows = [3, 13, 7, 17]  # class 3's images, then class 7's
+    assert labels.tolist() == [3, 3, 7, 7]
+    assert torch.allclose(plain, (x[rows] - info.mean[0]) / info.std[0])
+    zca = ZCA(torch.rand(784, generator=g), torch.randn(784, 784, generator=g) / 28, 0.1)
+    identity = {"mean": [0.0], "std": [1.0]}
+    whitened, _ = _seen_test(test, [memory([3, 7], zca, normalization=identity)], [3, 7], None)
+    expected = (x[rows].reshape(4, -1) - zca.mean) @ zca.transform
+    assert torch.allclose(whitened.reshape(4, -1), expected, atol=1e-4)
+    with pytest.raises(BuildError, match="different normalisations"):
+        _seen_test(test, [memory([3]), memory([7], normalization=identity)], [3, 7], None)
 
 
 @pytest.mark.slow
