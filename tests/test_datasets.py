@@ -7,8 +7,8 @@ import sys
 import types
 from pathlib import Path
 
-import pytest
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
