@@ -151,6 +151,32 @@ def test_yaml_nested_too_deeply_is_one_line_of_error(tmp_path: Path) -> None:
     assert "Traceback" not in result.output
 
 
+def _alias_bomb(layers: int) -> str:
+    """A YAML flow list of ``layers`` anchors, each naming nine of the one before: 9**layers strings once expanded."""
+    nodes = ['&l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    nodes += [f"&l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, layers)]
+    return "[" + ", ".join(nodes) + "]"
+
+
+@pytest.mark.parametrize("where", ["notes", "source", "ipc", "params.lr_img", "eval.runs", "classes"])
+def test_a_yaml_alias_bomb_is_one_short_line_of_error(tmp_path: Path, where: str) -> None:
+    """A few lines of anchors and aliases that stand for millions of values, in a recipe or a --set value, are
+    refused as such at once: never expanded into an error message, a memory error or a hang."""
+    bomb = _alias_bomb(7)  # 4.8 million strings: tens of megabytes once written out
+    recipe = tmp_path / "r.yaml"
+    base = {"source": "fashionmnist", "method": "dm", "ipc": 1}
+    section, _, key = where.rpartition(".")
+    lines = [f"{k}: {v}" for k, v in base.items() if k != where]
+    lines.append(f"{section}: {{{key}: {bomb}}}" if section else f"{where}: {bomb}")
+    recipe.write_text("\n".join(lines) + "\n")
+    for args in ([str(recipe)], [str(recipe.with_name("ok.yaml")), "--set", f"{where}={bomb}"]):
+        recipe.with_name("ok.yaml").write_text("source: fashionmnist\nmethod: dm\nipc: 1\n")
+        result = CliRunner().invoke(build_command, [*args, "--out", str(tmp_path / "out")])
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output[:500]
+        assert "YAML aliases" in result.output and len(result.output) < 1000, result.output[:500]
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_out_below_a_file_is_found_before_the_build(tmp_path: Path) -> None:
     (tmp_path / "afile").write_text("mine\n")
     recipe = tmp_path / "r.yaml"
