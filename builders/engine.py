@@ -181,8 +181,8 @@ class Engine:
             # rank 0's disk decides (under torchrun the other ranks need not share it)
             if distributed.broadcast_object(self.resume and self.paths.checkpoint.exists()):
                 start_iteration = self._restore(state, optimizers, ctx)
-            elif not self.resume and self.paths.log.exists() and world.is_main:
-                self.paths.log.unlink()
+            elif self.paths.log.exists() and world.is_main:  # from scratch (--resume without a checkpoint too):
+                self.paths.log.unlink()  # the lines of a run killed before its first checkpoint go with its state
             self._loop(method, state, optimizers, ctx, start_iteration, on_iteration)
             self._sync(state, optimizers)
             contents = method.finalize(state)

@@ -372,6 +372,18 @@ def test_a_log_with_damaged_bytes_is_rewritten_on_resume(fashion_mnist_root: Pat
     assert engine.paths.set.is_file()
 
 
+def test_resume_before_the_first_checkpoint_starts_the_log_over(fashion_mnist_root: Path, tmp_path: Path) -> None:
+    """--resume of a build killed before its first checkpoint starts over, and so does its log: the killed run's
+    lines are not kept in front of the new ones (each iteration is logged once)."""
+    engine = Engine(recipe_from_dict({**TINY, "checkpoint_every": 2}), out_root=tmp_path, data_root=fashion_mnist_root,
+                    device="cpu", evaluate=False, progress=False, resume=True)
+    engine.paths.log.parent.mkdir(parents=True)
+    engine.paths.log.write_text('{"iteration": 1, "loss": 99.0, "time_s": 0.1}\n')  # killed before iteration 2
+    engine.run()
+    entries = [json.loads(line) for line in engine.paths.log.read_text().splitlines()]
+    assert [e["iteration"] for e in entries] == [1, 2, 3] and entries[0]["loss"] != 99.0
+
+
 # -- 3. expert stores ----------------------------------------------------------------------------------------------------
 def _index(**changes: Any) -> dict[str, Any]:
     entry = {"index": 0, "file": "expert_0000.safetensors", "test_accuracy": 50.0}
