@@ -70,9 +70,18 @@ class BuildPaths:
 
 
 def _reproducible_clock() -> float | None:
-    """SOURCE_DATE_EPOCH, when set: timestamps come from it and durations are left out (same bytes)."""
+    """SOURCE_DATE_EPOCH, when set: timestamps come from it and durations are left out (same bytes); BuildError
+    when it is not a whole number of seconds since 1970 that a date can be made of (the convention's format)."""
     value = os.environ.get("SOURCE_DATE_EPOCH")
-    return float(value) if value else None
+    if not value:
+        return None
+    try:
+        seconds = int(value)
+        _iso(seconds)
+    except (ValueError, OverflowError, OSError):
+        raise BuildError(f"SOURCE_DATE_EPOCH={value!r} is not a time: give the seconds since 1970 as a whole number "
+                         "(as `date +%s` prints it), or unset it") from None
+    return float(seconds)
 
 
 class Engine:

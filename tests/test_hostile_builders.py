@@ -198,6 +198,20 @@ def test_the_command_line_reports_a_number_key_and_a_huge_seed_in_one_line(tmp_p
     assert "Traceback" not in result.output
 
 
+@pytest.mark.parametrize("value", ["abc", "1e400", "99999999999999999999", "1.5"])
+def test_a_malformed_source_date_epoch_is_one_line_of_error_before_the_build(tmp_path: Path, value: str) -> None:
+    """SOURCE_DATE_EPOCH that is no time a timestamp can be made of is refused, naming the variable, before any
+    work (not as a traceback, nor after the whole build when the metadata is written)."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("source: fashionmnist\nmethod: random\nipc: 1\nmodel: ConvNetW32\n")
+    result = CliRunner().invoke(build_command, [str(recipe), "--out", str(tmp_path / "out"), "--data-root",
+                                                str(tmp_path / "no-data"), "--device", "cpu", "--quiet", "--no-eval"],
+                                env={"SOURCE_DATE_EPOCH": value})
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert f"SOURCE_DATE_EPOCH={value!r}" in result.output and "date +%s" in result.output
+    assert not (tmp_path / "no-data").exists() and not list((tmp_path / "out").rglob("*.safetensors"))
+
+
 def test_an_ipc_above_a_class_size_is_one_line_of_error(fashion_mnist_root: Path, tmp_path: Path) -> None:
     recipe = tmp_path / "r.yaml"
     recipe.write_text("source: fashionmnist\nmethod: random\nipc: 6001\nmodel: ConvNetW32\n")
