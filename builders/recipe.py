@@ -16,6 +16,7 @@ import yaml
 from builders.dc_augment import check_strategy
 from builders.errors import RecipeError
 from builders.networks import available_networks
+from condensed_datasets.constants import IPC_LIMIT
 from condensed_datasets.paths import NAME_PATTERN
 from condensed_datasets.sources import SOURCES
 
@@ -291,6 +292,9 @@ def parse_recipe(data: dict[str, Any], overrides: list[tuple[str, Any]] | tuple 
         data["ipc"] = _check_type("ipc", data["ipc"], 0)
         if data["ipc"] < 1:
             raise RecipeError(f"ipc: must be >= 1, got {data['ipc']}")
+        if data["ipc"] >= IPC_LIMIT:
+            raise RecipeError(f"ipc: must be below {IPC_LIMIT} (a set's file name holds at most 9 digits), "
+                              f"got {data['ipc']}")
 
     data["classes"] = _check_classes(data.get("classes"), source)
     overrides_map = _ipc_overrides(data.get("ipc_overrides"))

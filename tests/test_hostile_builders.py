@@ -106,6 +106,7 @@ def test_any_set_option_is_applied_or_a_recipe_error(pairs: list[str]) -> None:
     ({"ipc_overrides": {"9" * 5000: {"seed": 1}}}, "not an ipc"),
     ({"seed": 2 ** 63}, "seed: 9223372036854775808 is out of range"),
     ({"ipc": 10 ** 30}, "ipc: 1000000000000000000000000000000 is out of range"),
+    ({"ipc": 10 ** 9}, "ipc: must be below 1000000000 (a set's file name holds at most 9 digits), got 1000000000"),
     ({"params": {"lr_img": float("nan")}}, "params.lr_img: expected a finite number"),
     ({"params": {"lr_img": "1e309"}}, "params.lr_img: expected a finite number, got inf"),
     ({"params": {"lr_img": -1.0}}, "params.lr_img: must be >= 0"),
