@@ -109,7 +109,9 @@ def format_evaluation(ev: dict[str, Any] | None) -> str:
               help="Where the real data lives (default: the output root).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint beside the output.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing set (and start over from no checkpoint).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing set or an unfinished build's checkpoint (start over; with --resume, continue "
+                   "the checkpoint and replace the set).")
 @click.option("--no-eval", is_flag=True, help="Skip the evaluation.")
 @click.option("--download", is_flag=True, help="Download the real data if it is missing.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")

@@ -70,9 +70,18 @@ class BuildPaths:
 
 
 def _reproducible_clock() -> float | None:
-    """SOURCE_DATE_EPOCH, when set: timestamps come from it and durations are left out (same bytes)."""
+    """SOURCE_DATE_EPOCH, when set: timestamps come from it and durations are left out (same bytes); BuildError
+    when it is not a whole number of seconds since 1970 that a date can be made of (the convention's format)."""
     value = os.environ.get("SOURCE_DATE_EPOCH")
-    return float(value) if value else None
+    if not value:
+        return None
+    try:
+        seconds = int(value)
+        _iso(seconds)
+    except (ValueError, OverflowError, OSError):
+        raise BuildError(f"SOURCE_DATE_EPOCH={value!r} is not a time: give the seconds since 1970 as a whole number "
+                         "(as `date +%s` prints it), or unset it") from None
+    return float(seconds)
 
 
 class Engine:
@@ -181,8 +190,8 @@ class Engine:
             # rank 0's disk decides (under torchrun the other ranks need not share it)
             if distributed.broadcast_object(self.resume and self.paths.checkpoint.exists()):
                 start_iteration = self._restore(state, optimizers, ctx)
-            elif not self.resume and self.paths.log.exists() and world.is_main:
-                self.paths.log.unlink()
+            elif self.paths.log.exists() and world.is_main:  # from scratch (--resume without a checkpoint too):
+                self.paths.log.unlink()  # the lines of a run killed before its first checkpoint go with its state
             self._loop(method, state, optimizers, ctx, start_iteration, on_iteration)
             self._sync(state, optimizers)
             contents = method.finalize(state)

@@ -16,6 +16,7 @@ import yaml
 from builders.dc_augment import check_strategy
 from builders.errors import RecipeError
 from builders.networks import available_networks
+from condensed_datasets.constants import IPC_LIMIT
 from condensed_datasets.paths import NAME_PATTERN
 from condensed_datasets.sources import SOURCES
 
@@ -117,6 +118,30 @@ def scalar_problem(value: Any) -> str | None:
     return None
 
 
+#: The most values a recipe, run spec or --set value may stand for once its YAML aliases (``*name``, which repeat
+#: what their anchor ``&name`` names) are expanded: a few lines can otherwise stand for billions of values (a
+#: "billion laughs" file) that an error message or the metadata would write out. Shipped recipes hold under 200.
+YAML_VALUE_LIMIT = 100_000
+
+
+def expansion_problem(value: Any) -> str | None:
+    """Why ``value`` (what YAML read) stands for too many values once its aliases are expanded (None: it does
+    not); counted without expanding anything, and stopping at the limit (a recursive alias stands for infinitely
+    many)."""
+    count, pending = 0, [value]
+    while pending:
+        node = pending.pop()
+        count += 1
+        if count > YAML_VALUE_LIMIT:
+            return (f"it stands for more than {YAML_VALUE_LIMIT:,} values once its YAML aliases ('*name') are "
+                    "expanded; write the values out instead of repeating anchors")
+        if isinstance(node, dict):
+            pending += [*node.keys(), *node.values()]
+        elif isinstance(node, list):
+            pending += node
+    return None
+
+
 AUTO = "auto"  # the default of a switch that decides by the machine; such a key takes true, false or "auto"
 
 
@@ -203,6 +228,9 @@ def parse_overrides(pairs: list[str] | tuple[str, ...]) -> list[tuple[str, Any]]
                               f"e.g. --set '{key.strip()}=\"...\"'") from None
         except RecursionError:
             raise RecipeError(f"--set {key.strip()}=...: the value is nested too deeply") from None
+        problem = expansion_problem(value)
+        if problem:
+            raise RecipeError(f"--set {key.strip()}=...: {problem}")
         out.append((key.strip(), value))
     return out
 
@@ -222,6 +250,9 @@ def read_yaml_mapping(path: str | os.PathLike, what: str, missing_hint: str = ""
         raise RecipeError(f"{path}: nested too deeply to be a {what}") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a {what} is a YAML mapping of keys{keys_hint}")
+    problem = expansion_problem(data)
+    if problem:
+        raise RecipeError(f"{path}: {problem}")
     return data
 
 
@@ -261,6 +292,9 @@ def parse_recipe(data: dict[str, Any], overrides: list[tuple[str, Any]] | tuple 
         data["ipc"] = _check_type("ipc", data["ipc"], 0)
         if data["ipc"] < 1:
             raise RecipeError(f"ipc: must be >= 1, got {data['ipc']}")
+        if data["ipc"] >= IPC_LIMIT:
+            raise RecipeError(f"ipc: must be below {IPC_LIMIT} (a set's file name holds at most 9 digits), "
+                              f"got {data['ipc']}")
 
     data["classes"] = _check_classes(data.get("classes"), source)
     overrides_map = _ipc_overrides(data.get("ipc_overrides"))

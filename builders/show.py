@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
 import torch
 from torchvision.utils import save_image
 
+from condensed_datasets._atomic import atomic_write_bytes
 from condensed_datasets.format import CondensedSet
 
 
@@ -25,12 +27,9 @@ def to_pixels(cset: CondensedSet) -> torch.Tensor:
 
 
 def save_grid(cset: CondensedSet, path: str | os.PathLike, max_per_class: int = 10) -> Path:
-    """Write a PNG grid: one row per class, at most ``max_per_class`` images per row."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write a PNG grid, atomically: one row per class, at most ``max_per_class`` images per row."""
     per_row = min(cset.ipc, max_per_class)
     pick = torch.cat([torch.arange(c * cset.ipc, c * cset.ipc + per_row) for c in range(cset.num_classes)])
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    save_image(to_pixels(cset)[pick], tmp, nrow=per_row, padding=2, pad_value=1.0)
-    os.replace(tmp, path)
-    return path
+    png = io.BytesIO()
+    save_image(to_pixels(cset)[pick], png, format="png", nrow=per_row, padding=2, pad_value=1.0)
+    return atomic_write_bytes(path, png.getvalue())

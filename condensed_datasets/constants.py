@@ -10,6 +10,7 @@ SUPPORTED_FORMAT_VERSIONS = frozenset({1, 2})
 METADATA_KEY = "condensed_datasets"  # the one safetensors metadata key, holding sorted JSON
 HEADER_LIMIT = 100 * 1024 * 1024  # safetensors' own limit on a file's JSON header, in bytes
 SET_SUFFIX = ".safetensors"
+IPC_LIMIT = 10**9  # ipcs are below this: a set's file name ({method}_ipc{ipc}) holds at most 9 digits
 
 # -- methods, in the order listings show them, with their display names ------------------------------------
 METHOD_DISPLAY_NAMES = {

@@ -12,7 +12,7 @@ import os
 import re
 from pathlib import Path
 
-from condensed_datasets.constants import METHODS, SET_SUFFIX, USER_METHOD_PREFIX
+from condensed_datasets.constants import IPC_LIMIT, METHODS, SET_SUFFIX, USER_METHOD_PREFIX
 from condensed_datasets.errors import UnknownNameError
 
 #: Source and method names: lower-case letters, digits and underscores, starting with a letter.
@@ -45,9 +45,10 @@ def check_method(value: object) -> str:
 
 
 def check_ipc(value: object) -> int:
-    """``value`` as an int if it is a positive integer (a Python or NumPy int, not a bool), else UnknownNameError."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value < 10**9:
-        raise UnknownNameError(f"ipc must be a positive int, got {value!r}")
+    """``value`` as an int if it is a positive integer (a Python or NumPy int, not a bool) below :data:`IPC_LIMIT`,
+    else UnknownNameError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value < IPC_LIMIT:
+        raise UnknownNameError(f"ipc must be a positive int below {IPC_LIMIT}, got {value!r}")
     return int(value)
 
 

@@ -101,3 +101,11 @@ def test_a_rerun_draws_the_preview_a_killed_build_left_out_and_keeps_the_set(fas
     assert png.read_bytes() == png_bytes and path.read_bytes() == set_bytes
     assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".") and "tmp" in p.name) == []
     assert "missing preview" not in CliRunner().invoke(build_command, args).output  # drawn once: now it is there
+
+
+def test_the_help_of_overwrite_says_what_it_does_with_resume():
+    """--resume --overwrite continues the checkpoint and then replaces the set (README); the help of --overwrite
+    must not say that it always starts over."""
+    text = " ".join(CliRunner().invoke(build_command, ["--help"]).output.split())
+    overwrite = text.split("--overwrite", 1)[1].split("--no-eval", 1)[0]
+    assert "start over from no checkpoint)" not in overwrite and "--resume" in overwrite

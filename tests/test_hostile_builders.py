@@ -106,6 +106,7 @@ def test_any_set_option_is_applied_or_a_recipe_error(pairs: list[str]) -> None:
     ({"ipc_overrides": {"9" * 5000: {"seed": 1}}}, "not an ipc"),
     ({"seed": 2 ** 63}, "seed: 9223372036854775808 is out of range"),
     ({"ipc": 10 ** 30}, "ipc: 1000000000000000000000000000000 is out of range"),
+    ({"ipc": 10 ** 9}, "ipc: must be below 1000000000 (a set's file name holds at most 9 digits), got 1000000000"),
     ({"params": {"lr_img": float("nan")}}, "params.lr_img: expected a finite number"),
     ({"params": {"lr_img": "1e309"}}, "params.lr_img: expected a finite number, got inf"),
     ({"params": {"lr_img": -1.0}}, "params.lr_img: must be >= 0"),
@@ -151,6 +152,32 @@ def test_yaml_nested_too_deeply_is_one_line_of_error(tmp_path: Path) -> None:
     assert "Traceback" not in result.output
 
 
+def _alias_bomb(layers: int) -> str:
+    """A YAML flow list of ``layers`` anchors, each naming nine of the one before: 9**layers strings once expanded."""
+    nodes = ['&l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    nodes += [f"&l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, layers)]
+    return "[" + ", ".join(nodes) + "]"
+
+
+@pytest.mark.parametrize("where", ["notes", "source", "ipc", "params.lr_img", "eval.runs", "classes"])
+def test_a_yaml_alias_bomb_is_one_short_line_of_error(tmp_path: Path, where: str) -> None:
+    """A few lines of anchors and aliases that stand for millions of values, in a recipe or a --set value, are
+    refused as such at once: never expanded into an error message, a memory error or a hang."""
+    bomb = _alias_bomb(7)  # 4.8 million strings: tens of megabytes once written out
+    recipe = tmp_path / "r.yaml"
+    base = {"source": "fashionmnist", "method": "dm", "ipc": 1}
+    section, _, key = where.rpartition(".")
+    lines = [f"{k}: {v}" for k, v in base.items() if k != where]
+    lines.append(f"{section}: {{{key}: {bomb}}}" if section else f"{where}: {bomb}")
+    recipe.write_text("\n".join(lines) + "\n")
+    for args in ([str(recipe)], [str(recipe.with_name("ok.yaml")), "--set", f"{where}={bomb}"]):
+        recipe.with_name("ok.yaml").write_text("source: fashionmnist\nmethod: dm\nipc: 1\n")
+        result = CliRunner().invoke(build_command, [*args, "--out", str(tmp_path / "out")])
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output[:500]
+        assert "YAML aliases" in result.output and len(result.output) < 1000, result.output[:500]
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_out_below_a_file_is_found_before_the_build(tmp_path: Path) -> None:
     (tmp_path / "afile").write_text("mine\n")
     recipe = tmp_path / "r.yaml"
@@ -170,6 +197,20 @@ def test_the_command_line_reports_a_number_key_and_a_huge_seed_in_one_line(tmp_p
     result = CliRunner().invoke(build_command, [str(recipe), "--set", "seed=99999999999999999999"])
     assert result.exit_code == 1 and "seed: 99999999999999999999 is out of range" in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("value", ["abc", "1e400", "99999999999999999999", "1.5"])
+def test_a_malformed_source_date_epoch_is_one_line_of_error_before_the_build(tmp_path: Path, value: str) -> None:
+    """SOURCE_DATE_EPOCH that is no time a timestamp can be made of is refused, naming the variable, before any
+    work (not as a traceback, nor after the whole build when the metadata is written)."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("source: fashionmnist\nmethod: random\nipc: 1\nmodel: ConvNetW32\n")
+    result = CliRunner().invoke(build_command, [str(recipe), "--out", str(tmp_path / "out"), "--data-root",
+                                                str(tmp_path / "no-data"), "--device", "cpu", "--quiet", "--no-eval"],
+                                env={"SOURCE_DATE_EPOCH": value})
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert f"SOURCE_DATE_EPOCH={value!r}" in result.output and "date +%s" in result.output
+    assert not (tmp_path / "no-data").exists() and not list((tmp_path / "out").rglob("*.safetensors"))
 
 
 def test_an_ipc_above_a_class_size_is_one_line_of_error(fashion_mnist_root: Path, tmp_path: Path) -> None:
@@ -344,6 +385,18 @@ def test_a_log_with_damaged_bytes_is_rewritten_on_resume(fashion_mnist_root: Pat
     engine.run()
     assert [json.loads(line)["iteration"] for line in engine.paths.log.read_text().splitlines()] == [1, 2, 3]
     assert engine.paths.set.is_file()
+
+
+def test_resume_before_the_first_checkpoint_starts_the_log_over(fashion_mnist_root: Path, tmp_path: Path) -> None:
+    """--resume of a build killed before its first checkpoint starts over, and so does its log: the killed run's
+    lines are not kept in front of the new ones (each iteration is logged once)."""
+    engine = Engine(recipe_from_dict({**TINY, "checkpoint_every": 2}), out_root=tmp_path, data_root=fashion_mnist_root,
+                    device="cpu", evaluate=False, progress=False, resume=True)
+    engine.paths.log.parent.mkdir(parents=True)
+    engine.paths.log.write_text('{"iteration": 1, "loss": 99.0, "time_s": 0.1}\n')  # killed before iteration 2
+    engine.run()
+    entries = [json.loads(line) for line in engine.paths.log.read_text().splitlines()]
+    assert [e["iteration"] for e in entries] == [1, 2, 3] and entries[0]["loss"] != 99.0
 
 
 # -- 3. expert stores ----------------------------------------------------------------------------------------------------

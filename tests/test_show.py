@@ -23,3 +23,16 @@ def test_pixels_undo_zca_first():
     cset = CondensedSet(zca(normalised), class_contiguous_labels(10, 2), source="fashionmnist", method="mtt",
                         ipc=2, zca=zca)
     torch.testing.assert_close(to_pixels(cset), pixels, atol=1e-4, rtol=0)
+
+
+def test_the_grid_is_written_where_asked_and_nowhere_else(tmp_path):
+    """A link planted at the grid's temporary name is never followed: the grid lands at its path as a plain file,
+    and nothing appears where the link points."""
+    cset = CondensedSet(torch.zeros(10, 1, 4, 4), class_contiguous_labels(10, 1), source="fashionmnist",
+                        method="dm", ipc=1)
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    out.mkdir(), elsewhere.mkdir()
+    (out / ".grid.png.tmp.png").symlink_to(elsewhere / "planted.png")
+    path = save_grid(cset, out / "grid.png")
+    assert not path.is_symlink() and path.read_bytes()[:4] == b"\x89PNG"
+    assert list(elsewhere.iterdir()) == []
