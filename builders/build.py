@@ -71,6 +71,10 @@ def build(
     data_root = out_root if data_root is None else data_root
     with distributed.session(resolve_device(device)):  # under torchrun: one build across its processes
         if not makes_set(recipe):
+            if overwrite:  # a job's store (expert trajectories) is extended by every run, never replaced
+                raise RecipeError(f"overwrite (--overwrite) does not apply to method {recipe.method}: it writes no "
+                                  "set, and what it stores is extended by each run, never replaced; to start "
+                                  "anew, pass another --out (or params.expert_dir) or delete the existing store")
             job = get_method(recipe.method)(recipe, out_root=out_root, data_root=data_root,
                                             device=distributed.local_device(resolve_device(device)),
                                             progress=progress, download=download)

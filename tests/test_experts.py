@@ -11,7 +11,7 @@ from torch.func import functional_call
 import builders.experts
 from builders.build import build, recipe_from_dict
 from builders.cli import build_command
-from builders.errors import BuildError
+from builders.errors import BuildError, RecipeError
 from builders.experts import ExpertStore, ExpertStoreError, ParamLayout, expert_dir, flat_parameters
 from builders.networks import build_network
 from condensed_datasets.format import read_safetensors_metadata
@@ -100,6 +100,16 @@ def test_a_store_trained_otherwise_is_refused(fashion_mnist_root, tmp_path):
         run_experts(fashion_mnist_root, tmp_path, num_experts=1, epochs=1, lr_teacher=0.02)
     with pytest.raises(ExpertStoreError, match="no expert trajectories"):
         ExpertStore.open(tmp_path / "nowhere")
+
+
+def test_overwrite_is_refused_for_experts_and_leaves_the_store_as_it_was(fashion_mnist_root, tmp_path):
+    """A store is extended by every run, never replaced: --overwrite, which would promise that, is an error."""
+    store = run_experts(fashion_mnist_root, tmp_path, num_experts=1, epochs=1)
+    before = {p.name: p.read_bytes() for p in store.path.iterdir() if p.is_file()}
+    recipe = recipe_from_dict({**EXPERTS, "params": {**EXPERTS["params"], "num_experts": 1, "epochs": 1}})
+    with pytest.raises(RecipeError, match="--overwrite\\) does not apply to method experts"):
+        build(recipe, out_root=tmp_path, data_root=fashion_mnist_root, device="cpu", progress=False, overwrite=True)
+    assert {p.name: p.read_bytes() for p in store.path.iterdir() if p.is_file()} == before
 
 
 def test_experts_with_zca_store_the_whitening(fashion_mnist_root, tmp_path):
