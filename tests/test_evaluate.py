@@ -44,6 +44,12 @@ def test_lr_drops_tenfold_at_half_the_epochs():
     assert [round(x, 6) for x in seen] == [0.1, 0.1, 0.01, 0.01]
 
 
+def test_a_one_epoch_training_records_the_constant_lr_it_ran_with():
+    # decays_at never fires for one epoch (the reference's drop comes after its last epoch), so no drop is recorded
+    assert TrainSettings(epochs=1).describe()["lr_schedule"] == "constant"
+    assert TrainSettings(epochs=2).describe()["lr_schedule"] == "x0.1 after epoch 1"
+
+
 def test_seeds_come_from_the_recipe_seed():
     assert run_seeds(3, 2) == run_seeds(3, 2) and run_seeds(3, 2) != run_seeds(4, 2)
 
