@@ -50,6 +50,45 @@ def test_a_one_epoch_training_records_the_constant_lr_it_ran_with():
     assert TrainSettings(epochs=2).describe()["lr_schedule"] == "x0.1 after epoch 1"
 
 
+def _sgd_by_hand(net, images, targets, epochs, lr, batch, generator, reset_momentum_at_drop):
+    """The protocol written out: SGD (momentum 0.9, weight decay 5e-4, no dampening), x0.1 before epoch
+    epochs // 2, a fresh permutation per epoch; the reference (DC utils.py evaluate_synset) builds a new
+    optimiser at its drop, which starts the momentum from zero."""
+    params = list(net.parameters())
+    buffers = [None] * len(params)
+    net.train()
+    for epoch in range(epochs):
+        rate = lr * 0.1 if epoch >= epochs // 2 else lr
+        if epoch == epochs // 2 and reset_momentum_at_drop:
+            buffers = [None] * len(params)
+        order = torch.randperm(len(targets), generator=generator)
+        for start in range(0, len(targets), batch):
+            idx = order[start:start + batch]
+            grads = torch.autograd.grad(label_loss(net(images[idx]), targets[idx]), params)
+            with torch.no_grad():
+                for i, (p, g) in enumerate(zip(params, grads)):
+                    d = g + 5e-4 * p
+                    buffers[i] = d.clone() if buffers[i] is None else 0.9 * buffers[i] + d
+                    p -= rate * buffers[i]
+    return net
+
+
+def test_train_network_is_plain_sgd_by_hand_with_the_momentum_kept_across_the_drop():
+    # 4 images, batches of 3 (a partial last batch), 4 epochs: the lr drops before epoch 2, and the momentum
+    # buffer carries over it (docs/fidelity.md, Schedule: the reference restarts it from zero there)
+    g = torch.Generator().manual_seed(2)
+    images, targets = torch.randn(4, 1, 8, 8, generator=g), torch.tensor([0, 1, 0, 1])
+    settings = TrainSettings(epochs=4, lr=0.05, batch=3)
+    trained = train_network(build_network("ConvNetW32", 1, 2, (8, 8), seed=3), images, targets, settings,
+                            torch.Generator().manual_seed(11))
+    kept, reset = (_sgd_by_hand(build_network("ConvNetW32", 1, 2, (8, 8), seed=3), images, targets, 4, 0.05, 3,
+                                torch.Generator().manual_seed(11), reset_momentum_at_drop=flag)
+                   for flag in (False, True))
+    for a, b in zip(trained.parameters(), kept.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert any(not torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(trained.parameters(), reset.parameters()))
+
+
 def test_seeds_come_from_the_recipe_seed():
     assert run_seeds(3, 2) == run_seeds(3, 2) and run_seeds(3, 2) != run_seeds(4, 2)
 
