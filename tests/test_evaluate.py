@@ -89,6 +89,12 @@ def test_train_network_is_plain_sgd_by_hand_with_the_momentum_kept_across_the_dr
     assert any(not torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(trained.parameters(), reset.parameters()))
 
 
+def test_the_std_is_the_population_std_the_references_report():
+    # DC main.py, MTT distill.py and DATM print np.std over the runs: the population std (1.0 here, not sqrt(2))
+    summary = builders.evaluate._summary([80.0, 82.0])
+    assert summary["accuracy_mean"] == 81.0 and summary["accuracy_std"] == 1.0
+
+
 def test_seeds_come_from_the_recipe_seed():
     assert run_seeds(3, 2) == run_seeds(3, 2) and run_seeds(3, 2) != run_seeds(4, 2)
 
