@@ -145,6 +145,27 @@ def test_a_learned_lr_is_used_and_soft_labels_train_with_soft_loss():
     assert "random_accuracy_mean" not in result
 
 
+def test_the_random_baseline_trains_at_the_fixed_lr_on_hard_labels(monkeypatch):
+    # README, evaluation protocol: a set's learned lr and soft labels are its own; random real images get eval.lr
+    images, labels, info = _separable_data(20, 0)
+    two = info.__class__("mnist", 1, 8, ("dark", "light"), info.mean, info.std)
+    train = RealData(images, labels, two)
+    calls = []
+
+    def record(images, targets, *, settings, seeds, **kwargs):
+        calls.append((settings, targets))
+        return [50.0] * len(seeds)
+
+    monkeypatch.setattr(builders.evaluate, "evaluate_images", record)
+    evaluate_set(train.rows(torch.tensor([0, 20])), torch.tensor([0, 1]),
+                 soft_labels=torch.tensor([[2.0, -2.0], [-2.0, 2.0]]), lr=torch.tensor(0.05), ipc=1, model="MLP",
+                 models=[], runs=2, epochs=3, default_lr=0.01, batch=256, augment="none", seed=0, train=train,
+                 test=train)
+    (on_set, set_targets), (baseline, baseline_targets) = calls[0], calls[1]
+    assert on_set.lr == pytest.approx(0.05) and set_targets.dtype == torch.float32
+    assert baseline.lr == 0.01 and baseline.epochs == 3 and baseline_targets.dtype == torch.int64
+
+
 def _tiny_runs():
     g = torch.Generator().manual_seed(4)
     images, targets = torch.randn(12, 1, 8, 8, generator=g), torch.arange(3).repeat_interleave(4)
