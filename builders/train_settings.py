@@ -25,9 +25,14 @@ class TrainSettings:
     ipc: int = 1  # images per class of the set; picks each replayed step's images
     lr_decay: bool = True  # the papers' x0.1 after half the epochs; False: constant (as expert training)
 
+    @property
+    def drops(self) -> bool:
+        """Whether the lr drops tenfold during training: with ``lr_decay`` and more than one epoch."""
+        return self.lr_decay and self.epochs > 1
+
     def decays_at(self, epoch: int) -> bool:
         """Whether the lr drops tenfold before epoch ``epoch`` (0-based): at half the epochs, with ``lr_decay``."""
-        return self.lr_decay and self.epochs > 1 and epoch == self.epochs // 2
+        return self.drops and epoch == self.epochs // 2
 
     def describe(self) -> dict[str, Any]:
         if self.step_lrs is not None:
@@ -46,7 +51,7 @@ class TrainSettings:
             "optimizer": "SGD",
             "epochs": self.epochs,
             "lr": self.lr,
-            "lr_schedule": f"x0.1 after epoch {self.epochs // 2}" if self.lr_decay else "constant",
+            "lr_schedule": f"x0.1 after epoch {self.epochs // 2}" if self.drops else "constant",
             "batch": self.batch,
             "momentum": self.momentum,
             "weight_decay": self.weight_decay,

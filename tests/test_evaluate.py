@@ -44,6 +44,57 @@ def test_lr_drops_tenfold_at_half_the_epochs():
     assert [round(x, 6) for x in seen] == [0.1, 0.1, 0.01, 0.01]
 
 
+def test_a_one_epoch_training_records_the_constant_lr_it_ran_with():
+    # decays_at never fires for one epoch (the reference's drop comes after its last epoch), so no drop is recorded
+    assert TrainSettings(epochs=1).describe()["lr_schedule"] == "constant"
+    assert TrainSettings(epochs=2).describe()["lr_schedule"] == "x0.1 after epoch 1"
+
+
+def _sgd_by_hand(net, images, targets, epochs, lr, batch, generator, reset_momentum_at_drop):
+    """The protocol written out: SGD (momentum 0.9, weight decay 5e-4, no dampening), x0.1 before epoch
+    epochs // 2, a fresh permutation per epoch; the reference (DC utils.py evaluate_synset) builds a new
+    optimiser at its drop, which starts the momentum from zero."""
+    params = list(net.parameters())
+    buffers = [None] * len(params)
+    net.train()
+    for epoch in range(epochs):
+        rate = lr * 0.1 if epoch >= epochs // 2 else lr
+        if epoch == epochs // 2 and reset_momentum_at_drop:
+            buffers = [None] * len(params)
+        order = torch.randperm(len(targets), generator=generator)
+        for start in range(0, len(targets), batch):
+            idx = order[start:start + batch]
+            grads = torch.autograd.grad(label_loss(net(images[idx]), targets[idx]), params)
+            with torch.no_grad():
+                for i, (p, g) in enumerate(zip(params, grads)):
+                    d = g + 5e-4 * p
+                    buffers[i] = d.clone() if buffers[i] is None else 0.9 * buffers[i] + d
+                    p -= rate * buffers[i]
+    return net
+
+
+def test_train_network_is_plain_sgd_by_hand_with_the_momentum_kept_across_the_drop():
+    # 4 images, batches of 3 (a partial last batch), 4 epochs: the lr drops before epoch 2, and the momentum
+    # buffer carries over it (docs/fidelity.md, Schedule: the reference restarts it from zero there)
+    g = torch.Generator().manual_seed(2)
+    images, targets = torch.randn(4, 1, 8, 8, generator=g), torch.tensor([0, 1, 0, 1])
+    settings = TrainSettings(epochs=4, lr=0.05, batch=3)
+    trained = train_network(build_network("ConvNetW32", 1, 2, (8, 8), seed=3), images, targets, settings,
+                            torch.Generator().manual_seed(11))
+    kept, reset = (_sgd_by_hand(build_network("ConvNetW32", 1, 2, (8, 8), seed=3), images, targets, 4, 0.05, 3,
+                                torch.Generator().manual_seed(11), reset_momentum_at_drop=flag)
+                   for flag in (False, True))
+    for a, b in zip(trained.parameters(), kept.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert any(not torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(trained.parameters(), reset.parameters()))
+
+
+def test_the_std_is_the_population_std_the_references_report():
+    # DC main.py, MTT distill.py and DATM print np.std over the runs: the population std (1.0 here, not sqrt(2))
+    summary = builders.evaluate._summary([80.0, 82.0])
+    assert summary["accuracy_mean"] == 81.0 and summary["accuracy_std"] == 1.0
+
+
 def test_seeds_come_from_the_recipe_seed():
     assert run_seeds(3, 2) == run_seeds(3, 2) and run_seeds(3, 2) != run_seeds(4, 2)
 
@@ -92,6 +143,27 @@ def test_a_learned_lr_is_used_and_soft_labels_train_with_soft_loss():
     assert result["protocol"]["lr"] == pytest.approx(0.05) and "learned" in result["protocol"]["lr_source"]
     assert "soft" in result["protocol"]["label_loss"]
     assert "random_accuracy_mean" not in result
+
+
+def test_the_random_baseline_trains_at_the_fixed_lr_on_hard_labels(monkeypatch):
+    # README, evaluation protocol: a set's learned lr and soft labels are its own; random real images get eval.lr
+    images, labels, info = _separable_data(20, 0)
+    two = info.__class__("mnist", 1, 8, ("dark", "light"), info.mean, info.std)
+    train = RealData(images, labels, two)
+    calls = []
+
+    def record(images, targets, *, settings, seeds, **kwargs):
+        calls.append((settings, targets))
+        return [50.0] * len(seeds)
+
+    monkeypatch.setattr(builders.evaluate, "evaluate_images", record)
+    evaluate_set(train.rows(torch.tensor([0, 20])), torch.tensor([0, 1]),
+                 soft_labels=torch.tensor([[2.0, -2.0], [-2.0, 2.0]]), lr=torch.tensor(0.05), ipc=1, model="MLP",
+                 models=[], runs=2, epochs=3, default_lr=0.01, batch=256, augment="none", seed=0, train=train,
+                 test=train)
+    (on_set, set_targets), (baseline, baseline_targets) = calls[0], calls[1]
+    assert on_set.lr == pytest.approx(0.05) and set_targets.dtype == torch.float32
+    assert baseline.lr == 0.01 and baseline.epochs == 3 and baseline_targets.dtype == torch.int64
 
 
 def _tiny_runs():
