@@ -342,19 +342,39 @@ def publish_to_hub(
     result = PublishResult(plan=plan, target=target, dry_run=dry_run)
     if dry_run or not plan.changed:
         return result
-    if not repo_exists:
-        api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-    if not branch_exists and rev != DEFAULT_REVISION:
-        api.create_branch(repo_id, repo_type="dataset", branch=rev, exist_ok=True)
     verb = {"new": "Add", "replace": "Replace", "index": "Index"}[plan.status]
-    info = api.create_commit(
-        repo_id, commit_operations(plan), repo_type="dataset", revision=rev,
-        commit_message=f"{verb} {plan.filename}",
-        commit_description=f"{verb} {plan.filename} (sha256 {plan.sha256}); update {HUB_INDEX_NAME} and {CARD_NAME}.",
-        parent_commit=parent if branch_exists else None,
-    )
+    try:
+        if not repo_exists:
+            api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+        if not branch_exists and rev != DEFAULT_REVISION:
+            api.create_branch(repo_id, repo_type="dataset", branch=rev, exist_ok=True)
+        info = api.create_commit(
+            repo_id, commit_operations(plan), repo_type="dataset", revision=rev,
+            commit_message=f"{verb} {plan.filename}",
+            commit_description=f"{verb} {plan.filename} (sha256 {plan.sha256}); update {HUB_INDEX_NAME} and "
+                               f"{CARD_NAME}.",
+            parent_commit=parent if branch_exists else None,
+        )
+    except hub.HfHubHTTPError as exc:
+        raise _refused_commit(exc, target) from None
+    except hub._network_errors() as exc:
+        raise PublishError(f"cannot reach the hub at {hub.hub_endpoint()} ({type(exc).__name__}: {exc}); nothing "
+                           f"was committed to {target}") from exc
     result.commit_url = getattr(info, "commit_url", None) or str(info)
     return result
+
+
+def _refused_commit(exc: BaseException, target: str) -> PublishError:
+    """The PublishError for an HTTP refusal of the publish's writes: a PublishConflict when another commit reached
+    the branch after it was read (HTTP 409/412), else one naming the status and the token to check."""
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if status in (409, 412):
+        return PublishConflict(f"another commit reached {target} after this publish read it (HTTP {status}); "
+                               "nothing was committed: run the publish again (it reads the repository anew)")
+    return PublishError(f"{hub.hub_endpoint()} refused the commit to {target} (HTTP {status}: {first}); nothing "
+                        "was committed: check that your token (HF_TOKEN, or `hf auth login`) may write to it, "
+                        "and the repository id")
 
 
 # -- a folder ---------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from hubserver import HubServer
 
 from builders.cli import publish_command
 from builders.publish import PublishConflict, PublishError, build_card, commit_operations, plan_publish, publish_to_hub
-from condensed_datasets import CondensedFashionMNIST, catalogue
+from condensed_datasets import CondensedFashionMNIST, catalogue, hub
 from condensed_datasets.datasets import set_path
 from condensed_datasets.format import CondensedSet
 
@@ -193,3 +193,30 @@ def test_publish_to_hub_one_commit_noop_force(tmp_path: Path, server: HubServer)
     ds = CondensedFashionMNIST(tmp_path / "data", "dm", 1, download=True, repo_id=REPO)
     assert ds.path.read_bytes() == changed.read_bytes() == set_path(tmp_path / "data", "fashionmnist", "dm",
                                                                     1).read_bytes()
+
+
+def test_a_commit_the_hub_refuses_is_the_packages_error_saying_what_to_do(tmp_path: Path, server: HubServer,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another publish landing between the read and the commit (HTTP 412) is a PublishConflict that says to run
+    the publish again; a commit the hub refuses (no write access) is a PublishError naming the status and the
+    token: never huggingface_hub's own error."""
+    publish_to_hub(save(tmp_path, make_cset(1)), REPO)
+    read = hub.fetch_index
+
+    def racing(*args: object, **kwargs: object) -> object:
+        index = read(*args, **kwargs)
+        monkeypatch.setattr(hub, "fetch_index", read)
+        publish_to_hub(save(tmp_path, make_cset(10)), REPO)  # another publisher commits meanwhile
+        return index
+
+    monkeypatch.setattr(hub, "fetch_index", racing)
+    changed = save(tmp_path, make_cset(1, seed=3))
+    with pytest.raises(PublishConflict, match="run the publish again"):
+        publish_to_hub(changed, REPO, force=True)
+    assert len(server.commits) == 2
+    server.fail = {"/commit/": 403}
+    with pytest.raises(PublishError, match=r"refused the commit .*HTTP 403.*HF_TOKEN"):
+        publish_to_hub(changed, REPO, force=True)
+    out = CliRunner().invoke(publish_command, [str(changed), "--repo", REPO, "--force"])
+    assert out.exit_code == 1 and "HTTP 403" in out.output and "Traceback" not in out.output
+    assert len(server.commits) == 2
