@@ -13,7 +13,7 @@ import yaml
 from click.testing import CliRunner
 from hubserver import HubServer
 
-from builders.cli import publish_command
+from builders.cli import list_command, publish_command
 from builders.publish import PublishConflict, PublishError, build_card, commit_operations, plan_publish, publish_to_hub
 from condensed_datasets import CondensedFashionMNIST, catalogue, hub
 from condensed_datasets.datasets import set_path
@@ -220,3 +220,17 @@ def test_a_commit_the_hub_refuses_is_the_packages_error_saying_what_to_do(tmp_pa
     out = CliRunner().invoke(publish_command, [str(changed), "--repo", REPO, "--force"])
     assert out.exit_code == 1 and "HTTP 403" in out.output and "Traceback" not in out.output
     assert len(server.commits) == 2
+
+
+@pytest.mark.parametrize("repo_id", ["org/x.git", "org/x-", "org/x.", "org./x", "org--a/x", "org/a--b"])
+def test_repo_ids_the_hub_refuses_are_refused_before_any_request(tmp_path: Path, server: HubServer,
+                                                                 repo_id: str) -> None:
+    """An id huggingface_hub would refuse (a name ending in '.git', '-' or '.', or holding '--') is the package's
+    one-line error naming the form, from condensed-publish and condensed-list, before any request."""
+    set_file = save(tmp_path, make_cset(1))
+    with pytest.raises(PublishError, match="ORG/NAME"):
+        publish_to_hub(set_file, repo_id)
+    for command, args in ((publish_command, [str(set_file), "--repo", repo_id]), (list_command, ["--repo", repo_id])):
+        out = CliRunner().invoke(command, args)
+        assert out.exit_code == 1 and "owner/name" in out.output and "Traceback" not in out.output, out.output
+    assert server.requests == []
