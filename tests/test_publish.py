@@ -234,3 +234,42 @@ def test_repo_ids_the_hub_refuses_are_refused_before_any_request(tmp_path: Path,
         out = CliRunner().invoke(command, args)
         assert out.exit_code == 1 and "owner/name" in out.output and "Traceback" not in out.output, out.output
     assert server.requests == []
+
+
+@pytest.mark.parametrize("in_the_way", ["index.json", "README.md", "dm_ipc1.safetensors", ".publish.lock"])
+def test_a_folder_in_the_way_of_a_published_file_is_refused_before_anything_is_written(tmp_path: Path,
+                                                                                       in_the_way: str) -> None:
+    """A folder where the set, index.json, README.md or the lock goes is a one-line error naming it and the fix,
+    found before anything is written (an index.json folder used to stop the publish after the set was written,
+    leaving a set that no index lists)."""
+    mirror = tmp_path / "mirror"
+    (mirror / in_the_way).mkdir(parents=True)
+    out = CliRunner().invoke(publish_command, [str(save(tmp_path, make_cset(1))), "--to-dir", str(mirror)])
+    assert out.exit_code == 1 and "Traceback" not in out.output, out.output
+    assert str(mirror / in_the_way) in out.output and "move it away" in out.output, out.output
+    assert sorted(p.name for p in mirror.iterdir() if p.name != ".publish.lock") == sorted(
+        {in_the_way} - {".publish.lock"})
+
+
+def test_a_to_dir_below_a_file_names_the_folder_and_the_fix(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("mine\n")
+    out = CliRunner().invoke(publish_command, [str(save(tmp_path, make_cset(1))), "--to-dir",
+                                               str(tmp_path / "afile" / "mirror")])
+    assert out.exit_code == 1 and "cannot create" in out.output and "pass --to-dir" in out.output, out.output
+    assert (tmp_path / "afile").read_text() == "mine\n"
+
+
+def test_a_folder_of_another_source_or_a_broken_index_names_the_folder_and_the_fix(tmp_path: Path) -> None:
+    """Publishing into a folder of another source's sets names that folder (not a repository) and says to choose
+    another folder; a whole index.json that is not an index says to repair or move it."""
+    mirror = tmp_path / "mirror"
+    runner = CliRunner()
+    assert runner.invoke(publish_command, [str(save(tmp_path, make_cset(1, source="cifar10"))),
+                                           "--to-dir", str(mirror)]).exit_code == 0
+    out = runner.invoke(publish_command, [str(save(tmp_path, make_cset(1))), "--to-dir", str(mirror)])
+    assert out.exit_code == 1 and f"{mirror} holds cifar10 sets" in out.output, out.output
+    assert "another folder" in out.output and "condensed-fashionmnist" not in out.output, out.output
+    (mirror / "index.json").write_text("{not json")
+    out = runner.invoke(publish_command, [str(save(tmp_path, make_cset(1, source="cifar10"))),
+                                          "--to-dir", str(mirror)])
+    assert out.exit_code == 1 and "is not JSON" in out.output and "move it away" in out.output, out.output
