@@ -212,7 +212,14 @@ def eval_command(set_file: Path, model: str | None, models: str, runs: int | Non
 def show_command(set_file: Path, output: Path, per_class: int) -> None:
     """Draw a condensed SET as a PNG grid, one row per class, and print its summary."""
     cset = CondensedSet.load(set_file)
-    save_grid(cset, output, max_per_class=per_class)
+    if output.exists() and os.path.samefile(output, set_file):
+        raise click.BadParameter(f"{output} is the SET itself: the grid would replace the set; write the PNG "
+                                 "elsewhere", param_hint="'-o' / '--output'")
+    try:
+        save_grid(cset, output, max_per_class=per_class)
+    except OSError as exc:  # a file where a folder of the path should be, a folder that cannot be written
+        raise click.ClickException(f"cannot write {output}: {exc.strerror} ({exc.filename}); pass -o a PNG path "
+                                   "in a folder you can write to") from None
     click.echo(f"{cset.source} {cset.method} ipc {cset.ipc}: {len(cset)} images {tuple(cset.images.shape[1:])}")
     click.echo(format_evaluation(cset.evaluation))
     click.echo(f"wrote {output}")
