@@ -17,7 +17,7 @@ from builders.continual import run_continual
 from builders.data import RealData
 from builders.engine import BuildPaths, resolve_device
 from builders.errors import BuildersError, RecipeError
-from builders.evaluate import evaluate_set
+from builders.evaluate import SEED_LIMIT, evaluate_set
 from builders.host_threads import limit_threads_for
 from builders.nas import run_nas
 from builders.networks import available_networks
@@ -157,7 +157,8 @@ def build_command(recipe: Path, overrides: tuple[str, ...], out_root: Path | Non
 @click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_ROOT, show_default=True,
               help="Where the real train and test data live (ROOT/FashionMNIST/..., as torchvision lays them out).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
-@click.option("--seed", type=int, default=None, help="Evaluation seed (default: the set's).")
+@click.option("--seed", type=click.IntRange(min=0, max=SEED_LIMIT, max_open=True), default=None,
+              help="Evaluation seed (default: the set's).")
 @click.option("--save", is_flag=True, help="Write the evaluation into the set's metadata.")
 @click.option("--json", "as_json", is_flag=True, help="Print the evaluation as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
@@ -173,6 +174,11 @@ def eval_command(set_file: Path, model: str | None, models: str, runs: int | Non
     except RecipeError as exc:
         raise RecipeError(f"{set_file}: the evaluation settings recorded in it are unusable ({exc}); rebuild the "
                           "set, or evaluate it with your own code") from None
+    if seed is None:
+        seed = cset.metadata.get("seed") or 0
+        if not 0 <= seed < SEED_LIMIT:
+            raise RecipeError(f"{set_file}: the seed recorded in it ({seed}) is not an evaluation seed (0 to "
+                              f"{SEED_LIMIT - 1}); pass --seed")
     model = model or ev.model or recipe_model or "ConvNet"
     extra = [m.strip() for m in models.split(",") if m.strip()]
     for name in [model, *extra]:
@@ -191,7 +197,7 @@ def eval_command(set_file: Path, model: str | None, models: str, runs: int | Non
             cset.images.to(dev), cset.labels, soft_labels=cset.soft_labels, lr=cset.lr, ipc=cset.ipc, model=model,
             models=extra, runs=runs or ev.runs, epochs=epochs or ev.epochs, default_lr=ev.lr, batch=ev.batch,
             augment=augment,
-            seed=cset.metadata.get("seed", 0) if seed is None else seed, train=train, test=test,
+            seed=seed, train=train, test=test,
             progress=not quiet and distributed.env_is_main(), compile=ev.compile,
         )
     if not distributed.env_is_main():  # one rank prints and saves
