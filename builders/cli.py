@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -16,7 +17,7 @@ from builders.build import build, load_recipe, makes_set
 from builders.continual import run_continual
 from builders.data import RealData
 from builders.engine import BuildPaths, resolve_device
-from builders.errors import BuildersError, RecipeError
+from builders.errors import BuildError, BuildersError, RecipeError
 from builders.evaluate import SEED_LIMIT, evaluate_set
 from builders.host_threads import limit_threads_for
 from builders.nas import run_nas
@@ -169,6 +170,7 @@ def eval_command(set_file: Path, model: str | None, models: str, runs: int | Non
     """Evaluate a condensed SET with the papers' protocol on the real test split."""
     tune_allocator()
     cset = CondensedSet.load(set_file)
+    loaded = hashlib.sha256(set_file.read_bytes()).hexdigest() if save else None
     try:  # the protocol recorded in the file (a stranger's, perhaps), checked as a recipe's before any work
         ev, recipe_model, augment = stored_evaluation(cset.metadata.get("recipe") or {})
     except RecipeError as exc:
@@ -204,6 +206,9 @@ def eval_command(set_file: Path, model: str | None, models: str, runs: int | Non
         return
     click.echo(json.dumps(result, indent=2, sort_keys=True) if as_json else format_evaluation(result))
     if save:
+        if not set_file.is_file() or hashlib.sha256(set_file.read_bytes()).hexdigest() != loaded:
+            raise BuildError(f"{set_file} changed while it was evaluated (rebuilt or replaced); the evaluation above "
+                             "is of the set as it was and was not saved: run condensed-eval --save again")
         cset.with_metadata(evaluation=result).save(set_file)
         click.echo(f"saved the evaluation into {set_file}")
 

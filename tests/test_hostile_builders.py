@@ -605,3 +605,32 @@ def test_condensed_eval_checks_the_seed_recorded_in_a_strangers_set(tmp_path: Pa
         assert "stop here" not in result.output
     result = CliRunner().invoke(eval_command, [str(path), "--seed", str(10 ** 20), "--device", "cpu"])
     assert result.exit_code == 2 and "--seed" in result.output
+
+
+def test_condensed_eval_save_never_replaces_a_set_that_changed_while_it_ran(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A set rebuilt (or otherwise replaced) while condensed-eval --save evaluated the old one is kept: the
+    evaluation of the old bytes is printed, not written over the new set."""
+    from builders import cli
+
+    def cset(value: float) -> CondensedSet:
+        return CondensedSet(torch.full((10, 1, 28, 28), value), torch.arange(10), source="fashionmnist",
+                            method="dm", ipc=1)
+
+    path = cset(0.0).save(tmp_path / "set.safetensors")
+    rebuilt = cset(1.0).to_bytes()
+
+    class NoData:
+        def set_zca(self, *args: Any) -> None:
+            pass
+
+    def evaluate_set(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        path.write_bytes(rebuilt)  # a build of the same name finishes meanwhile
+        return {"model": "ConvNet", "runs": 1, "epochs": 1, "accuracy_mean": 50.0, "accuracy_std": 0.0}
+
+    monkeypatch.setattr(RealData, "from_source", staticmethod(lambda *args, **kwargs: NoData()))
+    monkeypatch.setattr(cli, "evaluate_set", evaluate_set)
+    result = CliRunner().invoke(eval_command, [str(path), "--device", "cpu", "--save"])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "ConvNet: 50.00" in result.output and "changed while it was evaluated" in result.output, result.output
+    assert path.read_bytes() == rebuilt
