@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -16,8 +17,8 @@ from builders.build import build, load_recipe, makes_set
 from builders.continual import run_continual
 from builders.data import RealData
 from builders.engine import BuildPaths, resolve_device
-from builders.errors import BuildersError, RecipeError
-from builders.evaluate import evaluate_set
+from builders.errors import BuildError, BuildersError, RecipeError
+from builders.evaluate import SEED_LIMIT, evaluate_set
 from builders.host_threads import limit_threads_for
 from builders.nas import run_nas
 from builders.networks import available_networks
@@ -157,7 +158,8 @@ def build_command(recipe: Path, overrides: tuple[str, ...], out_root: Path | Non
 @click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_ROOT, show_default=True,
               help="Where the real train and test data live (ROOT/FashionMNIST/..., as torchvision lays them out).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
-@click.option("--seed", type=int, default=None, help="Evaluation seed (default: the set's).")
+@click.option("--seed", type=click.IntRange(min=0, max=SEED_LIMIT, max_open=True), default=None,
+              help="Evaluation seed (default: the set's).")
 @click.option("--save", is_flag=True, help="Write the evaluation into the set's metadata.")
 @click.option("--json", "as_json", is_flag=True, help="Print the evaluation as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
@@ -168,11 +170,17 @@ def eval_command(set_file: Path, model: str | None, models: str, runs: int | Non
     """Evaluate a condensed SET with the papers' protocol on the real test split."""
     tune_allocator()
     cset = CondensedSet.load(set_file)
+    loaded = hashlib.sha256(set_file.read_bytes()).hexdigest() if save else None
     try:  # the protocol recorded in the file (a stranger's, perhaps), checked as a recipe's before any work
         ev, recipe_model, augment = stored_evaluation(cset.metadata.get("recipe") or {})
     except RecipeError as exc:
         raise RecipeError(f"{set_file}: the evaluation settings recorded in it are unusable ({exc}); rebuild the "
                           "set, or evaluate it with your own code") from None
+    if seed is None:
+        seed = cset.metadata.get("seed") or 0
+        if not 0 <= seed < SEED_LIMIT:
+            raise RecipeError(f"{set_file}: the seed recorded in it ({seed}) is not an evaluation seed (0 to "
+                              f"{SEED_LIMIT - 1}); pass --seed")
     model = model or ev.model or recipe_model or "ConvNet"
     extra = [m.strip() for m in models.split(",") if m.strip()]
     for name in [model, *extra]:
@@ -191,13 +199,16 @@ def eval_command(set_file: Path, model: str | None, models: str, runs: int | Non
             cset.images.to(dev), cset.labels, soft_labels=cset.soft_labels, lr=cset.lr, ipc=cset.ipc, model=model,
             models=extra, runs=runs or ev.runs, epochs=epochs or ev.epochs, default_lr=ev.lr, batch=ev.batch,
             augment=augment,
-            seed=cset.metadata.get("seed", 0) if seed is None else seed, train=train, test=test,
+            seed=seed, train=train, test=test,
             progress=not quiet and distributed.env_is_main(), compile=ev.compile,
         )
     if not distributed.env_is_main():  # one rank prints and saves
         return
     click.echo(json.dumps(result, indent=2, sort_keys=True) if as_json else format_evaluation(result))
     if save:
+        if not set_file.is_file() or hashlib.sha256(set_file.read_bytes()).hexdigest() != loaded:
+            raise BuildError(f"{set_file} changed while it was evaluated (rebuilt or replaced); the evaluation above "
+                             "is of the set as it was and was not saved: run condensed-eval --save again")
         cset.with_metadata(evaluation=result).save(set_file)
         click.echo(f"saved the evaluation into {set_file}")
 
@@ -212,7 +223,14 @@ def eval_command(set_file: Path, model: str | None, models: str, runs: int | Non
 def show_command(set_file: Path, output: Path, per_class: int) -> None:
     """Draw a condensed SET as a PNG grid, one row per class, and print its summary."""
     cset = CondensedSet.load(set_file)
-    save_grid(cset, output, max_per_class=per_class)
+    if output.exists() and os.path.samefile(output, set_file):
+        raise click.BadParameter(f"{output} is the SET itself: the grid would replace the set; write the PNG "
+                                 "elsewhere", param_hint="'-o' / '--output'")
+    try:
+        save_grid(cset, output, max_per_class=per_class)
+    except OSError as exc:  # a file where a folder of the path should be, a folder that cannot be written
+        raise click.ClickException(f"cannot write {output}: {exc.strerror} ({exc.filename}); pass -o a PNG path "
+                                   "in a folder you can write to") from None
     click.echo(f"{cset.source} {cset.method} ipc {cset.ipc}: {len(cset)} images {tuple(cset.images.shape[1:])}")
     click.echo(format_evaluation(cset.evaluation))
     click.echo(f"wrote {output}")

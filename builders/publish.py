@@ -39,7 +39,7 @@ from condensed_datasets.constants import (
     LOCK_TIMEOUT_S,
     METHOD_DISPLAY_NAMES,
 )
-from condensed_datasets.errors import HubNotFoundError, UnknownNameError
+from condensed_datasets.errors import HubNotFoundError, IndexFormatError, UnknownNameError
 from condensed_datasets.format import CondensedSet
 from condensed_datasets.paths import check_repo_id, check_revision, set_filename
 from condensed_datasets.sources import SOURCES
@@ -121,12 +121,14 @@ def plan_publish(
     force: bool = False,
     license: str | None = None,
     name: str = "<set>",
+    folder: str | os.PathLike | None = None,
 ) -> PublishPlan:
     """Plan publishing the set ``set_bytes`` into a repository whose current ``index.json`` is ``existing_index``.
 
     ``existing_sha256`` is the SHA-256 of the file already at the set's name in the target, when known
     (else the index entry's is used). Raises PublishConflict when different bytes are there and not ``force``,
-    PublishError when the repository holds another source's sets. ``name`` is used in error messages.
+    PublishError when the repository holds another source's sets. ``name`` is used in error messages; ``folder``,
+    when publishing into one, is named in them instead of the repository.
     """
     cset = CondensedSet.from_bytes(set_bytes, name)
     filename = set_filename(cset.method, cset.ipc)
@@ -134,10 +136,13 @@ def plan_publish(
     files = dict((existing_index or {}).get("files") or {})
     others = sorted({str(e.get("source")) for e in files.values()} - {cset.source})
     if others:
-        raise PublishError(
-            f"{repo_id} holds {', '.join(map(str, others))} sets; one repository holds one source — publish "
-            f"{cset.source} sets to {default_repo_id(cset.source)} (or another repository named for it)"
-        )
+        held = f"holds {', '.join(map(str, others))} sets; one repository holds one source"
+        if folder is not None:
+            raise PublishError(f"{folder} {held} (and so does a published folder): publish {cset.source} sets into "
+                               "another folder")
+        default = default_repo_id(cset.source)
+        elsewhere = "another repository named for it" if repo_id == default else f"{default} (or another repository)"
+        raise PublishError(f"{repo_id} {held}: publish {cset.source} sets to {elsewhere}")
     previous = files.get(filename)
     there = existing_sha256 or (previous or {}).get("sha256")
     if there == sha:
@@ -342,19 +347,39 @@ def publish_to_hub(
     result = PublishResult(plan=plan, target=target, dry_run=dry_run)
     if dry_run or not plan.changed:
         return result
-    if not repo_exists:
-        api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-    if not branch_exists and rev != DEFAULT_REVISION:
-        api.create_branch(repo_id, repo_type="dataset", branch=rev, exist_ok=True)
     verb = {"new": "Add", "replace": "Replace", "index": "Index"}[plan.status]
-    info = api.create_commit(
-        repo_id, commit_operations(plan), repo_type="dataset", revision=rev,
-        commit_message=f"{verb} {plan.filename}",
-        commit_description=f"{verb} {plan.filename} (sha256 {plan.sha256}); update {HUB_INDEX_NAME} and {CARD_NAME}.",
-        parent_commit=parent if branch_exists else None,
-    )
+    try:
+        if not repo_exists:
+            api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+        if not branch_exists and rev != DEFAULT_REVISION:
+            api.create_branch(repo_id, repo_type="dataset", branch=rev, exist_ok=True)
+        info = api.create_commit(
+            repo_id, commit_operations(plan), repo_type="dataset", revision=rev,
+            commit_message=f"{verb} {plan.filename}",
+            commit_description=f"{verb} {plan.filename} (sha256 {plan.sha256}); update {HUB_INDEX_NAME} and "
+                               f"{CARD_NAME}.",
+            parent_commit=parent if branch_exists else None,
+        )
+    except hub.HfHubHTTPError as exc:
+        raise _refused_commit(exc, target) from None
+    except hub._network_errors() as exc:
+        raise PublishError(f"cannot reach the hub at {hub.hub_endpoint()} ({type(exc).__name__}: {exc}); nothing "
+                           f"was committed to {target}") from exc
     result.commit_url = getattr(info, "commit_url", None) or str(info)
     return result
+
+
+def _refused_commit(exc: BaseException, target: str) -> PublishError:
+    """The PublishError for an HTTP refusal of the publish's writes: a PublishConflict when another commit reached
+    the branch after it was read (HTTP 409/412), else one naming the status and the token to check."""
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if status in (409, 412):
+        return PublishConflict(f"another commit reached {target} after this publish read it (HTTP {status}); "
+                               "nothing was committed: run the publish again (it reads the repository anew)")
+    return PublishError(f"{hub.hub_endpoint()} refused the commit to {target} (HTTP {status}: {first}); nothing "
+                        "was committed: check that your token (HF_TOKEN, or `hf auth login`) may write to it, "
+                        "and the repository id")
 
 
 # -- a folder ---------------------------------------------------------------------------------------------------
@@ -378,14 +403,23 @@ def publish_to_dir(
     repo_id = _check_repo_id(repo_id or default_repo_id(cset.source))
     folder = Path(folder).expanduser()
     target = str(folder)
+    lock_path = folder / ".publish.lock"
 
     def plan() -> PublishPlan:
         index_path = folder / HUB_INDEX_NAME
-        existing = read_index(index_path) if index_path.is_file() else None
+        try:
+            existing = read_index(index_path) if index_path.is_file() else None
+        except IndexFormatError as exc:
+            raise PublishError(f"{exc}; publishing updates that index: repair it, move it away (the folder is then "
+                               "indexed anew from this set), or publish into another folder") from None
         current = folder / set_filename(cset.method, cset.ipc)
         sha = hashlib.sha256(current.read_bytes()).hexdigest() if current.is_file() else None
         planned = plan_publish(data, existing, repo_id=repo_id, existing_sha256=sha, force=force, license=license,
-                               name=str(set_file))
+                               name=str(set_file), folder=folder)
+        for path in [folder / name for name in planned.files] + [lock_path]:
+            if path.exists() and not path.is_file():
+                raise PublishError(f"{path} is in the way: it is not a file (a folder or other entry); nothing was "
+                                   "written: move it away and publish again")
         card_path = folder / CARD_NAME
         if (existing is None and not force and CARD_NAME in planned.files and card_path.is_file()
                 and card_path.read_bytes() != planned.files[CARD_NAME]):  # someone's own README, not a card of ours
@@ -396,15 +430,30 @@ def publish_to_dir(
 
     if dry_run:
         return PublishResult(plan=plan(), target=target, dry_run=True)
-    folder.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(folder / ".publish.lock"), timeout=LOCK_TIMEOUT_S)
     try:
-        with lock:
-            result = PublishResult(plan=plan(), target=target, dry_run=False)
-            for path, content in result.plan.files.items():
-                result.written.append(atomic_write_bytes(folder / path, content))
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file on the way, or a folder that cannot be written
+        raise PublishError(f"cannot create {folder} ({exc.strerror}); pass --to-dir a folder you can write "
+                           "to") from None
+    lock = FileLock(str(lock_path), timeout=LOCK_TIMEOUT_S)
+    try:
+        lock.acquire()
     except LockTimeout:
         raise PublishError(f"another publish into {folder} has held its lock for over {LOCK_TIMEOUT_S:.0f} s "
                            f"(lock {lock.lock_file}); if none is running, delete the lock file and retry") from None
+    except OSError as exc:  # a folder or a symbolic link where the lock goes, or a folder that cannot be written
+        raise PublishError(f"cannot take the publish lock {lock.lock_file} ({exc.strerror}); it must be a plain file "
+                           "or absent in a folder you can write: move it away and publish again") from None
+    try:
+        result = PublishResult(plan=plan(), target=target, dry_run=False)
+        for path, content in result.plan.files.items():
+            try:
+                result.written.append(atomic_write_bytes(folder / path, content))
+            except OSError as exc:
+                raise PublishError(f"cannot write {folder / path} ({exc.strerror}); {len(result.written)} of "
+                                   f"{len(result.plan.files)} files were written: make room or fix the folder and "
+                                   "publish again (it completes the folder)") from None
+    finally:
+        lock.release()
     return result
 

@@ -19,8 +19,10 @@ from condensed_datasets.errors import UnknownNameError
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,63}\Z")  # \Z, not $: "$" also matches before a final "\n"
 #: ``{method}_ipc{ipc}.safetensors``
 SET_FILE_PATTERN = re.compile(r"^(?P<method>[a-z][a-z0-9_]{0,63})_ipc(?P<ipc>[1-9][0-9]{0,8})\.safetensors\Z")
-#: ``owner/name`` as the Hugging Face Hub spells repository ids.
-REPO_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}\Z")
+#: ``owner/name`` as the Hugging Face Hub spells repository ids: each part ends in a letter, digit or ``_``
+#: (with no ``--``, ``..`` or final ``.git``, checked by :func:`check_repo_id`), as huggingface_hub requires.
+REPO_ID_PATTERN = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}\w)?/[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}\w)?\Z",
+                             re.ASCII)
 #: A branch, tag or commit: letters, digits and ``._-/``; no empty, ``.`` or ``..`` segment.
 _REVISION_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*\Z")
 
@@ -53,10 +55,12 @@ def check_ipc(value: object) -> int:
 
 
 def check_repo_id(value: object) -> str:
-    """``value`` if it is a hub repository id ``owner/name``, else UnknownNameError."""
-    if not isinstance(value, str) or not REPO_ID_PATTERN.match(value) or ".." in value:
+    """``value`` if it is a hub repository id ``owner/name`` that huggingface_hub accepts, else UnknownNameError."""
+    if (not isinstance(value, str) or not REPO_ID_PATTERN.match(value) or ".." in value or "--" in value
+            or value.endswith(".git")):
         raise UnknownNameError(f"repository id {value!r} is not of the form 'owner/name' "
-                               "(letters, digits, '.', '_', '-')")
+                               "(letters, digits, '.', '_', '-'; each part ending in a letter, digit or '_'; "
+                               "no '--', '..' or final '.git')")
     return value
 
 

@@ -293,6 +293,8 @@ def _handler_for(hub: HubServer) -> type[BaseHTTPRequestHandler]:
         def do_POST(self) -> None:  # noqa: N802
             path, query = self._route()
             body = self._body()
+            if self._failed(path):
+                return None
             if path == "/api/repos/create":
                 return self._create(json.loads(body or b"{}"))
             if path == "/api/validate-yaml":

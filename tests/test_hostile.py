@@ -117,7 +117,9 @@ def test_publish_to_dir_writes_only_inside_its_folder_and_skips_a_malformed_inde
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mirror", "sets"]
 
 
-@pytest.mark.parametrize("kwargs", [{"repo_id": "../../etc"}, {"repo_id": "org/../x"}, {"revision": "../../x"},
+@pytest.mark.parametrize("kwargs", [{"repo_id": "../../etc"}, {"repo_id": "org/../x"}, {"repo_id": "org/x.git"},
+                                    {"repo_id": "org/x-"}, {"repo_id": "org./x"}, {"repo_id": "org--a/x"},
+                                    {"revision": "../../x"},
                                     {"revision": "/abs"}, {"revision": "a/../../b"}, {"revision": ""}])
 def test_repo_ids_and_revisions_are_checked_before_any_request(tmp_path: Path, server: HubServer,
                                                                kwargs: dict[str, str]) -> None:

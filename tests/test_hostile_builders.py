@@ -22,6 +22,7 @@ from builders import continual, nas
 from builders.build import recipe_from_dict
 from builders.checkpoint import CHECKPOINT_KEY
 from builders.cli import build_command, eval_command
+from builders.data import RealData
 from builders.engine import Engine, _log_iteration
 from builders.errors import BuildError, BuildersError, ExpertStoreError, PublishConflict, RecipeError
 from builders.experts import STORE_INDEX_NAME, STORE_VERSION, ExpertStore
@@ -29,7 +30,7 @@ from builders.publish import publish_to_dir
 from builders.recipe import load_recipe_data as yaml_mapping
 from builders.recipe import parse_overrides
 from builders.runspec import check_keys
-from condensed_datasets.errors import CondensedDatasetsError
+from condensed_datasets.errors import CondensedDatasetsError, SourceDataError
 from condensed_datasets.format import CondensedSet, read_safetensors_metadata
 
 BOUNDED = settings(max_examples=150, deadline=None, derandomize=True, database=None,
@@ -580,3 +581,56 @@ def test_any_run_spec_is_checked_or_a_recipe_error(case: tuple[str, dict[str, An
         (nas if which == "nas" else continual).check_spec(spec)
     except OURS:
         pass
+
+
+
+@pytest.mark.parametrize("seed", [2 ** 70, 10 ** 17, -1, None])
+def test_condensed_eval_checks_the_seed_recorded_in_a_strangers_set(tmp_path: Path, seed: Any,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A recorded seed whose run seeds (seed * 1000 + 17 + run) torch cannot take is one line naming --seed,
+    before any work (it was a traceback from torch after the real data loaded); a null seed is seed 0, as an
+    absent one."""
+    def from_source(*args: Any, **kwargs: Any) -> Any:
+        raise SourceDataError("stop here: the seed was taken")
+
+    monkeypatch.setattr(RealData, "from_source", staticmethod(from_source))
+    path = CondensedSet(torch.zeros(10, 1, 28, 28), torch.arange(10), source="fashionmnist", method="dm", ipc=1,
+                        metadata={"seed": seed}).save(tmp_path / "set.safetensors")
+    result = CliRunner().invoke(eval_command, [str(path), "--device", "cpu"])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    if seed is None:
+        assert "stop here" in result.output, result.output
+    else:
+        assert f"the seed recorded in it ({seed})" in result.output and "pass --seed" in result.output
+        assert "stop here" not in result.output
+    result = CliRunner().invoke(eval_command, [str(path), "--seed", str(10 ** 20), "--device", "cpu"])
+    assert result.exit_code == 2 and "--seed" in result.output
+
+
+def test_condensed_eval_save_never_replaces_a_set_that_changed_while_it_ran(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A set rebuilt (or otherwise replaced) while condensed-eval --save evaluated the old one is kept: the
+    evaluation of the old bytes is printed, not written over the new set."""
+    from builders import cli
+
+    def cset(value: float) -> CondensedSet:
+        return CondensedSet(torch.full((10, 1, 28, 28), value), torch.arange(10), source="fashionmnist",
+                            method="dm", ipc=1)
+
+    path = cset(0.0).save(tmp_path / "set.safetensors")
+    rebuilt = cset(1.0).to_bytes()
+
+    class NoData:
+        def set_zca(self, *args: Any) -> None:
+            pass
+
+    def evaluate_set(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        path.write_bytes(rebuilt)  # a build of the same name finishes meanwhile
+        return {"model": "ConvNet", "runs": 1, "epochs": 1, "accuracy_mean": 50.0, "accuracy_std": 0.0}
+
+    monkeypatch.setattr(RealData, "from_source", staticmethod(lambda *args, **kwargs: NoData()))
+    monkeypatch.setattr(cli, "evaluate_set", evaluate_set)
+    result = CliRunner().invoke(eval_command, [str(path), "--device", "cpu", "--save"])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "ConvNet: 50.00" in result.output and "changed while it was evaluated" in result.output, result.output
+    assert path.read_bytes() == rebuilt

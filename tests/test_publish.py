@@ -13,9 +13,9 @@ import yaml
 from click.testing import CliRunner
 from hubserver import HubServer
 
-from builders.cli import publish_command
+from builders.cli import list_command, publish_command
 from builders.publish import PublishConflict, PublishError, build_card, commit_operations, plan_publish, publish_to_hub
-from condensed_datasets import CondensedFashionMNIST, catalogue
+from condensed_datasets import CondensedFashionMNIST, catalogue, hub
 from condensed_datasets.datasets import set_path
 from condensed_datasets.format import CondensedSet
 
@@ -193,3 +193,83 @@ def test_publish_to_hub_one_commit_noop_force(tmp_path: Path, server: HubServer)
     ds = CondensedFashionMNIST(tmp_path / "data", "dm", 1, download=True, repo_id=REPO)
     assert ds.path.read_bytes() == changed.read_bytes() == set_path(tmp_path / "data", "fashionmnist", "dm",
                                                                     1).read_bytes()
+
+
+def test_a_commit_the_hub_refuses_is_the_packages_error_saying_what_to_do(tmp_path: Path, server: HubServer,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another publish landing between the read and the commit (HTTP 412) is a PublishConflict that says to run
+    the publish again; a commit the hub refuses (no write access) is a PublishError naming the status and the
+    token: never huggingface_hub's own error."""
+    publish_to_hub(save(tmp_path, make_cset(1)), REPO)
+    read = hub.fetch_index
+
+    def racing(*args: object, **kwargs: object) -> object:
+        index = read(*args, **kwargs)
+        monkeypatch.setattr(hub, "fetch_index", read)
+        publish_to_hub(save(tmp_path, make_cset(10)), REPO)  # another publisher commits meanwhile
+        return index
+
+    monkeypatch.setattr(hub, "fetch_index", racing)
+    changed = save(tmp_path, make_cset(1, seed=3))
+    with pytest.raises(PublishConflict, match="run the publish again"):
+        publish_to_hub(changed, REPO, force=True)
+    assert len(server.commits) == 2
+    server.fail = {"/commit/": 403}
+    with pytest.raises(PublishError, match=r"refused the commit .*HTTP 403.*HF_TOKEN"):
+        publish_to_hub(changed, REPO, force=True)
+    out = CliRunner().invoke(publish_command, [str(changed), "--repo", REPO, "--force"])
+    assert out.exit_code == 1 and "HTTP 403" in out.output and "Traceback" not in out.output
+    assert len(server.commits) == 2
+
+
+@pytest.mark.parametrize("repo_id", ["org/x.git", "org/x-", "org/x.", "org./x", "org--a/x", "org/a--b"])
+def test_repo_ids_the_hub_refuses_are_refused_before_any_request(tmp_path: Path, server: HubServer,
+                                                                 repo_id: str) -> None:
+    """An id huggingface_hub would refuse (a name ending in '.git', '-' or '.', or holding '--') is the package's
+    one-line error naming the form, from condensed-publish and condensed-list, before any request."""
+    set_file = save(tmp_path, make_cset(1))
+    with pytest.raises(PublishError, match="ORG/NAME"):
+        publish_to_hub(set_file, repo_id)
+    for command, args in ((publish_command, [str(set_file), "--repo", repo_id]), (list_command, ["--repo", repo_id])):
+        out = CliRunner().invoke(command, args)
+        assert out.exit_code == 1 and "owner/name" in out.output and "Traceback" not in out.output, out.output
+    assert server.requests == []
+
+
+@pytest.mark.parametrize("in_the_way", ["index.json", "README.md", "dm_ipc1.safetensors", ".publish.lock"])
+def test_a_folder_in_the_way_of_a_published_file_is_refused_before_anything_is_written(tmp_path: Path,
+                                                                                       in_the_way: str) -> None:
+    """A folder where the set, index.json, README.md or the lock goes is a one-line error naming it and the fix,
+    found before anything is written (an index.json folder used to stop the publish after the set was written,
+    leaving a set that no index lists)."""
+    mirror = tmp_path / "mirror"
+    (mirror / in_the_way).mkdir(parents=True)
+    out = CliRunner().invoke(publish_command, [str(save(tmp_path, make_cset(1))), "--to-dir", str(mirror)])
+    assert out.exit_code == 1 and "Traceback" not in out.output, out.output
+    assert str(mirror / in_the_way) in out.output and "move it away" in out.output, out.output
+    assert sorted(p.name for p in mirror.iterdir() if p.name != ".publish.lock") == sorted(
+        {in_the_way} - {".publish.lock"})
+
+
+def test_a_to_dir_below_a_file_names_the_folder_and_the_fix(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("mine\n")
+    out = CliRunner().invoke(publish_command, [str(save(tmp_path, make_cset(1))), "--to-dir",
+                                               str(tmp_path / "afile" / "mirror")])
+    assert out.exit_code == 1 and "cannot create" in out.output and "pass --to-dir" in out.output, out.output
+    assert (tmp_path / "afile").read_text() == "mine\n"
+
+
+def test_a_folder_of_another_source_or_a_broken_index_names_the_folder_and_the_fix(tmp_path: Path) -> None:
+    """Publishing into a folder of another source's sets names that folder (not a repository) and says to choose
+    another folder; a whole index.json that is not an index says to repair or move it."""
+    mirror = tmp_path / "mirror"
+    runner = CliRunner()
+    assert runner.invoke(publish_command, [str(save(tmp_path, make_cset(1, source="cifar10"))),
+                                           "--to-dir", str(mirror)]).exit_code == 0
+    out = runner.invoke(publish_command, [str(save(tmp_path, make_cset(1))), "--to-dir", str(mirror)])
+    assert out.exit_code == 1 and f"{mirror} holds cifar10 sets" in out.output, out.output
+    assert "another folder" in out.output and "condensed-fashionmnist" not in out.output, out.output
+    (mirror / "index.json").write_text("{not json")
+    out = runner.invoke(publish_command, [str(save(tmp_path, make_cset(1, source="cifar10"))),
+                                          "--to-dir", str(mirror)])
+    assert out.exit_code == 1 and "is not JSON" in out.output and "move it away" in out.output, out.output
