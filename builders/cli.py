@@ -18,12 +18,12 @@ from builders.continual import run_continual
 from builders.data import RealData
 from builders.engine import BuildPaths, resolve_device
 from builders.errors import BuildError, BuildersError, RecipeError
-from builders.evaluate import SEED_LIMIT, evaluate_set
+from builders.evaluate import evaluate_set
 from builders.host_threads import limit_threads_for
 from builders.nas import run_nas
 from builders.networks import available_networks
 from builders.publish import publish_to_dir, publish_to_hub
-from builders.recipe import DEFAULT_ROOT, Recipe, parse_overrides, stored_evaluation
+from builders.recipe import DEFAULT_ROOT, SEED_LIMIT, Recipe, parse_overrides, stored_evaluation
 from builders.registry import get_method
 from builders.runspec import load_spec
 from builders.show import save_grid

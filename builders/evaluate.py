@@ -168,11 +168,6 @@ def _summary(accuracies: list[float]) -> dict[str, Any]:
     }
 
 
-#: Evaluation seeds are below this: their run seeds (``seed * 1000 + 17 + run``, and 7919 more for the random
-#: baseline) must fit the 64 bits a torch generator takes.
-SEED_LIMIT = 2 ** 63 // 1000
-
-
 def run_seeds(seed: int, runs: int) -> list[int]:
     """The evaluation seeds of a build: recorded, derived from the recipe seed, never the clock."""
     return [seed * 1000 + 17 + r for r in range(runs)]

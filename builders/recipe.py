@@ -101,6 +101,10 @@ _REQUIRED = ("source", "method")
 
 
 _YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+#: Recipe and evaluation seeds are below this: their evaluation's run seeds (``seed * 1000 + 17 + run``, and 7919
+#: more for the random baseline) must fit the 64 bits a torch generator takes.
+SEED_LIMIT = 2 ** 63 // 1000
+
 #: Integers a recipe may hold: what a torch seed or size takes (a 64-bit signed integer).
 INT_LIMIT = 2 ** 63
 
@@ -312,6 +316,9 @@ def parse_recipe(data: dict[str, Any], overrides: list[tuple[str, Any]] | tuple 
         data[key] = _check_type(key, data.get(key, getattr(defaults, key)), 0)
         if data[key] < 0:
             raise RecipeError(f"{key}: must be >= 0, got {data[key]}")
+    if data["seed"] >= SEED_LIMIT:
+        raise RecipeError(f"seed: must be below {SEED_LIMIT} (its evaluation's run seeds, seed * 1000 + 17 + run, "
+                          f"must fit 64 bits), got {data['seed']}")
     for key in ("model", "augment", "notes"):
         if key in data:
             data[key] = _check_type(key, data[key], "")

@@ -37,6 +37,8 @@ def test_defaults_are_filled_from_the_method():
         ({"ipc": "ten"}, "ipc: expected an integer"),
         ({"real_per_class": 3}, "real_per_class: expected an integer >= ipc (10)"),
         ({"params": {"init": "zeros"}}, "params.init: unknown 'zeros'; valid: real, noise"),
+        ({"seed": -1}, "seed: must be >= 0"),
+        ({"seed": 2 ** 63 // 1000}, "seed: must be below 9223372036854775 (its evaluation's run seeds"),
     ],
 )
 def test_bad_values_name_the_key(changes, message):
