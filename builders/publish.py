@@ -328,7 +328,7 @@ def publish_to_hub(
         repo_exists = branch_exists = False
     except hub.RevisionNotFoundError:
         branch_exists = False
-    except hub._network_errors() as exc:
+    except hub.network_errors() as exc:
         raise PublishError(f"cannot reach the hub at {hub.hub_endpoint()} ({type(exc).__name__}: {exc})") from exc
     existing_index, existing_sha = None, None
     if branch_exists:
@@ -362,7 +362,7 @@ def publish_to_hub(
         )
     except hub.HfHubHTTPError as exc:
         raise _refused_commit(exc, target) from None
-    except hub._network_errors() as exc:
+    except hub.network_errors() as exc:
         raise PublishError(f"cannot reach the hub at {hub.hub_endpoint()} ({type(exc).__name__}: {exc}); nothing "
                            f"was committed to {target}") from exc
     result.commit_url = getattr(info, "commit_url", None) or str(info)

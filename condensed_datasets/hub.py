@@ -98,6 +98,7 @@ __all__ = [
     "hub_offline",
     "is_hub_copy",
     "list_repo",
+    "network_errors",
     "read_record",
     "record_path",
     "remote_file",
@@ -197,7 +198,7 @@ def _library() -> dict[str, str]:
     return {"library_name": "condensed-datasets", "library_version": str(version)}
 
 
-def _network_errors() -> tuple[type[BaseException], ...]:
+def network_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean "the hub could not be reached", or its redirects not followed (a redirect loop),
     whatever HTTP client huggingface_hub uses."""
     errors: list[type[BaseException]] = [OSError]
@@ -367,7 +368,7 @@ def fetch_index(repo_id: str, revision: str | None = None) -> dict[str, Any] | N
             raise _refused(exc, HUB_INDEX_NAME, repo_id, revision) from exc
         raise HubServerError(f"{hub_endpoint()} answered HTTP {_server_error(exc)} (a server error) for "
                              f"{HUB_INDEX_NAME} of {_where(repo_id, revision)}; retry later") from exc
-    except _network_errors() as exc:  # what hf_hub_download does not turn into "not in the cache": a redirect loop
+    except network_errors() as exc:  # what hf_hub_download does not turn into "not in the cache": a redirect loop
         raise HubOfflineError(f"cannot read {HUB_INDEX_NAME} of {_where(repo_id, revision)}: {hub_endpoint()} "
                               f"could not be reached or followed ({type(exc).__name__}: {exc})") from exc
     return read_index(path, f"{HUB_INDEX_NAME} of {_where(repo_id, revision)}")
@@ -377,7 +378,7 @@ def repo_sets(repo_id: str, revision: str | None = None) -> dict[str, list[int]]
     """``{method: ipcs}`` a repository holds (from its index.json, else its file list); None if unreadable."""
     try:
         rows = list_repo(repo_id, revision)
-    except (HubError, IndexFormatError, *_network_errors()):
+    except (HubError, IndexFormatError, *network_errors()):
         return None
     out: dict[str, list[int]] = {}
     for row in rows:
@@ -404,7 +405,7 @@ def list_repo(repo_id: str, revision: str | None = None, source: str | None = No
             raise HubServerError(f"{hub_endpoint()} answered HTTP {_server_error(exc)} (a server error) listing "
                                  f"{_where(repo_id, revision)}; retry later") from exc
         raise _refused(exc, "the file list", repo_id, revision) from exc
-    except _network_errors() as exc:
+    except network_errors() as exc:
         raise HubOfflineError(f"cannot list {_where(repo_id, revision)}: {hub_endpoint()} could not be reached "
                               f"({type(exc).__name__}: {exc})") from exc
     try:
@@ -554,7 +555,7 @@ def _remote(repo: str, filename: str, rev: str, hint: str) -> RemoteFile:
             raise HubError(f"{_refused(exc, filename, repo, rev)} {hint}") from exc
         raise _Unreachable(f"the hub at {hub_endpoint()} answered HTTP {_server_error(exc)} (a server error)",
                            "Retry later.", HubServerError) from exc
-    except _network_errors() as exc:
+    except network_errors() as exc:
         raise _Unreachable(f"the hub at {hub_endpoint()} could not be reached ({type(exc).__name__}: {exc})",
                            "Check the connection or HF_ENDPOINT.", HubOfflineError) from exc
 
@@ -585,7 +586,7 @@ def _download_checked(repo: str, rev: str, filename: str, expected: str, hash_fr
     except HubStalledError as exc:
         raise HubStalledError(f"downloading {filename} from {_where(repo, rev)} at {hub_endpoint()}: {exc}; "
                               f"nothing was written. Retry later, or: {hint}") from None
-    except (LocalEntryNotFoundError, *_network_errors()) as exc:
+    except (LocalEntryNotFoundError, *network_errors()) as exc:
         if _server_error(exc) is not None:
             raise HubServerError(f"downloading {filename} from {_where(repo, rev)}: {hub_endpoint()} answered "
                                  f"HTTP {_server_error(exc)} (a server error). Retry later, or: {hint}") from exc
