@@ -168,6 +168,11 @@ def _summary(accuracies: list[float]) -> dict[str, Any]:
     }
 
 
+#: The random baseline's run with seed s trains on the class-balanced real images drawn with seed s + this
+#: (recorded in the evaluation as ``random_subset_seeds``).
+RANDOM_SUBSET_SEED_OFFSET = 7919
+
+
 def run_seeds(seed: int, runs: int) -> list[int]:
     """The evaluation seeds of a build: recorded, derived from the recipe seed, never the clock."""
     return [seed * 1000 + 17 + r for r in range(runs)]
@@ -344,7 +349,7 @@ def evaluate_set(
         bar = progress_bar(len(seeds) * epochs, f"random real {model}", enabled=progress, unit="epoch")
 
         def random_run(s: int) -> float:
-            pos = train.random_class_balanced(ipc, torch.Generator().manual_seed(s + 7919))
+            pos = train.random_class_balanced(ipc, torch.Generator().manual_seed(s + RANDOM_SUBSET_SEED_OFFSET))
             accuracy = evaluate_images(train.rows(pos), train.labels[pos.to(train.device)], model=model,
                                        settings=baseline, test=test, seeds=[s], progress=False,
                                        compile=compile_for(model))[0]
@@ -355,6 +360,7 @@ def evaluate_set(
         bar.close()
         rand = _summary(rand_acc)
         result["random_accuracies"] = rand["accuracies"]
+        result["random_subset_seeds"] = [s + RANDOM_SUBSET_SEED_OFFSET for s in seeds]  # run r's real images
         result["random_accuracy_mean"] = rand["accuracy_mean"]
         result["random_accuracy_std"] = rand["accuracy_std"]
         result["improvement_over_random"] = round(result["accuracy_mean"] - rand["accuracy_mean"], 4)

@@ -166,6 +166,26 @@ def test_the_random_baseline_trains_at_the_fixed_lr_on_hard_labels(monkeypatch):
     assert baseline.lr == 0.01 and baseline.epochs == 3 and baseline_targets.dtype == torch.int64
 
 
+def test_the_random_baselines_real_images_are_reproducible_from_the_recorded_seeds(monkeypatch):
+    images, labels, info = _separable_data(20, 0)
+    two = info.__class__("mnist", 1, 8, ("dark", "light"), info.mean, info.std)
+    train = RealData(images, labels, two)
+    trained_on = []
+
+    def record(images, targets, *, seeds, **kwargs):
+        trained_on.append(images)
+        return [50.0] * len(seeds)
+
+    monkeypatch.setattr(builders.evaluate, "evaluate_images", record)
+    result = evaluate_set(train.rows(torch.tensor([0, 20])), torch.tensor([0, 1]), soft_labels=None, lr=None, ipc=2,
+                          model="MLP", models=[], runs=2, epochs=1, default_lr=0.01, batch=256, augment="none",
+                          seed=3, train=train, test=train)
+    assert result["random_subset_seeds"] == [s + 7919 for s in result["seeds"]]
+    for images_of_run, subset_seed in zip(trained_on[1:], result["random_subset_seeds"]):  # [0]: the set's own
+        drawn = train.random_class_balanced(2, torch.Generator().manual_seed(subset_seed))
+        assert torch.equal(images_of_run, train.rows(drawn))
+
+
 def _tiny_runs():
     g = torch.Generator().manual_seed(4)
     images, targets = torch.randn(12, 1, 8, 8, generator=g), torch.arange(3).repeat_interleave(4)
